@@ -1,0 +1,1 @@
+"""Checkpoints as global tensors (manifest + shard files + commit marker); see issue 6."""

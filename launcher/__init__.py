@@ -1,0 +1,1 @@
+"""Command line, config composition, launch modes, discovery and supervision."""

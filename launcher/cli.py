@@ -1,0 +1,210 @@
+"""`tierzero`: the one console script. main(argv) -> exit code (0 ok, 2 user error, 1 failure)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from launcher.config import (ConfigError, check_world, describe_keys, load_config, resolve_paths, to_yaml,
+                             write_resolved)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+log = logging.getLogger("tierzero")
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().strip()}")
+
+
+def _split_args(items: Sequence[str]) -> Tuple[List[str], List[str]]:
+    files, overrides = [], []
+    for item in items:
+        if item.startswith("-"):
+            raise UsageError(
+                f"unknown option {item!r}. Config values are set as trailing key=value without dashes, "
+                f"e.g. `tierzero run train.steps=100 launcher.nproc=2`; see `tierzero config --describe`."
+            )
+        (overrides if "=" in item else files).append(item)
+    return files, overrides
+
+
+def _setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    fmt = f"[rank {rank}] %(levelname)s %(name)s: %(message)s" if rank >= 0 else "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+
+
+# ---- subcommands ---------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    from launcher.discover import TopologyMismatch, build_topology
+    from launcher.modes import detect_launch
+    from launcher.rank import run_rank
+    from launcher.supervisor import run_local
+
+    files, overrides = _split_args(args.items)
+    launch = detect_launch(os.environ)
+    _setup_logging(launch.rank)
+    cfg = load_config(files, overrides)
+    if launch.mode != "local":
+        return run_rank(cfg, launch, os.environ)
+    problems = check_world(cfg, cfg.launcher.nproc)
+    try:
+        build_topology(cfg.topology, world_size=cfg.launcher.nproc, ranks_per_node=cfg.launcher.nproc, num_nodes=1)
+    except TopologyMismatch as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError(problems)
+    resolve_paths(cfg)
+    run_dir = cfg.run_dir
+    config_path = write_resolved(cfg, run_dir)
+    print(f"tierzero run: {cfg.run.name} -> {run_dir} ({cfg.launcher.nproc} local ranks)", flush=True)
+    return run_local(cfg, config_path)
+
+
+def cmd_config(args) -> int:
+    if args.describe:
+        rows = describe_keys()
+        width = max(len(r[0]) for r in rows)
+        for key, tname, default, doc in rows:
+            print(f"{key:<{width}}  {tname:<14} default {default!r:<12} {doc}")
+        return EXIT_OK
+    files, overrides = _split_args(args.items)
+    cfg = load_config(files, overrides)
+    print(to_yaml(cfg), end="")
+    return EXIT_OK
+
+
+def cmd_topo(args) -> int:
+    from launcher.discover import build_topology, launch_shape, probe_machine
+    from launcher.modes import detect_launch
+
+    files, overrides = _split_args(args.items)
+    cfg = load_config(files, overrides)
+    launch = detect_launch(os.environ)
+    world, per_node, nodes = launch_shape(launch, cfg.launcher.nproc)
+    topo = build_topology(cfg.topology, world_size=world, ranks_per_node=per_node, num_nodes=nodes, strict=False)
+    machine = probe_machine()
+    print(f"mode      {launch.mode}" + (" (would spawn launcher.nproc local ranks)" if launch.mode == "local" else ""))
+    print(f"ranks     {topo.world_size}  ({topo.num_nodes} node(s) x {topo.ranks_per_node} ranks)")
+    print(f"host      {machine.host}: {machine.cpus} CPUs, {machine.numa_nodes} NUMA node(s)")
+    if machine.gpus:
+        for g in machine.gpus:
+            links = f"NVLink to {list(g.nvlink_peers)}" if g.nvlink_peers else "PCIe only"
+            numa = f"NUMA {g.numa_node}" if g.numa_node is not None else "NUMA ?"
+            print(f"gpu {g.index:<5} {g.name}, {g.memory_bytes / 2**30:.0f} GiB, {links}, {numa}")
+    else:
+        print("devices   CPU only")
+    for note in machine.notes:
+        print(f"note      {note}")
+    print(f"topology  {topo.describe()}  (source: {topo.source})")
+    print(f"{'level':<10} {'fan-out':>7} {'span':>6} {'GB/s':>8}  groups")
+    for lv in topo.levels:
+        groups = topo.groups_within(lv.name)
+        shown = ", ".join(str(g) if len(g) <= 8 else f"[{g[0]}..{g[-1]}]" for g in groups[:4])
+        more = f" ... ({len(groups)} groups)" if len(groups) > 4 else ""
+        bw = f"{lv.bandwidth_gbps:g}" if lv.bandwidth_gbps else "?"
+        print(f"{lv.name:<10} {lv.size:>7} {topo.span(lv.name):>6} {bw:>8}  {shown}{more}")
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from telemetry.report import write_report
+
+    try:
+        text = write_report(Path(args.run_dir))
+    except ValueError as e:  # missing run dir or telemetry: the user's to fix
+        print(f"tierzero report: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(text, end="" if text.endswith("\n") else "\n")
+    return EXIT_OK
+
+
+# ---- parser --------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = _Parser(
+        prog="tierzero",
+        description="Launch, partition and observe distributed training on HPC clusters.",
+        epilog="examples:\n  tierzero run                      # default recipe on 4 local CPU ranks\n"
+               "  tierzero run train.steps=50 launcher.nproc=2\n  tierzero report runs/default",
+        formatter_class=fmt,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run", help="train: spawn local ranks, or join torchrun / srun / mpirun",
+        description="Run the training recipe. With no scheduler around it spawns launcher.nproc local "
+                    "ranks; under torchrun, srun or mpirun each process joins as one rank.",
+        epilog="examples:\n  tierzero run\n  tierzero run recipes/configs/dense_tiny_cpu.yaml train.steps=100\n"
+               "  tierzero run topology.emulate=[2,2] run.name=two-nodes\n"
+               "  torchrun --nproc-per-node 4 -m launcher.cli run\n  mpirun -n 4 tierzero run",
+        formatter_class=fmt)
+    run.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
+                     help="YAML files (merged in order) then key=value overrides; default: the dense_tiny_cpu recipe")
+    run.set_defaults(func=cmd_run)
+
+    config = sub.add_parser(
+        "config", help="print the resolved config (defaults < YAML files < key=value)",
+        description="Print the config a run would use, after composing defaults, YAML files and overrides.",
+        epilog="examples:\n  tierzero config\n  tierzero config my.yaml train.lr=1e-3\n  tierzero config --describe",
+        formatter_class=fmt)
+    config.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    config.add_argument("--describe", action="store_true", help="list every key with its type, default and meaning")
+    config.set_defaults(func=cmd_config)
+
+    topo = sub.add_parser(
+        "topo", help="print the launch mode, ranks, nodes, devices and topology levels",
+        description="Show what tierzero sees: launch mode, ranks, nodes, CPUs/GPUs and links, and the "
+                    "topology levels (detected, emulated or a preset).",
+        epilog="examples:\n  tierzero topo\n  tierzero topo topology.emulate=[2,2]\n"
+               "  tierzero topo topology.preset=frontier topology.nodes=48",
+        formatter_class=fmt)
+    topo.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    topo.set_defaults(func=cmd_topo)
+
+    report = sub.add_parser(
+        "report", help="summarise a run's telemetry and plot loss and throughput",
+        description="Read RUN_DIR's Parquet telemetry; print steps, median tokens/s, first/last loss and "
+                    "events; write PNG plots into RUN_DIR/report/.",
+        epilog="example:\n  tierzero report runs/default", formatter_class=fmt)
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            _split_args(unknown)  # raises the usage error that shows the key=value form
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return EXIT_USAGE
+        return args.func(args)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as e:
+        print("tierzero: config error:", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("tierzero: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""One rank's life: join the process group, build the topology, train, report."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from typing import Mapping
+
+from launcher.config import ConfigError, RunConfig, check_world, resolve_paths, write_resolved
+from launcher.discover import TopologyMismatch, build_topology
+from launcher.modes import Launch
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mpi_rendezvous(launch: Launch) -> Launch:
+    """Under mpirun without MASTER_ADDR: rank 0 picks its address and a free port and
+    broadcasts them with mpi4py (imported here only: it initialises MPI on import)."""
+    from dataclasses import replace
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    info = None
+    if comm.Get_rank() == 0:
+        host = socket.gethostname()
+        try:
+            addr = socket.gethostbyname(host)
+        except OSError:
+            addr = "127.0.0.1"
+        # All ranks on this host (mpirun -n N, one node): loopback always works.
+        hosts = comm.gather(host, root=0)
+        if len(set(hosts)) == 1:
+            addr = "127.0.0.1"
+        info = (launch.master_addr or addr, launch.master_port or free_port())
+    else:
+        comm.gather(socket.gethostname(), root=0)
+    addr, port = comm.bcast(info, root=0)
+    # nodes: ranks sharing a host form a node (mpich's MPI_LOCALNRANKS may be missing)
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_world = local.Get_size()
+    local_rank = local.Get_rank()
+    local.Free()
+    return replace(launch, master_addr=addr, master_port=port, local_rank=local_rank,
+                   local_world_size=local_world, num_nodes=max(1, launch.world_size // local_world),
+                   node_rank=launch.rank // local_world)
+
+
+def pick_backend(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise ConfigError([
+            "launcher.backend=nccl needs CUDA GPUs and none is visible here; "
+            "use launcher.backend=gloo (or auto) on CPU"
+        ])
+    return requested
+
+
+def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
+    """Body of one rank under any launcher (our supervisor, torchrun, srun, mpirun)."""
+    import torch
+    import torch.distributed as dist
+
+    from parallel.context import DistContext
+    from recipes.train import train
+    from telemetry.sink import Telemetry
+
+    if launch.mode == "mpi" and not (launch.master_addr and launch.master_port):
+        launch = mpi_rendezvous(launch)
+    problems = check_world(cfg, launch.world_size)
+    try:
+        topology = build_topology(cfg.topology, world_size=launch.world_size,
+                                  ranks_per_node=launch.local_world_size, num_nodes=launch.num_nodes)
+    except TopologyMismatch as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError(problems)
+
+    backend = pick_backend(cfg.launcher.backend)
+    # Ranks share the host's cores: give each its share so 4 ranks on 2 cores do not thrash.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cpus // max(1, launch.local_world_size)))
+    device = "cpu"
+    if backend == "nccl":
+        device = f"cuda:{launch.local_rank}"
+        torch.cuda.set_device(launch.local_rank)
+    if launch.world_size > 1:
+        os.environ["MASTER_ADDR"] = launch.master_addr or "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(launch.master_port)
+        dist.init_process_group(
+            backend, init_method="env://", rank=launch.rank, world_size=launch.world_size,
+            timeout=datetime.timedelta(seconds=cfg.launcher.timeout_s),
+        )
+    attempt = int(env.get("TIERZERO_ATTEMPT", launch.restart_count))
+    if not launch.supervised:
+        resolve_paths(cfg)  # every rank, so all agree on the absolute run dir
+    run_dir = cfg.run_dir
+    if launch.rank == 0 and not launch.supervised:
+        write_resolved(cfg, run_dir)
+    telemetry_root = cfg.telemetry.dir or str(run_dir / "telemetry")
+    ctx = DistContext(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
+                      local_world_size=launch.local_world_size, device=device,
+                      backend=backend if launch.world_size > 1 else "none",
+                      topology=topology, host=env.get("SLURMD_NODENAME") or socket.gethostname(),
+                      attempt=attempt)
+    tel = Telemetry(cfg.telemetry, root=telemetry_root, run=cfg.run.name, attempt=attempt,
+                    rank=launch.rank, host=ctx.host)
+    if launch.local_rank == 0:
+        tel.start_node_sampler()
+    if launch.rank == 0:
+        log.info("%s launch: %d ranks on %d node(s), backend %s, topology %s",
+                 "local" if launch.supervised else launch.mode, launch.world_size, launch.num_nodes, ctx.backend, topology.describe())
+    try:
+        result = train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx,
+                       telemetry=tel, peak_tflops=cfg.telemetry.peak_tflops)
+    except BaseException as e:
+        tel.event("error", detail=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        tel.close()
+    if launch.rank == 0:
+        floor = result.entropy_floor_nats
+        gap = f" | gap {result.final_loss - floor:+.4f} nats" if floor is not None else ""
+        floor_s = f"{floor:.4f} nats" if floor is not None else "unknown (real data)"
+        print(
+            f"done: {len(result.losses)} steps in {result.wall_s:.1f} s | final loss {result.final_loss:.4f} "
+            f"(mean of last {min(10, len(result.losses))} steps) | entropy floor {floor_s}{gap}",
+            flush=True,
+        )
+        print(f"run dir: {run_dir}  (tierzero report {run_dir})", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0

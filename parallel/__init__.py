@@ -1,0 +1,1 @@
+"""Topology, partition plans and the engines that execute them (pure types + torch.distributed)."""

@@ -1,0 +1,197 @@
+"""The machine as an ordered list of link levels, fastest (innermost) first.
+
+A Topology is pure data: each level has a name, a fan-out (how many units of the level
+below it holds) and the link bandwidth between those units. Rank r's coordinate on level
+k is its index inside its level-k unit; the innermost coordinate varies fastest, so with
+`[node x2, cluster x2]` ranks 0,1 share node 0 and ranks 2,3 share node 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+
+@dataclass(frozen=True)
+class Level:
+    name: str
+    size: int
+    """Fan-out: units of the level below (or ranks, for the innermost) in one unit of this level."""
+    bandwidth_gbps: Optional[float] = None
+    """Per-rank link bandwidth inside this level in GB/s (bytes, not bits); None = unknown."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    levels: Tuple[Level, ...]
+    source: str = "emulated"
+    """Where the numbers came from: detected, emulated, preset:<name>, measured."""
+
+    def __post_init__(self):
+        assert self.levels, "a topology has at least one level"
+        assert self.levels[-1].name == "cluster", "the outermost level is always 'cluster'"
+        assert all(lv.size >= 1 for lv in self.levels)
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(lv.size for lv in self.levels)
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return tuple(lv.name for lv in self.levels)
+
+    def level_index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ValueError(
+                f"level {name!r} is not in this topology; its levels are {list(self.names)}"
+            ) from None
+
+    @property
+    def num_nodes(self) -> int:
+        """Units of the level just inside 'cluster' (the nodes)."""
+        return self.levels[-1].size
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.world_size // self.num_nodes
+
+    def coords(self, rank: int) -> Tuple[int, ...]:
+        assert 0 <= rank < self.world_size, f"rank {rank} outside world {self.world_size}"
+        out = []
+        for lv in self.levels:
+            out.append(rank % lv.size)
+            rank //= lv.size
+        return tuple(out)
+
+    def rank(self, coords: Sequence[int]) -> int:
+        assert len(coords) == len(self.levels)
+        r, stride = 0, 1
+        for c, lv in zip(coords, self.levels):
+            assert 0 <= c < lv.size
+            r += c * stride
+            stride *= lv.size
+        return r
+
+    def span(self, name: str) -> int:
+        """Ranks inside one unit of level `name` (e.g. span('node') = ranks per node)."""
+        k = self.level_index(name)
+        return math.prod(lv.size for lv in self.levels[: k + 1])
+
+    def groups_within(self, name: str) -> List[List[int]]:
+        """Partition of all ranks into the units of level `name` (e.g. one list per node)."""
+        n = self.span(name)
+        return [list(range(start, start + n)) for start in range(0, self.world_size, n)]
+
+    def groups_across(self, name: str) -> List[List[int]]:
+        """One list per position inside a level-`name` unit: the ranks holding that
+        position in every unit (e.g. local rank 0 of every node)."""
+        n = self.span(name)
+        return [list(range(pos, self.world_size, n)) for pos in range(n)]
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
+    def describe(self) -> str:
+        parts = []
+        for lv in self.levels:
+            bw = f" @ {lv.bandwidth_gbps:g} GB/s" if lv.bandwidth_gbps else ""
+            parts.append(f"{lv.name} x{lv.size}{bw}")
+        return "[" + ", ".join(parts) + "]"
+
+
+# Presets (BACKGROUND.md, "Hardware facts"). Bandwidths are per rank, GB/s, one direction.
+# Frontier: 2 GCDs per MI250X package (~200 GB/s), 4 packages per node (50-100 GB/s,
+# the lower figure taken), 4 x 25 GB/s NICs per node shared by 8 GCDs -> the study's
+# planning figure of 25 GB/s per package pair.
+# DGX H100: NVLink 900 GB/s bidirectional per GPU = 450 GB/s each way; one 400 Gb/s
+# NIC per GPU = 50 GB/s.
+PRESETS = {
+    "frontier": (("package", 2, 200.0), ("node", 4, 50.0), ("cluster", None, 25.0)),
+    "dgx-h100": (("node", 8, 450.0), ("cluster", None, 50.0)),
+}
+
+
+def preset_topology(name: str, num_nodes: int) -> Topology:
+    if name not in PRESETS:
+        raise ValueError(
+            f"topology.preset={name!r} is not a known preset; choose one of {sorted(PRESETS)}"
+        )
+    levels = tuple(
+        Level(lv_name, size if size is not None else num_nodes, bw)
+        for lv_name, size, bw in PRESETS[name]
+    )
+    return Topology(levels, source=f"preset:{name}")
+
+
+def default_level_names(num_levels: int) -> List[str]:
+    """Innermost to outermost; the last is 'cluster', the one inside it 'node'."""
+    named = ["package", "node", "cluster"]
+    if num_levels <= 3:
+        return named[-num_levels:]
+    return [f"level{i}" for i in range(num_levels - 3)] + named
+
+
+def emulated_topology(
+    sizes: Sequence[int],
+    names: Optional[Sequence[str]] = None,
+    bandwidths_gbps: Optional[Sequence[Optional[float]]] = None,
+) -> Topology:
+    """`topology.emulate=[a, b]` -> node (a ranks per node) x cluster (b nodes)."""
+    names = list(names) if names else default_level_names(len(sizes))
+    bws = list(bandwidths_gbps) if bandwidths_gbps else [None] * len(sizes)
+    levels = tuple(Level(n, int(s), bw) for n, s, bw in zip(names, sizes, bws))
+    return Topology(levels, source="emulated")
+
+
+def flat_topology(ranks_per_node: int, num_nodes: int, source: str = "detected") -> Topology:
+    return Topology((Level("node", ranks_per_node), Level("cluster", num_nodes)), source=source)
+
+
+@dataclass
+class TopologyConfig:
+    emulate: Optional[List[int]] = None
+    """Emulated fan-outs innermost first, e.g. [2, 2] = 2 nodes x 2 ranks; product = launcher.nproc."""
+    level_names: Optional[List[str]] = None
+    """Names for the emulated levels, innermost first; the last must be 'cluster'."""
+    preset: Optional[str] = None
+    """Known machine for planning: frontier or dgx-h100."""
+    nodes: Optional[int] = None
+    """Nodes for a preset topology (default: the nodes of the launch)."""
+
+    def errors(self) -> List[str]:
+        errs = []
+        if self.emulate is not None:
+            if len(self.emulate) < 1 or any(s < 1 for s in self.emulate):
+                errs.append(
+                    f"topology.emulate={list(self.emulate)} needs one positive fan-out per level, "
+                    "innermost first; e.g. topology.emulate=[2,2] for 2 nodes x 2 ranks"
+                )
+            if self.level_names is not None:
+                if len(self.level_names) != len(self.emulate):
+                    errs.append(
+                        f"topology.level_names={list(self.level_names)} has {len(self.level_names)} names "
+                        f"but topology.emulate={list(self.emulate)} has {len(self.emulate)} levels; "
+                        "give one name per level"
+                    )
+                elif self.level_names[-1] != "cluster" or len(set(self.level_names)) != len(self.level_names):
+                    errs.append(
+                        f"topology.level_names={list(self.level_names)} must be distinct and end with "
+                        "'cluster', e.g. [package, node, cluster]"
+                    )
+        elif self.level_names is not None:
+            errs.append("topology.level_names is only used with topology.emulate; set both or neither")
+        if self.preset is not None and self.preset not in PRESETS:
+            errs.append(
+                f"topology.preset={self.preset!r} is not a known preset; choose one of {sorted(PRESETS)}"
+            )
+        if self.nodes is not None and self.nodes < 1:
+            errs.append(f"topology.nodes={self.nodes} must be >= 1")
+        if self.preset is not None and self.emulate is not None:
+            errs.append(
+                "topology.preset and topology.emulate are both set; a run uses one of them "
+                "(clear one with topology.preset=null or topology.emulate=null)"
+            )
+        return errs

@@ -1,0 +1,208 @@
+"""A small decoder-only transformer (Llama-style: RMSNorm, rotary attention, SwiGLU, no biases).
+
+Each `Block` owns everything it needs (its norms, its rotary tables), so an engine can wrap,
+shard or move blocks one at a time. Parameter names are part of the checkpoint format:
+
+    tok_embeddings.weight
+    blocks.{i}.attn_norm.weight   blocks.{i}.attn.wqkv.weight   blocks.{i}.attn.wo.weight
+    blocks.{i}.mlp_norm.weight    blocks.{i}.mlp.w_gate.weight  blocks.{i}.mlp.w_up.weight
+    blocks.{i}.mlp.w_down.weight
+    norm.weight
+    output.weight                 (the same tensor as tok_embeddings.weight when tied)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recipes.config import ModelConfig, default_ffn_hidden, model_errors  # noqa: F401 (re-exported)
+
+INIT_STD = 0.02
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+
+def rotary_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each [seq_len, head_dim // 2], of RoFormer's rotation angles (Su et al. 2021)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., j], x[..., j + head_dim/2]) of x [b, h, t, head_dim] (GPT-NeoX layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos.float(), sin.float()
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, seq_len: int, rope_theta: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.seq_len = seq_len
+        self.rope_theta = rope_theta
+        self.wqkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.wo = nn.Linear(d_model, d_model, bias=False)
+        # Non-persistent: derived from the config, so they stay out of checkpoints.
+        cos, sin = rotary_tables(self.head_dim, seq_len, rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def reset_buffers(self) -> None:
+        cos, sin = rotary_tables(self.head_dim, self.seq_len, self.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        if t > self.seq_len:
+            raise ValueError(f"sequence of {t} tokens is longer than the model's seq_len={self.seq_len}")
+        qkv = self.wqkv(x).view(b, t, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [b, h, t, head_dim]
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [b, h, t, head_dim]
+        return self.wo(y.transpose(1, 2).reshape(b, t, d))
+
+
+class SwiGLU(nn.Module):
+    """w_down(silu(w_gate x) * w_up x) (Shazeer 2020)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, hidden, bias=False)
+        self.w_up = nn.Linear(d_model, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, seq_len: int):
+        super().__init__()
+        hidden = cfg.ffn_hidden or default_ffn_hidden(cfg.d_model)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, seq_len, cfg.rope_theta)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, hidden)
+
+    def init_weights(self, out_proj_std: float) -> None:
+        self.attn_norm.reset_parameters()
+        self.mlp_norm.reset_parameters()
+        for linear in (self.attn.wqkv, self.mlp.w_gate, self.mlp.w_up):
+            nn.init.normal_(linear.weight, mean=0.0, std=INIT_STD)
+        for linear in (self.attn.wo, self.mlp.w_down):
+            nn.init.normal_(linear.weight, mean=0.0, std=out_proj_std)
+        self.attn.reset_buffers()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, seq_len: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        self.tok_embeddings = nn.Embedding(vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, seq_len) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and rotary buffer in place, e.g. after `to_empty()`.
+
+        Normal(0, 0.02) everywhere; the projections that write into the residual stream
+        (attn.wo, mlp.w_down) get 0.02 / sqrt(2 n_layers) so the residual variance does not
+        grow with depth (GPT-2, Radford et al. 2019, section 2.3).
+        """
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=INIT_STD)
+        out_proj_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)
+        for block in self.blocks:
+            block.init_weights(out_proj_std)
+        self.norm.reset_parameters()
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, mean=0.0, std=INIT_STD)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [b, t] (int64) -> logits [b, t, vocab_size] in the parameters' dtype."""
+        x = self.tok_embeddings(tokens)  # [b, t, d_model]
+        for block in self.blocks:
+            x = block(x)
+        return self.output(self.norm(x))
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Transformer:
+    """A freshly initialised model (float32, on the default device); seed torch first for repeatability."""
+    errors = model_errors(cfg)
+    if vocab_size < 1:
+        errors.append(f"vocab_size={vocab_size} must be at least 1 (it comes from data.vocab_size).")
+    if seq_len < 1:
+        errors.append(f"seq_len={seq_len} must be at least 1 (it comes from data.seq_len).")
+    if errors:
+        raise ValueError("\n".join(errors))
+    return Transformer(cfg, vocab_size, seq_len)
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats; logits [b, t, V], targets [b, t]. Computed in float32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def num_params(model: nn.Module) -> int:
+    """Number of unique parameters (a tied embedding/output weight counts once)."""
+    return sum(p.numel() for p in model.parameters())  # parameters() already de-duplicates
+
+
+def count_params(cfg: ModelConfig, vocab_size: int) -> int:
+    """What `num_params(build_model(cfg, vocab_size, ...))` returns, without building the model."""
+    d, hidden = cfg.d_model, cfg.ffn_hidden or default_ffn_hidden(cfg.d_model)
+    per_block = 2 * d + 4 * d * d + 3 * d * hidden  # two norms, wqkv + wo, SwiGLU
+    embeddings = vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    return embeddings + cfg.n_layers * per_block + d
+
+
+def flops_per_token(
+    cfg: ModelConfig, vocab_size: int, seq_len: int, num_params: Optional[int] = None
+) -> int:
+    """Training FLOPs (forward + backward) per token: 6 N + 12 n_layers d_model seq_len.
+
+    PaLM (Chowdhery et al. 2022), appendix B: 6N for the weight matmuls (2 forward, 4 backward)
+    plus 12 L H Q T for the attention scores and values, with H x Q = d_model. N defaults to
+    `count_params(cfg, vocab_size)`; the embedding lookup costs nothing, but with tied weights
+    that same matrix is the output head's matmul, so counting it once is right.
+    """
+    if num_params is None:
+        num_params = count_params(cfg, vocab_size)
+    return 6 * num_params + 12 * cfg.n_layers * cfg.d_model * seq_len

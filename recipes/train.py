@@ -1,0 +1,168 @@
+"""The training program: model -> engine -> loop -> telemetry.
+
+Batch layout: optimizer step s reads global samples [s*G, (s+1)*G) (G = global batch).
+Micro-step m on data-parallel rank r reads the slice starting at s*G + (m*dp + r)*mb.
+Every sample is a pure function of (data.seed, index), so any world size reads the same
+global token stream and, with equal-sized micro-batches, computes the same mean loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import psutil
+import torch
+import torch.distributed as dist
+
+from parallel.context import DistContext
+from parallel.engine import build_engine
+from recipes.config import DataConfig, ModelConfig, TrainConfig
+from recipes.data import build_dataset
+from recipes.model import build_model, flops_per_token, loss_fn, num_params
+from recipes.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    losses: List[float] = field(default_factory=list)
+    """Global mean loss per optimizer step (identical on every rank)."""
+    grad_norms: List[float] = field(default_factory=list)
+    step_times_s: List[float] = field(default_factory=list)
+    entropy_floor_nats: Optional[float] = None
+    wall_s: float = 0.0
+    num_params: int = 0
+
+    @property
+    def final_loss(self) -> float:
+        """Mean of the last (up to) 10 steps: one step's batch is too noisy to judge by."""
+        tail = self.losses[-10:]
+        return sum(tail) / len(tail)
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up to `lr`, then cosine decay to lr*min_lr_ratio at the last step (1-based step)."""
+    if warmup_steps and step <= warmup_steps:
+        return lr * step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def micro_batch_indices(step: int, micro: int, *, dp_rank: int, dp_size: int, micro_batch: int, global_batch: int) -> np.ndarray:
+    start = step * global_batch + (micro * dp_size + dp_rank) * micro_batch
+    return np.arange(start, start + micro_batch, dtype=np.int64)
+
+
+def measure_matmul_tflops(dtype: torch.dtype, device: str, seconds: float = 0.3) -> float:
+    """Peak the ranks really get here: a square matmul timed for a fraction of a second."""
+    n = 512 if device == "cpu" else 8192
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    a @ b
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+def train(
+    *,
+    train_cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    ctx: DistContext,
+    telemetry,
+    peak_tflops: Optional[float] = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    t_start = time.perf_counter()
+    dp_size, dp_rank = ctx.world_size, ctx.rank
+    mb, gb = train_cfg.micro_batch_size, train_cfg.global_batch_size
+    assert gb % (mb * dp_size) == 0, "checked by the launcher (launcher.config.check_world)"
+    accum = gb // (mb * dp_size)
+
+    dataset = build_dataset(data_cfg)
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(model_cfg, vocab_size=dataset.vocab_size, seq_len=dataset.seq_len)
+    dtype = torch.bfloat16 if train_cfg.dtype == "bfloat16" else torch.float32
+    model = model.to(device=ctx.device, dtype=dtype)
+    n_params = num_params(model)
+    flops_tok = flops_per_token(model_cfg, dataset.vocab_size, dataset.seq_len, n_params)
+    engine = build_engine(
+        "ddp",
+        model,
+        lr=train_cfg.lr,
+        betas=(train_cfg.beta1, train_cfg.beta2),
+        weight_decay=train_cfg.weight_decay,
+        grad_clip=train_cfg.grad_clip,
+    )
+    if peak_tflops is None:
+        peak_tflops = measure_matmul_tflops(dtype, ctx.device)
+
+    result = TrainResult(entropy_floor_nats=dataset.entropy_floor_nats, num_params=n_params)
+    if ctx.rank == 0:
+        floor = f"{dataset.entropy_floor_nats:.4f} nats" if dataset.entropy_floor_nats is not None else "unknown"
+        log.info(
+            "model %.2fM params | %d ranks x micro %d x accum %d = global %d seqs of %d tokens | "
+            "entropy floor %s",
+            n_params / 1e6, dp_size, mb, accum, gb, dataset.seq_len, floor,
+        )
+    telemetry.event("start", detail=f"params={n_params} world={dp_size} accum={accum}", step=0)
+    progress = Progress(total=train_cfg.steps, enabled=show_progress and ctx.rank == 0, log_every=train_cfg.log_every)
+    proc = psutil.Process()
+    tokens_per_step = accum * mb * dataset.seq_len
+    loss_buf = torch.zeros(1, dtype=torch.float64)
+
+    with progress:
+        for step in range(1, train_cfg.steps + 1):
+            t0 = time.perf_counter()
+            lr = lr_at(step, lr=train_cfg.lr, warmup_steps=train_cfg.warmup_steps,
+                       total_steps=train_cfg.steps, min_lr_ratio=train_cfg.min_lr_ratio)
+            loss_sum = 0.0
+            for micro in range(accum):
+                idx = micro_batch_indices(step - 1, micro, dp_rank=dp_rank, dp_size=dp_size,
+                                          micro_batch=mb, global_batch=gb)
+                batch = dataset.samples(idx).to(ctx.device)  # [mb, seq_len + 1]
+                logits = model(batch[:, :-1])
+                loss = loss_fn(logits, batch[:, 1:])
+                engine.backward(loss, scale=1.0 / accum)
+                loss_sum += loss.item()
+            stats = engine.step(lr)
+            loss_buf[0] = loss_sum / accum
+            if dp_size > 1:
+                dist.all_reduce(loss_buf, op=dist.ReduceOp.SUM)
+            global_loss = loss_buf.item() / dp_size
+            step_time_s = time.perf_counter() - t0
+
+            result.losses.append(global_loss)
+            result.grad_norms.append(stats.grad_norm)
+            result.step_times_s.append(step_time_s)
+            tflops = flops_tok * tokens_per_step / step_time_s / 1e12
+            telemetry.step(
+                step=step,
+                loss=global_loss,
+                lr=lr,
+                grad_norm=stats.grad_norm,
+                tokens=tokens_per_step,
+                step_time_s=step_time_s,
+                tokens_per_s=tokens_per_step / step_time_s,
+                tflops=tflops,
+                mfu=tflops / peak_tflops if peak_tflops else None,
+                mem_rss_bytes=proc.memory_info().rss,
+                gpu_mem_bytes=torch.cuda.max_memory_allocated() if ctx.device.startswith("cuda") else None,
+            )
+            progress.update(step, loss=global_loss, tokens_per_s=tokens_per_step * dp_size / step_time_s)
+
+    result.wall_s = time.perf_counter() - t_start
+    telemetry.event("end", detail=f"final_loss={result.final_loss:.6f}", step=train_cfg.steps)
+    return result

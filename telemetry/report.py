@@ -1,0 +1,254 @@
+"""Read a run's telemetry back and summarise it: numbers as text, loss and throughput PNGs.
+
+`tierzero report RUN_DIR` prints write_report(RUN_DIR); a ValueError means the user gave
+a folder without telemetry (exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Optional, Union
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from telemetry.schema import PARTITION, TABLES, telemetry_root
+
+logger = logging.getLogger(__name__)
+
+NUM_LAST_EVENTS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    run_dir: str
+    telemetry_root: str
+    runs: tuple[str, ...]
+    attempts: tuple[int, ...]
+    ranks: tuple[int, ...]
+    num_step_rows: int
+    last_step: Optional[int]
+    """Highest step recorded by any rank in any attempt."""
+    loss_rank: Optional[int]
+    """The rank whose losses are reported: 0, or the lowest rank present."""
+    first_loss: Optional[float]
+    last_loss: Optional[float]
+    median_tokens_per_s: Optional[float]
+    """Median over steps of tokens/s summed across ranks."""
+    median_step_time_s: Optional[float]
+    median_mfu: Optional[float]
+    event_counts: dict[str, int]
+    last_events: tuple[dict, ...]
+
+
+def load_table(telemetry_root: str, table: str) -> pa.Table:
+    """Every file of one table with run, attempt and rank columns; empty (with the schema) when there are none."""
+    if table not in TABLES:
+        raise ValueError(f"unknown telemetry table {table!r}; choose one of {sorted(TABLES)}")
+    schema = pa.schema(list(TABLES[table]) + list(PARTITION))
+    fs, root = fsspec.core.url_to_fs(telemetry_root)
+    path = f"{root.rstrip('/')}/{table}"
+    if not fs.isdir(path):
+        return schema.empty_table()
+    dataset = ds.dataset(
+        path,
+        schema=schema,  # files written before a column existed read it as null
+        format="parquet",
+        filesystem=_arrow_fs(fs),
+        partitioning=ds.partitioning(PARTITION, flavor="hive"),
+    )
+    return dataset.to_table()
+
+
+def resolve_telemetry_root(run_dir: str) -> str:
+    """telemetry.dir from `<run_dir>/config.yaml` when set, else `<run_dir>/telemetry`; ValueError if absent."""
+    import yaml
+
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    if not fs.isdir(path):
+        raise ValueError(f"run dir {run_dir} does not exist; pass the folder a run wrote (it holds config.yaml)")
+    configured = None
+    config_path = f"{path.rstrip('/')}/config.yaml"
+    if fs.isfile(config_path):
+        with fs.open(config_path, "r") as f:
+            config = yaml.safe_load(f) or {}
+        section = config.get("telemetry") if isinstance(config, dict) else None
+        configured = section.get("dir") if isinstance(section, dict) else None
+    root = telemetry_root(run_dir, configured)
+    root_fs, root_path = fsspec.core.url_to_fs(root)
+    if not root_fs.isdir(root_path):
+        source = f"telemetry.dir in {run_dir}/config.yaml" if configured else "the default <run_dir>/telemetry"
+        raise ValueError(f"no telemetry at {root} ({source}); was the run started with telemetry.enabled=false?")
+    return root
+
+
+def summarize(run_dir: Union[str, os.PathLike]) -> RunSummary:
+    """The run's numbers; a step replayed after a restart counts once, from its latest attempt."""
+    run_dir = os.fspath(run_dir)
+    root = resolve_telemetry_root(run_dir)
+    steps = load_table(root, "steps")
+    events = load_table(root, "events")
+    nodes = load_table(root, "nodes")
+
+    def distinct(column: str) -> tuple:
+        values = set()
+        for table in (steps, events, nodes):
+            values.update(v for v in table.column(column).to_pylist() if v is not None)
+        return tuple(sorted(values))
+
+    kept = _latest_attempt_rows(steps)
+    loss_rank = first_loss = last_loss = None
+    if kept.num_rows:
+        ranks = kept.column("rank").to_numpy()
+        loss_rank = 0 if (ranks == 0).any() else int(ranks.min())
+        losses = kept.filter(pc.equal(kept.column("rank"), loss_rank))
+        losses = losses.filter(pc.is_valid(losses.column("loss"))).sort_by([("step", "ascending"), ("run", "ascending")])
+        if losses.num_rows:
+            first_loss = losses.column("loss")[0].as_py()
+            last_loss = losses.column("loss")[-1].as_py()
+    per_step = kept.group_by(["run", "step"]).aggregate([("tokens_per_s", "sum")]) if kept.num_rows else None
+
+    kinds = events.column("kind").to_pylist()
+    counts = {kind: kinds.count(kind) for kind in sorted(set(kinds))}
+    recent = events.sort_by([("time", "ascending")]).slice(max(events.num_rows - NUM_LAST_EVENTS, 0))
+    last_step = pc.max(steps.column("step")).as_py() if steps.num_rows else None
+    return RunSummary(
+        run_dir=run_dir,
+        telemetry_root=root,
+        runs=distinct("run"),
+        attempts=distinct("attempt"),
+        ranks=distinct("rank"),
+        num_step_rows=steps.num_rows,
+        last_step=last_step,
+        loss_rank=loss_rank,
+        first_loss=first_loss,
+        last_loss=last_loss,
+        median_tokens_per_s=_median(per_step.column("tokens_per_s_sum")) if per_step is not None else None,
+        median_step_time_s=_median(kept.column("step_time_s")),
+        median_mfu=_median(kept.column("mfu")),
+        event_counts=counts,
+        last_events=tuple(recent.select(["time", "run", "attempt", "rank", "step", "kind", "detail", "host"]).to_pylist()),
+    )
+
+
+def write_report(run_dir: Union[str, os.PathLike]) -> str:
+    """Write `<run_dir>/report/loss.png` and `throughput.png`; return the text to print."""
+    run_dir = os.fspath(run_dir)
+    summary = summarize(run_dir)
+    lines = [_format_summary(summary)]
+    if summary.num_step_rows:
+        steps = load_table(summary.telemetry_root, "steps")
+        report_dir = f"{run_dir.rstrip('/')}/report"
+        fs, report_path = fsspec.core.url_to_fs(report_dir)
+        fs.makedirs(report_path, exist_ok=True)
+        loss_png = f"{report_dir}/loss.png"
+        throughput_png = f"{report_dir}/throughput.png"
+        _plot_loss(steps, summary.loss_rank, loss_png)
+        _plot_throughput(steps, throughput_png)
+        lines += ["plots:", f"  {loss_png}", f"  {throughput_png}"]
+    else:
+        lines.append("plots: none (no step rows)")
+    return "\n".join(lines)
+
+
+def _latest_attempt_rows(steps: pa.Table) -> pa.Table:
+    # After a restart from a checkpoint the new attempt replays steps the old one already
+    # logged; the replay is what the final model saw, so it wins.
+    if not steps.num_rows:
+        return steps
+    latest = steps.group_by(["run", "step"]).aggregate([("attempt", "max")])
+    joined = steps.join(latest, keys=["run", "step"])
+    kept = joined.filter(pc.equal(joined.column("attempt"), joined.column("attempt_max")))
+    return kept.drop_columns(["attempt_max"])
+
+
+def _median(column: pa.ChunkedArray) -> Optional[float]:
+    values = column.drop_null().to_numpy(zero_copy_only=False).astype(np.float64)
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else None
+
+
+def _format_summary(s: RunSummary) -> str:
+    def num(value: Optional[float], fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    ranks = ", ".join(str(r) for r in s.ranks) or "none"
+    lines = [
+        f"# run: {', '.join(s.runs) or 'n/a'}",
+        f"# telemetry: {s.telemetry_root}",
+        f"attempts: {', '.join(str(a) for a in s.attempts) or 'none'}   ranks: {ranks}",
+        f"steps: last step {num(s.last_step, 'd')} ({s.num_step_rows} rows)",
+        f"loss (rank {num(s.loss_rank, 'd')}): first {num(s.first_loss, '.4f')} -> last {num(s.last_loss, '.4f')}",
+        f"throughput: median {num(s.median_tokens_per_s, ',.0f')} tokens/s (all ranks)   "
+        f"median step {num(s.median_step_time_s, '.4f')} s   "
+        f"median MFU {num(None if s.median_mfu is None else 100 * s.median_mfu, '.2f')}%",
+        "events: " + (" ".join(f"{k}={v}" for k, v in s.event_counts.items()) or "none"),
+    ]
+    if s.last_events:
+        lines.append("last events:")
+        for e in s.last_events:
+            step = "" if e["step"] is None else f" step {e['step']}"
+            detail = f": {e['detail']}" if e["detail"] else ""
+            lines.append(
+                f"  {e['time']:%Y-%m-%d %H:%M:%S} attempt {e['attempt']} rank {e['rank']} {e['host']} {e['kind']}{step}{detail}"
+            )
+    return "\n".join(lines)
+
+
+def _plot_loss(steps: pa.Table, loss_rank: Optional[int], url: str) -> None:
+    rows = steps.filter(pc.equal(steps.column("rank"), loss_rank)) if loss_rank is not None else steps
+    rows = rows.filter(pc.is_valid(rows.column("loss")))
+    series = _series(rows, "loss")
+    _save_plot(series, f"loss (rank {loss_rank})", "loss", url)
+
+
+def _plot_throughput(steps: pa.Table, url: str) -> None:
+    totals = steps.group_by(["run", "attempt", "step"]).aggregate([("tokens_per_s", "sum")])
+    totals = totals.filter(pc.is_valid(totals.column("tokens_per_s_sum")))
+    _save_plot(_series(totals, "tokens_per_s_sum"), "throughput (sum over ranks)", "tokens/s", url)
+
+
+def _series(table: pa.Table, column: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """One (step, value) line per (run, attempt), so a restart shows as a new line over replayed steps."""
+    out = {}
+    keys = sorted(set(zip(table.column("run").to_pylist(), table.column("attempt").to_pylist())))
+    one_run = len({run for run, _ in keys}) == 1
+    for run, attempt in keys:
+        part = table.filter(pc.and_(pc.equal(table.column("run"), run), pc.equal(table.column("attempt"), attempt)))
+        part = part.sort_by("step")
+        label = f"attempt {attempt}" if one_run else f"{run} attempt {attempt}"
+        out[label] = (part.column("step").to_numpy(), part.column(column).to_numpy(zero_copy_only=False))
+    return out
+
+
+def _save_plot(series: dict, title: str, ylabel: str, url: str) -> None:
+    # Figure without pyplot: no global backend switch, no GUI, safe in any thread.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    ax = fig.subplots()
+    for label, (x, y) in series.items():
+        ax.plot(x, y, label=label, linewidth=1.2)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    with fsspec.open(url, "wb") as f:
+        fig.savefig(f, format="png")
+
+
+def _arrow_fs(fs: Any) -> Any:
+    from fsspec.implementations.local import LocalFileSystem
+    from pyarrow import fs as pafs
+
+    if isinstance(fs, LocalFileSystem):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))

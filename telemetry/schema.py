@@ -1,0 +1,92 @@
+"""The three telemetry tables, their on-disk layout, and where a run's telemetry lives.
+
+Units live in column names. The partition keys run, attempt and rank are not columns
+inside the files: they live only in the Hive path
+`<root>/<table>/run=<run>/attempt=<attempt>/rank=<rank>/part-00000.parquet`, which every
+reader (pyarrow.dataset, DuckDB `hive_partitioning=1`, pandas, polars) turns back into
+columns.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import pyarrow as pa
+
+TIME = pa.timestamp("us", tz="UTC")
+
+STEPS = pa.schema(
+    [
+        pa.field("time", TIME, nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("loss", pa.float64()),
+        pa.field("lr", pa.float64()),
+        pa.field("grad_norm", pa.float64()),
+        pa.field("tokens", pa.int64()),  # tokens this rank processed in the step
+        pa.field("step_time_s", pa.float64()),
+        pa.field("tokens_per_s", pa.float64()),  # this rank's tokens / step_time_s
+        pa.field("tflops", pa.float64()),  # achieved by this rank
+        pa.field("mfu", pa.float64()),  # tflops / peak_tflops, a fraction in [0, 1]
+        pa.field("mem_rss_bytes", pa.int64()),
+        pa.field("gpu_mem_bytes", pa.int64()),
+    ]
+)
+
+EVENTS = pa.schema(
+    [
+        pa.field("time", TIME, nullable=False),
+        pa.field("step", pa.int64()),
+        pa.field("kind", pa.string(), nullable=False),  # start, end, error, restart, checkpoint, signal, ...
+        pa.field("detail", pa.string(), nullable=False),
+        pa.field("host", pa.string(), nullable=False),
+    ]
+)
+
+NODES = pa.schema(
+    [
+        pa.field("time", TIME, nullable=False),
+        pa.field("host", pa.string(), nullable=False),
+        pa.field("cpu_percent", pa.float64(), nullable=False),  # all cores, averaged since the previous sample
+        pa.field("mem_used_bytes", pa.int64(), nullable=False),  # total - available
+        pa.field("mem_total_bytes", pa.int64(), nullable=False),
+        pa.field("proc_rss_bytes", pa.int64(), nullable=False),  # the sampling process
+        pa.field("gpu_index", pa.int32()),
+        pa.field("gpu_util_percent", pa.float64()),
+        pa.field("gpu_mem_used_bytes", pa.int64()),
+        pa.field("gpu_mem_total_bytes", pa.int64()),
+        pa.field("gpu_power_w", pa.float64()),
+        pa.field("gpu_temp_c", pa.float64()),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {"steps": STEPS, "events": EVENTS, "nodes": NODES}
+
+PARTITION = pa.schema([("run", pa.string()), ("attempt", pa.int32()), ("rank", pa.int32())])
+"""Types of the Hive partition keys, in path order."""
+
+# A run name becomes a path segment that readers parse back: no separators, no '=',
+# and no leading '.' or '_' (pyarrow skips such names as hidden).
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def table_path(root: str, table: str, run: str, attempt: int, rank: int) -> str:
+    """The folder that holds one rank's files of one table: `<root>/<table>/run=../attempt=../rank=..`."""
+    if table not in TABLES:
+        raise ValueError(f"unknown telemetry table {table!r}; choose one of {sorted(TABLES)}")
+    if not isinstance(run, str) or not _RUN_NAME.match(run):
+        raise ValueError(
+            f"run name {run!r} cannot be a Hive partition value; use letters, digits and . _ + - "
+            "starting with a letter or digit, e.g. moe_tiny-2024-06-01"
+        )
+    for key, value in (("attempt", attempt), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}={value!r} must be an integer")
+    if attempt < 0 or rank < -1:
+        raise ValueError(f"attempt={attempt}, rank={rank}: attempt must be >= 0 and rank >= -1 (-1 = the launcher)")
+    return f"{root.rstrip('/')}/{table}/run={run}/attempt={attempt}/rank={rank}"
+
+
+def telemetry_root(run_dir: str, dir: Optional[str] = None) -> str:
+    """Where a run's telemetry lives: telemetry.dir when set, else `<run_dir>/telemetry`."""
+    return dir if dir else f"{run_dir.rstrip('/')}/telemetry"

@@ -1,0 +1,365 @@
+"""Telemetry: schema, Hive layout read by DuckDB/pandas/polars, crash safety, report."""
+
+from __future__ import annotations
+
+import ast
+import datetime
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from telemetry.config import TelemetryConfig
+from telemetry.nodes import NodeSampler
+from telemetry.report import load_table, summarize, write_report
+from telemetry.schema import TABLES, table_path
+from telemetry.sink import TableWriter, Telemetry
+
+REPO = Path(__file__).resolve().parents[1]
+UTC = datetime.timezone.utc
+PARTITION = {"run": "r1", "attempt": 0, "rank": 0}
+
+
+def fast_cfg(**overrides) -> TelemetryConfig:
+    return TelemetryConfig(**{"flush_every_s": 30.0, "peak_tflops": 1.0, **overrides})
+
+
+def test_config_errors_name_the_dotted_key_and_a_fix():
+    assert TelemetryConfig().errors() == []
+    errors = TelemetryConfig(flush_every_s=0.0, node_sample_every_s=-1, peak_tflops=0.0, dir="").errors()
+    assert "telemetry.flush_every_s=0 must be > 0; set e.g. telemetry.flush_every_s=10" in errors
+    assert any(e.startswith("telemetry.node_sample_every_s=-1 must be > 0") for e in errors)
+    assert any(e.startswith("telemetry.peak_tflops=0 must be > 0") for e in errors)
+    assert any(e.startswith("telemetry.dir='' is empty") for e in errors)
+    with pytest.raises(ValueError, match="telemetry.flush_every_s=0"):
+        Telemetry(TelemetryConfig(flush_every_s=0.0), "/nowhere", "r1", 0, 0, "h")
+
+
+def test_config_fields_have_docstrings():
+    source = (REPO / "telemetry" / "config.py").read_text()
+    body = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)).body
+    fields = [i for i, n in enumerate(body) if isinstance(n, ast.AnnAssign)]
+    assert len(fields) == 5
+    for i in fields:
+        assert isinstance(body[i + 1], ast.Expr) and isinstance(body[i + 1].value.value, str)
+
+
+def test_table_path_is_hive_layout_and_rejects_bad_names():
+    assert table_path("/x/", "steps", "r1", 2, -1) == "/x/steps/run=r1/attempt=2/rank=-1"
+    with pytest.raises(ValueError, match="choose one of"):
+        table_path("/x", "step", "r1", 0, 0)
+    for bad in ("a/b", "a=b", ".hidden", ""):
+        with pytest.raises(ValueError, match="run name"):
+            table_path("/x", "steps", bad, 0, 0)
+
+
+SAMPLE_ROWS = {
+    "steps": {
+        "time": datetime.datetime(2024, 6, 1, 12, 0, 0, 123456, tzinfo=UTC),
+        "step": 3, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.7, "tokens": 4096, "step_time_s": 0.25,
+        "tokens_per_s": 16384.0, "tflops": 12.5, "mfu": 0.4, "mem_rss_bytes": 1 << 30, "gpu_mem_bytes": None,
+    },
+    "events": {
+        "time": datetime.datetime(2024, 6, 1, 12, 0, 1, tzinfo=UTC),
+        "step": None, "kind": "restart", "detail": "rank 3 exited with -9", "host": "node-a",
+    },
+    "nodes": {
+        "time": datetime.datetime(2024, 6, 1, 12, 0, 2, tzinfo=UTC),
+        "host": "node-a", "cpu_percent": 55.5, "mem_used_bytes": 10, "mem_total_bytes": 20, "proc_rss_bytes": 5,
+        "gpu_index": 1, "gpu_util_percent": 99.0, "gpu_mem_used_bytes": 7, "gpu_mem_total_bytes": 8,
+        "gpu_power_w": 612.5, "gpu_temp_c": 71.0,
+    },
+}
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_schema_round_trip(tmp_path, table):
+    writer = TableWriter(str(tmp_path), table, TABLES[table], PARTITION, flush_every_s=30)
+    writer.append(SAMPLE_ROWS[table])
+    path = writer.flush()
+    writer.close()
+    assert path == f"{tmp_path}/{table}/run=r1/attempt=0/rank=0/part-00000.parquet"
+    read = pq.read_table(path)
+    assert read.schema.equals(TABLES[table])  # partition keys are not columns inside files
+    assert read.to_pylist() == [SAMPLE_ROWS[table]]
+    loaded = load_table(str(tmp_path), table).to_pylist()
+    assert loaded == [{**SAMPLE_ROWS[table], **PARTITION}]
+
+
+def test_append_rejects_unknown_and_missing_columns_and_coerces(tmp_path):
+    writer = TableWriter(str(tmp_path), "steps", TABLES["steps"], PARTITION, flush_every_s=30)
+    with pytest.raises(ValueError, match=r"unknown steps column\(s\) \['los'\]"):
+        writer.append({"step": 1, "los": 2.0})
+    with pytest.raises(ValueError, match=r"lacks required column\(s\) \['step'\]"):
+        writer.append({"loss": 2.0})
+    writer.append({"step": True + 1, "loss": 2, "tokens": 3.0})  # coerced to the column types
+    writer.close()
+    (row,) = load_table(str(tmp_path), "steps").to_pylist()
+    assert (row["step"], row["loss"], row["tokens"], row["grad_norm"]) == (2, 2.0, 3, None)
+    assert row["time"] is not None
+
+
+def test_part_numbers_continue_after_existing_files(tmp_path):
+    folder = Path(table_path(str(tmp_path), "events", "r1", 0, 0))
+    folder.mkdir(parents=True)
+    writer = TableWriter(str(tmp_path), "events", TABLES["events"], PARTITION, flush_every_s=30)
+    writer.append(SAMPLE_ROWS["events"])
+    pq.write_table(pq.read_table(writer.flush()), folder / "part-00011.parquet")  # as if an earlier writer left it
+    writer.close()
+    writer = TableWriter(str(tmp_path), "events", TABLES["events"], PARTITION, flush_every_s=30)
+    writer.append(SAMPLE_ROWS["events"])
+    assert writer.flush().endswith("/part-00012.parquet")
+    assert writer.flush() is None  # nothing buffered: no empty file
+    writer.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["part-00000.parquet", "part-00011.parquet", "part-00012.parquet"]
+
+
+def write_two_ranks_two_attempts(root: str, steps_per_attempt: int = 6) -> None:
+    for attempt in (0, 1):
+        for rank in (0, 1):
+            with Telemetry(fast_cfg(), root, "r1", attempt, rank, f"host{rank}") as tel:
+                tel.event("start")
+                for step in range(steps_per_attempt):
+                    tel.step(step=step, loss=1.0 / (step + 1), tokens=128, step_time_s=0.5)
+                    if step == 2:
+                        tel.flush()  # more than one part per folder
+
+
+def test_duckdb_pandas_polars_read_partition_columns(tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    pd = pytest.importorskip("pandas")
+    pl = pytest.importorskip("polars")
+    root = str(tmp_path / "telemetry")
+    write_two_ranks_two_attempts(root)
+    # What a SIGKILL in the middle of a flush leaves behind: every reader must skip it.
+    Path(table_path(root, "steps", "r1", 1, 1), ".part-00002.parquet.tmp").write_bytes(b"PAR1 torn")
+    expected = {(a, r): 6 for a in (0, 1) for r in (0, 1)}
+
+    got = duckdb.sql(
+        f"select attempt, rank, count(*) as n, min(run) as run from read_parquet('{root}/steps/**/*.parquet', "
+        "hive_partitioning=1) group by attempt, rank"
+    ).fetchall()
+    assert {(a, r): n for a, r, n, _ in got} == expected
+    assert {run for *_, run in got} == {"r1"}
+
+    frame = pd.read_parquet(f"{root}/steps")
+    assert len(frame) == 24
+    counts = frame.groupby([frame["attempt"].astype(int), frame["rank"].astype(int)], observed=True).size()
+    assert counts.to_dict() == expected
+    assert set(frame["run"].astype(str)) == {"r1"}
+
+    lazy = pl.scan_parquet(f"{root}/steps/**/*.parquet", hive_partitioning=True)
+    counts = lazy.group_by("attempt", "rank").len().collect()
+    assert {(a, r): n for a, r, n in counts.iter_rows()} == expected
+    events = pl.scan_parquet(f"{root}/events/**/*.parquet", hive_partitioning=True).collect()
+    assert events.height == 4 and set(events["kind"]) == {"start"}
+    assert load_table(root, "steps").num_rows == 24
+
+
+def test_memory_url(tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    root = "memory://tierzero-test/telemetry"
+    with Telemetry(fast_cfg(), root, "mem", 0, -1, "launcher-host") as tel:
+        tel.event("restart", "rank 1 died", step=7)
+        tel.step(step=1, loss=3.0)
+    fs = fsspec.filesystem("memory")
+    assert fs.ls("/tierzero-test/telemetry/events/run=mem/attempt=0/rank=-1", detail=False)
+    (event,) = load_table(root, "events").to_pylist()
+    assert (event["kind"], event["detail"], event["step"], event["rank"], event["host"]) == (
+        "restart", "rank 1 died", 7, -1, "launcher-host",
+    )
+    assert load_table(root, "steps").num_rows == 1
+    fs.rm("/tierzero-test", recursive=True)
+
+
+def test_disabled_telemetry_creates_nothing(tmp_path):
+    tel = Telemetry(TelemetryConfig(enabled=False, flush_every_s=0.01), str(tmp_path / "t"), "r1", 0, 0, "h")
+    tel.start_node_sampler()
+    tel.event("start")
+    tel.step(step=1, loss=1.0)
+    tel.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_step_derives_throughput_mfu_and_rss(tmp_path):
+    with Telemetry(fast_cfg(peak_tflops=50.0), str(tmp_path), "r1", 0, 0, "h") as tel:
+        tel.step(step=1, tokens=1000, step_time_s=0.5, tflops=10.0)
+    (row,) = load_table(str(tmp_path), "steps").to_pylist()
+    assert row["tokens_per_s"] == 2000.0
+    assert row["mfu"] == pytest.approx(0.2)
+    assert row["mem_rss_bytes"] > 0
+
+
+def test_node_sampler_rows(tmp_path):
+    with Telemetry(fast_cfg(node_sample_every_s=0.05), str(tmp_path), "r1", 0, 0, "node-a") as tel:
+        tel.start_node_sampler()
+        time.sleep(0.3)
+    rows = load_table(str(tmp_path), "nodes").to_pylist()
+    assert len(rows) >= 2
+    for row in rows:
+        assert row["host"] == "node-a" and row["mem_total_bytes"] >= row["mem_used_bytes"] > 0
+        assert row["proc_rss_bytes"] > 0 and 0 <= row["cpu_percent"] <= 100
+        # Without a driver (CI) every GPU column is null; with one, gpu_index is set.
+        if row["gpu_index"] is None:
+            assert row["gpu_mem_total_bytes"] is None and row["gpu_power_w"] is None
+
+
+def test_node_sampler_survives_a_missing_nvml(monkeypatch):
+    pynvml = pytest.importorskip("pynvml")
+
+    def no_driver():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_driver)
+    rows = []
+    sampler = NodeSampler("h", 10.0, rows.append)
+    sampler.start()
+    sampler.stop()  # one last sample on stop
+    assert len(rows) == 1 and rows[0]["gpu_index"] is None and "cpu_percent" in rows[0]
+
+
+CRASHING_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from telemetry.schema import STEPS
+    from telemetry.sink import TableWriter
+    writer = TableWriter(sys.argv[1], "steps", STEPS, {"run": "crash", "attempt": 0, "rank": 0}, 0.2)
+    print("ready", flush=True)
+    step = 0
+    while True:
+        writer.append({"step": step, "loss": float(step)})
+        step += 1
+        time.sleep(0.0002)
+    """
+)
+
+
+def test_sigkill_leaves_only_valid_files_holding_a_prefix(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_WRITER, str(tmp_path)], stdout=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        # ~1.5 s of appends, longer on a loaded machine until two flushes have landed.
+        start = time.monotonic()
+        while time.monotonic() - start < 1.5 or len(list(tmp_path.rglob("*.parquet"))) < 2:
+            assert time.monotonic() - start < 60, "the writer made fewer than 2 files in 60 s"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    files = sorted(tmp_path.rglob("*.parquet"))
+    assert len(files) >= 2
+    steps = []
+    for path in files:  # every visible file is complete; part order is append order
+        table = pq.read_table(path)
+        assert table.schema.equals(TABLES["steps"])
+        steps += table.column("step").to_pylist()
+    assert steps == list(range(len(steps))) and len(steps) > 1
+
+
+def synthetic_run(run_dir: Path) -> list[dict]:
+    """Two ranks; attempt 0 logs steps 1..6, dies; attempt 1 resumes from step 4 and logs 5..8."""
+    root = str(run_dir / "telemetry")
+    rows = []
+    for attempt, steps in ((0, range(1, 7)), (1, range(5, 9))):
+        for rank in (0, 1):
+            with Telemetry(fast_cfg(), root, "synth", attempt, rank, f"h{rank}") as tel:
+                tel.event("start")
+                for step in steps:
+                    row = dict(
+                        step=step, loss=10.0 - step + 0.1 * attempt + 0.01 * rank, tokens=100 * (rank + 1),
+                        step_time_s=0.1 * step + attempt, tokens_per_s=1000.0 * step + 10 * rank + attempt,
+                        mfu=0.01 * step + 0.001 * rank,
+                    )
+                    tel.step(**row)
+                    rows.append({**row, "attempt": attempt, "rank": rank})
+                if attempt == 0 and rank == 1:
+                    tel.event("error", "killed", step=6)
+    with Telemetry(fast_cfg(), root, "synth", 1, -1, "launcher") as tel:
+        tel.event("restart", "from step 4", step=4)
+    return rows
+
+
+def test_report_numbers_match_the_written_rows(tmp_path):
+    run_dir = tmp_path / "run"
+    rows = synthetic_run(run_dir)
+    latest = {s: max(r["attempt"] for r in rows if r["step"] == s) for s in {r["step"] for r in rows}}
+    kept = [r for r in rows if r["attempt"] == latest[r["step"]]]
+    rank0 = sorted((r for r in kept if r["rank"] == 0), key=lambda r: r["step"])
+    per_step = [sum(r["tokens_per_s"] for r in kept if r["step"] == s) for s in sorted(latest)]
+
+    summary = summarize(str(run_dir))
+    assert summary.runs == ("synth",) and summary.attempts == (0, 1) and summary.ranks == (-1, 0, 1)
+    assert summary.num_step_rows == len(rows) == 20
+    assert summary.last_step == 8
+    assert summary.loss_rank == 0
+    assert summary.first_loss == rank0[0]["loss"] and summary.last_loss == rank0[-1]["loss"]
+    assert summary.median_tokens_per_s == pytest.approx(statistics.median(per_step))
+    assert summary.median_step_time_s == pytest.approx(statistics.median(r["step_time_s"] for r in kept))
+    assert summary.median_mfu == pytest.approx(statistics.median(r["mfu"] for r in kept))
+    assert summary.event_counts == {"error": 1, "restart": 1, "start": 4}
+    assert summary.last_events[-1]["kind"] == "restart"
+
+    text = write_report(str(run_dir))
+    for name in ("loss.png", "throughput.png"):
+        png = run_dir / "report" / name
+        assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+        assert str(png) in text
+    assert "last step 8" in text and "restart=1" in text
+
+
+def test_report_reads_telemetry_dir_from_config_yaml(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    with Telemetry(fast_cfg(), str(elsewhere), "r1", 0, 0, "h") as tel:
+        tel.step(step=3, loss=1.5)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(f"run:\n  name: r1\ntelemetry:\n  dir: {elsewhere}\n  enabled: true\n")
+    summary = summarize(str(run_dir))
+    assert summary.telemetry_root == str(elsewhere) and summary.last_step == 3 and summary.first_loss == 1.5
+
+
+def test_report_errors_name_the_missing_path(tmp_path):
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(ValueError, match=f"run dir {missing} does not exist"):
+        write_report(str(missing))
+    (tmp_path / "empty-run").mkdir()
+    with pytest.raises(ValueError, match=f"no telemetry at {tmp_path / 'empty-run' / 'telemetry'}"):
+        summarize(str(tmp_path / "empty-run"))
+
+
+def test_load_table_of_an_empty_root_is_empty(tmp_path):
+    table = load_table(str(tmp_path), "nodes")
+    assert table.num_rows == 0 and table.schema.names[-3:] == ["run", "attempt", "rank"]
+
+
+IN_HOUSE = {"launcher", "recipes", "parallel", "checkpoint", "collectives_bench", "slurm"}
+LAZY_ONLY = {"pynvml", "matplotlib", "torch", "yaml"}
+
+
+def test_imports_point_one_way_and_heavy_ones_are_lazy():
+    for path in sorted((REPO / "telemetry").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in IN_HOUSE, f"{path.name} imports {name}"
+        for node in tree.body:  # module level only
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                top = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                for name in top:
+                    assert name.split(".")[0] not in LAZY_ONLY, f"{path.name} imports {name} at module level"

@@ -1,0 +1,70 @@
+import itertools
+
+import pytest
+
+from parallel.topology import (
+    Level, Topology, TopologyConfig, default_level_names, emulated_topology, preset_topology,
+)
+
+
+def test_emulate_two_by_two():
+    t = emulated_topology([2, 2])
+    assert t.names == ("node", "cluster")
+    assert t.world_size == 4 and t.num_nodes == 2 and t.ranks_per_node == 2
+    assert [t.coords(r) for r in range(4)] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert t.groups_within("node") == [[0, 1], [2, 3]]
+    assert t.groups_across("node") == [[0, 2], [1, 3]]
+    assert t.groups_within("cluster") == [[0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("sizes", [[2, 4, 3], [8, 2], [1, 5], [3, 1, 2, 2]])
+def test_coords_roundtrip_and_groups_partition(sizes):
+    t = emulated_topology(sizes)
+    ranks = range(t.world_size)
+    assert sorted(t.rank(t.coords(r)) for r in ranks) == list(ranks)
+    # every coordinate tuple appears exactly once
+    assert {t.coords(r) for r in ranks} == set(itertools.product(*[range(s) for s in sizes]))
+    for name in t.names:
+        within = t.groups_within(name)
+        across = t.groups_across(name)
+        assert sorted(sum(within, [])) == list(ranks)
+        assert sorted(sum(across, [])) == list(ranks)
+        # a within-group and an across-group meet in exactly one rank
+        for g in within:
+            for h in across:
+                assert len(set(g) & set(h)) == 1
+        # ranks in one within-group share all outer coordinates
+        k = t.level_index(name)
+        for g in within:
+            assert len({t.coords(r)[k + 1:] for r in g}) == 1
+
+
+def test_level_names():
+    assert default_level_names(1) == ["cluster"]
+    assert default_level_names(3) == ["package", "node", "cluster"]
+    assert default_level_names(4)[-3:] == ["package", "node", "cluster"]
+
+
+def test_presets_match_background_numbers():
+    f = preset_topology("frontier", 48)
+    assert f.names == ("package", "node", "cluster")
+    assert [lv.size for lv in f.levels] == [2, 4, 48]
+    assert f.world_size == 384 and f.ranks_per_node == 8
+    assert f.levels[0].bandwidth_gbps == 200.0
+    d = preset_topology("dgx-h100", 4)
+    assert d.world_size == 32 and d.ranks_per_node == 8
+    with pytest.raises(ValueError, match="frontier"):
+        preset_topology("summit", 2)
+
+
+def test_outermost_must_be_cluster():
+    with pytest.raises(AssertionError):
+        Topology((Level("node", 2), Level("rack", 2)))
+
+
+def test_config_errors_name_the_key():
+    assert TopologyConfig(emulate=[2, 2]).errors() == []
+    assert any("topology.emulate" in e for e in TopologyConfig(emulate=[0, 2]).errors())
+    assert any("topology.level_names" in e for e in TopologyConfig(emulate=[2, 2], level_names=["a"]).errors())
+    assert any("topology.preset" in e for e in TopologyConfig(preset="nope").errors())
+    assert any("both set" in e for e in TopologyConfig(preset="frontier", emulate=[2, 2]).errors())
