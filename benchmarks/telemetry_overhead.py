@@ -25,15 +25,13 @@ from launcher.config import load_config
 from parallel.context import DistContext
 from parallel.topology import flat_topology
 from recipes.train import train
+from telemetry.config import TelemetryConfig
 from telemetry.sink import Telemetry
 
 
-class NoTelemetry:
-    def step(self, **_):
-        pass
-
-    def event(self, *_, **__):
-        pass
+def disabled_telemetry():
+    """telemetry.enabled=false: every call is a no-op and nothing is written."""
+    return Telemetry(TelemetryConfig(enabled=False), root="unused", run="ref", attempt=0, rank=0, host="ref")
 
 
 def run_once(cfg, telemetry) -> float:
@@ -56,7 +54,7 @@ def main() -> None:
     off, on = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
-            off.append(run_once(cfg, NoTelemetry()))
+            off.append(run_once(cfg, disabled_telemetry()))
             tel = Telemetry(cfg.telemetry, root=f"{tmp}/telemetry", run="bench", attempt=rep, rank=0,
                             host=platform.node())
             tel.start_node_sampler()

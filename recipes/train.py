@@ -121,7 +121,7 @@ def train(
     progress = Progress(total=train_cfg.steps, enabled=show_progress and ctx.rank == 0, log_every=train_cfg.log_every)
     proc = psutil.Process()
     tokens_per_step = accum * mb * dataset.seq_len
-    loss_buf = torch.zeros(1, dtype=torch.float64)
+    loss_buf = torch.zeros(1, dtype=torch.float64, device=ctx.device)  # nccl reduces device tensors only
 
     with progress:
         for step in range(1, train_cfg.steps + 1):

@@ -21,6 +21,8 @@ from launcher.config import load_config
 from parallel.context import DistContext
 from parallel.topology import flat_topology
 from recipes.train import train
+from telemetry.config import TelemetryConfig
+from telemetry.sink import Telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
@@ -31,12 +33,9 @@ SMALL = ["train.steps=8", "train.global_batch_size=16", "train.micro_batch_size=
          "telemetry.peak_tflops=1.0", "telemetry.flush_every_s=1"]
 
 
-class _NoTelemetry:
-    def step(self, **_):
-        pass
-
-    def event(self, *_, **__):
-        pass
+def disabled_telemetry():
+    """telemetry.enabled=false: every call is a no-op and nothing is written."""
+    return Telemetry(TelemetryConfig(enabled=False), root="unused", run="ref", attempt=0, rank=0, host="ref")
 
 
 def reference_losses(overrides):
@@ -48,7 +47,7 @@ def reference_losses(overrides):
     threads = torch.get_num_threads()
     try:
         result = train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx,
-                       telemetry=_NoTelemetry(), peak_tflops=1.0, show_progress=False)
+                       telemetry=disabled_telemetry(), peak_tflops=1.0, show_progress=False)
     finally:
         torch.set_num_threads(threads)
     return result.losses
