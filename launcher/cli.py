@@ -59,7 +59,8 @@ def cmd_run(args) -> int:
         return run_rank(cfg, launch, os.environ)
     problems = check_world(cfg, cfg.launcher.nproc)
     try:
-        build_topology(cfg.topology, world_size=cfg.launcher.nproc, ranks_per_node=cfg.launcher.nproc, num_nodes=1)
+        build_topology(cfg.topology, world_size=cfg.launcher.nproc, ranks_per_node=cfg.launcher.nproc, num_nodes=1,
+                               inter_node_gbit=cfg.launcher.inter_node_gbit)
     except TopologyMismatch as e:
         problems.append(str(e))
     if problems:
@@ -72,6 +73,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_config(args) -> int:
+    if args.describe and args.markdown:
+        from launcher.config import describe_markdown
+
+        print(describe_markdown(), end="")
+        return EXIT_OK
     if args.describe:
         rows = describe_keys()
         width = max(len(r[0]) for r in rows)
@@ -92,7 +98,8 @@ def cmd_topo(args) -> int:
     cfg = load_config(files, overrides)
     launch = detect_launch(os.environ)
     world, per_node, nodes = launch_shape(launch, cfg.launcher.nproc)
-    topo = build_topology(cfg.topology, world_size=world, ranks_per_node=per_node, num_nodes=nodes, strict=False)
+    topo = build_topology(cfg.topology, world_size=world, ranks_per_node=per_node, num_nodes=nodes, strict=False,
+                               inter_node_gbit=cfg.launcher.inter_node_gbit)
     machine = probe_machine()
     print(f"mode      {launch.mode}" + (" (would spawn launcher.nproc local ranks)" if launch.mode == "local" else ""))
     print(f"ranks     {topo.world_size}  ({topo.num_nodes} node(s) x {topo.ranks_per_node} ranks)")
@@ -114,6 +121,71 @@ def cmd_topo(args) -> int:
         more = f" ... ({len(groups)} groups)" if len(groups) > 4 else ""
         bw = f"{lv.bandwidth_gbps:g}" if lv.bandwidth_gbps else "?"
         print(f"{lv.name:<10} {lv.size:>7} {topo.span(lv.name):>6} {bw:>8}  {shown}{more}")
+    return EXIT_OK
+
+
+def cmd_plan(args) -> int:
+    import time
+
+    from launcher.discover import build_topology, launch_shape, memory_budget_bytes
+    from launcher.modes import detect_launch
+    from parallel.plan import PLAN_NAMES, PlanError, named_plan, predict, resolve_plan, uniform_units
+
+    t0 = time.perf_counter()
+    files, overrides = _split_args(args.items)
+    cfg = load_config(files, overrides)
+    launch = detect_launch(os.environ)
+    world, per_node, nodes = launch_shape(launch, cfg.launcher.nproc)
+    topo = build_topology(cfg.topology, world_size=world, ranks_per_node=per_node, num_nodes=nodes, strict=False,
+                               inter_node_gbit=cfg.launcher.inter_node_gbit)
+    problems = check_world(cfg, topo.world_size)
+    if problems:
+        raise ConfigError(problems)
+    accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.world_size)
+    dtype_bytes = 2 if cfg.train.dtype == "bfloat16" else 4
+    if cfg.model.params:
+        units = uniform_units(cfg.model.params, cfg.model.n_layers)
+        size_note = f"{cfg.model.params:.4g} params (model.params, {cfg.model.n_layers} equal blocks)"
+    else:
+        from recipes.data import build_dataset
+        from recipes.model import build_model
+        from parallel.zero import model_units
+        import torch
+
+        data = build_dataset(cfg.data)
+        with torch.device("meta"):
+            units = model_units(build_model(cfg.model, vocab_size=data.vocab_size, seq_len=data.seq_len))
+        size_note = f"{sum(u.numel for u in units):,} params (the recipe's model)"
+    budget = memory_budget_bytes(cfg.parallel, topo, device="cpu", local_world_size=topo.ranks_per_node)
+    try:
+        chosen = resolve_plan(cfg.parallel, topo, units, dtype_bytes=dtype_bytes, grad_accum=accum,
+                              memory_budget_bytes=budget)
+    except PlanError as e:
+        raise ConfigError([str(e)]) from e
+    rows = [predict(named_plan(n, topo, cfg.parallel), topo, units, dtype_bytes=dtype_bytes, grad_accum=accum,
+                    memory_budget_bytes=budget) for n in PLAN_NAMES if n != "auto"]
+    if all(r.plan != chosen.plan for r in rows):
+        rows.append(chosen.cost)
+    print(f"# tierzero plan | {topo.world_size} ranks | topology {topo.describe()} ({topo.source})")
+    print(f"# model {size_note} | {cfg.train.dtype} | grad accum {accum} | "
+          f"memory budget {budget / 1e9:.3g} GB/rank | bytes are sent per rank per optimizer step")
+    label_w = max(len(r.plan.describe(topo)) for r in rows) + 2
+    head = f"{'plan':<{label_w}}{'mem/rank GB':>12}" + "".join(f"{lv.name + ' GB':>13}" for lv in topo.levels)
+    print(head + f"{'comm s':>10}  fits")
+    for r in rows:
+        by_level = r.bytes_by_level()
+        cells = "".join(f"{by_level.get(lv.name, 0.0) / 1e9:>13.4g}" for lv in topo.levels)
+        mark = " <- auto" if r.plan == chosen.plan else ""
+        print(f"{r.plan.describe(topo):<{label_w}}{r.memory_total / 1e9:>12.4g}{cells}{r.comm_time_s:>10.4g}  "
+              f"{'yes' if r.fits else 'NO'}{mark}")
+    unknown = [lv.name for lv in topo.levels if not lv.bandwidth_gbps]
+    if unknown:
+        from parallel.plan import DEFAULT_BANDWIDTH_GBPS
+
+        print(f"# bandwidth of {', '.join(unknown)} unknown: {DEFAULT_BANDWIDTH_GBPS:g} GB/s assumed "
+              "(set topology.bandwidths_gbps or use a preset)")
+    print(f"{'auto' if cfg.parallel.plan == 'auto' else 'chosen'}: {chosen.plan.describe(topo)} -- {chosen.reason}")
+    print(f"# planned in {time.perf_counter() - t0:.3f} s")
     return EXIT_OK
 
 
@@ -161,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt)
     config.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     config.add_argument("--describe", action="store_true", help="list every key with its type, default and meaning")
+    config.add_argument("--markdown", action="store_true", help="with --describe: the table of docs/config.md")
     config.set_defaults(func=cmd_config)
 
     topo = sub.add_parser(
@@ -172,6 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt)
     topo.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     topo.set_defaults(func=cmd_topo)
+
+    plan = sub.add_parser(
+        "plan", help="memory and traffic per level for every partition plan, and auto's choice",
+        description="For the detected, emulated or preset topology and the model (the recipe's, or "
+                    "model.params=N), print one row per plan: memory per rank, bytes each rank sends per "
+                    "level per optimizer step, predicted communication time, whether it fits; then the "
+                    "plan auto picks and why.",
+        epilog="examples:\n  tierzero plan topology.emulate=[2,2]\n"
+               "  tierzero plan topology.preset=frontier topology.nodes=48 model.params=20e9 train.dtype=bfloat16 "
+               "train.global_batch_size=384 train.micro_batch_size=1\n"
+               "  tierzero plan parallel.plan=tiered parallel.levels=[package,node,cluster] topology.emulate=[2,2,2] "
+               "launcher.nproc=8",
+        formatter_class=fmt)
+    plan.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    plan.set_defaults(func=cmd_plan)
 
     report = sub.add_parser(
         "report", help="summarise a run's telemetry and plot loss and throughput",

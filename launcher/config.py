@@ -23,6 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from parallel.plan import ParallelConfig
 from parallel.topology import TopologyConfig
 from recipes.config import DataConfig, ModelConfig, TrainConfig, data_errors, model_errors, train_errors
 from telemetry.config import TelemetryConfig
@@ -49,6 +50,10 @@ class LauncherConfig:
     """torch.distributed backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
     timeout_s: float = 300.0
     """Collective / rendezvous timeout per rank."""
+    isolate_network: bool = False
+    """Run each topology.emulate node in its own network namespace joined by veths (root only; docs/netns.md)."""
+    inter_node_gbit: Optional[float] = None
+    """Rate limit (Gbit/s, tc tbf) of each emulated node's link with launcher.isolate_network; null = unlimited."""
 
     def errors(self) -> List[str]:
         errs = []
@@ -61,6 +66,17 @@ class LauncherConfig:
             errs.append(f"launcher.backend={self.backend!r} is not one of {list(BACKENDS)}")
         if self.timeout_s <= 0:
             errs.append(f"launcher.timeout_s={self.timeout_s} must be > 0, e.g. launcher.timeout_s=300")
+        if self.inter_node_gbit is not None and self.inter_node_gbit <= 0:
+            errs.append(
+                f"launcher.inter_node_gbit={self.inter_node_gbit} must be > 0 (it is the rate of each emulated "
+                "node's link in Gbit/s); e.g. launcher.inter_node_gbit=1, or null for no limit"
+            )
+        if self.inter_node_gbit is not None and not self.isolate_network:
+            errs.append(
+                f"launcher.inter_node_gbit={self.inter_node_gbit} only limits the links between emulated nodes, "
+                "which exist only with launcher.isolate_network=true (launcher.isolate_network=false now); "
+                "add launcher.isolate_network=true (needs root), or drop launcher.inter_node_gbit"
+            )
         return errs
 
 
@@ -69,6 +85,7 @@ class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -123,6 +140,15 @@ def describe_keys() -> Tuple[tuple, ...]:
                 (f"{section.name}.{f.name}", _type_name(hints[f.name]), getattr(inst, f.name), docs.get(f.name, ""))
             )
     return tuple(rows)
+
+
+def describe_markdown() -> str:
+    """The key table of docs/config.md (regenerate with `tierzero config --describe --markdown`)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tname, default, doc in describe_keys():
+        shown = "null" if default is None else repr(default)
+        lines.append(f"| `{key}` | {tname.replace(' | ', ' or ')} | `{shown}` | {doc} |")
+    return "\n".join(lines) + "\n"
 
 
 def _type_name(tp) -> str:
@@ -292,6 +318,7 @@ def validate(cfg: RunConfig) -> List[str]:
         )
     errs += cfg.launcher.errors()
     errs += cfg.topology.errors()
+    errs += cfg.parallel.errors()
     errs += cfg.telemetry.errors()
     errs += train_errors(cfg.train)
     errs += model_errors(cfg.model)

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from launcher.modes import Launch
-from parallel.topology import Topology, TopologyConfig, emulated_topology, flat_topology, preset_topology
+from parallel.plan import ParallelConfig
+from parallel.topology import (Topology, TopologyConfig, emulated_topology, flat_topology, preset_topology,
+                               with_bandwidths)
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +117,27 @@ class TopologyMismatch(ValueError):
 
 
 def build_topology(cfg: TopologyConfig, *, world_size: int, ranks_per_node: int, num_nodes: int,
-                   strict: bool = True) -> Topology:
-    """Emulated, preset or detected, in that order. `strict` checks it matches the world."""
+                   strict: bool = True, inter_node_gbit: Optional[float] = None) -> Topology:
+    """Emulated, preset or detected, in that order; a shaped inter-node link
+    (launcher.inter_node_gbit, in Gbit/s) sets the cluster level's bandwidth; then
+    topology.bandwidths_gbps on top. `strict` checks it matches the world."""
+    topo = _base_topology(cfg, world_size=world_size, ranks_per_node=ranks_per_node, num_nodes=num_nodes,
+                          strict=strict)
+    if inter_node_gbit:
+        shaped = [None] * (len(topo.levels) - 1) + [inter_node_gbit / 8]
+        topo = with_bandwidths(topo, shaped)
+    if cfg.bandwidths_gbps:
+        if len(cfg.bandwidths_gbps) != len(topo.levels):
+            raise TopologyMismatch(
+                f"topology.bandwidths_gbps={list(cfg.bandwidths_gbps)} has {len(cfg.bandwidths_gbps)} values but the "
+                f"topology has {len(topo.levels)} levels {list(topo.names)}; give one GB/s figure per level"
+            )
+        topo = with_bandwidths(topo, cfg.bandwidths_gbps)
+    return topo
+
+
+def _base_topology(cfg: TopologyConfig, *, world_size: int, ranks_per_node: int, num_nodes: int,
+                   strict: bool) -> Topology:
     if cfg.emulate:
         topo = emulated_topology(cfg.emulate, cfg.level_names)
     elif cfg.preset:
@@ -145,3 +166,19 @@ def launch_shape(launch: Launch, nproc: int) -> Tuple[int, int, int]:
     if launch.mode == "local":
         return nproc, nproc, 1
     return launch.world_size, launch.local_world_size, launch.num_nodes
+
+
+def memory_budget_bytes(cfg: ParallelConfig, topo: Topology, *, device: str, local_world_size: int) -> float:
+    """parallel.memory_budget_gb, else the preset's HBM per rank, else the GPU's memory, else
+    this host's RAM shared by its ranks."""
+    if cfg.memory_budget_gb is not None:
+        return cfg.memory_budget_gb * 1e9
+    if topo.memory_per_rank_gb is not None:
+        return topo.memory_per_rank_gb * 1e9
+    if device.startswith("cuda"):
+        import torch
+
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+
+    return psutil.virtual_memory().total / max(1, local_world_size)

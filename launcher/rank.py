@@ -9,7 +9,7 @@ import socket
 from typing import Mapping
 
 from launcher.config import ConfigError, RunConfig, check_world, resolve_paths, write_resolved
-from launcher.discover import TopologyMismatch, build_topology
+from launcher.discover import TopologyMismatch, build_topology, memory_budget_bytes
 from launcher.modes import Launch
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     problems = check_world(cfg, launch.world_size)
     try:
         topology = build_topology(cfg.topology, world_size=launch.world_size,
-                                  ranks_per_node=launch.local_world_size, num_nodes=launch.num_nodes)
+                                  ranks_per_node=launch.local_world_size, num_nodes=launch.num_nodes,
+                               inter_node_gbit=cfg.launcher.inter_node_gbit)
     except TopologyMismatch as e:
         problems.append(str(e))
     if problems:
@@ -122,8 +123,11 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
         log.info("%s launch: %d ranks on %d node(s), backend %s, topology %s",
                  "local" if launch.supervised else launch.mode, launch.world_size, launch.num_nodes, ctx.backend, topology.describe())
     try:
+        budget = memory_budget_bytes(cfg.parallel, topology, device=device,
+                                     local_world_size=launch.local_world_size)
         result = train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx,
-                       telemetry=tel, peak_tflops=cfg.telemetry.peak_tflops)
+                       telemetry=tel, parallel_cfg=cfg.parallel, memory_budget_bytes=budget,
+                       peak_tflops=cfg.telemetry.peak_tflops)
     except BaseException as e:
         tel.event("error", detail=f"{type(e).__name__}: {e}")
         raise

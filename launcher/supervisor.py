@@ -3,21 +3,25 @@
 Ranks rendezvous on loopback (a free port picked here). When one rank fails, the others
 are stopped at once, so a crash never leaves ranks blocked in a collective.
 Restarts from checkpoints come with the supervision issue; today a failure ends the run.
+With launcher.isolate_network each emulated node's ranks run in their own network
+namespace (launcher/netns.py, docs/netns.md), torn down however the run ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
 
-from launcher.config import RunConfig
+from launcher.config import ConfigError, RunConfig
 from launcher.rank import free_port
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,100 @@ def describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
+class Interrupted(Exception):
+    """SIGINT/SIGTERM reached the supervisor of an isolated run (see _interrupts_raise)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _InterruptGuard:
+    def __init__(self):
+        self.armed = True
+
+    def handler(self, signum, frame):
+        # Raise once: a second Ctrl-C must not cut short the teardown the first one started.
+        if self.armed:
+            self.armed = False
+            raise Interrupted(signum)
+
+    def disarm(self) -> None:
+        self.armed = False
+
+
+@contextlib.contextmanager
+def _interrupts_raise():
+    """SIGINT and SIGTERM raise Interrupted (once), so `finally` and `with` blocks run."""
+    guard = _InterruptGuard()
+    if threading.current_thread() is not threading.main_thread():
+        yield guard
+        return
+    previous = {s: signal.signal(s, guard.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield guard
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def isolation_errors(cfg: RunConfig) -> List[str]:
+    """Checks for launcher.isolate_network that need the topology and this host."""
+    from launcher import netns
+
+    emulate = cfg.topology.emulate
+    if not emulate or emulate[-1] < 2:
+        return [
+            f"launcher.isolate_network=true puts each emulated node in its own network namespace, but "
+            f"topology.emulate={list(emulate) if emulate else None} describes "
+            f"{emulate[-1] if emulate else 'no'} emulated node(s); give at least 2 nodes (the last "
+            "fan-out), e.g. topology.emulate=[2,2] launcher.nproc=4, or drop launcher.isolate_network"
+        ]
+    return netns.isolation_problems(cfg.launcher.inter_node_gbit)
+
+
 def run_local(cfg: RunConfig, config_path: Path) -> int:
+    if not cfg.launcher.isolate_network:
+        return _supervise(cfg, config_path, network=None)
+    from launcher import netns
+
+    problems = isolation_errors(cfg)
+    if problems:
+        raise ConfigError(problems)
+    state_path = cfg.run_dir / ".netns.json"
+    num_nodes = cfg.topology.emulate[-1]
+    with _interrupts_raise() as guard:
+        try:
+            try:
+                netns.cleanup_stale(state_path)
+            except netns.NetworkError as e:
+                raise ConfigError([
+                    f"{state_path} records an emulated network of an earlier run that is still there and "
+                    f"could not be removed: {e}. Remove it with `ip netns delete <name>` (see `ip netns list`)."
+                ]) from e
+            try:
+                with netns.EmulatedNetwork(num_nodes, cfg.launcher.inter_node_gbit, tag=f"tz{os.getpid()}",
+                                           state_path=state_path) as net:
+                    try:
+                        return _supervise(cfg, config_path, network=net)
+                    finally:
+                        guard.disarm()
+            except netns.NetworkSetupError as e:
+                raise ConfigError([
+                    f"launcher.isolate_network=true could not build the emulated network: {e}. It needs root "
+                    "with CAP_NET_ADMIN and CAP_SYS_ADMIN and a kernel with veth, bridge and tbf; everything "
+                    "created so far was removed. Drop launcher.isolate_network (and launcher.inter_node_gbit) "
+                    "to run every rank on loopback."
+                ]) from e
+        except Interrupted as e:  # before the ranks were watched
+            print(f"tierzero: interrupted by {signal.Signals(e.signum).name}; emulated network removed",
+                  file=sys.stderr)
+            return 128 + e.signum
+
+
+def _supervise(cfg: RunConfig, config_path: Path, network=None) -> int:
+    """Spawn and watch the ranks; with `network` (an EmulatedNetwork that is up), rank r runs
+    inside the namespace of emulated node r // ranks_per_node."""
     from telemetry.sink import Telemetry
 
     nproc = cfg.launcher.nproc
@@ -78,15 +175,27 @@ def run_local(cfg: RunConfig, config_path: Path) -> int:
     )
     events = Telemetry(cfg.telemetry, root=telemetry_root, run=cfg.run.name, attempt=attempt,
                        rank=-1, host=os.uname().nodename)
-    events.event("start", detail=f"supervisor: spawning {nproc} local ranks (attempt {attempt})")
+    detail = f"supervisor: spawning {nproc} local ranks (attempt {attempt})"
+    if network is not None:
+        detail += f"; isolated: {network.describe()}"
+    events.event("start", detail=detail)
     cmd = [sys.executable, "-m", "launcher.cli", "run", str(config_path)]
+    ranks_per_node = nproc // len(network.namespaces) if network is not None else nproc
     t0 = time.monotonic()
     procs = []
-    for rank in range(nproc):
-        env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
-        procs.append(subprocess.Popen(cmd, env=env))
     failed: Optional[tuple] = None
     try:
+        for rank in range(nproc):
+            env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
+            argv = cmd
+            if network is not None:
+                # LOCAL_WORLD_SIZE stays nproc: all ranks still share this host's cores.
+                node = rank // ranks_per_node
+                ifname = network.ifname(node)
+                env.update(MASTER_ADDR=network.node_addr(0), GROUP_RANK=str(node),
+                           GLOO_SOCKET_IFNAME=ifname, NCCL_SOCKET_IFNAME=ifname)
+                argv = network.wrap(node, cmd)
+            procs.append(subprocess.Popen(argv, env=env))
         while True:
             codes = [p.poll() for p in procs]
             bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
@@ -96,12 +205,13 @@ def run_local(cfg: RunConfig, config_path: Path) -> int:
             if all(c == 0 for c in codes):
                 break
             time.sleep(0.1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted) as e:
+        name = signal.Signals(e.signum).name if isinstance(e, Interrupted) else "SIGINT"
         _stop(procs)
-        events.event("signal", detail="SIGINT: stopped all ranks")
+        events.event("signal", detail=f"{name}: stopped all ranks")
         events.close()
         print("tierzero: interrupted; all ranks stopped", file=sys.stderr)
-        return 130
+        return 128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT)
     if failed:
         _stop(procs)
         rank, code = failed

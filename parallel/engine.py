@@ -1,9 +1,10 @@
 """The engine interface the training loop talks to, and its first implementation.
 
-The loop only ever calls `backward(loss)` per micro-batch and `step(lr)` per optimizer
-step, so a hierarchical ZeRO engine can replace plain data parallelism without touching
-the loop. DataParallelEngine keeps a full replica on every rank and all-reduces the
-gradients once per optimizer step (not per micro-batch: accumulation is local).
+The loop only ever calls `micro_step(inputs, targets, scale)` per micro-batch, `step(lr)`
+per optimizer step and `take_comm()` for the byte ledger, so any engine can run it.
+DataParallelEngine keeps a full replica on every rank, uses torch.optim.AdamW and
+all-reduces the gradients once per optimizer step. It is the single-process reference the
+sharded engine (parallel/zero.py) is tested against.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ class DataParallelEngine:
         weight_decay: float = 0.0,
         grad_clip: float = 0.0,
         group: Optional[dist.ProcessGroup] = None,
+        loss_fn=None,
     ):
         self.module = module
+        self.loss_fn = loss_fn
         self.group = group
         self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
         self.grad_clip = grad_clip
@@ -61,9 +64,14 @@ class DataParallelEngine:
             for p in self.params:
                 dist.broadcast(p.data, src=dist.get_global_rank(group, 0) if group else 0, group=group)
 
-    def backward(self, loss: torch.Tensor, *, scale: float) -> None:
-        """Accumulate d(loss*scale)/dparams locally; no communication."""
+    def micro_step(self, inputs: torch.Tensor, targets: torch.Tensor, *, scale: float) -> float:
+        """Forward + backward of one micro-batch, accumulating d(loss*scale)/dparams locally."""
+        loss = self.loss_fn(self.module(inputs), targets)
         (loss * scale).backward()
+        return loss.item()
+
+    def take_comm(self) -> list:
+        return []
 
     def step(self, lr: float) -> StepStats:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -93,8 +101,3 @@ class DataParallelEngine:
         return StepStats(grad_norm=norm)
 
 
-def build_engine(name: str, module: nn.Module, **kwargs) -> DataParallelEngine:
-    engines = {"ddp": DataParallelEngine}
-    if name not in engines:
-        raise ValueError(f"engine {name!r} is not one of {sorted(engines)}")
-    return engines[name](module, **kwargs)

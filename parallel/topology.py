@@ -27,6 +27,8 @@ class Topology:
     levels: Tuple[Level, ...]
     source: str = "emulated"
     """Where the numbers came from: detected, emulated, preset:<name>, measured."""
+    memory_per_rank_gb: Optional[float] = None
+    """Device memory per rank (GB), when known (presets, GPUs)."""
 
     def __post_init__(self):
         assert self.levels, "a topology has at least one level"
@@ -112,6 +114,8 @@ PRESETS = {
     "frontier": (("package", 2, 200.0), ("node", 4, 50.0), ("cluster", None, 25.0)),
     "dgx-h100": (("node", 8, 450.0), ("cluster", None, 50.0)),
 }
+PRESET_MEMORY_GB = {"frontier": 64.0, "dgx-h100": 80.0}
+"""HBM per rank: one MI250X GCD, one H100 SXM."""
 
 
 def preset_topology(name: str, num_nodes: int) -> Topology:
@@ -123,7 +127,7 @@ def preset_topology(name: str, num_nodes: int) -> Topology:
         Level(lv_name, size if size is not None else num_nodes, bw)
         for lv_name, size, bw in PRESETS[name]
     )
-    return Topology(levels, source=f"preset:{name}")
+    return Topology(levels, source=f"preset:{name}", memory_per_rank_gb=PRESET_MEMORY_GB[name])
 
 
 def default_level_names(num_levels: int) -> List[str]:
@@ -132,6 +136,14 @@ def default_level_names(num_levels: int) -> List[str]:
     if num_levels <= 3:
         return named[-num_levels:]
     return [f"level{i}" for i in range(num_levels - 3)] + named
+
+
+def with_bandwidths(topo: Topology, bandwidths_gbps: Sequence[Optional[float]], source: Optional[str] = None) -> Topology:
+    """The same levels with bandwidths replaced where a value is given."""
+    assert len(bandwidths_gbps) == len(topo.levels)
+    levels = tuple(Level(lv.name, lv.size, bw if bw is not None else lv.bandwidth_gbps)
+                   for lv, bw in zip(topo.levels, bandwidths_gbps))
+    return Topology(levels, source=source or topo.source, memory_per_rank_gb=topo.memory_per_rank_gb)
 
 
 def emulated_topology(
@@ -160,6 +172,8 @@ class TopologyConfig:
     """Known machine for planning: frontier or dgx-h100."""
     nodes: Optional[int] = None
     """Nodes for a preset topology (default: the nodes of the launch)."""
+    bandwidths_gbps: Optional[List[float]] = None
+    """Per-rank link bandwidth of each level in GB/s, innermost first; overrides presets and detection."""
 
     def errors(self) -> List[str]:
         errs = []
@@ -187,6 +201,8 @@ class TopologyConfig:
             errs.append(
                 f"topology.preset={self.preset!r} is not a known preset; choose one of {sorted(PRESETS)}"
             )
+        if self.bandwidths_gbps is not None and any(b <= 0 for b in self.bandwidths_gbps):
+            errs.append(f"topology.bandwidths_gbps={list(self.bandwidths_gbps)} must all be > 0 (GB/s).")
         if self.nodes is not None and self.nodes < 1:
             errs.append(f"topology.nodes={self.nodes} must be >= 1")
         if self.preset is not None and self.emulate is not None:

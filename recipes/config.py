@@ -61,6 +61,8 @@ class ModelConfig:
     """RMSNorm epsilon."""
     tie_embeddings: bool = True
     """Share the input embedding and the output projection."""
+    params: Optional[float] = None
+    """Model size for `tierzero plan` only (e.g. 20e9); null = count the recipe's model."""
 
 
 @dataclass

@@ -155,12 +155,20 @@ class Transformer(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, mean=0.0, std=INIT_STD)
 
+    # The sharded engine drives embed -> blocks -> head itself, one block at a time, so the
+    # three stages are methods; forward is their composition.
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tok_embeddings(tokens)  # [b, t] -> [b, t, d_model]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(x))  # [b, t, d_model] -> [b, t, vocab_size]
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, t] (int64) -> logits [b, t, vocab_size] in the parameters' dtype."""
-        x = self.tok_embeddings(tokens)  # [b, t, d_model]
+        x = self.embed(tokens)
         for block in self.blocks:
             x = block(x)
-        return self.output(self.norm(x))
+        return self.head(x)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Transformer:

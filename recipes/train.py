@@ -20,7 +20,10 @@ import torch
 import torch.distributed as dist
 
 from parallel.context import DistContext
-from parallel.engine import build_engine
+from parallel.engine import DataParallelEngine
+from parallel.plan import Choice, ParallelConfig, resolve_plan
+from parallel.topology import Topology
+from parallel.zero import ShardedEngine, model_units
 from recipes.config import DataConfig, ModelConfig, TrainConfig
 from recipes.data import build_dataset
 from recipes.model import build_model, flops_per_token, loss_fn, num_params
@@ -75,6 +78,37 @@ def measure_matmul_tflops(dtype: torch.dtype, device: str, seconds: float = 0.3)
     return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
 
 
+def grad_accum_steps(train_cfg: TrainConfig, dp_size: int) -> int:
+    mb, gb = train_cfg.micro_batch_size, train_cfg.global_batch_size
+    assert gb % (mb * dp_size) == 0, "checked by the launcher (launcher.config.check_world)"
+    return gb // (mb * dp_size)
+
+
+def dtype_of(train_cfg: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if train_cfg.dtype == "bfloat16" else torch.float32
+
+
+def choose_plan_for(
+    *,
+    parallel_cfg: ParallelConfig,
+    train_cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    vocab_size: int,
+    seq_len: int,
+    topology: Topology,
+    memory_budget_bytes: Optional[float],
+) -> Choice:
+    """The plan this recipe would run with (model built on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        model = build_model(model_cfg, vocab_size=vocab_size, seq_len=seq_len)
+    return resolve_plan(
+        parallel_cfg, topology, model_units(model),
+        dtype_bytes=torch.finfo(dtype_of(train_cfg)).bits // 8,
+        grad_accum=grad_accum_steps(train_cfg, topology.world_size),
+        memory_budget_bytes=memory_budget_bytes,
+    )
+
+
 def train(
     *,
     train_cfg: TrainConfig,
@@ -82,30 +116,55 @@ def train(
     data_cfg: DataConfig,
     ctx: DistContext,
     telemetry,
+    parallel_cfg: Optional[ParallelConfig] = None,
+    memory_budget_bytes: Optional[float] = None,
     peak_tflops: Optional[float] = None,
     show_progress: bool = True,
+    reference_engine: bool = False,
 ) -> TrainResult:
+    """Train; `reference_engine` runs plain data parallelism with torch.optim.AdamW instead of
+    the plan (the tests' single-process reference)."""
     t_start = time.perf_counter()
     dp_size, dp_rank = ctx.world_size, ctx.rank
     mb, gb = train_cfg.micro_batch_size, train_cfg.global_batch_size
-    assert gb % (mb * dp_size) == 0, "checked by the launcher (launcher.config.check_world)"
-    accum = gb // (mb * dp_size)
+    accum = grad_accum_steps(train_cfg, dp_size)
 
     dataset = build_dataset(data_cfg)
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg, vocab_size=dataset.vocab_size, seq_len=dataset.seq_len)
-    dtype = torch.bfloat16 if train_cfg.dtype == "bfloat16" else torch.float32
+    dtype = dtype_of(train_cfg)
     model = model.to(device=ctx.device, dtype=dtype)
     n_params = num_params(model)
     flops_tok = flops_per_token(model_cfg, dataset.vocab_size, dataset.seq_len, n_params)
-    engine = build_engine(
-        "ddp",
-        model,
-        lr=train_cfg.lr,
-        betas=(train_cfg.beta1, train_cfg.beta2),
-        weight_decay=train_cfg.weight_decay,
-        grad_clip=train_cfg.grad_clip,
-    )
+    optim = dict(lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2),
+                 weight_decay=train_cfg.weight_decay, grad_clip=train_cfg.grad_clip, loss_fn=loss_fn)
+    if reference_engine:
+        engine = DataParallelEngine(model, **optim)
+        plan_line = "reference data parallel (torch.optim.AdamW)"
+    else:
+        parallel_cfg = parallel_cfg or ParallelConfig()
+        choice = resolve_plan(
+            parallel_cfg, ctx.topology, model_units(model),
+            dtype_bytes=torch.finfo(dtype).bits // 8, grad_accum=accum, memory_budget_bytes=memory_budget_bytes,
+        )
+        if parallel_cfg.engine == "deepspeed":
+            from parallel.deepspeed_adapter import DeepSpeedEngine, restrict_auto_choice
+
+            choice = restrict_auto_choice(choice, ctx.topology)
+            # raises PlanError (a plan DeepSpeed cannot run) before deepspeed is even imported
+            engine = DeepSpeedEngine(model, plan=choice.plan, topology=ctx.topology, rank=ctx.rank,
+                                     device=ctx.device, local_rank=ctx.local_rank, micro_batch_size=mb, grad_accum=accum,
+                                     dtype=train_cfg.dtype, **optim)
+        elif parallel_cfg.engine == "fsdp2":
+            from parallel.fsdp2_adapter import FSDP2Engine, restrict_auto_choice
+
+            choice = restrict_auto_choice(choice, ctx.topology)
+            engine = FSDP2Engine(model, plan=choice.plan, topology=ctx.topology, rank=ctx.rank,
+                                 device=ctx.device, **optim)
+        else:
+            engine = ShardedEngine(model, plan=choice.plan, topology=ctx.topology, rank=ctx.rank,
+                                   device=ctx.device, **optim)
+        plan_line = f"{choice.plan.describe(ctx.topology)} on {parallel_cfg.engine}: {choice.reason}"
     if peak_tflops is None:
         peak_tflops = measure_matmul_tflops(dtype, ctx.device)
 
@@ -117,6 +176,7 @@ def train(
             "entropy floor %s",
             n_params / 1e6, dp_size, mb, accum, gb, dataset.seq_len, floor,
         )
+        log.info("plan %s", plan_line)
     telemetry.event("start", detail=f"params={n_params} world={dp_size} accum={accum}", step=0)
     progress = Progress(total=train_cfg.steps, enabled=show_progress and ctx.rank == 0, log_every=train_cfg.log_every)
     proc = psutil.Process()
@@ -133,11 +193,10 @@ def train(
                 idx = micro_batch_indices(step - 1, micro, dp_rank=dp_rank, dp_size=dp_size,
                                           micro_batch=mb, global_batch=gb)
                 batch = dataset.samples(idx).to(ctx.device)  # [mb, seq_len + 1]
-                logits = model(batch[:, :-1])
-                loss = loss_fn(logits, batch[:, 1:])
-                engine.backward(loss, scale=1.0 / accum)
-                loss_sum += loss.item()
+                loss_sum += engine.micro_step(batch[:, :-1], batch[:, 1:], scale=1.0 / accum)
             stats = engine.step(lr)
+            for row in engine.take_comm():
+                telemetry.comm(step=step, **row)
             loss_buf[0] = loss_sum / accum
             if dp_size > 1:
                 dist.all_reduce(loss_buf, op=dist.ReduceOp.SUM)

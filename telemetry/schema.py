@@ -60,7 +60,21 @@ NODES = pa.schema(
     ]
 )
 
-TABLES: dict[str, pa.Schema] = {"steps": STEPS, "events": EVENTS, "nodes": NODES}
+COMM = pa.schema(
+    [
+        pa.field("time", TIME, nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("phase", pa.string(), nullable=False),  # fwd, bwd, step
+        pa.field("level", pa.string(), nullable=False),  # outermost topology level the group spans
+        pa.field("op", pa.string(), nullable=False),  # all_gather, reduce_scatter, all_reduce, ...
+        pa.field("bytes", pa.float64(), nullable=False),  # sent by this rank, nccl-tests conventions
+        pa.field("time_s", pa.float64(), nullable=False),  # issue to completion, summed over calls
+        pa.field("calls", pa.int64(), nullable=False),
+    ]
+)
+"""One row per (step, phase, level, op): the engine's byte ledger."""
+
+TABLES: dict[str, pa.Schema] = {"steps": STEPS, "events": EVENTS, "nodes": NODES, "comm": COMM}
 
 PARTITION = pa.schema([("run", pa.string()), ("attempt", pa.int32()), ("rank", pa.int32())])
 """Types of the Hive partition keys, in path order."""

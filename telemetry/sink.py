@@ -228,6 +228,12 @@ class Telemetry:
             row["mfu"] = float(row["tflops"]) / self.peak_tflops
         self._writer("steps").append(row)
 
+    def comm(self, **columns: Any) -> None:
+        """Record one byte-ledger row (step, phase, level, op, bytes, time_s, calls)."""
+        if not self.cfg.enabled or self._dropped("comm"):
+            return
+        self._writer("comm").append(dict(columns))
+
     def event(self, kind: str, detail: str = "", step: Optional[int] = None, *, flush: Optional[bool] = None) -> None:
         """Record one event; error and signal events (or flush=True) are written at once."""
         if not self.cfg.enabled or self._dropped("event"):

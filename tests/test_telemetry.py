@@ -76,6 +76,11 @@ SAMPLE_ROWS = {
         "gpu_index": 1, "gpu_util_percent": 99.0, "gpu_mem_used_bytes": 7, "gpu_mem_total_bytes": 8,
         "gpu_power_w": 612.5, "gpu_temp_c": 71.0,
     },
+    "comm": {
+        "time": datetime.datetime(2024, 6, 1, 12, 0, 3, tzinfo=UTC),
+        "step": 3, "phase": "bwd", "level": "cluster", "op": "reduce_scatter", "bytes": 1.5e6, "time_s": 0.01,
+        "calls": 4,
+    },
 }
 
 

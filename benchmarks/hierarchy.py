@@ -1,0 +1,166 @@
+"""Hierarchical partitioning on emulated nodes with a shaped inter-node link, in one run.
+
+Two emulated nodes x 2 ranks, each node in its own network namespace, the link between them
+limited with `tc tbf` (root needed; see docs/netns.md). A transformer big enough that
+communication matters (~50M parameters, few tokens per step) is trained for a few steps with:
+
+    native  zero3, hpz, hsdp, tiered, auto
+    refs    DeepSpeed ZeRO-3, DeepSpeed ZeRO++ hpZ, PyTorch FSDP2 HSDP
+
+and for each: steps/s, peak RSS per rank, bytes per level from the byte ledger (native), the
+cost model's predicted inter-node communication time against the measured one (the byte
+ledger's time on the cluster level: issue to completion of each collective, so a prefetched
+gather that waited behind compute counts its wait too), all as ratios.
+
+    sudo python benchmarks/hierarchy.py                 # 1 Gbit/s
+    sudo python benchmarks/hierarchy.py --gbit 0.1 1 10  # the sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import pyarrow.dataset as ds
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MODEL = ["model.d_model=1024", "model.n_layers=4", "model.n_heads=8", "data.seq_len=32",
+         "train.micro_batch_size=1", "train.warmup_steps=1", "telemetry.flush_every_s=2",
+         "telemetry.node_sample_every_s=60", "train.log_every=1"]
+CONFIGS = [
+    ("zero3", "native", "zero3"),
+    ("hpz", "native", "hpz"),
+    ("hsdp", "native", "hsdp"),
+    ("tiered", "native", "tiered"),
+    ("auto", "native", "auto"),
+    ("DeepSpeed ZeRO-3", "deepspeed", "zero3"),
+    ("DeepSpeed ZeRO++ hpZ", "deepspeed", "hpz"),
+    ("FSDP2 HSDP", "fsdp2", "hsdp"),
+]
+
+
+def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, accum: int, extra=()) -> dict:
+    run_name = f"{engine}-{plan}-{gbit or 'free'}".replace(".", "p")
+    args = [sys.executable, "-m", "launcher.cli", "run", *MODEL, f"train.steps={steps}",
+            f"train.global_batch_size={4 * accum}", "topology.emulate=[2,2]", "launcher.nproc=4",
+            "launcher.isolate_network=true", f"parallel.plan={plan}", f"parallel.engine={engine}",
+            f"run.name={run_name}", *extra]
+    if gbit:
+        args.append(f"launcher.inter_node_gbit={gbit}")
+    t0 = time.perf_counter()
+    r = subprocess.run(args, cwd=workdir, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        return {"name": name, "error": (r.stderr or r.stdout)[-600:], "wall_s": wall}
+    tel = workdir / "runs" / run_name / "telemetry"
+    steps_rows = ds.dataset(tel / "steps", format="parquet", partitioning="hive").to_table().to_pylist()
+    by_step = {}
+    for row in steps_rows:
+        by_step.setdefault(row["step"], []).append(row)
+    warm = sorted(by_step)[1:]  # the first step pays for allocation and JIT work
+    step_s = statistics.median(max(r["step_time_s"] for r in by_step[s]) for s in warm)
+    peak_rss = max(r["mem_rss_bytes"] for r in steps_rows)
+    level_bytes, cluster_s = {}, 0.0
+    comm_dir = tel / "comm"
+    if comm_dir.exists():
+        for row in ds.dataset(comm_dir, format="parquet", partitioning="hive").to_table().to_pylist():
+            if row["rank"] == 0 and row["step"] in warm:
+                level_bytes[row["level"]] = level_bytes.get(row["level"], 0.0) + row["bytes"] / len(warm)
+                if row["level"] == "cluster":
+                    cluster_s += row["time_s"] / len(warm)
+    plan_line = next((ln for ln in r.stderr.splitlines() if "INFO recipes.train: plan " in ln), "")
+    return {"name": name, "engine": engine, "plan": plan, "step_s": step_s, "steps_per_s": 1 / step_s,
+            "peak_rss_bytes": peak_rss, "level_bytes": level_bytes, "wall_s": wall,
+            "measured_comm_s": cluster_s if comm_dir.exists() else None,
+            "plan_line": plan_line.split("plan ", 1)[-1][:120]}
+
+
+def predicted_comm_s(plan: str, gbit: float, accum: int) -> float:
+    """The cost model's cluster-level time for this plan on a gbit link (node level not shaped)."""
+    from launcher.config import load_config
+    from parallel.plan import predict, resolve_plan
+    from parallel.topology import emulated_topology, with_bandwidths
+    from recipes.data import build_dataset
+    from recipes.model import build_model
+    from parallel.zero import model_units
+    import torch
+
+    cfg = load_config([], MODEL + [f"train.global_batch_size={4 * accum}", f"parallel.plan={plan}",
+                                   "topology.emulate=[2,2]"])
+    topo = with_bandwidths(emulated_topology([2, 2]), [None, gbit / 8])
+    data = build_dataset(cfg.data)
+    with torch.device("meta"):
+        units = model_units(build_model(cfg.model, vocab_size=data.vocab_size, seq_len=data.seq_len))
+    choice = resolve_plan(cfg.parallel, topo, units, dtype_bytes=4, grad_accum=accum, memory_budget_bytes=None)
+    cost = predict(choice.plan, topo, units, dtype_bytes=4, grad_accum=accum)
+    return cost.bytes_by_level().get("cluster", 0.0) / (gbit / 8 * 1e9)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gbit", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--only", nargs="*", help="names of configs to run (default all)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("benchmarks/hierarchy.py needs root (network namespaces and tc); run it with sudo")
+
+    configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
+    results = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs", "date": str(date.today()),
+               "command": " ".join(sys.argv), "rows": []}
+    with tempfile.TemporaryDirectory(prefix="tz-hier-") as tmp:
+        work = Path(tmp)
+        for gbit in args.gbit:
+            for name, engine, plan in configs:
+                row = run_one(work, name, engine, plan, gbit, args.steps, args.accum)
+                row["gbit"] = gbit
+                if engine == "native" and "step_s" in row:
+                    row["predicted_comm_s"] = predicted_comm_s(plan, gbit, args.accum)
+                results["rows"].append(row)
+                print(f"[{gbit} gbit] {name}: {row.get('steps_per_s', row.get('error'))}", flush=True)
+
+    print(f"\n# tierzero hierarchy benchmark | {results['machine']} | {results['date']}")
+    print(f"# emulated 2 nodes x 2 ranks, ~50M params fp32, grad accum {args.accum}, {args.steps} steps "
+          "(median of steps 2..N, slowest rank)")
+    for gbit in args.gbit:
+        rows = [r for r in results["rows"] if r["gbit"] == gbit]
+        ok = [r for r in rows if "steps_per_s" in r]
+        base = next((r for r in ok if r["name"] == "DeepSpeed ZeRO++ hpZ"), None)
+        best_ref = max((r for r in ok if r["engine"] != "native"), key=lambda r: r["steps_per_s"], default=None)
+        print(f"\n## inter-node link {gbit:g} Gbit/s")
+        print(f"{'config':<22}{'steps/s':>9}{'vs DS hpZ':>11}{'vs best ref':>12}{'peak RSS MB':>13}"
+              f"{'node MB/step':>14}{'cluster MB/step':>16}{'comm s pred':>12}{'comm s meas':>12}")
+        for r in rows:
+            if "steps_per_s" not in r:
+                print(f"{r['name']:<22}  failed: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
+                continue
+            vs = f"{r['steps_per_s'] / base['steps_per_s']:.2f}x" if base else "-"
+            vb = f"{r['steps_per_s'] / best_ref['steps_per_s']:.2f}x" if best_ref else "-"
+            lb = r["level_bytes"]
+            node = f"{lb.get('node', 0) / 1e6:.1f}" if r["engine"] == "native" else "-"
+            clus = f"{lb.get('cluster', 0) / 1e6:.1f}" if r["engine"] == "native" else "-"
+            pred = f"{r['predicted_comm_s']:.2f}" if "predicted_comm_s" in r else "-"
+            meas = f"{r['measured_comm_s']:.2f}" if r.get("measured_comm_s") is not None else "-"
+            print(f"{r['name']:<22}{r['steps_per_s']:>9.3f}{vs:>11}{vb:>12}{r['peak_rss_bytes'] / 1e6:>13.0f}"
+                  f"{node:>14}{clus:>16}{pred:>12}{meas:>12}")
+        auto = next((r for r in ok if r["name"] == "auto"), None)
+        if auto:
+            print(f"auto chose: {auto['plan_line']}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

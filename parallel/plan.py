@@ -1,0 +1,474 @@
+"""Partition plans and their cost model (pure: no torch, no processes).
+
+A plan names, for each training state, the topology level it is sharded over:
+
+    param_level      the persistent working copy of the parameters; a block's forward
+                     (and, without a secondary level, backward) all-gathers inside it
+    secondary_level  ZeRO++ hpZ: the backward all-gather comes from a secondary shard at
+                     this (faster) level, cut from the forward gather at no extra traffic
+    grad_level       gradients are reduce-scattered inside it every micro-step
+    optim_level      fp32 master weights and AdamW moments are sharded inside it
+
+Levels are indices into Topology.levels (0 = innermost); REPLICATED (-1) means "a group of
+one rank". param <= grad <= optim must hold. States are replicated across the units of the
+optimizer level (HSDP / MiCS), so gradients are all-reduced across those replicas once per
+optimizer step.
+
+Shard layout. Every unit (flat parameter buffer) is padded to a multiple of the world size
+and cut into span(L) equal chunks at level L. Rank r holds chunk idx_L(r): its coordinates
+inside its level-L unit read as a mixed-radix number with the *innermost* digit most
+significant. That nesting makes every hop a plain collective over one group:
+a level-L chunk is the concatenation of the level-L' chunks (L' > L) held by the ranks of
+its L'-unit that share r's level-L position -- so gradients go up the levels by
+reduce-scatter and parameters come down by all-gather, with no reshuffling.
+
+Traffic accounting (per rank, bytes sent, nccl-tests conventions, BACKGROUND.md): a ring
+all-gather or reduce-scatter of S bytes (the whole gathered / scattered buffer) over n ranks
+moves S(n-1)/n; an all-reduce 2S(n-1)/n. A collective is charged to the outermost level its
+group spans (the slowest link it crosses), as the ZeRO++ paper counts cross-node volume.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from parallel.topology import Topology
+
+REPLICATED = -1
+PLAN_NAMES = ("auto", "ddp", "zero1", "zero2", "zero3", "hpz", "hsdp", "tiered")
+ENGINES = ("native", "deepspeed", "fsdp2")
+MASTER_BYTES = 4
+"""fp32 master weights; AdamW keeps two more fp32 moments."""
+OPTIM_BYTES_PER_PARAM = 12
+GRAD_ACC_BYTES = 4
+"""Gradients accumulate in fp32 across micro-steps."""
+
+
+@dataclass
+class ParallelConfig:
+    plan: str = "auto"
+    """Partition plan: auto, ddp, zero1, zero2, zero3, hpz, hsdp or tiered."""
+    levels: Optional[List[str]] = None
+    """Explicit [param, grad, optimizer] levels for plan=tiered, e.g. [package, node, cluster]; 'none' = replicated."""
+    secondary_level: Optional[str] = None
+    """hpz: level of the secondary parameter partition (default node)."""
+    hsdp_level: Optional[str] = None
+    """hsdp: level inside which everything is sharded (default node); replicated across it."""
+    memory_budget_gb: Optional[float] = None
+    """Memory per rank for parameters, gradients and optimizer states; default: the device's (or host RAM / ranks per node)."""
+    engine: str = "native"
+    """Engine executing the plan: native (every plan), deepspeed (ddp, zero1-3, hpz) or fsdp2 (zero2, zero3, hsdp)."""
+
+    def errors(self) -> List[str]:
+        errs = []
+        if self.plan not in PLAN_NAMES:
+            errs.append(f"parallel.plan={self.plan!r} is not a plan; choose one of {list(PLAN_NAMES)}.")
+        if self.engine not in ENGINES:
+            errs.append(f"parallel.engine={self.engine!r} is not one of {list(ENGINES)}.")
+        if self.levels is not None:
+            if self.plan not in ("tiered", "auto"):
+                errs.append(
+                    f"parallel.levels={list(self.levels)} is an explicit tiered assignment, but "
+                    f"parallel.plan={self.plan}; set parallel.plan=tiered (or drop parallel.levels)."
+                )
+            if len(self.levels) != 3:
+                errs.append(
+                    f"parallel.levels={list(self.levels)} needs exactly three level names "
+                    "[param, grad, optimizer], e.g. [package, node, cluster]."
+                )
+        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
+            errs.append(f"parallel.memory_budget_gb={self.memory_budget_gb} must be > 0.")
+        return errs
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    name: str
+    param_level: int
+    grad_level: int
+    optim_level: int
+    secondary_level: Optional[int] = None
+
+    def describe(self, topo: Topology) -> str:
+        def nm(level):
+            return "rep" if level == REPLICATED else topo.levels[level].name
+
+        parts = [f"P={nm(self.param_level)}"]
+        if self.secondary_level is not None:
+            parts.append(f"S={nm(self.secondary_level)}")
+        parts += [f"G={nm(self.grad_level)}", f"O={nm(self.optim_level)}"]
+        return f"{self.name}({','.join(parts)})"
+
+    @property
+    def bwd_level(self) -> int:
+        return self.param_level if self.secondary_level is None else self.secondary_level
+
+
+class PlanError(ValueError):
+    pass
+
+
+# ---- levels and shards ------------------------------------------------------------------
+
+def span(topo: Topology, level: int) -> int:
+    """Ranks in one unit of `level` (1 for REPLICATED)."""
+    return 1 if level == REPLICATED else topo.span(topo.levels[level].name)
+
+
+def chunk_index(topo: Topology, rank: int, level: int) -> int:
+    """Which of the span(level) chunks rank holds: its coordinates up to `level`, innermost
+    digit most significant (see the module docstring for why)."""
+    if level == REPLICATED:
+        return 0
+    coords = topo.coords(rank)
+    idx = 0
+    for k in range(level + 1):
+        idx = idx * topo.levels[k].size + coords[k]
+    return idx
+
+
+def level_of_group(topo: Topology, ranks: Sequence[int]) -> int:
+    """The outermost level a group spans: the smallest level whose unit holds all of it."""
+    lo, hi = min(ranks), max(ranks)
+    for k in range(len(topo.levels)):
+        n = span(topo, k)
+        if lo // n == hi // n:  # units are contiguous rank ranges
+            return k
+    return len(topo.levels) - 1
+
+
+def padded_numel(numel: int, world_size: int) -> int:
+    return -(-numel // world_size) * world_size
+
+
+@dataclass(frozen=True)
+class PlanGroups:
+    """Rank lists (each a partition of the world) for every collective a plan issues."""
+    param: List[List[int]]
+    """all-gather before forward: units of param_level."""
+    bwd: List[List[int]]
+    """all-gather before backward: units of the secondary level (hpz) or param_level."""
+    grad: List[List[int]]
+    """reduce-scatter every micro-step: units of grad_level."""
+    grad_up: List[List[int]]
+    """reduce-scatter at the step: inside an optimizer unit, ranks sharing the grad position."""
+    replicas: List[List[int]]
+    """all-reduce at the step: the same optimizer chunk in every optimizer unit."""
+    optim: List[List[int]]
+    """units of optim_level (grad-norm reduction)."""
+    param_down: List[List[int]]
+    """all-gather after the step: inside an optimizer unit, ranks sharing the param position."""
+
+
+def _units(world: int, size: int) -> List[List[int]]:
+    return [list(range(s, s + size)) for s in range(0, world, size)]
+
+
+def _inside_with_same_position(world: int, outer: int, inner: int) -> List[List[int]]:
+    """Inside each `outer`-sized unit, the ranks that share their position in `inner` units."""
+    groups = []
+    for base in range(0, world, outer):
+        for pos in range(inner):
+            groups.append(list(range(base + pos, base + outer, inner)))
+    return groups
+
+
+def plan_groups(plan: PartitionPlan, topo: Topology) -> PlanGroups:
+    w = topo.world_size
+    s_p, s_b, s_g, s_o = (span(topo, lv) for lv in (plan.param_level, plan.bwd_level, plan.grad_level, plan.optim_level))
+    return PlanGroups(
+        param=_units(w, s_p),
+        bwd=_units(w, s_b),
+        grad=_units(w, s_g),
+        grad_up=_inside_with_same_position(w, s_o, s_g),
+        replicas=[list(range(pos, w, s_o)) for pos in range(s_o)],
+        optim=_units(w, s_o),
+        param_down=_inside_with_same_position(w, s_o, s_p),
+    )
+
+
+# ---- naming plans -------------------------------------------------------------------------
+
+def _level_by_name(topo: Topology, name: str, key: str) -> int:
+    if name in ("none", "replicated", "rep"):
+        return REPLICATED
+    if name not in topo.names:
+        raise PlanError(
+            f"{key}={name!r} is not a level of this topology {list(topo.names)}; "
+            f"use one of them or 'none' (replicated)."
+        )
+    return topo.level_index(name)
+
+
+def _node_level(topo: Topology) -> int:
+    return topo.level_index("node") if "node" in topo.names else 0
+
+
+def named_plan(name: str, topo: Topology, cfg: Optional[ParallelConfig] = None) -> PartitionPlan:
+    cfg = cfg or ParallelConfig()
+    c = len(topo.levels) - 1
+    node = _node_level(topo)
+    if name == "ddp":
+        return PartitionPlan("ddp", REPLICATED, REPLICATED, REPLICATED)
+    if name == "zero1":
+        return PartitionPlan("zero1", REPLICATED, REPLICATED, c)
+    if name == "zero2":
+        return PartitionPlan("zero2", REPLICATED, c, c)
+    if name == "zero3":
+        return PartitionPlan("zero3", c, c, c)
+    if name == "hpz":
+        sec = _level_by_name(topo, cfg.secondary_level, "parallel.secondary_level") if cfg.secondary_level else node
+        if sec >= c:
+            raise PlanError(
+                f"parallel.secondary_level={topo.levels[sec].name if sec >= 0 else 'none'} must be a level "
+                f"inside the cluster for hpz (one of {list(topo.names[:-1])})."
+            )
+        return PartitionPlan("hpz", c, c, c, secondary_level=sec)
+    if name == "hsdp":
+        lv = _level_by_name(topo, cfg.hsdp_level, "parallel.hsdp_level") if cfg.hsdp_level else node
+        return PartitionPlan("hsdp", lv, lv, lv)
+    if name == "tiered":
+        if cfg.levels:
+            p, g, o = (_level_by_name(topo, n, "parallel.levels") for n in cfg.levels)
+            if not p <= g <= o:
+                raise PlanError(
+                    f"parallel.levels={list(cfg.levels)} breaks param <= grad <= optimizer: a state cannot be "
+                    f"sharded over a wider group than the state derived from it. Order them innermost first, "
+                    f"e.g. {[topo.names[0], topo.names[node], topo.names[c]]}."
+                )
+            return PartitionPlan("tiered", p, g, o)
+        return PartitionPlan("tiered", 0, node, c)
+    raise PlanError(f"parallel.plan={name!r} is not a plan; choose one of {list(PLAN_NAMES)}.")
+
+
+def candidate_plans(topo: Topology, cfg: Optional[ParallelConfig] = None) -> List[PartitionPlan]:
+    """The named plans plus every assignment param <= grad <= optimizer (what auto searches)."""
+    named = [named_plan(n, topo, cfg) for n in PLAN_NAMES if n != "auto"]
+    seen = {(p.param_level, p.secondary_level, p.grad_level, p.optim_level) for p in named}
+    levels = [REPLICATED] + list(range(len(topo.levels)))
+    out = list(named)
+    for p, g, o in itertools.combinations_with_replacement(levels, 3):
+        if (p, None, g, o) not in seen:
+            out.append(PartitionPlan("tiered", p, g, o))
+            seen.add((p, None, g, o))
+    for sec in range(len(topo.levels) - 1):  # hpz-style secondary under any wider param level
+        for p, g, o in itertools.combinations_with_replacement(range(sec + 1, len(topo.levels)), 3):
+            if (p, sec, g, o) not in seen:
+                out.append(PartitionPlan("hpz" if (p, g, o) == (len(topo.levels) - 1,) * 3 else "tiered", p, g, o, sec))
+                seen.add((p, sec, g, o))
+    return out
+
+
+# ---- cost model ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Unit:
+    """One flat parameter buffer: a transformer block, or the embedding/head ("outer")."""
+    name: str
+    numel: int
+    fwd_gathers: int = 1
+    bwd_gathers: int = 1
+    """The outer unit stays gathered from forward into the head's backward: 0."""
+
+
+@dataclass
+class Cost:
+    plan: PartitionPlan
+    bytes: Dict[Tuple[str, str, str], float] = field(default_factory=dict)
+    """(phase, level name, op) -> bytes this rank sends per optimizer step."""
+    memory: Dict[str, float] = field(default_factory=dict)
+    """params, secondary, grads, optimizer, buffers -> bytes per rank."""
+    comm_time_s: float = 0.0
+    fits: bool = True
+
+    def bytes_by_level(self) -> Dict[str, float]:
+        out: Dict[str, float] = {}
+        for (_, level, _), b in self.bytes.items():
+            out[level] = out.get(level, 0.0) + b
+        return out
+
+    @property
+    def memory_total(self) -> float:
+        return sum(self.memory.values())
+
+
+def _ring(n: int) -> float:
+    return (n - 1) / n
+
+
+def predict(
+    plan: PartitionPlan,
+    topo: Topology,
+    units: Sequence[Unit],
+    *,
+    dtype_bytes: int,
+    grad_accum: int,
+    memory_budget_bytes: Optional[float] = None,
+) -> Cost:
+    """Bytes per level per optimizer step, memory per rank and predicted communication time.
+
+    Mirrors exactly what parallel.zero.ShardedEngine issues, so a test can demand
+    measured == predicted."""
+    w = topo.world_size
+    names = topo.names
+    s_p, s_b, s_g, s_o = (span(topo, lv) for lv in (plan.param_level, plan.bwd_level, plan.grad_level, plan.optim_level))
+    n_rep = w // s_o
+    # the outermost level each kind of group spans (rank 0's group stands for all: symmetry)
+    lv_p = level_of_group(topo, range(0, s_p))
+    lv_b = level_of_group(topo, range(0, s_b))
+    lv_g = level_of_group(topo, range(0, s_g))
+    lv_o = level_of_group(topo, range(0, s_o))
+    lv_up = level_of_group(topo, range(0, s_o, s_g))
+    lv_down = level_of_group(topo, range(0, s_o, s_p))
+    lv_rep = level_of_group(topo, range(0, w, s_o))
+
+    cost = Cost(plan)
+
+    def add(phase: str, level: int, op: str, nbytes: float) -> None:
+        if nbytes:
+            key = (phase, names[level], op)
+            cost.bytes[key] = cost.bytes.get(key, 0.0) + nbytes
+
+    total = 0
+    largest = 0
+    for u in units:
+        n = padded_numel(u.numel, w)
+        total += n
+        largest = max(largest, n)
+        if s_p > 1:
+            add("fwd", lv_p, "all_gather", grad_accum * u.fwd_gathers * n * dtype_bytes * _ring(s_p))
+        if s_b > 1:
+            add("bwd", lv_b, "all_gather", grad_accum * u.bwd_gathers * n * dtype_bytes * _ring(s_b))
+        if s_g > 1:
+            add("bwd", lv_g, "reduce_scatter", grad_accum * n * dtype_bytes * _ring(s_g))
+        if s_o > s_g:
+            add("step", lv_up, "reduce_scatter", n / s_g * GRAD_ACC_BYTES * _ring(s_o // s_g))
+        if n_rep > 1:
+            add("step", lv_rep, "all_reduce", 2 * n / s_o * GRAD_ACC_BYTES * _ring(n_rep))
+        if s_o > s_p:
+            add("step", lv_down, "all_gather", n / s_p * dtype_bytes * _ring(s_o // s_p))
+    if s_o > 1:  # the squared grad norm, one fp32 scalar per unit, summed in one all-reduce
+        add("step", lv_o, "all_reduce", 2 * GRAD_ACC_BYTES * _ring(s_o))
+
+    cost.memory = {
+        "params": total * dtype_bytes / s_p,
+        "secondary": total * dtype_bytes / s_b if plan.secondary_level is not None else 0.0,
+        "grads": total * GRAD_ACC_BYTES / s_g,
+        "optimizer": total * OPTIM_BYTES_PER_PARAM / s_o,
+        # a gathered unit and the prefetched next one
+        "buffers": 2 * largest * dtype_bytes if s_p > 1 else 0.0,
+    }
+    for (_, level, _), b in cost.bytes.items():
+        bw = topo.levels[names.index(level)].bandwidth_gbps
+        cost.comm_time_s += b / ((bw or DEFAULT_BANDWIDTH_GBPS) * 1e9)
+    if memory_budget_bytes is not None:
+        cost.fits = cost.memory_total <= memory_budget_bytes
+    return cost
+
+
+DEFAULT_BANDWIDTH_GBPS = 10.0
+"""Used for a level whose bandwidth is unknown (not a preset, not measured)."""
+
+
+@dataclass
+class Choice:
+    plan: PartitionPlan
+    cost: Cost
+    reason: str
+    costs: List[Cost]
+
+
+def choose_plan(
+    topo: Topology,
+    units: Sequence[Unit],
+    *,
+    dtype_bytes: int,
+    grad_accum: int,
+    memory_budget_bytes: Optional[float],
+    cfg: Optional[ParallelConfig] = None,
+) -> Choice:
+    """auto: the least predicted communication time that fits memory; ties go to less memory."""
+    costs = [
+        predict(p, topo, units, dtype_bytes=dtype_bytes, grad_accum=grad_accum,
+                memory_budget_bytes=memory_budget_bytes)
+        for p in candidate_plans(topo, cfg)
+    ]
+    fitting = [c for c in costs if c.fits]
+    if not fitting:
+        smallest = min(costs, key=lambda c: c.memory_total)
+        raise PlanError(
+            f"no plan fits parallel.memory_budget_gb={_gb(memory_budget_bytes)} per rank: the smallest, "
+            f"{smallest.plan.describe(topo)}, needs {_gb(smallest.memory_total)} GB. Raise the budget, add "
+            f"ranks, or shrink the model."
+        )
+    best = min(fitting, key=lambda c: (round(c.comm_time_s, 12), c.memory_total))
+    others = sorted((c for c in fitting if c is not best), key=lambda c: c.comm_time_s)
+    runner = others[0] if others else None
+    reason = (
+        f"least predicted communication per optimizer step, {best.comm_time_s * 1e3:.3g} ms"
+        + (f" (next: {runner.plan.describe(topo)} at {runner.comm_time_s * 1e3:.3g} ms)" if runner else "")
+        + f", among {len(fitting)} of {len(costs)} candidate plans that fit "
+        + (f"{_gb(memory_budget_bytes)} GB/rank" if memory_budget_bytes else "(no memory budget)")
+        + f"; needs {_gb(best.memory_total)} GB/rank"
+    )
+    return Choice(best.plan, best, reason, costs)
+
+
+def _gb(nbytes: Optional[float]) -> str:
+    return "unlimited" if nbytes is None else f"{nbytes / 1e9:.3g}"
+
+
+def restrict_choice(choice: Choice, topo: Topology, can_run, engine_label: str) -> Choice:
+    """auto on an engine that runs only some plans: the fastest fitting plan it can run
+    (auto's ranking, choose_plan, applied to that subset). A named plan is left alone: the
+    engine refuses it with its own message."""
+    fitting = [c for c in choice.costs if c.fits and can_run(c.plan)]
+    if not fitting or choice.plan in [c.plan for c in fitting]:
+        return choice
+    best = min(fitting, key=lambda c: (round(c.comm_time_s, 12), c.memory_total))
+    reason = (f"least predicted communication per optimizer step, {best.comm_time_s * 1e3:.3g} ms, among the "
+              f"{len(fitting)} fitting plans {engine_label} can run (auto's overall pick, "
+              f"{choice.plan.describe(topo)}, needs parallel.engine=native)")
+    return Choice(best.plan, best, reason, choice.costs)
+
+
+def resolve_plan(
+    cfg: ParallelConfig,
+    topo: Topology,
+    units: Sequence[Unit],
+    *,
+    dtype_bytes: int,
+    grad_accum: int,
+    memory_budget_bytes: Optional[float],
+) -> Choice:
+    """The plan a run uses: the named one (checked against memory) or auto's choice."""
+    if cfg.plan == "auto" and not cfg.levels:
+        return choose_plan(topo, units, dtype_bytes=dtype_bytes, grad_accum=grad_accum,
+                           memory_budget_bytes=memory_budget_bytes, cfg=cfg)
+    plan = named_plan("tiered" if cfg.levels else cfg.plan, topo, cfg)
+    cost = predict(plan, topo, units, dtype_bytes=dtype_bytes, grad_accum=grad_accum,
+                   memory_budget_bytes=memory_budget_bytes)
+    if not cost.fits:
+        fitting = []
+        for name in PLAN_NAMES[1:]:
+            other = predict(named_plan(name, topo, cfg), topo, units, dtype_bytes=dtype_bytes,
+                            grad_accum=grad_accum, memory_budget_bytes=memory_budget_bytes)
+            if other.fits:
+                fitting.append(f"{name} ({_gb(other.memory_total)} GB)")
+        raise PlanError(
+            f"parallel.plan={cfg.plan} needs {_gb(cost.memory_total)} GB per rank for parameters, gradients and "
+            f"optimizer states, more than parallel.memory_budget_gb={_gb(memory_budget_bytes)}. Plans that fit: "
+            + (", ".join(fitting) if fitting else "none -- add ranks or raise the budget")
+            + ". parallel.plan=auto picks the fastest of them."
+        )
+    return Choice(plan, cost, f"parallel.plan={cfg.plan} as configured", [cost])
+
+
+def uniform_units(num_params: float, num_blocks: int) -> List[Unit]:
+    """A model known only by its size: equal blocks, each gathered for forward and backward."""
+    num_blocks = max(1, num_blocks)
+    per = int(math.ceil(num_params / num_blocks))
+    return [Unit(f"block{i}", per) for i in range(num_blocks)]

@@ -1,0 +1,153 @@
+"""Plans and the cost model, without processes."""
+
+import itertools
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from parallel.plan import (
+    REPLICATED, ParallelConfig, PlanError, Unit, candidate_plans, chunk_index, choose_plan, level_of_group,
+    named_plan, padded_numel, plan_groups, predict, resolve_plan, span, uniform_units,
+)
+from parallel.topology import emulated_topology, preset_topology
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPOLOGIES = [[2, 2], [2, 2, 2], [4, 3], [2, 3, 2], [1, 4], [8, 1], [2, 2, 2, 2]]
+
+
+def test_zero3_to_hpz_cross_node_volume_is_3_to_2():
+    """ZeRO++ paper: ZeRO-3 moves 3M across nodes per iteration, hpZ 2M."""
+    topo = preset_topology("frontier", 48)
+    units = uniform_units(20e9, 44)
+    m = sum(padded_numel(u.numel, topo.world_size) for u in units) * 2  # bf16 bytes of the padded buffers
+
+    def cross_node_per_micro_step(name):
+        c = predict(named_plan(name, topo), topo, units, dtype_bytes=2, grad_accum=1)
+        return sum(b for (phase, level, _), b in c.bytes.items() if level == "cluster" and phase != "step")
+
+    z3, hpz = cross_node_per_micro_step("zero3"), cross_node_per_micro_step("hpz")
+    ring = (topo.world_size - 1) / topo.world_size
+    assert z3 == pytest.approx(3 * m * ring, rel=1e-12)
+    assert hpz == pytest.approx(2 * m * ring, rel=1e-12)
+    assert z3 / hpz == pytest.approx(1.5, rel=1e-12)
+
+
+def test_ring_volumes_match_the_formulas():
+    topo = emulated_topology([4, 2])  # 8 ranks
+    u = [Unit("b", 8000)]
+    ddp = predict(named_plan("ddp", topo), topo, u, dtype_bytes=4, grad_accum=3)
+    # one fp32 all-reduce of the whole gradient per optimizer step: 2 S (n-1)/n
+    assert ddp.bytes == {("step", "cluster", "all_reduce"): 2 * 8000 * 4 * 7 / 8}
+    z3 = predict(named_plan("zero3", topo), topo, u, dtype_bytes=2, grad_accum=3)
+    assert z3.bytes[("fwd", "cluster", "all_gather")] == 3 * 8000 * 2 * 7 / 8
+    assert z3.bytes[("bwd", "cluster", "reduce_scatter")] == 3 * 8000 * 2 * 7 / 8
+    hsdp = predict(named_plan("hsdp", topo), topo, u, dtype_bytes=4, grad_accum=1)
+    # across the 2 replicas: an all-reduce of each rank's 1/4 shard
+    assert hsdp.bytes[("step", "cluster", "all_reduce")] == 2 * (8000 / 4) * 4 * 1 / 2
+    assert hsdp.memory["optimizer"] == 8000 * 12 / 4
+
+
+def test_named_plans_have_the_design_table_shape():
+    topo = emulated_topology([2, 4, 3])
+    c = 2
+    assert named_plan("ddp", topo) .__dict__ == dict(name="ddp", param_level=-1, grad_level=-1, optim_level=-1, secondary_level=None)
+    assert (named_plan("zero1", topo).param_level, named_plan("zero1", topo).optim_level) == (REPLICATED, c)
+    assert named_plan("zero2", topo).grad_level == c
+    hpz = named_plan("hpz", topo)
+    assert (hpz.param_level, hpz.secondary_level) == (c, 1)
+    assert named_plan("hpz", topo, ParallelConfig(secondary_level="package")).secondary_level == 0
+    tiered = named_plan("tiered", topo)
+    assert (tiered.param_level, tiered.grad_level, tiered.optim_level) == (0, 1, 2)
+
+
+def test_bad_assignments_are_clear_errors():
+    topo = emulated_topology([2, 2, 2])
+    with pytest.raises(PlanError, match=r"param <= grad <= optimizer"):
+        named_plan("tiered", topo, ParallelConfig(plan="tiered", levels=["cluster", "node", "package"]))
+    with pytest.raises(PlanError, match="not a level"):
+        named_plan("tiered", topo, ParallelConfig(plan="tiered", levels=["rack", "node", "cluster"]))
+    with pytest.raises(PlanError, match="secondary_level"):
+        named_plan("hpz", topo, ParallelConfig(secondary_level="cluster"))
+    errs = ParallelConfig(plan="zero3", levels=["node", "node", "node"]).errors()
+    assert any("parallel.plan=tiered" in e for e in errs)
+    assert any("parallel.plan" in e for e in ParallelConfig(plan="zero4").errors())
+
+
+def test_a_plan_that_does_not_fit_lists_the_ones_that_do():
+    topo = preset_topology("dgx-h100", 4)
+    units = uniform_units(7e9, 32)
+    with pytest.raises(PlanError) as info:
+        resolve_plan(ParallelConfig(plan="ddp"), topo, units, dtype_bytes=2, grad_accum=1, memory_budget_bytes=80e9)
+    msg = str(info.value)
+    assert "parallel.plan=ddp" in msg and "zero3" in msg and "memory_budget_gb" in msg
+    with pytest.raises(PlanError, match="no plan fits"):
+        choose_plan(topo, units, dtype_bytes=2, grad_accum=1, memory_budget_bytes=1e9)
+
+
+def test_auto_prefers_the_hierarchy_on_frontier():
+    topo = preset_topology("frontier", 48)
+    choice = choose_plan(topo, uniform_units(20e9, 44), dtype_bytes=2, grad_accum=1, memory_budget_bytes=64e9)
+    hpz = predict(named_plan("hpz", topo), topo, uniform_units(20e9, 44), dtype_bytes=2, grad_accum=1)
+    assert choice.cost.fits and choice.cost.comm_time_s < hpz.comm_time_s
+    assert choice.plan.param_level == 0  # parameters live at the fastest level
+    assert "fit" in choice.reason and choice.plan.describe(topo) not in ("", None)
+    # every candidate respects the ordering
+    for p in candidate_plans(topo):
+        assert p.param_level <= p.grad_level <= p.optim_level
+        if p.secondary_level is not None:
+            assert p.secondary_level < p.param_level
+
+
+@pytest.mark.parametrize("sizes", TOPOLOGIES)
+def test_shards_nest_so_every_hop_is_one_collective(sizes):
+    """For every plan: the chunks a group's members hold tile exactly the buffer region the
+    collective reads or fills (the layout argument of parallel/plan.py, checked)."""
+    topo = emulated_topology(sizes)
+    w = topo.world_size
+    for plan in candidate_plans(topo):
+        g = plan_groups(plan, topo)
+        s_p, s_g, s_o = span(topo, plan.param_level), span(topo, plan.grad_level), span(topo, plan.optim_level)
+        for role, level in (("param", plan.param_level), ("grad", plan.grad_level), ("optim", plan.optim_level),
+                            ("bwd", plan.bwd_level)):
+            for group in getattr(g, role):
+                assert sorted(chunk_index(topo, r, level) for r in group) == list(range(len(group)))
+        for group in g.grad_up:  # O-chunks of the members tile the G-chunk they share
+            (gi,) = {chunk_index(topo, r, plan.grad_level) for r in group}
+            held = sorted(chunk_index(topo, r, plan.optim_level) for r in group)
+            assert held == list(range(gi * (s_o // s_g), (gi + 1) * (s_o // s_g)))
+        for group in g.param_down:  # O-chunks of the members tile the P-chunk they share
+            (pi,) = {chunk_index(topo, r, plan.param_level) for r in group}
+            held = sorted(chunk_index(topo, r, plan.optim_level) for r in group)
+            assert held == list(range(pi * (s_o // s_p), (pi + 1) * (s_o // s_p)))
+        for group in g.replicas:
+            assert len({chunk_index(topo, r, plan.optim_level) for r in group}) == 1
+            assert len(group) == w // s_o
+
+
+def test_level_of_group():
+    topo = emulated_topology([2, 2, 2])
+    assert topo.names[level_of_group(topo, [0, 1])] == "package"
+    assert topo.names[level_of_group(topo, [0, 2])] == "node"
+    assert topo.names[level_of_group(topo, [0, 4])] == "cluster"
+    flat = emulated_topology([4, 1])
+    assert flat.names[level_of_group(flat, range(4))] == "node"  # one node holds the whole world
+
+
+def test_plan_cli_is_fast_at_1024_ranks_and_prints_every_plan():
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "plan", "topology.preset=frontier", "topology.nodes=128",
+         "model.params=20e9", "model.n_layers=44", "train.dtype=bfloat16", "train.global_batch_size=1024",
+         "train.micro_batch_size=1"],
+        capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for name in ("ddp", "zero1", "zero2", "zero3", "hpz", "hsdp", "tiered"):
+        assert f"\n{name}(" in out
+    assert "auto: " in out and "1024 ranks" in out
+    planned_s = float(out.rsplit("# planned in ", 1)[1].split()[0])
+    assert planned_s < 1.0, f"planning took {planned_s} s (process {wall:.2f} s)"
