@@ -169,16 +169,20 @@ def launch_shape(launch: Launch, nproc: int) -> Tuple[int, int, int]:
 
 
 def memory_budget_bytes(cfg: ParallelConfig, topo: Topology, *, device: str, local_world_size: int) -> float:
-    """parallel.memory_budget_gb, else the preset's HBM per rank, else the GPU's memory, else
-    this host's RAM shared by its ranks."""
+    """parallel.memory_budget_gb, else 80% of: the preset's HBM per rank, the GPU's memory, or
+    this host's RAM shared by its ranks. The cost model counts training states only; the 20%
+    left over is for activations and the allocator."""
     if cfg.memory_budget_gb is not None:
         return cfg.memory_budget_gb * 1e9
     if topo.memory_per_rank_gb is not None:
-        return topo.memory_per_rank_gb * 1e9
+        return STATES_SHARE * topo.memory_per_rank_gb * 1e9
     if device.startswith("cuda"):
         import torch
 
-        return float(torch.cuda.get_device_properties(device).total_memory)
+        return STATES_SHARE * float(torch.cuda.get_device_properties(device).total_memory)
     import psutil
 
-    return psutil.virtual_memory().total / max(1, local_world_size)
+    return STATES_SHARE * psutil.virtual_memory().total / max(1, local_world_size)
+
+
+STATES_SHARE = 0.8

@@ -278,7 +278,7 @@ class DeepSpeedEngine:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         if self.stage == 0 and "bf16" in self.config:
-            raise NotImplementedError(
+            raise RuntimeError(  # a DeepSpeed limitation, named in docs/deepspeed.md
                 "global_tensors() at ZeRO stage 0 with bf16: DeepSpeed's bf16 DDP optimizer keeps its fp32 "
                 "master copies without a per-parameter mapping to read them by")
         if self.step_count:

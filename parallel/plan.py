@@ -58,7 +58,7 @@ class ParallelConfig:
     hsdp_level: Optional[str] = None
     """hsdp: level inside which everything is sharded (default node); replicated across it."""
     memory_budget_gb: Optional[float] = None
-    """Memory per rank for parameters, gradients and optimizer states; default: the device's (or host RAM / ranks per node)."""
+    """Memory per rank for parameters, gradients and optimizer states; default 80% of the device's (or of host RAM / ranks per node)."""
     engine: str = "native"
     """Engine executing the plan: native (every plan), deepspeed (ddp, zero1-3, hpz) or fsdp2 (zero2, zero3, hsdp)."""
 

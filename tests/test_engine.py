@@ -65,11 +65,11 @@ def _overrides(world: int, micro: int):
     return [*BASE, f"train.global_batch_size={2 * micro * world}", f"train.micro_batch_size={micro}"]
 
 
-def _worker(rank: int, world: int, sizes, rdzv: str, out: str, plans, micro: int):
+def _worker(rank: int, world: int, sizes, rdzv: str, out: str, plans, micro: int, extra=()):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
     topo = emulated_topology(sizes)
-    cfg = load_config([], _overrides(world, micro))
+    cfg = load_config([], [*_overrides(world, micro), *extra])
     ctx = DistContext(rank=rank, world_size=world, local_rank=rank, local_world_size=world, device="cpu",
                       backend="gloo", topology=topo, host="test")
     results = {}
@@ -87,10 +87,11 @@ def _worker(rank: int, world: int, sizes, rdzv: str, out: str, plans, micro: int
     dist.destroy_process_group()
 
 
-def _run(tmp_path, sizes, plans, micro):
+def _run(tmp_path, sizes, plans, micro, extra=()):
     world = math.prod(sizes)
     out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(world, sizes, str(tmp_path / "rdzv"), out, plans, micro), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, sizes, str(tmp_path / "rdzv"), out, plans, micro, list(extra)), nprocs=world,
+             join=True)
     return world, [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(world)]
 
 
@@ -106,7 +107,7 @@ def _reference(world: int, micro: int):
         torch.set_num_threads(threads)
 
 
-def _predicted(name, kwargs, sizes, world, micro):
+def _predicted(name, kwargs, sizes, world, micro, dtype_bytes=4):
     from recipes.data import build_dataset
     from recipes.model import build_model
     from parallel.zero import model_units
@@ -117,7 +118,7 @@ def _predicted(name, kwargs, sizes, world, micro):
     with torch.device("meta"):
         model = build_model(cfg.model, vocab_size=data.vocab_size, seq_len=data.seq_len)
     plan = named_plan(name.split("[")[0].split("@")[0], topo, ParallelConfig(**kwargs))
-    cost = predict(plan, topo, model_units(model), dtype_bytes=4, grad_accum=2)
+    cost = predict(plan, topo, model_units(model), dtype_bytes=dtype_bytes, grad_accum=2)
     return {f"{p}|{lv}|{op}": b * STEPS for (p, lv, op), b in cost.bytes.items()}
 
 
@@ -155,3 +156,20 @@ def test_every_plan_matches_single_process_on_2x2(tmp_path):
 
 def test_every_plan_matches_single_process_on_2x2x2(tmp_path):
     _check(tmp_path, [2, 2, 2], PLANS_2x2x2, micro=1)
+
+
+def test_bfloat16_trains_with_fp32_master_weights(tmp_path):
+    """bf16 compute, fp32 master weights and moments: every plan still follows the fp32
+    trajectory closely (bf16 rounds activations and the gradients it reduces)."""
+    plans = [("ddp", {}), ("zero3", {}), ("tiered", {})]
+    world, per_rank = _run(tmp_path, [2, 2], plans, micro=2, extra=["train.dtype=bfloat16"])
+    ref = _reference(world, micro=2).losses
+    for name, _ in plans:
+        got = per_rank[0][name]["losses"]
+        assert got[-1] < got[0] - 0.5, (name, got)
+        worst = max(abs(g - w) / w for g, w in zip(got, ref))
+        assert worst < 2e-2, f"{name}: bf16 loss strays {worst:.3%} from the fp32 trajectory"
+        # bf16 gathers and reduce-scatters move half the bytes of fp32
+        fwd = sum(v for k, v in per_rank[0][name]["measured"].items() if k.startswith("fwd|"))
+        want = sum(v for k, v in _predicted(name, {}, [2, 2], world, 2, dtype_bytes=2).items() if k.startswith("fwd|"))
+        assert fwd == pytest.approx(want, rel=1e-9)
