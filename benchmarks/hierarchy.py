@@ -97,13 +97,13 @@ def predicted_comm_s(plan: str, gbit: float, accum: int) -> float:
 
     cfg = load_config([], MODEL + [f"train.global_batch_size={4 * accum}", f"parallel.plan={plan}",
                                    "topology.emulate=[2,2]"])
-    topo = with_bandwidths(emulated_topology([2, 2]), [None, gbit / 8])
+    topo = with_bandwidths(emulated_topology([2, 2]), [None, gbit / 8 / 2])  # the node's link, 2 ranks
     data = build_dataset(cfg.data)
     with torch.device("meta"):
         units = model_units(build_model(cfg.model, vocab_size=data.vocab_size, seq_len=data.seq_len))
     choice = resolve_plan(cfg.parallel, topo, units, dtype_bytes=4, grad_accum=accum, memory_budget_bytes=None)
     cost = predict(choice.plan, topo, units, dtype_bytes=4, grad_accum=accum)
-    return cost.bytes_by_level().get("cluster", 0.0) / (gbit / 8 * 1e9)
+    return cost.bytes_by_level().get("cluster", 0.0) / (gbit / 8 / 2 * 1e9)
 
 
 def main() -> None:

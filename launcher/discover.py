@@ -124,7 +124,9 @@ def build_topology(cfg: TopologyConfig, *, world_size: int, ranks_per_node: int,
     topo = _base_topology(cfg, world_size=world_size, ranks_per_node=ranks_per_node, num_nodes=num_nodes,
                           strict=strict)
     if inter_node_gbit:
-        shaped = [None] * (len(topo.levels) - 1) + [inter_node_gbit / 8]
+        # one shaped link per emulated node, shared by its ranks when they all cross at once
+        # (the replica and cross-node groups of every plan do): the per-rank share
+        shaped = [None] * (len(topo.levels) - 1) + [inter_node_gbit / 8 / topo.ranks_per_node]
         topo = with_bandwidths(topo, shaped)
     if cfg.bandwidths_gbps:
         if len(cfg.bandwidths_gbps) != len(topo.levels):
