@@ -381,6 +381,17 @@ class Choice:
     costs: List[Cost]
 
 
+TIE_REL = 1e-3
+"""Predicted times this close are a tie (a few bytes of grad-norm all-reduce must not decide)."""
+
+
+def _fastest(costs: Sequence[Cost]) -> Cost:
+    """Least predicted communication; among ties, the least memory."""
+    fastest = min(c.comm_time_s for c in costs)
+    ties = [c for c in costs if c.comm_time_s <= fastest * (1 + TIE_REL)]
+    return min(ties, key=lambda c: (c.memory_total, c.comm_time_s))
+
+
 def choose_plan(
     topo: Topology,
     units: Sequence[Unit],
@@ -390,7 +401,8 @@ def choose_plan(
     memory_budget_bytes: Optional[float],
     cfg: Optional[ParallelConfig] = None,
 ) -> Choice:
-    """auto: the least predicted communication time that fits memory; ties go to less memory."""
+    """auto: the least predicted communication time that fits memory; ties (within 0.1 %) go
+    to the plan that needs less memory."""
     costs = [
         predict(p, topo, units, dtype_bytes=dtype_bytes, grad_accum=grad_accum,
                 memory_budget_bytes=memory_budget_bytes)
@@ -404,7 +416,7 @@ def choose_plan(
             f"{smallest.plan.describe(topo)}, needs {_gb(smallest.memory_total)} GB. Raise the budget, add "
             f"ranks, or shrink the model."
         )
-    best = min(fitting, key=lambda c: (round(c.comm_time_s, 12), c.memory_total))
+    best = _fastest(fitting)
     others = sorted((c for c in fitting if c is not best), key=lambda c: c.comm_time_s)
     runner = others[0] if others else None
     reason = (
@@ -428,7 +440,7 @@ def restrict_choice(choice: Choice, topo: Topology, can_run, engine_label: str) 
     fitting = [c for c in choice.costs if c.fits and can_run(c.plan)]
     if not fitting or choice.plan in [c.plan for c in fitting]:
         return choice
-    best = min(fitting, key=lambda c: (round(c.comm_time_s, 12), c.memory_total))
+    best = _fastest(fitting)
     reason = (f"least predicted communication per optimizer step, {best.comm_time_s * 1e3:.3g} ms, among the "
               f"{len(fitting)} fitting plans {engine_label} can run (auto's overall pick, "
               f"{choice.plan.describe(topo)}, needs parallel.engine=native)")
