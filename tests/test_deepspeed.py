@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from reference import single_process_run
 
 from launcher.config import load_config
 from parallel.context import DistContext
@@ -266,15 +267,7 @@ def _worker(rank: int, world: int, rdzv: str, out: str):
 
 
 def _reference(world: int):
-    cfg = load_config([], _overrides(world))
-    ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device="cpu", backend="none",
-                      topology=emulated_topology([1]), host="ref")
-    threads = torch.get_num_threads()
-    try:
-        return train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx,
-                     telemetry=Recorder(), peak_tflops=1.0, show_progress=False, reference_engine=True)
-    finally:
-        torch.set_num_threads(threads)
+    return single_process_run(_overrides(world))
 
 
 @pytest.mark.multiprocess

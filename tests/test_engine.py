@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from reference import single_process_run
 
 from launcher.config import load_config
 from parallel.context import DistContext
@@ -96,15 +97,7 @@ def _run(tmp_path, sizes, plans, micro, extra=()):
 
 
 def _reference(world: int, micro: int):
-    cfg = load_config([], _overrides(world, micro))
-    ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device="cpu", backend="none",
-                      topology=emulated_topology([1]), host="ref")
-    threads = torch.get_num_threads()
-    try:
-        return train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx,
-                     telemetry=Recorder(), peak_tflops=1.0, show_progress=False, reference_engine=True)
-    finally:
-        torch.set_num_threads(threads)
+    return single_process_run(_overrides(world, micro))
 
 
 def _predicted(name, kwargs, sizes, world, micro, dtype_bytes=4):

@@ -1,6 +1,5 @@
 """Plans and the cost model, without processes."""
 
-import itertools
 import subprocess
 import sys
 import time

@@ -16,13 +16,10 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
+from reference import single_process_run
 
 from launcher.config import load_config
-from parallel.context import DistContext
-from parallel.topology import flat_topology
-from recipes.train import train
-from telemetry.config import TelemetryConfig
-from telemetry.sink import Telemetry
+
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
@@ -33,24 +30,8 @@ SMALL = ["train.steps=8", "train.global_batch_size=16", "train.micro_batch_size=
          "telemetry.peak_tflops=1.0", "telemetry.flush_every_s=1"]
 
 
-def disabled_telemetry():
-    """telemetry.enabled=false: every call is a no-op and nothing is written."""
-    return Telemetry(TelemetryConfig(enabled=False), root="unused", run="ref", attempt=0, rank=0, host="ref")
-
-
 def reference_losses(overrides):
-    import torch
-
-    cfg = load_config([], overrides)
-    ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device="cpu",
-                      backend="none", topology=flat_topology(1, 1), host="test")
-    threads = torch.get_num_threads()
-    try:
-        result = train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx,
-                       telemetry=disabled_telemetry(), peak_tflops=1.0, show_progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return result.losses
+    return single_process_run(overrides).losses
 
 
 def telemetry_steps(run_dir: Path):
