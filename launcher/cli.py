@@ -90,8 +90,10 @@ def cmd_config(args) -> int:
     return EXIT_OK
 
 
-def cmd_topo(args) -> int:
-    from launcher.discover import build_topology, launch_shape, probe_machine
+def _config_and_topology(args):
+    """The composed config, the launch this process is in, and the topology it describes
+    (not checked against the launch: `topo` and `plan` also show presets of other machines)."""
+    from launcher.discover import build_topology, launch_shape
     from launcher.modes import detect_launch
 
     files, overrides = _split_args(args.items)
@@ -99,7 +101,14 @@ def cmd_topo(args) -> int:
     launch = detect_launch(os.environ)
     world, per_node, nodes = launch_shape(launch, cfg.launcher.nproc)
     topo = build_topology(cfg.topology, world_size=world, ranks_per_node=per_node, num_nodes=nodes, strict=False,
-                               inter_node_gbit=cfg.launcher.inter_node_gbit)
+                          inter_node_gbit=cfg.launcher.inter_node_gbit)
+    return cfg, launch, topo
+
+
+def cmd_topo(args) -> int:
+    from launcher.discover import probe_machine
+
+    cfg, launch, topo = _config_and_topology(args)
     machine = probe_machine()
     print(f"mode      {launch.mode}" + (" (would spawn launcher.nproc local ranks)" if launch.mode == "local" else ""))
     print(f"ranks     {topo.world_size}  ({topo.num_nodes} node(s) x {topo.ranks_per_node} ranks)")
@@ -127,17 +136,11 @@ def cmd_topo(args) -> int:
 def cmd_plan(args) -> int:
     import time
 
-    from launcher.discover import build_topology, launch_shape, memory_budget_bytes
-    from launcher.modes import detect_launch
+    from launcher.discover import memory_budget_bytes
     from parallel.plan import PLAN_NAMES, PlanError, named_plan, predict, resolve_plan, uniform_units
 
     t0 = time.perf_counter()
-    files, overrides = _split_args(args.items)
-    cfg = load_config(files, overrides)
-    launch = detect_launch(os.environ)
-    world, per_node, nodes = launch_shape(launch, cfg.launcher.nproc)
-    topo = build_topology(cfg.topology, world_size=world, ranks_per_node=per_node, num_nodes=nodes, strict=False,
-                               inter_node_gbit=cfg.launcher.inter_node_gbit)
+    cfg, _, topo = _config_and_topology(args)
     problems = check_world(cfg, topo.world_size)
     if problems:
         raise ConfigError(problems)

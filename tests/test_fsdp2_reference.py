@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="PyTorch FSDP2 (fully_shard) is not available")
 if not hasattr(fsdp, "fully_shard"):
-    pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)", allow_module_level=True)
+    pytest.skip(reason="this torch has no torch.distributed.fsdp.fully_shard (FSDP2)", allow_module_level=True)
 
 from launcher.config import load_config  # noqa: E402
 from parallel.context import DistContext  # noqa: E402
