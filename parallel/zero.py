@@ -157,6 +157,7 @@ class ShardedEngine:
             chunk_index(topology, rank, lv) for lv in (plan.param_level, plan.bwd_level, plan.grad_level, plan.optim_level))
         self.groups: Dict[str, CommGroup] = build_groups(plan, topology, rank)
         self.ledger = ByteLedger()
+        self._position_cache: Dict[Tuple[Tuple[int, ...], int], List[int]] = {}
         self.step_count = 0
         self.world_group_size = dist.get_world_size() if dist.is_initialized() else 1
         assert self.world_group_size == self.world_size, "topology and process group disagree"
@@ -174,7 +175,12 @@ class ShardedEngine:
 
     # ---- gathers ---------------------------------------------------------------------------
     def _positions(self, group: CommGroup, level: int) -> List[int]:
-        return [chunk_index(self.topo, m, level) for m in group.ranks]
+        """Chunk index of each group member at `level`, in group order (computed once per group:
+        this runs for every unit on every gather and reduce-scatter)."""
+        key = (group.ranks, level)
+        if key not in self._position_cache:
+            self._position_cache[key] = [chunk_index(self.topo, m, level) for m in group.ranks]
+        return self._position_cache[key]
 
     def _gather(self, unit: FlatUnit, phase: str, async_op: bool):
         """All-gather the unit's full buffer from the forward (param) or backward group."""
