@@ -72,6 +72,27 @@ def cmd_run(args) -> int:
     return run_local(cfg, config_path)
 
 
+def cmd_bench(args) -> int:
+    from launcher.bench import bench_rank, local_problems, write_bench_config
+    from launcher.modes import detect_launch
+    from launcher.supervisor import run_local
+
+    files, overrides = _split_args(args.items)
+    launch = detect_launch(os.environ)
+    _setup_logging(launch.rank)
+    cfg = load_config(files, overrides)
+    if launch.mode != "local":
+        return bench_rank(cfg, launch, os.environ, probe_only=args.probe)
+    problems = local_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    resolve_paths(cfg)
+    config_path = write_bench_config(cfg)
+    what = "measuring link bandwidths" if args.probe else "collective sweep"
+    print(f"tierzero bench: {what}, {cfg.launcher.nproc} local ranks -> {config_path.parent}", flush=True)
+    return run_local(cfg, config_path, command=("bench", "--probe") if args.probe else ("bench",))
+
+
 def cmd_config(args) -> int:
     if args.describe and args.markdown:
         from launcher.config import describe_markdown
@@ -102,7 +123,34 @@ def _config_and_topology(args):
     world, per_node, nodes = launch_shape(launch, cfg.launcher.nproc)
     topo = build_topology(cfg.topology, world_size=world, ranks_per_node=per_node, num_nodes=nodes, strict=False,
                           inter_node_gbit=cfg.launcher.inter_node_gbit)
+    if cfg.topology.measure:
+        topo = _measured_topology(cfg, launch)
     return cfg, launch, topo
+
+
+def _measured_topology(cfg, launch):
+    """topology.measure=true outside a run: spawn the local ranks and measure each level."""
+    from launcher.bench import local_problems, run_probe_locally
+
+    problems = []
+    if cfg.topology.preset:
+        problems.append(
+            f"topology.measure=true measures the links of this machine, but topology.preset={cfg.topology.preset} "
+            "describes another one; drop one of them (topology.preset=null or topology.measure=false)"
+        )
+    if launch.mode != "local":
+        problems.append(
+            f"topology.measure=true in `tierzero plan` spawns local ranks, but this process is a {launch.mode} rank; "
+            "run the plan outside the job, or measure inside it with `tierzero bench --probe` / "
+            "`tierzero run topology.measure=true`"
+        )
+    problems += [p for p in local_problems(cfg) if "mpirun" not in p]
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return run_probe_locally(cfg)
+    except RuntimeError as e:
+        raise ConfigError([str(e)]) from e
 
 
 def cmd_topo(args) -> int:
@@ -263,6 +311,26 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt)
     plan.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     plan.set_defaults(func=cmd_plan)
+
+    bench = sub.add_parser(
+        "bench", help="time every collective across sizes and scopes (nccl-tests units)",
+        description="Time all_reduce, reduce_scatter, all_gather, broadcast, all_to_all, reduce and sendrecv "
+                    "over a range of message sizes, on the whole world and inside / across each topology "
+                    "level, with nccl-tests' algbw and busbw, min/avg/max across ranks and a correctness "
+                    "check. Rows go to <run.dir>/telemetry/collectives (Parquet), the plot to "
+                    "<run.dir>/bench/busbw.png. Exit 3 when any result is wrong. With no scheduler it "
+                    "spawns launcher.nproc local ranks; under torchrun, srun or mpirun each process joins.",
+        epilog="examples:\n  tierzero bench\n  tierzero bench bench.ops=[all_reduce,all_gather] bench.sizes=1M:64M\n"
+               "  tierzero bench topology.emulate=[2,2] launcher.isolate_network=true launcher.inter_node_gbit=1\n"
+               "  mpirun -n 4 tierzero bench bench.backend=mpi\n"
+               "  tierzero bench --probe topology.emulate=[2,2]   # measure each level's bandwidth only",
+        formatter_class=fmt)
+    bench.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
+                       help="YAML files then key=value overrides; bench.* keys choose ops, sizes, dtypes, scopes")
+    bench.add_argument("--probe", action="store_true",
+                       help="only measure each topology level's bandwidth (what topology.measure=true does) "
+                            "and write <run.dir>/bench/topology.json")
+    bench.set_defaults(func=cmd_bench)
 
     report = sub.add_parser(
         "report", help="summarise a run's telemetry and plot loss and throughput",

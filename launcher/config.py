@@ -23,6 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from collectives_bench.config import BenchConfig
 from parallel.plan import ParallelConfig
 from parallel.topology import TopologyConfig
 from recipes.config import DataConfig, ModelConfig, TrainConfig, data_errors, model_errors, train_errors
@@ -90,6 +91,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -320,6 +322,7 @@ def validate(cfg: RunConfig) -> List[str]:
     errs += cfg.topology.errors()
     errs += cfg.parallel.errors()
     errs += cfg.telemetry.errors()
+    errs += cfg.bench.errors()
     errs += train_errors(cfg.train)
     errs += model_errors(cfg.model)
     errs += data_errors(cfg.data)

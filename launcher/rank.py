@@ -6,11 +6,13 @@ import datetime
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from typing import Mapping
 
 from launcher.config import ConfigError, RunConfig, check_world, resolve_paths, write_resolved
 from launcher.discover import TopologyMismatch, build_topology, memory_budget_bytes
 from launcher.modes import Launch
+from parallel.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +69,21 @@ def pick_backend(requested: str) -> str:
     return requested
 
 
-def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
-    """Body of one rank under any launcher (our supervisor, torchrun, srun, mpirun)."""
+@dataclass(frozen=True)
+class Joined:
+    """What a rank knows once it has joined the job."""
+    launch: Launch
+    topology: Topology
+    backend: str
+    """torch.distributed backend in use (gloo / nccl), or 'none' without a process group."""
+    device: str
+
+
+def join(cfg: RunConfig, launch: Launch, *, init_torch: bool = True) -> Joined:
+    """Rendezvous (mpi4py under mpirun), check the config against the world, build the
+    topology, pick the backend and device, share the host's cores, and init the process group."""
     import torch
     import torch.distributed as dist
-
-    from parallel.context import DistContext
-    from recipes.train import train
-    from telemetry.sink import Telemetry
 
     if launch.mode == "mpi" and not (launch.master_addr and launch.master_port):
         launch = mpi_rendezvous(launch)
@@ -82,7 +91,7 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     try:
         topology = build_topology(cfg.topology, world_size=launch.world_size,
                                   ranks_per_node=launch.local_world_size, num_nodes=launch.num_nodes,
-                               inter_node_gbit=cfg.launcher.inter_node_gbit)
+                                  inter_node_gbit=cfg.launcher.inter_node_gbit)
     except TopologyMismatch as e:
         problems.append(str(e))
     if problems:
@@ -96,13 +105,37 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     if backend == "nccl":
         device = f"cuda:{launch.local_rank}"
         torch.cuda.set_device(launch.local_rank)
-    if launch.world_size > 1:
+    if launch.world_size > 1 and init_torch:
         os.environ["MASTER_ADDR"] = launch.master_addr or "127.0.0.1"
         os.environ["MASTER_PORT"] = str(launch.master_port)
         dist.init_process_group(
             backend, init_method="env://", rank=launch.rank, world_size=launch.world_size,
             timeout=datetime.timedelta(seconds=cfg.launcher.timeout_s),
         )
+    return Joined(launch, topology, backend if (launch.world_size > 1 and init_torch) else "none", device)
+
+
+def measured(cfg: RunConfig, joined: Joined) -> Topology:
+    """The topology with measured bandwidths when topology.measure is set (all ranks take part)."""
+    if not cfg.topology.measure or joined.launch.world_size < 2 or joined.backend == "none":
+        return joined.topology
+    from collectives_bench.backends import TorchBackend
+    from collectives_bench.probe import measure_topology
+
+    return measure_topology(TorchBackend(joined.device), joined.topology)
+
+
+def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
+    """Body of one rank under any launcher (our supervisor, torchrun, srun, mpirun)."""
+    import torch.distributed as dist
+
+    from parallel.context import DistContext
+    from recipes.train import train
+    from telemetry.sink import Telemetry
+
+    joined = join(cfg, launch)
+    launch, backend, device = joined.launch, joined.backend, joined.device
+    topology = measured(cfg, joined)
     attempt = int(env.get("TIERZERO_ATTEMPT", launch.restart_count))
     if not launch.supervised:
         resolve_paths(cfg)  # every rank, so all agree on the absolute run dir
@@ -112,7 +145,7 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     telemetry_root = cfg.telemetry.dir or str(run_dir / "telemetry")
     ctx = DistContext(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
                       local_world_size=launch.local_world_size, device=device,
-                      backend=backend if launch.world_size > 1 else "none",
+                      backend=backend,
                       topology=topology, host=env.get("SLURMD_NODENAME") or socket.gethostname(),
                       attempt=attempt)
     tel = Telemetry(cfg.telemetry, root=telemetry_root, run=cfg.run.name, attempt=attempt,

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from launcher.config import ConfigError, RunConfig
 from launcher.rank import free_port
@@ -118,9 +118,14 @@ def isolation_errors(cfg: RunConfig) -> List[str]:
     return netns.isolation_problems(cfg.launcher.inter_node_gbit)
 
 
-def run_local(cfg: RunConfig, config_path: Path) -> int:
+EXIT_RESULTS_WRONG = 3
+"""A rank's verdict, not a crash: `tierzero bench` found wrong results (every rank exits with it)."""
+
+
+def run_local(cfg: RunConfig, config_path: Path, command: Sequence[str] = ("run",)) -> int:
+    """Spawn launcher.nproc ranks running `tierzero <command...> <config_path>` and watch them."""
     if not cfg.launcher.isolate_network:
-        return _supervise(cfg, config_path, network=None)
+        return _supervise(cfg, config_path, network=None, command=command)
     from launcher import netns
 
     problems = isolation_errors(cfg)
@@ -141,7 +146,7 @@ def run_local(cfg: RunConfig, config_path: Path) -> int:
                 with netns.EmulatedNetwork(num_nodes, cfg.launcher.inter_node_gbit, tag=f"tz{os.getpid()}",
                                            state_path=state_path) as net:
                     try:
-                        return _supervise(cfg, config_path, network=net)
+                        return _supervise(cfg, config_path, network=net, command=command)
                     finally:
                         guard.disarm()
             except netns.NetworkSetupError as e:
@@ -157,7 +162,7 @@ def run_local(cfg: RunConfig, config_path: Path) -> int:
             return 128 + e.signum
 
 
-def _supervise(cfg: RunConfig, config_path: Path, network=None) -> int:
+def _supervise(cfg: RunConfig, config_path: Path, network=None, command: Sequence[str] = ("run",)) -> int:
     """Spawn and watch the ranks; with `network` (an EmulatedNetwork that is up), rank r runs
     inside the namespace of emulated node r // ranks_per_node."""
     from telemetry.sink import Telemetry
@@ -179,7 +184,7 @@ def _supervise(cfg: RunConfig, config_path: Path, network=None) -> int:
     if network is not None:
         detail += f"; isolated: {network.describe()}"
     events.event("start", detail=detail)
-    cmd = [sys.executable, "-m", "launcher.cli", "run", str(config_path)]
+    cmd = [sys.executable, "-m", "launcher.cli", *command, str(config_path)]
     ranks_per_node = nproc // len(network.namespaces) if network is not None else nproc
     t0 = time.monotonic()
     procs = []
@@ -198,11 +203,11 @@ def _supervise(cfg: RunConfig, config_path: Path, network=None) -> int:
             procs.append(subprocess.Popen(argv, env=env))
         while True:
             codes = [p.poll() for p in procs]
-            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, EXIT_RESULTS_WRONG)]
             if bad:
                 failed = bad[0]
                 break
-            if all(c == 0 for c in codes):
+            if all(c is not None for c in codes):
                 break
             time.sleep(0.1)
     except (KeyboardInterrupt, Interrupted) as e:
@@ -221,6 +226,10 @@ def _supervise(cfg: RunConfig, config_path: Path, network=None) -> int:
         print(f"tierzero: {detail}. Its output above says why; telemetry is in {telemetry_root}.",
               file=sys.stderr)
         return 1
+    if EXIT_RESULTS_WRONG in codes:
+        events.event("error", detail="ranks reported wrong results")
+        events.close()
+        return EXIT_RESULTS_WRONG
     events.event("end", detail=f"all {nproc} ranks finished in {time.monotonic() - t0:.1f} s")
     events.close()
     print(f"tierzero: {nproc} ranks finished in {time.monotonic() - t0:.1f} s", flush=True)

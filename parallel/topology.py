@@ -174,6 +174,8 @@ class TopologyConfig:
     """Nodes for a preset topology (default: the nodes of the launch)."""
     bandwidths_gbps: Optional[List[float]] = None
     """Per-rank link bandwidth of each level in GB/s, innermost first; overrides presets and detection."""
+    measure: bool = False
+    """Measure each level's bandwidth at start-up (a few seconds per level) and plan with it; in `tierzero plan` the local ranks are spawned to measure."""
 
     def errors(self) -> List[str]:
         errs = []
@@ -211,3 +213,57 @@ class TopologyConfig:
                 "(clear one with topology.preset=null or topology.emulate=null)"
             )
         return errs
+
+
+def _unit_span(topo: Topology, level: int) -> int:
+    """Ranks in one unit just below `level` (1 for the innermost): the ones sharing its uplink."""
+    return math.prod(lv.size for lv in topo.levels[:level])
+
+
+def crossing_level(topo: Topology, a: int, b: int) -> int:
+    """Outermost level on which ranks a and b sit in different units: the link a flow a->b uses."""
+    ca, cb = topo.coords(a), topo.coords(b)
+    return max(k for k in range(len(topo.levels)) if ca[k] != cb[k])
+
+
+def traffic_edges(groups: Sequence[Sequence[int]], pattern: str = "ring") -> List[Tuple[int, int, float]]:
+    """(src, dst, share of src's bus bytes) for every group running at once: a ring sends all
+    of it to the next rank; all_to_all spreads it evenly over the other n-1 ranks."""
+    edges = []
+    for g in groups:
+        n = len(g)
+        if n < 2:
+            continue
+        if pattern == "ring":
+            edges += [(g[i], g[(i + 1) % n], 1.0) for i in range(n)]
+        elif pattern == "all_to_all":
+            edges += [(a, b, 1.0 / (n - 1)) for a in g for b in g if a != b]
+        else:
+            raise ValueError(f"unknown traffic pattern {pattern!r}; ring or all_to_all")
+    return edges
+
+
+def peak_busbw_gbps(topo: Topology, groups: Sequence[Sequence[int]], pattern: str = "ring") -> Optional[float]:
+    """The bus bandwidth every group can reach when all of them run at once, by the
+    topology's link figures; None if a link they use has no known bandwidth.
+
+    Model: a flow a->b uses the uplink of a's unit at the outermost level where a and b
+    differ. That uplink carries `bandwidth x ranks in the unit` (the level's figure is per
+    rank, when every rank of the unit sends through it at once) and is shared by every flow
+    leaving the unit. So a global ring in rank order, with one flow leaving each node, gets
+    the node's whole NIC, while one-rank-per-node groups all at once get a rank's share.
+    """
+    loads: dict = {}
+    for a, b, share in traffic_edges(groups, pattern):
+        k = crossing_level(topo, a, b)
+        key = (k, a // _unit_span(topo, k))
+        loads[key] = loads.get(key, 0.0) + share
+    if not loads:
+        return None
+    peak = math.inf
+    for (k, _), load in loads.items():
+        bw = topo.levels[k].bandwidth_gbps
+        if bw is None:
+            return None
+        peak = min(peak, bw * _unit_span(topo, k) / load)
+    return peak

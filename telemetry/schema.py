@@ -1,4 +1,4 @@
-"""The three telemetry tables, their on-disk layout, and where a run's telemetry lives.
+"""The telemetry tables, their on-disk layout, and where a run's telemetry lives.
 
 Units live in column names. The partition keys run, attempt and rank are not columns
 inside the files: they live only in the Hive path
@@ -74,7 +74,34 @@ COMM = pa.schema(
 )
 """One row per (step, phase, level, op): the engine's byte ledger."""
 
-TABLES: dict[str, pa.Schema] = {"steps": STEPS, "events": EVENTS, "nodes": NODES, "comm": COMM}
+COLLECTIVES = pa.schema(
+    [
+        pa.field("time", TIME, nullable=False),
+        pa.field("op", pa.string(), nullable=False),  # all_reduce, reduce_scatter, ...
+        pa.field("scope", pa.string(), nullable=False),  # global, level:<name>, cross:<name>
+        pa.field("group", pa.int32(), nullable=False),  # index of the group inside its scope
+        pa.field("ranks", pa.string(), nullable=False),  # the group's global ranks, comma-separated
+        pa.field("placement", pa.string(), nullable=False),  # out (out-of-place) or in (in-place)
+        pa.field("backend", pa.string(), nullable=False),  # gloo, nccl, mpi
+        pa.field("dtype", pa.string(), nullable=False),
+        pa.field("size_bytes", pa.int64(), nullable=False),  # nccl-tests' S: the whole buffer
+        pa.field("count", pa.int64(), nullable=False),  # elements of S
+        pa.field("nranks", pa.int32(), nullable=False),
+        pa.field("time_us", pa.float64(), nullable=False),  # per op, mean over the group's ranks
+        pa.field("time_min_us", pa.float64(), nullable=False),
+        pa.field("time_max_us", pa.float64(), nullable=False),
+        pa.field("algbw_gbps", pa.float64(), nullable=False),  # S / time
+        pa.field("busbw_gbps", pa.float64(), nullable=False),  # algbw x nccl-tests factor
+        pa.field("wrong", pa.int64(), nullable=False),  # elements differing from the expected result
+        pa.field("hosts", pa.string(), nullable=False),
+        pa.field("peak_gbps", pa.float64()),  # the topology's figure for this scope; null = unknown
+        pa.field("fraction_of_peak", pa.float64()),
+    ]
+)
+"""One row per (op, scope, group, placement, dtype, size): `tierzero bench` results, written by rank 0."""
+
+TABLES: dict[str, pa.Schema] = {"steps": STEPS, "events": EVENTS, "nodes": NODES, "comm": COMM,
+                                "collectives": COLLECTIVES}
 
 PARTITION = pa.schema([("run", pa.string()), ("attempt", pa.int32()), ("rank", pa.int32())])
 """Types of the Hive partition keys, in path order."""

@@ -234,6 +234,12 @@ class Telemetry:
             return
         self._writer("comm").append(dict(columns))
 
+    def collective(self, **columns: Any) -> None:
+        """Record one collective-benchmark row (schema.COLLECTIVES)."""
+        if not self.cfg.enabled or self._dropped("collective"):
+            return
+        self._writer("collectives").append(dict(columns))
+
     def event(self, kind: str, detail: str = "", step: Optional[int] = None, *, flush: Optional[bool] = None) -> None:
         """Record one event; error and signal events (or flush=True) are written at once."""
         if not self.cfg.enabled or self._dropped("event"):

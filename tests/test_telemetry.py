@@ -81,6 +81,13 @@ SAMPLE_ROWS = {
         "step": 3, "phase": "bwd", "level": "cluster", "op": "reduce_scatter", "bytes": 1.5e6, "time_s": 0.01,
         "calls": 4,
     },
+    "collectives": {
+        "time": datetime.datetime(2024, 6, 1, 12, 0, 4, tzinfo=UTC),
+        "op": "all_gather", "scope": "cross:node", "group": 1, "ranks": "1,3", "placement": "out",
+        "backend": "gloo", "dtype": "bfloat16", "size_bytes": 1 << 20, "count": 1 << 19, "nranks": 2,
+        "time_us": 812.5, "time_min_us": 800.0, "time_max_us": 825.0, "algbw_gbps": 1.29, "busbw_gbps": 0.645,
+        "wrong": 0, "hosts": "a/node0,a/node1", "peak_gbps": None, "fraction_of_peak": None,
+    },
 }
 
 
