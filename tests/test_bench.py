@@ -24,7 +24,7 @@ from collectives_bench.config import BACKENDS, DTYPES, OPS, BenchConfig
 from collectives_bench.formulas import (CHUNKED, PLACEMENTS, algbw_gbps, bus_factor, busbw_gbps, count_wrong,
                                         element_count, expected, input_spec, pattern)
 from collectives_bench.report import Cell, compare_lines, rows_for
-from collectives_bench.scopes import ScopeError, auto_scopes, peak_gbps, resolve_scopes
+from collectives_bench.scopes import ScopeError, peak_gbps, resolve_scopes
 from collectives_bench.sizes import SizeError, default_sizes, parse_sizes
 from parallel.topology import emulated_topology, peak_busbw_gbps
 
