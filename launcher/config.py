@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from collectives_bench.config import BenchConfig
+from parallel.moe import MoEConfig
 from parallel.plan import ParallelConfig
 from parallel.topology import TopologyConfig
 from recipes.config import DataConfig, ModelConfig, TrainConfig, data_errors, model_errors, train_errors
@@ -89,6 +90,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
@@ -325,6 +327,8 @@ def validate(cfg: RunConfig) -> List[str]:
     errs += cfg.bench.errors()
     errs += train_errors(cfg.train)
     errs += model_errors(cfg.model)
+    errs += cfg.moe.errors()
+    errs += moe_parallel_errors(cfg)
     errs += data_errors(cfg.data)
     emulate = cfg.topology.emulate
     if emulate and not errs:
@@ -336,6 +340,23 @@ def validate(cfg: RunConfig) -> List[str]:
                 f"launcher.nproc={cfg.launcher.nproc}; make them agree, e.g. "
                 f"launcher.nproc={math.prod(emulate)}"
             )
+    return errs
+
+
+def moe_parallel_errors(cfg: RunConfig) -> List[str]:
+    """How parallel.* and moe.* must agree."""
+    ep, experts = cfg.parallel.ep, cfg.moe.num_experts
+    if ep > 1 and not experts:
+        return [f"parallel.ep={ep} splits experts over ranks, but moe.num_experts=0 (a dense model); "
+                "set moe.num_experts (e.g. moe.num_experts=8) or parallel.ep=1"]
+    errs = []
+    if experts and ep >= 1 and experts % ep:
+        errs.append(f"moe.num_experts={experts} is not divisible by parallel.ep={ep}: every expert-parallel rank "
+                    f"holds the same number of experts; pick parallel.ep from "
+                    f"{[d for d in range(1, experts + 1) if experts % d == 0]}")
+    if experts and cfg.parallel.engine != "native":
+        errs.append(f"parallel.engine={cfg.parallel.engine} cannot run tierzero's MoE layer (moe.num_experts={experts}); "
+                    "use parallel.engine=native")
     return errs
 
 

@@ -160,7 +160,7 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
                                      local_world_size=launch.local_world_size)
         result = train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx,
                        telemetry=tel, parallel_cfg=cfg.parallel, memory_budget_bytes=budget,
-                       peak_tflops=cfg.telemetry.peak_tflops)
+                       peak_tflops=cfg.telemetry.peak_tflops, moe_cfg=cfg.moe)
     except BaseException as e:
         tel.event("error", detail=f"{type(e).__name__}: {e}")
         raise

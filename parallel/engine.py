@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.moe import set_aux_grad_scale
+
 
 @dataclass(frozen=True)
 class StepStats:
@@ -66,6 +68,7 @@ class DataParallelEngine:
 
     def micro_step(self, inputs: torch.Tensor, targets: torch.Tensor, *, scale: float) -> float:
         """Forward + backward of one micro-batch, accumulating d(loss*scale)/dparams locally."""
+        set_aux_grad_scale(self.module, scale)
         loss = self.loss_fn(self.module(inputs), targets)
         (loss * scale).backward()
         return loss.item()

@@ -17,23 +17,39 @@ from parallel.topology import Topology
 ROLES = ("param", "bwd", "grad", "grad_up", "replicas", "optim", "param_down")
 
 
-def build_groups(plan: PartitionPlan, topo: Topology, rank: int) -> Dict[str, CommGroup]:
-    """This rank's CommGroup for each role of the plan (pure lists from plan_groups)."""
+def build_groups(plan: PartitionPlan, topo: Topology, rank: int, copies: int = 1) -> Dict[str, CommGroup]:
+    """This rank's CommGroup for each role of the plan (pure lists from plan_groups).
+
+    `copies` > 1: `topo` is the topology of one of `copies` interleaved rank sets (the
+    expert-data-parallel ranks of each position in an expert-parallel group): its rank q
+    is global rank q * copies + e, and `rank` is this rank's q. Groups are created for
+    every set (group creation is collective) and hold global ranks."""
     lists = plan_groups(plan, topo)
+    me = rank * copies + _position(copies)
     cache: Dict[Tuple[Tuple[int, ...], ...], CommGroup] = {}
     out = {}
     for role in ROLES:
         partition: List[List[int]] = getattr(lists, role)
         key = tuple(tuple(g) for g in partition)
         if key not in cache:
-            mine = next(tuple(g) for g in partition if rank in g)
-            level = topo.levels[level_of_group(topo, mine)].name
-            if len(mine) == 1:
-                pg = None
-            elif len(partition) == 1:
-                pg = dist.group.WORLD
-            else:
-                pg, _ = dist.new_subgroups_by_enumeration([list(g) for g in partition])
-            cache[key] = CommGroup(pg, mine, level)
+            level = topo.levels[level_of_group(topo, next(g for g in partition if rank in g))].name
+            world = [[q * copies + e for q in g] for e in range(copies) for g in partition]
+            cache[key] = build_partition(world, me, level)
         out[role] = cache[key]
     return out
+
+
+def _position(copies: int) -> int:
+    return dist.get_rank() % copies if copies > 1 else 0
+
+
+def build_partition(partition: List[List[int]], rank: int, level: str) -> CommGroup:
+    """One CommGroup from a partition of the world into groups (every rank calls it)."""
+    mine = next(tuple(g) for g in partition if rank in g)
+    if len(mine) == 1:
+        pg = None
+    elif len(partition) == 1:
+        pg = dist.group.WORLD
+    else:
+        pg, _ = dist.new_subgroups_by_enumeration([list(g) for g in partition])
+    return CommGroup(pg, mine, level)

@@ -6,6 +6,7 @@ the tensors actually passed to torch.distributed, so `measured == predicted` is 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -125,6 +126,16 @@ class ByteLedger:
         nbytes = 2 * tensor.numel() * tensor.element_size() * (n - 1) / n
         return self._issue((phase, group.level, "all_reduce"), nbytes,
                            lambda: dist.all_reduce(tensor, group=group.pg, async_op=True), async_op)
+
+    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
+                   input_splits: Sequence[int], group, phase: str) -> None:
+        """Uneven all_to_all_single (MoE dispatch / combine); bytes = rows sent to the other members."""
+        row_bytes = math.prod(input.shape[1:]) * input.element_size()
+        me = group.ranks.index(dist.get_rank())
+        nbytes = (sum(input_splits) - input_splits[me]) * row_bytes
+        self._issue((phase, group.level, "all_to_all"), nbytes,
+                    lambda: dist.all_to_all_single(output, input, list(output_splits), list(input_splits),
+                                                   group=group.pg, async_op=True), False)
 
     def _issue(self, key, nbytes: float, call, async_op: bool):
         self._add(key, nbytes)

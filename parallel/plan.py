@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from parallel.topology import Topology
+from parallel.topology import Topology, expert_data_topology
 
 REPLICATED = -1
 PLAN_NAMES = ("auto", "ddp", "zero1", "zero2", "zero3", "hpz", "hsdp", "tiered")
@@ -61,6 +61,8 @@ class ParallelConfig:
     """Memory per rank for parameters, gradients and optimizer states; default 80% of the device's (or of host RAM / ranks per node)."""
     engine: str = "native"
     """Engine executing the plan: native (every plan), deepspeed (ddp, zero1-3, hpz) or fsdp2 (zero2, zero3, hsdp)."""
+    ep: int = 1
+    """Expert-parallel size (MoE): experts split over ep consecutive ranks, the fastest level that holds them."""
 
     def errors(self) -> List[str]:
         errs = []
@@ -79,6 +81,8 @@ class ParallelConfig:
                     f"parallel.levels={list(self.levels)} needs exactly three level names "
                     "[param, grad, optimizer], e.g. [package, node, cluster]."
                 )
+        if self.ep < 1:
+            errs.append(f"parallel.ep={self.ep} must be >= 1 (1 = every rank holds every expert)")
         if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
             errs.append(f"parallel.memory_budget_gb={self.memory_budget_gb} must be > 0.")
         return errs
@@ -272,6 +276,9 @@ class Unit:
     fwd_gathers: int = 1
     bwd_gathers: int = 1
     """The outer unit stays gathered from forward into the head's backward: 0."""
+    expert: bool = False
+    """Routed-expert weights of one MoE layer (all experts): split by expert across the
+    expert-parallel group, then partitioned by the plan over the ranks holding the same experts."""
 
 
 @dataclass
@@ -299,6 +306,16 @@ def _ring(n: int) -> float:
     return (n - 1) / n
 
 
+@dataclass(frozen=True)
+class MoETraffic:
+    """What the cost model needs to charge the experts' all-to-all (uniform routing assumed)."""
+    tokens_per_micro_step: int
+    """Tokens one rank routes per micro-step (micro batch x sequence length)."""
+    d_model: int
+    top_k: int
+    num_layers: int
+
+
 def predict(
     plan: PartitionPlan,
     topo: Topology,
@@ -307,31 +324,63 @@ def predict(
     dtype_bytes: int,
     grad_accum: int,
     memory_budget_bytes: Optional[float] = None,
+    ep: int = 1,
+    moe: Optional[MoETraffic] = None,
 ) -> Cost:
     """Bytes per level per optimizer step, memory per rank and predicted communication time.
 
     Mirrors exactly what parallel.zero.ShardedEngine issues, so a test can demand
-    measured == predicted."""
+    measured == predicted. Expert units (all experts of a layer) are split by expert over
+    the ep ranks of an expert-parallel group and partitioned by the same plan over the
+    expert-data-parallel topology (parallel.topology.expert_data_topology); their
+    all-to-all, which depends on the routing, is charged for uniform routing."""
+    cost = Cost(plan)
+
+    def add(phase: str, level: str, op: str, nbytes: float) -> None:
+        if nbytes:
+            key = (phase, level, op)
+            cost.bytes[key] = cost.bytes.get(key, 0.0) + nbytes
+
+    dense = [u for u in units if not u.expert]
+    memory, largest = _domain_traffic(add, plan, topo, dense, dtype_bytes=dtype_bytes, grad_accum=grad_accum)
+    experts = [Unit(u.name, u.numel // ep, u.fwd_gathers, u.bwd_gathers, expert=True) for u in units if u.expert]
+    if experts:
+        sub = expert_data_topology(topo, ep)
+        mem_e, largest_e = _domain_traffic(add, plan, sub, experts, dtype_bytes=dtype_bytes, grad_accum=grad_accum)
+        memory = {k: memory[k] + mem_e[k] for k in memory}
+        largest += largest_e  # a block's dense and expert buffers are gathered together
+        if ep > 1:
+            ep_level = topo.levels[level_of_group(topo, range(0, ep))].name
+            add("step", ep_level, "all_reduce", 2 * GRAD_ACC_BYTES * _ring(ep))  # expert part of the norm
+            if moe is not None:
+                per_call = moe.tokens_per_micro_step * moe.top_k * moe.d_model * dtype_bytes * _ring(ep)
+                # dispatch + combine in forward, their gradients in backward
+                add("fwd", ep_level, "all_to_all", 2 * grad_accum * moe.num_layers * per_call)
+                add("bwd", ep_level, "all_to_all", 2 * grad_accum * moe.num_layers * per_call)
+    # a gathered unit and the prefetched next one
+    memory["buffers"] = 2 * largest * dtype_bytes if span(topo, plan.param_level) > 1 else 0.0
+    cost.memory = memory
+    names = topo.names
+    for (_, level, _), b in cost.bytes.items():
+        bw = topo.levels[names.index(level)].bandwidth_gbps
+        cost.comm_time_s += b / ((bw or DEFAULT_BANDWIDTH_GBPS) * 1e9)
+    if memory_budget_bytes is not None:
+        cost.fits = cost.memory_total <= memory_budget_bytes
+    return cost
+
+
+def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Unit], *, dtype_bytes: int,
+                    grad_accum: int):
+    """Charge one domain's units (the world's dense units, or the expert units over the
+    expert-data-parallel topology); returns its memory per rank and its largest unit."""
     w = topo.world_size
     names = topo.names
     s_p, s_b, s_g, s_o = (span(topo, lv) for lv in (plan.param_level, plan.bwd_level, plan.grad_level, plan.optim_level))
     n_rep = w // s_o
     # the outermost level each kind of group spans (rank 0's group stands for all: symmetry)
-    lv_p = level_of_group(topo, range(0, s_p))
-    lv_b = level_of_group(topo, range(0, s_b))
-    lv_g = level_of_group(topo, range(0, s_g))
-    lv_o = level_of_group(topo, range(0, s_o))
-    lv_up = level_of_group(topo, range(0, s_o, s_g))
-    lv_down = level_of_group(topo, range(0, s_o, s_p))
-    lv_rep = level_of_group(topo, range(0, w, s_o))
-
-    cost = Cost(plan)
-
-    def add(phase: str, level: int, op: str, nbytes: float) -> None:
-        if nbytes:
-            key = (phase, names[level], op)
-            cost.bytes[key] = cost.bytes.get(key, 0.0) + nbytes
-
+    lv_p, lv_b, lv_g, lv_o, lv_up, lv_down, lv_rep = (
+        names[level_of_group(topo, r)] for r in (range(0, s_p), range(0, s_b), range(0, s_g), range(0, s_o),
+                                                  range(0, s_o, s_g), range(0, s_o, s_p), range(0, w, s_o)))
     total = 0
     largest = 0
     for u in units:
@@ -350,23 +399,15 @@ def predict(
             add("step", lv_rep, "all_reduce", 2 * n / s_o * GRAD_ACC_BYTES * _ring(n_rep))
         if s_o > s_p:
             add("step", lv_down, "all_gather", n / s_p * dtype_bytes * _ring(s_o // s_p))
-    if s_o > 1:  # the squared grad norm, one fp32 scalar per unit, summed in one all-reduce
+    if units and s_o > 1:  # the squared grad norm, one fp32 scalar per unit, summed in one all-reduce
         add("step", lv_o, "all_reduce", 2 * GRAD_ACC_BYTES * _ring(s_o))
-
-    cost.memory = {
+    memory = {
         "params": total * dtype_bytes / s_p,
         "secondary": total * dtype_bytes / s_b if plan.secondary_level is not None else 0.0,
         "grads": total * GRAD_ACC_BYTES / s_g,
         "optimizer": total * OPTIM_BYTES_PER_PARAM / s_o,
-        # a gathered unit and the prefetched next one
-        "buffers": 2 * largest * dtype_bytes if s_p > 1 else 0.0,
     }
-    for (_, level, _), b in cost.bytes.items():
-        bw = topo.levels[names.index(level)].bandwidth_gbps
-        cost.comm_time_s += b / ((bw or DEFAULT_BANDWIDTH_GBPS) * 1e9)
-    if memory_budget_bytes is not None:
-        cost.fits = cost.memory_total <= memory_budget_bytes
-    return cost
+    return memory, largest
 
 
 DEFAULT_BANDWIDTH_GBPS = 10.0
@@ -400,12 +441,14 @@ def choose_plan(
     grad_accum: int,
     memory_budget_bytes: Optional[float],
     cfg: Optional[ParallelConfig] = None,
+    moe: Optional[MoETraffic] = None,
 ) -> Choice:
     """auto: the least predicted communication time that fits memory; ties (within 0.1 %) go
     to the plan that needs less memory."""
+    ep = cfg.ep if cfg is not None else 1
     costs = [
         predict(p, topo, units, dtype_bytes=dtype_bytes, grad_accum=grad_accum,
-                memory_budget_bytes=memory_budget_bytes)
+                memory_budget_bytes=memory_budget_bytes, ep=ep, moe=moe)
         for p in candidate_plans(topo, cfg)
     ]
     fitting = [c for c in costs if c.fits]
@@ -455,19 +498,25 @@ def resolve_plan(
     dtype_bytes: int,
     grad_accum: int,
     memory_budget_bytes: Optional[float],
+    moe: Optional[MoETraffic] = None,
 ) -> Choice:
     """The plan a run uses: the named one (checked against memory) or auto's choice."""
+    if any(u.expert for u in units):
+        try:
+            expert_data_topology(topo, cfg.ep)
+        except ValueError as e:
+            raise PlanError(str(e)) from e
     if cfg.plan == "auto" and not cfg.levels:
         return choose_plan(topo, units, dtype_bytes=dtype_bytes, grad_accum=grad_accum,
-                           memory_budget_bytes=memory_budget_bytes, cfg=cfg)
+                           memory_budget_bytes=memory_budget_bytes, cfg=cfg, moe=moe)
     plan = named_plan("tiered" if cfg.levels else cfg.plan, topo, cfg)
     cost = predict(plan, topo, units, dtype_bytes=dtype_bytes, grad_accum=grad_accum,
-                   memory_budget_bytes=memory_budget_bytes)
+                   memory_budget_bytes=memory_budget_bytes, ep=cfg.ep, moe=moe)
     if not cost.fits:
         fitting = []
         for name in PLAN_NAMES[1:]:
             other = predict(named_plan(name, topo, cfg), topo, units, dtype_bytes=dtype_bytes,
-                            grad_accum=grad_accum, memory_budget_bytes=memory_budget_bytes)
+                            grad_accum=grad_accum, memory_budget_bytes=memory_budget_bytes, ep=cfg.ep, moe=moe)
             if other.fits:
                 fitting.append(f"{name} ({_gb(other.memory_total)} GB)")
         raise PlanError(

@@ -267,3 +267,32 @@ def peak_busbw_gbps(topo: Topology, groups: Sequence[Sequence[int]], pattern: st
             return None
         peak = min(peak, bw * _unit_span(topo, k) / load)
     return peak
+
+
+def expert_data_topology(topo: Topology, ep: int) -> Topology:
+    """The topology of the ranks that hold the same experts (one per EP group).
+
+    Expert-parallel groups are `ep` consecutive ranks, so they sit in the fastest levels
+    that hold them; removing a factor `ep` from the innermost fan-outs leaves the topology
+    of the expert-data-parallel ranks. Rank q of it is global rank q * ep + e for the ranks
+    at position e of their EP group."""
+    if ep < 1 or topo.world_size % ep:
+        divisors = [d for d in range(1, topo.world_size + 1) if topo.world_size % d == 0]
+        raise ValueError(f"parallel.ep={ep} must divide the world size {topo.world_size}; pick one of {divisors}")
+    left, levels = ep, []
+    for lv in topo.levels:
+        size = lv.size
+        if left > 1:
+            if size % left == 0:
+                size, left = size // left, 1
+            elif left % size == 0:
+                size, left = 1, left // size
+            else:
+                raise ValueError(
+                    f"parallel.ep={ep} does not fit the levels of {topo.describe()}: an expert-parallel group must "
+                    f"fill whole units of the faster levels or divide one (at {lv.name} x{lv.size} it would "
+                    f"need {left} of them); pick an ep such as "
+                    f"{sorted({topo.span(n) for n in topo.names} | {d for d in range(1, topo.levels[0].size + 1) if topo.levels[0].size % d == 0})}"
+                )
+        levels.append(Level(lv.name, size, lv.bandwidth_gbps))
+    return Topology(tuple(levels), source=topo.source, memory_per_rank_gb=topo.memory_per_rank_gb)

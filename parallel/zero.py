@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from parallel.engine import StepStats
-from parallel.groups import build_groups
+from parallel.groups import build_groups, build_partition
 from parallel.ledger import ByteLedger, CommGroup
-from parallel.plan import PartitionPlan, Unit, chunk_index, padded_numel, span
-from parallel.topology import Topology
+from parallel.moe import moe_layers, set_aux_grad_scale
+from parallel.plan import PartitionPlan, Unit, chunk_index, level_of_group, padded_numel, span
+from parallel.topology import Topology, expert_data_topology
 
 
 @dataclass
@@ -50,11 +51,11 @@ class _Param:
 class FlatUnit:
     """One unit's flat buffer and its shards at every level of the plan."""
 
-    def __init__(self, name: str, params: List[Tuple[str, nn.Parameter]], *, engine: "ShardedEngine",
-                 fwd_gathers: int, bwd_gathers: int):
+    def __init__(self, name: str, params: List[Tuple[str, nn.Parameter]], *, domain: "Domain",
+                 dtype: torch.dtype, device: str, fwd_gathers: int, bwd_gathers: int):
         self.name = name
         self.fwd_gathers, self.bwd_gathers = fwd_gathers, bwd_gathers
-        e = engine
+        self.domain = e = domain
         offset, entries = 0, []
         for pname, p in params:
             entries.append(_Param(pname, p, p.shape, offset, p.numel()))
@@ -62,9 +63,9 @@ class FlatUnit:
         self.params = entries
         self.numel = offset
         self.N = padded_numel(offset, e.world_size)
-        self.dtype = e.dtype
+        self.dtype = dtype
 
-        full = torch.zeros(self.N, dtype=self.dtype, device=e.device)
+        full = torch.zeros(self.N, dtype=self.dtype, device=device)
         with torch.no_grad():
             for ent in entries:
                 full[ent.offset: ent.offset + ent.numel].copy_(ent.param.detach().reshape(-1))
@@ -79,14 +80,14 @@ class FlatUnit:
             self.p_shard = full
         else:
             self.p_shard = init[e.idx_p * self.c_p:(e.idx_p + 1) * self.c_p].clone()
-        self.b_shard = (torch.empty(self.c_b, dtype=self.dtype, device=e.device)
+        self.b_shard = (torch.empty(self.c_b, dtype=self.dtype, device=device)
                         if e.plan.secondary_level is not None else None)
-        self.grad_acc = torch.zeros(self.c_g, dtype=torch.float32, device=e.device)
+        self.grad_acc = torch.zeros(self.c_g, dtype=torch.float32, device=device)
         o = slice(e.idx_o * self.c_o, (e.idx_o + 1) * self.c_o)
         self.master = init[o].float().clone()
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
-        decay = torch.zeros(self.N, dtype=torch.bool, device=e.device)
+        decay = torch.zeros(self.N, dtype=torch.bool, device=device)
         for ent in entries:
             if len(ent.shape) >= 2:  # norms are not decayed (parallel.engine.param_groups)
                 decay[ent.offset: ent.offset + ent.numel] = True
@@ -108,6 +109,15 @@ class FlatUnit:
         self.gathered = False
 
 
+def _is_expert(name: str) -> bool:
+    """Routed-expert weights (parallel.moe.Experts): sharded over the expert-data-parallel ranks."""
+    return ".experts." in f".{name}"
+
+
+def _block_params(model: nn.Module, i: int, experts: bool) -> List[Tuple[str, nn.Parameter]]:
+    return [(f"blocks.{i}.{n}", p) for n, p in model.blocks[i].named_parameters() if _is_expert(n) == experts]
+
+
 def _outer_params(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     block_ids = {id(p) for p in model.blocks.parameters()}
     outer, seen = [], set()
@@ -121,8 +131,37 @@ def _outer_params(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
 def model_units(model: nn.Module) -> List[Unit]:
     """The engine's units as the cost model sees them (works on a meta-device model)."""
     outer = Unit("outer", sum(p.numel() for _, p in _outer_params(model)), fwd_gathers=1, bwd_gathers=0)
-    return [outer] + [Unit(f"blocks.{i}", sum(p.numel() for p in blk.parameters()))
-                      for i, blk in enumerate(model.blocks)]
+    units = [outer]
+    for i in range(len(model.blocks)):
+        units.append(Unit(f"blocks.{i}", sum(p.numel() for _, p in _block_params(model, i, experts=False))))
+        experts = sum(p.numel() for _, p in _block_params(model, i, experts=True))
+        if experts:
+            units.append(Unit(f"blocks.{i}.experts", experts, expert=True))
+    return units
+
+
+class Domain:
+    """The ranks a set of units is sharded over, and the plan's groups among them: the whole
+    world for dense units; for expert units, the ranks holding the same experts (one rank
+    per expert-parallel group, `copies` = ep such sets side by side)."""
+
+    def __init__(self, plan: PartitionPlan, topology: Topology, rank: int, copies: int = 1):
+        self.plan, self.topo, self.rank, self.copies = plan, topology, rank, copies
+        self.world_size = topology.world_size
+        self.s_p, self.s_b, self.s_g, self.s_o = (
+            span(topology, lv) for lv in (plan.param_level, plan.bwd_level, plan.grad_level, plan.optim_level))
+        self.idx_p, self.idx_b, self.idx_g, self.idx_o = (
+            chunk_index(topology, rank, lv) for lv in (plan.param_level, plan.bwd_level, plan.grad_level, plan.optim_level))
+        self.groups: Dict[str, CommGroup] = build_groups(plan, topology, rank, copies=copies)
+        self._position_cache: Dict[Tuple[Tuple[int, ...], int], List[int]] = {}
+
+    def positions(self, group: CommGroup, level: int) -> List[int]:
+        """Chunk index of each group member at `level`, in group order (computed once per group:
+        this runs for every unit on every gather and reduce-scatter)."""
+        key = (group.ranks, level)
+        if key not in self._position_cache:
+            self._position_cache[key] = [chunk_index(self.topo, m // self.copies, level) for m in group.ranks]
+        return self._position_cache[key]
 
 
 class ShardedEngine:
@@ -144,6 +183,7 @@ class ShardedEngine:
         grad_clip: float = 0.0,
         eps: float = 1e-8,
         device: str = "cpu",
+        ep: int = 1,
     ):
         self.model, self.plan, self.topo, self.rank = model, plan, topology, rank
         self.loss_fn = loss_fn
@@ -151,74 +191,103 @@ class ShardedEngine:
         self.device = device
         self.world_size = topology.world_size
         self.dtype = next(model.parameters()).dtype
-        self.s_p, self.s_b, self.s_g, self.s_o = (
-            span(topology, lv) for lv in (plan.param_level, plan.bwd_level, plan.grad_level, plan.optim_level))
-        self.idx_p, self.idx_b, self.idx_g, self.idx_o = (
-            chunk_index(topology, rank, lv) for lv in (plan.param_level, plan.bwd_level, plan.grad_level, plan.optim_level))
-        self.groups: Dict[str, CommGroup] = build_groups(plan, topology, rank)
         self.ledger = ByteLedger()
-        self._position_cache: Dict[Tuple[Tuple[int, ...], int], List[int]] = {}
         self.step_count = 0
         self.world_group_size = dist.get_world_size() if dist.is_initialized() else 1
         assert self.world_group_size == self.world_size, "topology and process group disagree"
+        self.dense = Domain(plan, topology, rank)
+        self.groups = self.dense.groups
+        self.moe = moe_layers(model)
+        self.ep = ep
+        self.experts: Optional[Domain] = None
+        self.ep_group: Optional[CommGroup] = None
+        if self.moe:
+            self._bind_experts(ep)
 
-        self.outer = FlatUnit("outer", _outer_params(model), engine=self, fwd_gathers=1, bwd_gathers=0)
-        self.blocks = [
-            FlatUnit(f"blocks.{i}", [(f"blocks.{i}.{n}", p) for n, p in blk.named_parameters()],
-                     engine=self, fwd_gathers=1, bwd_gathers=1)
-            for i, blk in enumerate(model.blocks)
-        ]
-        self.units = [self.outer] + self.blocks
+        unit = dict(dtype=self.dtype, device=device)
+        self.outer = FlatUnit("outer", _outer_params(model), domain=self.dense, fwd_gathers=1, bwd_gathers=0, **unit)
+        self.blocks: List[List[FlatUnit]] = []
+        for i in range(len(model.blocks)):
+            units = [FlatUnit(f"blocks.{i}", _block_params(model, i, experts=False), domain=self.dense,
+                              fwd_gathers=1, bwd_gathers=1, **unit)]
+            expert_params = _block_params(model, i, experts=True)
+            if expert_params:
+                units.append(FlatUnit(f"blocks.{i}.experts", expert_params, domain=self.experts,
+                                      fwd_gathers=1, bwd_gathers=1, **unit))
+            self.blocks.append(units)
+        self.units = [self.outer] + [u for units in self.blocks for u in units]
+
+    def _bind_experts(self, ep: int) -> None:
+        """EP groups of ep consecutive ranks; each MoE layer keeps its EP rank's experts; expert
+        units are sharded by the same plan over the ranks that hold the same experts."""
+        from parallel.moe import ExpertParallel
+
+        topo = self.topo
+        sub = expert_data_topology(topo, ep)
+        partition = [list(range(start, start + ep)) for start in range(0, self.world_size, ep)]
+        level = topo.levels[level_of_group(topo, range(0, ep))].name
+        self.ep_group = build_partition(partition, self.rank, level)
+        binding = ExpertParallel(self.ep_group.pg, self.ep_group.ranks, self.rank % ep, level,
+                                 tuple(topo.node_of(r) for r in self.ep_group.ranks), ledger=self.ledger)
+        for layer in self.moe:
+            layer.bind_expert_parallel(binding)
+        self.experts = Domain(self.plan, sub, self.rank // ep, copies=ep)
 
     def cost_units(self) -> List[Unit]:
         return model_units(self.model)
 
     # ---- gathers ---------------------------------------------------------------------------
-    def _positions(self, group: CommGroup, level: int) -> List[int]:
-        """Chunk index of each group member at `level`, in group order (computed once per group:
-        this runs for every unit on every gather and reduce-scatter)."""
-        key = (group.ranks, level)
-        if key not in self._position_cache:
-            self._position_cache[key] = [chunk_index(self.topo, m, level) for m in group.ranks]
-        return self._position_cache[key]
-
     def _gather(self, unit: FlatUnit, phase: str, async_op: bool):
         """All-gather the unit's full buffer from the forward (param) or backward group."""
         if unit.persistent:
             return None
+        d = unit.domain
         unit._alloc()
         unit.gathered = True
         if phase == "fwd" or self.plan.secondary_level is None:
-            group, level, shard, c = self.groups["param"], self.plan.param_level, unit.p_shard, unit.c_p
+            group, level, shard, c = d.groups["param"], self.plan.param_level, unit.p_shard, unit.c_p
         else:
-            group, level, shard, c = self.groups["bwd"], self.plan.secondary_level, unit.b_shard, unit.c_b
-        outs = [unit.full[j * c:(j + 1) * c] for j in self._positions(group, level)]
+            group, level, shard, c = d.groups["bwd"], self.plan.secondary_level, unit.b_shard, unit.c_b
+        outs = [unit.full[j * c:(j + 1) * c] for j in d.positions(group, level)]
         return self.ledger.all_gather(outs, shard, group, phase, async_op=async_op)
 
-    def _after_fwd_gather(self, unit: FlatUnit) -> None:
+    def _gather_all(self, units: List[FlatUnit], phase: str, async_op: bool) -> List:
+        return [self._gather(u, phase, async_op) for u in units]
+
+    @staticmethod
+    def _after_fwd_gather(unit: FlatUnit) -> None:
+        d = unit.domain
         if unit.b_shard is not None:  # hpZ: keep the secondary shard cut from this gather
-            unit.b_shard.copy_(unit.full[self.idx_b * unit.c_b:(self.idx_b + 1) * unit.c_b])
+            unit.b_shard.copy_(unit.full[d.idx_b * unit.c_b:(d.idx_b + 1) * unit.c_b])
+
+    @staticmethod
+    def _wait(pending: List) -> None:
+        for p in pending:
+            if p is not None:
+                p.wait()
 
     # ---- one micro-step --------------------------------------------------------------------
     def micro_step(self, inputs: torch.Tensor, targets: torch.Tensor, *, scale: float) -> float:
         """Forward and backward of one micro-batch; returns its (unscaled) loss."""
         model, blocks = self.model, self.blocks
+        set_aux_grad_scale(model, scale)
         self._gather(self.outer, "fwd", async_op=False)
         self._after_fwd_gather(self.outer)
-        pending = self._gather(blocks[0], "fwd", async_op=True) if blocks else None
+        pending = self._gather_all(blocks[0], "fwd", async_op=True) if blocks else []
 
         h = model.embed(inputs)
         leaves, outs = [], []
         x = h.detach().requires_grad_()
-        for i, blk in enumerate(blocks):
-            if pending is not None:
-                pending.wait()
-            self._after_fwd_gather(blk)
-            pending = self._gather(blocks[i + 1], "fwd", async_op=True) if i + 1 < len(blocks) else None
+        for i, units in enumerate(blocks):
+            self._wait(pending)
+            for u in units:
+                self._after_fwd_gather(u)
+            pending = self._gather_all(blocks[i + 1], "fwd", async_op=True) if i + 1 < len(blocks) else []
             leaves.append(x)
             y = model.blocks[i](x)
             outs.append(y)
-            blk.free()
+            for u in units:
+                u.free()
             x = y.detach().requires_grad_()
         logits = model.head(x)
         loss = self.loss_fn(logits, targets)
@@ -226,53 +295,66 @@ class ShardedEngine:
         self.outer.free()
         grad = x.grad
 
-        pending = self._gather(blocks[-1], "bwd", async_op=True) if blocks else None
+        pending = self._gather_all(blocks[-1], "bwd", async_op=True) if blocks else []
         for i in range(len(blocks) - 1, -1, -1):
-            if pending is not None:
-                pending.wait()
-            pending = self._gather(blocks[i - 1], "bwd", async_op=True) if i > 0 else None
+            self._wait(pending)
+            pending = self._gather_all(blocks[i - 1], "bwd", async_op=True) if i > 0 else []
             torch.autograd.backward(outs[i], grad)
             grad = leaves[i].grad
-            self._reduce_grads(blocks[i])
-            blocks[i].free()
+            for u in blocks[i]:
+                self._reduce_grads(u)
+                u.free()
         torch.autograd.backward(h, grad)
         self._reduce_grads(self.outer)
         return loss.item()
 
     def _reduce_grads(self, unit: FlatUnit) -> None:
+        d = unit.domain
         flat = torch.zeros(unit.N, dtype=self.dtype, device=self.device)
         for ent in unit.params:
             if ent.param.grad is not None:
                 flat[ent.offset: ent.offset + ent.numel].copy_(ent.param.grad.reshape(-1))
                 ent.param.grad = None
-        group, c = self.groups["grad"], unit.c_g
+        group, c = d.groups["grad"], unit.c_g
         if group.size == 1:
-            unit.grad_acc.add_(flat[self.idx_g * c:(self.idx_g + 1) * c])
+            unit.grad_acc.add_(flat[d.idx_g * c:(d.idx_g + 1) * c])
             return
         out = torch.empty(c, dtype=self.dtype, device=self.device)
-        ins = [flat[j * c:(j + 1) * c] for j in self._positions(group, self.plan.grad_level)]
+        ins = [flat[j * c:(j + 1) * c] for j in d.positions(group, self.plan.grad_level)]
         self.ledger.reduce_scatter(out, ins, group, "bwd")
         unit.grad_acc.add_(out)
 
     # ---- optimizer step --------------------------------------------------------------------
+    def _optimizer_grad(self, u: FlatUnit) -> torch.Tensor:
+        """The unit's gradient on this rank's optimizer shard, summed over every rank, / world."""
+        d = u.domain
+        up, reps = d.groups["grad_up"], d.groups["replicas"]
+        if up.size > 1:  # G-shard -> O-shard: the O-chunks inside my G-chunk
+            base = d.idx_g * (d.s_o // d.s_g)
+            ins = [u.grad_acc[(j - base) * u.c_o:(j - base + 1) * u.c_o]
+                   for j in d.positions(up, self.plan.optim_level)]
+            g = torch.empty(u.c_o, dtype=torch.float32, device=self.device)
+            self.ledger.reduce_scatter(g, ins, up, "step")
+        else:
+            off = (d.idx_o - d.idx_g * (d.s_o // d.s_g)) * u.c_o
+            g = u.grad_acc[off: off + u.c_o]
+        self.ledger.all_reduce(g, reps, "step")
+        # every rank's micro-batches reached these weights (experts through the all-to-all)
+        return g.div_(self.world_size)
+
+    def _sum_squares(self, units: List[FlatUnit], grads: List[torch.Tensor], domain: "Domain") -> torch.Tensor:
+        mine = [g for u, g in zip(units, grads) if u.domain is domain]
+        total = torch.stack([g.double().pow(2).sum() for g in mine]).sum().float().reshape(1)
+        self.ledger.all_reduce(total, domain.groups["optim"], "step")
+        return total
+
     def step(self, lr: float) -> StepStats:
-        up, reps = self.groups["grad_up"], self.groups["replicas"]
-        grads = []
-        for u in self.units:
-            if up.size > 1:  # G-shard -> O-shard: the O-chunks inside my G-chunk
-                base = self.idx_g * (self.s_o // self.s_g)
-                ins = [u.grad_acc[(j - base) * u.c_o:(j - base + 1) * u.c_o]
-                       for j in self._positions(up, self.plan.optim_level)]
-                g = torch.empty(u.c_o, dtype=torch.float32, device=self.device)
-                self.ledger.reduce_scatter(g, ins, up, "step")
-            else:
-                off = (self.idx_o - self.idx_g * (self.s_o // self.s_g)) * u.c_o
-                g = u.grad_acc[off: off + u.c_o]
-            self.ledger.all_reduce(g, reps, "step")
-            g.div_(self.world_size)
-            grads.append(g)
-        sumsq = torch.stack([g.double().pow(2).sum() for g in grads]).sum().float().reshape(1)
-        self.ledger.all_reduce(sumsq, self.groups["optim"], "step")
+        grads = [self._optimizer_grad(u) for u in self.units]
+        sumsq = self._sum_squares(self.units, grads, self.dense)
+        if self.experts is not None:
+            expert_sq = self._sum_squares(self.units, grads, self.experts)
+            self.ledger.all_reduce(expert_sq, self.ep_group, "step")  # the other EP ranks' experts
+            sumsq = sumsq + expert_sq
         norm = math.sqrt(sumsq.item())
         if self.grad_clip > 0 and norm > self.grad_clip:
             coef = self.grad_clip / (norm + 1e-6)
@@ -284,8 +366,9 @@ class ShardedEngine:
         bc1 = 1 - b1 ** self.step_count
         bc2_sqrt = math.sqrt(1 - b2 ** self.step_count)
         decay_factor = 1 - lr * self.weight_decay
-        down = self.groups["param_down"]
         for u, g in zip(self.units, grads):
+            d = u.domain
+            down = d.groups["param_down"]
             # AdamW exactly as torch.optim.AdamW (single-tensor path), on the fp32 shard
             u.master.mul_(torch.where(u.decay, decay_factor, 1.0))
             u.exp_avg.lerp_(g, 1 - b1)
@@ -295,12 +378,12 @@ class ShardedEngine:
             u.grad_acc.zero_()
             new = u.master.to(self.dtype)
             if down.size > 1:  # O-shard -> P-shard: gather the O-chunks that make up my P-chunk
-                base = self.idx_p * (self.s_o // self.s_p)
+                base = d.idx_p * (d.s_o // d.s_p)
                 outs = [u.p_shard[(j - base) * u.c_o:(j - base + 1) * u.c_o]
-                        for j in self._positions(down, self.plan.optim_level)]
+                        for j in d.positions(down, self.plan.optim_level)]
                 self.ledger.all_gather(outs, new, down, "step")
             else:
-                off = (self.idx_o - self.idx_p * (self.s_o // self.s_p)) * u.c_o
+                off = (d.idx_o - d.idx_p * (d.s_o // d.s_p)) * u.c_o
                 u.p_shard[off: off + u.c_o].copy_(new)
         return StepStats(grad_norm=norm)
 
@@ -309,23 +392,29 @@ class ShardedEngine:
 
     # ---- global tensors (checkpoints, tests) -----------------------------------------------
     def global_tensors(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        """name -> {'param', 'exp_avg', 'exp_avg_sq'} as full fp32 tensors, on every rank."""
-        group = self.groups["optim"]
+        """name -> {'param', 'exp_avg', 'exp_avg_sq'} as full fp32 tensors, on every rank.
+        Expert weights come back with all experts (global shape [E, ...])."""
         out: Dict[str, Dict[str, torch.Tensor]] = {}
         for u in self.units:
+            d = u.domain
+            group = d.groups["optim"]
             fulls = {}
             for key in ("master", "exp_avg", "exp_avg_sq"):
                 shard = getattr(u, key)
                 full = torch.empty(u.N, dtype=torch.float32, device=self.device)
-                outs = [full[j * u.c_o:(j + 1) * u.c_o] for j in self._positions(group, self.plan.optim_level)]
+                outs = [full[j * u.c_o:(j + 1) * u.c_o] for j in d.positions(group, self.plan.optim_level)]
                 if group.size > 1:
                     dist.all_gather(outs, shard, group=group.pg)
                 else:
                     outs[0].copy_(shard)
                 fulls[key] = full
             for ent in u.params:
-                out[ent.name] = {
-                    ("param" if k == "master" else k): v[ent.offset: ent.offset + ent.numel].view(ent.shape).clone()
-                    for k, v in fulls.items()
-                }
+                tensors = {("param" if k == "master" else k): v[ent.offset: ent.offset + ent.numel].view(ent.shape).clone()
+                           for k, v in fulls.items()}
+                if d is self.experts and self.ep_group.size > 1:  # concatenate the EP ranks' experts
+                    for k, t in tensors.items():
+                        parts = [torch.empty_like(t) for _ in range(self.ep_group.size)]
+                        dist.all_gather(parts, t, group=self.ep_group.pg)
+                        tensors[k] = torch.cat(parts, 0)
+                out[ent.name] = tensors
         return out

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.moe import MoEConfig, MoEFeedForward
 from recipes.config import ModelConfig, default_ffn_hidden, model_errors  # noqa: F401 (re-exported)
 
 INIT_STD = 0.02
@@ -101,23 +102,31 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the mlp is a SwiGLU,
+    or with moe.num_experts > 0 a Mixture-of-Experts layer (parallel/moe.py)."""
 
-    def __init__(self, cfg: ModelConfig, seq_len: int):
+    def __init__(self, cfg: ModelConfig, seq_len: int, moe: Optional[MoEConfig] = None):
         super().__init__()
         hidden = cfg.ffn_hidden or default_ffn_hidden(cfg.d_model)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, seq_len, cfg.rope_theta)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, hidden)
+        if moe is not None and moe.num_experts:
+            self.mlp = MoEFeedForward(cfg.d_model, moe.expert_hidden or hidden, moe)
+        else:
+            self.mlp = SwiGLU(cfg.d_model, hidden)
 
     def init_weights(self, out_proj_std: float) -> None:
         self.attn_norm.reset_parameters()
         self.mlp_norm.reset_parameters()
-        for linear in (self.attn.wqkv, self.mlp.w_gate, self.mlp.w_up):
-            nn.init.normal_(linear.weight, mean=0.0, std=INIT_STD)
-        for linear in (self.attn.wo, self.mlp.w_down):
-            nn.init.normal_(linear.weight, mean=0.0, std=out_proj_std)
+        nn.init.normal_(self.attn.wqkv.weight, mean=0.0, std=INIT_STD)
+        nn.init.normal_(self.attn.wo.weight, mean=0.0, std=out_proj_std)
+        if isinstance(self.mlp, MoEFeedForward):
+            self.mlp.init_weights(INIT_STD, out_proj_std)
+        else:
+            for linear in (self.mlp.w_gate, self.mlp.w_up):
+                nn.init.normal_(linear.weight, mean=0.0, std=INIT_STD)
+            nn.init.normal_(self.mlp.w_down.weight, mean=0.0, std=out_proj_std)
         self.attn.reset_buffers()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,13 +135,14 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, seq_len: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, seq_len: int, moe: Optional[MoEConfig] = None):
         super().__init__()
         self.cfg = cfg
+        self.moe = moe
         self.vocab_size = vocab_size
         self.seq_len = seq_len
         self.tok_embeddings = nn.Embedding(vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, seq_len) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, seq_len, moe) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -171,16 +181,18 @@ class Transformer(nn.Module):
         return self.head(x)
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Transformer:
-    """A freshly initialised model (float32, on the default device); seed torch first for repeatability."""
-    errors = model_errors(cfg)
+def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, moe: Optional[MoEConfig] = None) -> Transformer:
+    """A freshly initialised model (float32, on the default device); seed torch first for repeatability.
+    With `moe` (moe.num_experts > 0) every block's feed-forward is a Mixture-of-Experts layer
+    holding all experts until an engine binds it to an expert-parallel group."""
+    errors = model_errors(cfg) + (moe.errors() if moe is not None else [])
     if vocab_size < 1:
         errors.append(f"vocab_size={vocab_size} must be at least 1 (it comes from data.vocab_size).")
     if seq_len < 1:
         errors.append(f"seq_len={seq_len} must be at least 1 (it comes from data.seq_len).")
     if errors:
         raise ValueError("\n".join(errors))
-    return Transformer(cfg, vocab_size, seq_len)
+    return Transformer(cfg, vocab_size, seq_len, moe)
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -193,16 +205,24 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() already de-duplicates
 
 
-def count_params(cfg: ModelConfig, vocab_size: int) -> int:
-    """What `num_params(build_model(cfg, vocab_size, ...))` returns, without building the model."""
+def count_params(cfg: ModelConfig, vocab_size: int, moe: Optional[MoEConfig] = None, active: bool = False) -> int:
+    """What `num_params(build_model(cfg, vocab_size, ..., moe))` returns, without building the
+    model; `active`: the parameters one token uses (top_k routed experts, not all of them)."""
     d, hidden = cfg.d_model, cfg.ffn_hidden or default_ffn_hidden(cfg.d_model)
-    per_block = 2 * d + 4 * d * d + 3 * d * hidden  # two norms, wqkv + wo, SwiGLU
+    if moe is not None and moe.num_experts:
+        h = moe.expert_hidden or hidden
+        routed = moe.top_k if active else moe.num_experts
+        mlp = d * moe.num_experts + 3 * d * h * (routed + moe.shared_experts)  # router + experts
+    else:
+        mlp = 3 * d * hidden
+    per_block = 2 * d + 4 * d * d + mlp  # two norms, wqkv + wo, feed-forward
     embeddings = vocab_size * d * (1 if cfg.tie_embeddings else 2)
     return embeddings + cfg.n_layers * per_block + d
 
 
 def flops_per_token(
-    cfg: ModelConfig, vocab_size: int, seq_len: int, num_params: Optional[int] = None
+    cfg: ModelConfig, vocab_size: int, seq_len: int, num_params: Optional[int] = None,
+    moe: Optional[MoEConfig] = None,
 ) -> int:
     """Training FLOPs (forward + backward) per token: 6 N + 12 n_layers d_model seq_len.
 
@@ -211,6 +231,6 @@ def flops_per_token(
     `count_params(cfg, vocab_size)`; the embedding lookup costs nothing, but with tied weights
     that same matrix is the output head's matmul, so counting it once is right.
     """
-    if num_params is None:
-        num_params = count_params(cfg, vocab_size)
+    if num_params is None or (moe is not None and moe.num_experts):
+        num_params = count_params(cfg, vocab_size, moe, active=True)  # an MoE counts active params
     return 6 * num_params + 12 * cfg.n_layers * cfg.d_model * seq_len

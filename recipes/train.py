@@ -21,12 +21,13 @@ import torch.distributed as dist
 
 from parallel.context import DistContext
 from parallel.engine import DataParallelEngine
-from parallel.plan import Choice, ParallelConfig, resolve_plan
+from parallel.moe import MoEConfig, moe_layers
+from parallel.plan import Choice, MoETraffic, ParallelConfig, resolve_plan
 from parallel.topology import Topology
 from parallel.zero import ShardedEngine, model_units
 from recipes.config import DataConfig, ModelConfig, TrainConfig
 from recipes.data import build_dataset
-from recipes.model import build_model, flops_per_token, loss_fn, num_params
+from recipes.model import build_model, count_params, flops_per_token, loss_fn
 from recipes.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,10 @@ class TrainResult:
     entropy_floor_nats: Optional[float] = None
     wall_s: float = 0.0
     num_params: int = 0
+    expert_tokens: List[torch.Tensor] = field(default_factory=list)
+    """MoE: per step, tokens routed to each expert [layer, expert], over every rank."""
+    dropped_fraction: List[List[float]] = field(default_factory=list)
+    """MoE: per step and layer, the share of assignments dropped for capacity."""
 
     @property
     def final_loss(self) -> float:
@@ -97,16 +102,57 @@ def choose_plan_for(
     seq_len: int,
     topology: Topology,
     memory_budget_bytes: Optional[float],
+    moe_cfg: Optional[MoEConfig] = None,
 ) -> Choice:
     """The plan this recipe would run with (model built on the meta device: no memory, no time)."""
     with torch.device("meta"):
-        model = build_model(model_cfg, vocab_size=vocab_size, seq_len=seq_len)
+        model = build_model(model_cfg, vocab_size=vocab_size, seq_len=seq_len, moe=moe_cfg)
     return resolve_plan(
         parallel_cfg, topology, model_units(model),
         dtype_bytes=torch.finfo(dtype_of(train_cfg)).bits // 8,
         grad_accum=grad_accum_steps(train_cfg, topology.world_size),
         memory_budget_bytes=memory_budget_bytes,
+        moe=moe_traffic(train_cfg, model_cfg, moe_cfg, seq_len),
     )
+
+
+def moe_traffic(train_cfg: TrainConfig, model_cfg: ModelConfig, moe_cfg: Optional[MoEConfig],
+                seq_len: int) -> Optional[MoETraffic]:
+    if moe_cfg is None or not moe_cfg.num_experts:
+        return None
+    return MoETraffic(tokens_per_micro_step=train_cfg.micro_batch_size * seq_len, d_model=model_cfg.d_model,
+                      top_k=moe_cfg.top_k, num_layers=model_cfg.n_layers)
+
+
+def expert_step(model, *, world_size: int, step: int, telemetry, is_rank0: bool) -> Optional[dict]:
+    """After an optimizer step: every rank's routing statistics summed over the world, the
+    auxiliary-loss-free bias moved from that global load, one `experts` row per (layer,
+    expert) from rank 0. Returns the step's summary (tokens per expert, dropped fraction)."""
+    layers = moe_layers(model)
+    if not layers:
+        return None
+    stats = [layer.take_stats() for layer in layers]
+    E = layers[0].num_experts
+    # [layer, E + 5]: tokens per expert, dropped, assignments, aux sum, z sum, micro-batches
+    packed = torch.stack([torch.cat([s["tokens"].double().cpu(), torch.tensor(
+        [s["dropped"], s["assignments"], s["aux"], s["z"], s["calls"]], dtype=torch.float64)]) for s in stats])
+    if world_size > 1:
+        device = layers[0].router.weight.device
+        packed = packed.to(device)
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+    summary = {"tokens": packed[:, :E].long(), "dropped_fraction": (packed[:, E] / packed[:, E + 1]).tolist()}
+    for li, layer in enumerate(layers):
+        row = packed[li]
+        if layer.cfg.bias_update_rate:
+            layer.update_bias(row[:E].to(layer.expert_bias.device))
+        if is_rank0:
+            calls = float(row[E + 4])
+            for e in range(E):
+                telemetry.expert(step=step, layer=li, expert=e, tokens=int(row[e]),
+                                 dropped_fraction=float(row[E] / row[E + 1]), aux_loss=float(row[E + 2]) / calls,
+                                 z_loss=float(row[E + 3]) / calls, bias=float(layer.expert_bias[e]))
+    return summary
 
 
 def train(
@@ -121,6 +167,7 @@ def train(
     peak_tflops: Optional[float] = None,
     show_progress: bool = True,
     reference_engine: bool = False,
+    moe_cfg: Optional[MoEConfig] = None,
 ) -> TrainResult:
     """Train; `reference_engine` runs plain data parallelism with torch.optim.AdamW instead of
     the plan (the tests' single-process reference)."""
@@ -131,11 +178,11 @@ def train(
 
     dataset = build_dataset(data_cfg)
     torch.manual_seed(train_cfg.seed)
-    model = build_model(model_cfg, vocab_size=dataset.vocab_size, seq_len=dataset.seq_len)
+    model = build_model(model_cfg, vocab_size=dataset.vocab_size, seq_len=dataset.seq_len, moe=moe_cfg)
     dtype = dtype_of(train_cfg)
     model = model.to(device=ctx.device, dtype=dtype)
-    n_params = num_params(model)
-    flops_tok = flops_per_token(model_cfg, dataset.vocab_size, dataset.seq_len, n_params)
+    n_params = count_params(model_cfg, dataset.vocab_size, moe_cfg)  # all experts, before EP splits them
+    flops_tok = flops_per_token(model_cfg, dataset.vocab_size, dataset.seq_len, n_params, moe=moe_cfg)
     optim = dict(lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2),
                  weight_decay=train_cfg.weight_decay, grad_clip=train_cfg.grad_clip, loss_fn=loss_fn)
     if reference_engine:
@@ -146,6 +193,7 @@ def train(
         choice = resolve_plan(
             parallel_cfg, ctx.topology, model_units(model),
             dtype_bytes=torch.finfo(dtype).bits // 8, grad_accum=accum, memory_budget_bytes=memory_budget_bytes,
+            moe=moe_traffic(train_cfg, model_cfg, moe_cfg, dataset.seq_len),
         )
         if parallel_cfg.engine == "deepspeed":
             from parallel.deepspeed_adapter import DeepSpeedEngine, restrict_auto_choice
@@ -163,7 +211,7 @@ def train(
                                  device=ctx.device, **optim)
         else:
             engine = ShardedEngine(model, plan=choice.plan, topology=ctx.topology, rank=ctx.rank,
-                                   device=ctx.device, **optim)
+                                   device=ctx.device, ep=parallel_cfg.ep, **optim)
         plan_line = f"{choice.plan.describe(ctx.topology)} on {parallel_cfg.engine}: {choice.reason}"
     if peak_tflops is None:
         peak_tflops = measure_matmul_tflops(dtype, ctx.device)
@@ -197,6 +245,10 @@ def train(
             stats = engine.step(lr)
             for row in engine.take_comm():
                 telemetry.comm(step=step, **row)
+            routing = expert_step(model, world_size=dp_size, step=step, telemetry=telemetry, is_rank0=ctx.rank == 0)
+            if routing is not None:
+                result.expert_tokens.append(routing["tokens"])
+                result.dropped_fraction.append(routing["dropped_fraction"])
             loss_buf[0] = loss_sum / accum
             if dp_size > 1:
                 dist.all_reduce(loss_buf, op=dist.ReduceOp.SUM)

@@ -100,8 +100,23 @@ COLLECTIVES = pa.schema(
 )
 """One row per (op, scope, group, placement, dtype, size): `tierzero bench` results, written by rank 0."""
 
+EXPERTS = pa.schema(
+    [
+        pa.field("time", TIME, nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),  # index among the model's MoE layers
+        pa.field("expert", pa.int32(), nullable=False),
+        pa.field("tokens", pa.int64(), nullable=False),  # assignments routed to it in the step, every rank
+        pa.field("dropped_fraction", pa.float64(), nullable=False),  # of the layer's assignments, for capacity
+        pa.field("aux_loss", pa.float64(), nullable=False),  # the layer's weighted aux + z loss, mean per micro-batch
+        pa.field("z_loss", pa.float64(), nullable=False),  # the layer's unweighted router z-loss, mean
+        pa.field("bias", pa.float64(), nullable=False),  # auxiliary-loss-free selection bias after the step
+    ]
+)
+"""One row per (step, MoE layer, expert), written by rank 0 from routing summed over every rank."""
+
 TABLES: dict[str, pa.Schema] = {"steps": STEPS, "events": EVENTS, "nodes": NODES, "comm": COMM,
-                                "collectives": COLLECTIVES}
+                                "collectives": COLLECTIVES, "experts": EXPERTS}
 
 PARTITION = pa.schema([("run", pa.string()), ("attempt", pa.int32()), ("rank", pa.int32())])
 """Types of the Hive partition keys, in path order."""

@@ -234,6 +234,12 @@ class Telemetry:
             return
         self._writer("comm").append(dict(columns))
 
+    def expert(self, **columns: Any) -> None:
+        """Record one MoE routing row (schema.EXPERTS)."""
+        if not self.cfg.enabled or self._dropped("expert"):
+            return
+        self._writer("experts").append(dict(columns))
+
     def collective(self, **columns: Any) -> None:
         """Record one collective-benchmark row (schema.COLLECTIVES)."""
         if not self.cfg.enabled or self._dropped("collective"):

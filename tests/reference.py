@@ -26,6 +26,6 @@ def single_process_run(overrides) -> TrainResult:
     threads = torch.get_num_threads()
     try:
         return train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx, telemetry=telemetry,
-                     peak_tflops=1.0, show_progress=False, reference_engine=True)
+                     peak_tflops=1.0, show_progress=False, reference_engine=True, moe_cfg=cfg.moe)
     finally:
         torch.set_num_threads(threads)

@@ -88,6 +88,11 @@ SAMPLE_ROWS = {
         "time_us": 812.5, "time_min_us": 800.0, "time_max_us": 825.0, "algbw_gbps": 1.29, "busbw_gbps": 0.645,
         "wrong": 0, "hosts": "a/node0,a/node1", "peak_gbps": None, "fraction_of_peak": None,
     },
+    "experts": {
+        "time": datetime.datetime(2024, 6, 1, 12, 0, 5, tzinfo=UTC),
+        "step": 7, "layer": 1, "expert": 5, "tokens": 130, "dropped_fraction": 0.0625, "aux_loss": 0.0101,
+        "z_loss": 1.7, "bias": -0.002,
+    },
 }
 
 

@@ -1,0 +1,380 @@
+"""Mixture-of-Experts feed-forward with expert parallelism (docs/moe.md).
+
+One layer: a router (fp32 logits; softmax or sigmoid gates; top-k; optionally normalised
+top-k weights), capacity-limited or dropless assignment, dispatch of each token to the
+expert-parallel rank that holds its expert with an all-to-all of uneven splits, the local
+experts as batched matmuls (tokens padded per expert into one [experts, tokens, d] batch:
+no Python loop over tokens or experts), the way back with the reverse all-to-all, and the
+weighted combine. Optional shared experts see every token.
+
+Balancing: the Switch / GShard auxiliary loss E * sum_e f_e P_e (Fedus et al. 2021, eq. 4),
+the router z-loss mean(logsumexp(logits)^2) (Zoph et al. 2022, ST-MoE eq. 5), and
+DeepSeek-V3's auxiliary-loss-free bias (Liu et al. 2024, section 2.1.2): a per-expert bias
+added to the scores for selection only, moved by `bias_update_rate` towards balance after
+every optimizer step from the load observed over the global batch. Node-limited routing
+(DeepSeek-V3): a token's experts lie on at most `max_nodes_per_token` nodes, the nodes
+chosen by the sum of their best top_k / M scores.
+
+Expert parallelism: the EP group is ep consecutive ranks (the fastest level that holds
+them); EP rank j holds experts j*E/ep .. (j+1)*E/ep - 1. The expert weights are stored
+[local experts, ...] so the engine can shard them, like any unit, over the ranks that hold
+the same experts (the expert-data-parallel group).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+GATES = ("softmax", "sigmoid")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0
+    """Routed experts per MoE layer; 0 = a dense model (every block has one SwiGLU)."""
+    top_k: int = 2
+    """Experts each token is sent to."""
+    gate: str = "softmax"
+    """Router gate: softmax (Switch, Mixtral, OLMoE) or sigmoid (DeepSeek-V3)."""
+    norm_topk_prob: bool = True
+    """Normalise each token's top-k weights to sum to 1."""
+    capacity_factor: float = 0.0
+    """Tokens an expert takes per micro-batch = ceil(factor x tokens x top_k / experts), the rest dropped; 0 = dropless."""
+    aux_loss_coef: float = 0.01
+    """Weight of the Switch/GShard load-balance loss; 0 disables it."""
+    z_loss_coef: float = 0.001
+    """Weight of the ST-MoE router z-loss; 0 disables it."""
+    bias_update_rate: float = 0.0
+    """DeepSeek-V3 auxiliary-loss-free balancing: per-expert selection bias step after each optimizer step; 0 = off."""
+    shared_experts: int = 0
+    """Shared experts every token also passes through (DeepSeek-V3 uses 1)."""
+    expert_hidden: Optional[int] = None
+    """Hidden size of one expert's SwiGLU; default the dense model's ffn hidden size."""
+    max_nodes_per_token: int = 0
+    """Node-limited routing: each token's experts on at most this many nodes; 0 = no limit."""
+
+    def errors(self) -> List[str]:
+        errs = []
+        if self.num_experts < 0:
+            errs.append(f"moe.num_experts={self.num_experts} must be >= 0 (0 = dense)")
+        if self.num_experts:
+            if not 1 <= self.top_k <= self.num_experts:
+                errs.append(f"moe.top_k={self.top_k} must be between 1 and moe.num_experts={self.num_experts}")
+            if self.gate not in GATES:
+                errs.append(f"moe.gate={self.gate!r} is not one of {list(GATES)}")
+            if self.capacity_factor < 0:
+                errs.append(f"moe.capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless), e.g. 1.25")
+            for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+                if getattr(self, key) < 0:
+                    errs.append(f"moe.{key}={getattr(self, key)} must be >= 0")
+            if self.shared_experts < 0:
+                errs.append(f"moe.shared_experts={self.shared_experts} must be >= 0")
+            if self.expert_hidden is not None and self.expert_hidden < 1:
+                errs.append(f"moe.expert_hidden={self.expert_hidden} must be >= 1 or null")
+            if self.max_nodes_per_token < 0:
+                errs.append(f"moe.max_nodes_per_token={self.max_nodes_per_token} must be >= 0 (0 = no limit)")
+        return errs
+
+
+# ---- routing (pure tensor functions) ---------------------------------------------------------
+
+def route(logits: torch.Tensor, *, top_k: int, gate: str, norm_topk_prob: bool,
+          bias: Optional[torch.Tensor] = None, expert_node: Optional[torch.Tensor] = None,
+          max_nodes: int = 0):
+    """logits [T, E] (fp32) -> (expert index [T, k], weight [T, k], gate scores [T, E]).
+
+    The bias only changes which experts are selected, never the weights (DeepSeek-V3).
+    `expert_node[e]` is the node holding expert e; experts must be grouped by node."""
+    scores = logits.softmax(-1) if gate == "softmax" else logits.sigmoid()
+    select = scores if bias is None else scores + bias
+    if max_nodes and expert_node is not None:
+        num_nodes = int(expert_node.max()) + 1
+        if num_nodes > max_nodes:
+            T, E = select.shape
+            if top_k > max_nodes * (E // num_nodes):
+                raise ValueError(
+                    f"moe.top_k={top_k} experts cannot fit on moe.max_nodes_per_token={max_nodes} node(s) holding "
+                    f"{E // num_nodes} experts each; raise moe.max_nodes_per_token or lower moe.top_k"
+                )
+            per_node = select.view(T, num_nodes, E // num_nodes)  # [T, nodes, experts per node]
+            best = per_node.topk(min(E // num_nodes, max(1, top_k // max_nodes)), dim=-1).values.sum(-1)  # [T, nodes]
+            chosen = best.topk(max_nodes, dim=-1).indices  # [T, M]
+            allowed = torch.zeros(T, num_nodes, dtype=torch.bool, device=logits.device)
+            allowed.scatter_(1, chosen, True)
+            select = select.masked_fill(~allowed[:, expert_node], float("-inf"))
+    idx = select.topk(top_k, dim=-1).indices  # [T, k], best first
+    weight = scores.gather(1, idx)
+    if norm_topk_prob:
+        weight = weight / weight.sum(-1, keepdim=True)
+    return idx, weight, scores
+
+
+def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
+    """Switch Transformer's expert capacity for one micro-batch of num_tokens."""
+    return math.ceil(factor * num_tokens * top_k / num_experts)
+
+
+def keep_mask(idx: torch.Tensor, num_experts: int, cap: int) -> torch.Tensor:
+    """[T, k] bool: which assignments fit their expert's capacity. GShard's priority: every
+    token's first choice before any second choice; within a choice, tokens in order."""
+    T, k = idx.shape
+    flat = idx.t().reshape(-1)  # [k*T], choice-major
+    onehot = F.one_hot(flat, num_experts)  # [k*T, E]
+    position = onehot.cumsum(0).gather(1, flat[:, None]).squeeze(1) - 1  # place in its expert's queue
+    return (position < cap).view(k, T).t()
+
+
+def balance_loss(scores: torch.Tensor, idx: torch.Tensor, num_experts: int, gate: str) -> torch.Tensor:
+    """Switch/GShard: E * sum_e f_e * P_e, f_e = share of assignments routed to e (before
+    dropping), P_e = mean gate probability of e (sigmoid scores normalised per token)."""
+    probs = scores if gate == "softmax" else scores / scores.sum(-1, keepdim=True)
+    f = torch.bincount(idx.reshape(-1), minlength=num_experts).to(probs.dtype) / idx.numel()
+    return num_experts * (f * probs.mean(0)).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+# ---- autograd pieces -------------------------------------------------------------------------
+
+class _AttachLoss(torch.autograd.Function):
+    """Return `out` unchanged; in backward also give `loss` the gradient `scale`, so an
+    auxiliary loss computed inside a block is trained by the block's own backward pass
+    (the engine runs backward block by block and never sees the term)."""
+
+    @staticmethod
+    def forward(ctx, out, loss, scale: float):
+        ctx.scale = scale
+        ctx.loss_shape = loss.shape
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_full(ctx.loss_shape, ctx.scale, dtype=torch.float32), None
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; its gradient is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, ep: "ExpertParallel"):
+        ctx.send_splits, ctx.recv_splits, ctx.ep = send_splits, recv_splits, ep
+        return ep.all_to_all(x, send_splits, recv_splits, "fwd")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.ep.all_to_all(grad.contiguous(), ctx.recv_splits, ctx.send_splits, "bwd"), None, None, None
+
+
+@dataclass
+class ExpertParallel:
+    """This rank's expert-parallel group, as the MoE layer needs it."""
+    pg: Optional[object]
+    """torch ProcessGroup of the EP group (None = the world)."""
+    ranks: tuple
+    index: int
+    """This rank's position in the EP group = which block of experts it holds."""
+    level: str
+    """Topology level the EP group spans (for the byte ledger)."""
+    nodes: tuple
+    """Node of each EP member, for node-limited routing."""
+    ledger: Optional[object] = None
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def all_to_all(self, x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], phase: str):
+        out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
+        if self.ledger is not None:
+            self.ledger.all_to_all(out, x, list(recv_splits), list(send_splits), self, phase)
+        else:
+            dist.all_to_all_single(out, x, list(recv_splits), list(send_splits), group=self.pg)
+        return out
+
+
+# ---- the layer -------------------------------------------------------------------------------
+
+class SharedExperts(nn.Module):
+    """The shared experts: one SwiGLU of hidden size h x shared_experts that every token passes."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, hidden, bias=False)
+        self.w_up = nn.Linear(d_model, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Experts(nn.Module):
+    """The routed experts this rank holds, as stacked SwiGLU weights."""
+
+    def __init__(self, num_local: int, d_model: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.empty(num_local, d_model, hidden))
+        self.w_up = nn.Parameter(torch.empty(num_local, d_model, hidden))
+        self.w_down = nn.Parameter(torch.empty(num_local, hidden, d_model))
+
+    def forward(self, x: torch.Tensor, expert: torch.Tensor, per_expert: torch.Tensor) -> torch.Tensor:
+        """x [N, d] sorted by expert; expert [N] its local expert; per_expert [E_local] counts -> [N, d]."""
+        num_local = self.w_gate.shape[0]
+        # even with no rows the graph stays connected: every EP rank must run the backward all-to-all
+        most = int(per_expert.max())
+        start = torch.cumsum(per_expert, 0) - per_expert
+        slot = torch.arange(x.shape[0], device=x.device) - start[expert]  # row inside its expert's batch
+        batch = x.new_zeros(num_local, most, x.shape[1]).index_put((expert, slot), x)  # [E_local, most, d]
+        h = F.silu(torch.bmm(batch, self.w_gate)) * torch.bmm(batch, self.w_up)  # [E_local, most, h]
+        return torch.bmm(h, self.w_down)[expert, slot]  # padding rows are zero in and zero out
+
+
+class MoEFeedForward(nn.Module):
+    """Routed SwiGLU experts (+ shared experts). Parameter names (checkpoint format):
+    router.weight [E, d]; experts.w_gate / w_up [E_local, d, h]; experts.w_down [E_local, h, d];
+    shared.w_gate / w_up / w_down (a SwiGLU of hidden h x shared_experts)."""
+
+    def __init__(self, d_model: int, hidden: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.router = nn.Linear(d_model, cfg.num_experts, bias=False)
+        self.experts = Experts(cfg.num_experts, d_model, hidden)
+        self.shared = SharedExperts(d_model, hidden * cfg.shared_experts) if cfg.shared_experts else None
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=True)
+        self.ep: Optional[ExpertParallel] = None
+        self.aux_grad_scale = 1.0
+        """d(total loss)/d(aux loss) of the current micro-step: the engine's loss scale."""
+        self._stats: Optional[dict] = None
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_proj_std: float) -> None:
+        """Normal(0, std) in, Normal(0, out_proj_std) out (into the residual), for ALL experts:
+        call before bind_expert_parallel, so every layout starts from the same global weights."""
+        nn.init.normal_(self.router.weight, mean=0.0, std=std)
+        nn.init.normal_(self.experts.w_gate, mean=0.0, std=std)
+        nn.init.normal_(self.experts.w_up, mean=0.0, std=std)
+        nn.init.normal_(self.experts.w_down, mean=0.0, std=out_proj_std)
+        if self.shared is not None:
+            for lin, sd in ((self.shared.w_gate, std), (self.shared.w_up, std), (self.shared.w_down, out_proj_std)):
+                nn.init.normal_(lin.weight, mean=0.0, std=sd)
+        self.expert_bias.zero_()
+
+    def bind_expert_parallel(self, ep: ExpertParallel) -> None:
+        """Keep only this EP rank's experts (a slice of the global ones) and talk to the group."""
+        if self.num_experts % ep.size:
+            raise ValueError(f"moe.num_experts={self.num_experts} is not divisible by parallel.ep={ep.size}")
+        n = self.num_experts // ep.size
+        lo = ep.index * n
+        for name in ("w_gate", "w_up", "w_down"):
+            full = getattr(self.experts, name)
+            setattr(self.experts, name, nn.Parameter(full.data[lo:lo + n].clone()))
+        self.ep = ep
+
+    @property
+    def num_local(self) -> int:
+        return self.experts.w_gate.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])  # [T, d]
+        T, E, k = xf.shape[0], self.num_experts, cfg.top_k
+        logits = F.linear(xf.float(), self.router.weight.float())  # [T, E], routing in fp32
+        expert_node = None
+        if cfg.max_nodes_per_token and self.ep is not None:
+            per_rank = E // self.ep.size
+            expert_node = torch.tensor(self.ep.nodes, device=x.device).repeat_interleave(per_rank)
+        bias = self.expert_bias if cfg.bias_update_rate else None
+        idx, weight, scores = route(logits, top_k=k, gate=cfg.gate, norm_topk_prob=cfg.norm_topk_prob,
+                                    bias=bias, expert_node=expert_node, max_nodes=cfg.max_nodes_per_token)
+        keep = (keep_mask(idx, E, capacity(T, E, k, cfg.capacity_factor)) if cfg.capacity_factor
+                else torch.ones_like(idx, dtype=torch.bool))
+
+        token = torch.arange(T, device=x.device).repeat_interleave(k)[keep.reshape(-1)]
+        expert = idx.reshape(-1)[keep.reshape(-1)]
+        w = weight.reshape(-1)[keep.reshape(-1)]
+        order = torch.argsort(expert, stable=True)
+        token, expert, w = token[order], expert[order], w[order]
+        counts = torch.bincount(expert, minlength=E)  # [E] kept assignments per expert
+        y = self._dispatch(xf[token], counts)  # [A, d], one row per kept assignment
+        out = torch.zeros_like(xf).index_add(0, token, y * w[:, None].to(y.dtype))
+        if self.shared is not None:
+            out = out + self.shared(xf)
+
+        aux = logits.new_zeros(())
+        routed = torch.bincount(idx.reshape(-1), minlength=E)
+        if cfg.aux_loss_coef:
+            aux = aux + cfg.aux_loss_coef * balance_loss(scores, idx, E, cfg.gate)
+        zl = z_loss(logits) if cfg.z_loss_coef else logits.new_zeros(())
+        if cfg.z_loss_coef:
+            aux = aux + cfg.z_loss_coef * zl
+        if self.training and aux.requires_grad:
+            out = _AttachLoss.apply(out, aux, self.aux_grad_scale)
+        self._record(routed, int(keep.numel() - keep.sum()), keep.numel(), aux.detach(), zl.detach())
+        return out.view(shape)
+
+    def _dispatch(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert -> the expert outputs in the same order, across the EP group."""
+        ep = self.ep.size if self.ep is not None else 1
+        local = self.num_local
+        by_dest = counts.view(ep, local)  # [EP rank, its experts]
+        if ep > 1:
+            recv_counts = torch.empty_like(by_dest)
+            dist.all_to_all_single(recv_counts, by_dest.contiguous(), group=self.ep.pg)  # [source, my experts]
+            send, recv = by_dest.sum(1).tolist(), recv_counts.sum(1).tolist()
+            xs = _AllToAll.apply(xs, send, recv, self.ep)
+        else:
+            recv_counts = by_dest
+        # rows arrive grouped by source, then by my expert: regroup expert-major
+        expert = torch.repeat_interleave(torch.arange(local, device=xs.device).repeat(recv_counts.shape[0]),
+                                         recv_counts.reshape(-1))
+        perm = torch.argsort(expert, stable=True)
+        out = self.experts(xs[perm], expert[perm], recv_counts.sum(0))
+        out = out[torch.argsort(perm)]
+        if ep > 1:
+            out = _AllToAll.apply(out, recv, send, self.ep)
+        return out
+
+    # ---- statistics and balancing ----------------------------------------------------------
+    def _record(self, routed, dropped: int, assignments: int, aux, zl) -> None:
+        s = self._stats
+        if s is None:
+            s = self._stats = {"tokens": torch.zeros_like(routed), "dropped": 0, "assignments": 0,
+                               "aux": 0.0, "z": 0.0, "calls": 0}
+        s["tokens"] += routed
+        s["dropped"] += dropped
+        s["assignments"] += assignments
+        s["aux"] += float(aux)
+        s["z"] += float(zl)
+        s["calls"] += 1
+
+    def take_stats(self) -> Optional[dict]:
+        """This rank's routing since the last call: tokens routed per expert, dropped and total
+        assignments, summed aux and z losses and the number of micro-batches."""
+        s, self._stats = self._stats, None
+        return s
+
+    @torch.no_grad()
+    def update_bias(self, global_tokens: torch.Tensor) -> None:
+        """DeepSeek-V3: b_e += rate * sign(mean load - load_e), from the global batch's load."""
+        load = global_tokens.float()
+        self.expert_bias.add_(self.cfg.bias_update_rate * torch.sign(load.mean() - load))
+
+
+def moe_layers(model: nn.Module) -> List[MoEFeedForward]:
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+
+def set_aux_grad_scale(model: nn.Module, scale: float) -> None:
+    """Engines call this before each micro-step with the scale they apply to the loss."""
+    for m in moe_layers(model):
+        m.aux_grad_scale = scale

@@ -1,0 +1,286 @@
+"""Mixture-of-Experts: routing math against its definitions, the layer against a per-token
+loop, and expert parallelism (ep = 1, 2, 4 on 2 emulated nodes x 2 ranks) against the
+single-process run, with and without capacity dropping."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from reference import single_process_run
+
+from launcher.config import ConfigError, load_config
+from parallel.context import DistContext
+from parallel.moe import (MoEConfig, MoEFeedForward, balance_loss, capacity, keep_mask, route, z_loss)
+from parallel.plan import ParallelConfig, named_plan, predict
+from parallel.topology import emulated_topology, expert_data_topology
+from recipes.train import train
+
+# ---- routing, pure -----------------------------------------------------------------------
+
+
+def test_softmax_top_k_weights_are_normalised_and_bias_only_selects():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 8)
+    idx, w, scores = route(logits, top_k=2, gate="softmax", norm_topk_prob=True)
+    assert torch.equal(idx, logits.topk(2, dim=-1).indices)  # softmax is monotone
+    assert torch.allclose(w.sum(-1), torch.ones(50))
+    assert torch.allclose(scores, logits.softmax(-1))
+    # a bias that favours expert 7 changes the selection, not the weights' source
+    bias = torch.zeros(8)
+    bias[7] = 10.0
+    idx_b, w_b, _ = route(logits, top_k=2, gate="softmax", norm_topk_prob=False, bias=bias)
+    assert (idx_b == 7).any(-1).all()
+    assert torch.allclose(w_b, logits.softmax(-1).gather(1, idx_b))
+
+
+def test_sigmoid_gate_uses_sigmoid_scores():
+    logits = torch.randn(10, 4)
+    _, w, scores = route(logits, top_k=1, gate="sigmoid", norm_topk_prob=False)
+    assert torch.allclose(scores, logits.sigmoid())
+    assert torch.allclose(w[:, 0], logits.sigmoid().max(-1).values)
+
+
+def test_capacity_keeps_first_choices_before_second_choices():
+    # 4 tokens, 2 experts, top-2, capacity 2: expert 0 is everybody's first choice for
+    # tokens 0-2 and token 3's second; GShard priority keeps tokens 0 and 1 in expert 0
+    idx = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
+    keep = keep_mask(idx, num_experts=2, cap=2)
+    assert keep.tolist() == [[True, True], [True, False], [False, False], [True, False]]
+    assert capacity(num_tokens=4, num_experts=2, top_k=2, factor=1.0) == 4
+    assert capacity(num_tokens=10, num_experts=8, top_k=2, factor=1.25) == math.ceil(1.25 * 10 * 2 / 8)
+
+
+def test_balance_and_z_loss_match_their_definitions():
+    torch.manual_seed(1)
+    logits = torch.randn(64, 4)
+    idx, _, scores = route(logits, top_k=2, gate="softmax", norm_topk_prob=True)
+    f = torch.tensor([(idx == e).sum().item() / idx.numel() for e in range(4)])
+    p = scores.mean(0)
+    assert balance_loss(scores, idx, 4, "softmax") == pytest.approx(4 * float((f * p).sum()), rel=1e-6)
+    # perfectly balanced routing with uniform probabilities gives exactly 1 (Switch, eq. 4)
+    uniform = torch.full((4, 4), 0.25)
+    assert balance_loss(uniform, torch.tensor([[0], [1], [2], [3]]), 4, "softmax") == pytest.approx(1.0)
+    assert z_loss(logits) == pytest.approx(float((torch.logsumexp(logits, -1) ** 2).mean()), rel=1e-6)
+
+
+def test_node_limited_routing_stays_on_max_nodes():
+    torch.manual_seed(2)
+    logits = torch.randn(200, 8)
+    expert_node = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    for k, m in ((2, 1), (4, 2), (3, 2)):
+        idx, _, _ = route(logits, top_k=k, gate="sigmoid", norm_topk_prob=True, expert_node=expert_node,
+                          max_nodes=m)
+        nodes_per_token = [len(set(expert_node[row].tolist())) for row in idx]
+        assert max(nodes_per_token) <= m
+    unlimited, _, _ = route(logits, top_k=4, gate="sigmoid", norm_topk_prob=True)
+    assert max(len(set(expert_node[row].tolist())) for row in unlimited) > 2  # the limit did something
+    with pytest.raises(ValueError, match="moe.max_nodes_per_token=1"):
+        route(logits, top_k=4, gate="sigmoid", norm_topk_prob=True, expert_node=expert_node, max_nodes=1)
+
+
+def test_expert_data_topology():
+    topo = emulated_topology([2, 2])
+    assert [lv.size for lv in expert_data_topology(topo, 2).levels] == [1, 2]
+    assert [lv.size for lv in expert_data_topology(topo, 4).levels] == [1, 1]
+    assert [lv.size for lv in expert_data_topology(emulated_topology([4, 2]), 2).levels] == [2, 2]
+    with pytest.raises(ValueError, match="parallel.ep=3"):
+        expert_data_topology(emulated_topology([2, 3]), 3)
+
+
+def test_moe_config_errors_name_the_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config([], ["parallel.ep=2"])
+    assert "moe.num_experts" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config([], ["moe.num_experts=6", "parallel.ep=4", "moe.top_k=9", "moe.gate=relu"])
+    text = str(e.value)
+    for key in ("parallel.ep=4", "moe.top_k=9", "moe.gate='relu'"):
+        assert key in text
+    with pytest.raises(ConfigError, match="parallel.engine=native"):
+        load_config([], ["moe.num_experts=4", "parallel.engine=deepspeed"])
+
+
+# ---- the layer against a per-token loop ----------------------------------------------------
+
+def _loop_reference(layer: MoEFeedForward, x: torch.Tensor, keep: torch.Tensor, idx, w) -> torch.Tensor:
+    """y_t = sum over kept choices of w * SwiGLU_e(x_t) (+ shared), one token at a time."""
+    ex = layer.experts
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            if keep[t, j]:
+                e = idx[t, j]
+                h = F.silu(x[t] @ ex.w_gate[e]) * (x[t] @ ex.w_up[e])
+                out[t] += w[t, j] * (h @ ex.w_down[e])
+    if layer.shared is not None:
+        out = out + layer.shared(x)
+    return out
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
+def test_layer_matches_a_per_token_loop(capacity_factor):
+    torch.manual_seed(3)
+    cfg = MoEConfig(num_experts=4, top_k=2, capacity_factor=capacity_factor, shared_experts=1,
+                    aux_loss_coef=0.0, z_loss_coef=0.0)
+    layer = MoEFeedForward(16, 24, cfg)
+    layer.init_weights(0.3, 0.3)
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    y = layer(x)
+    xf = x.reshape(-1, 16)
+    logits = F.linear(xf, layer.router.weight)
+    idx, w, _ = route(logits, top_k=2, gate="softmax", norm_topk_prob=True)
+    keep = keep_mask(idx, 4, capacity(20, 4, 2, capacity_factor)) if capacity_factor else torch.ones_like(idx).bool()
+    want = _loop_reference(layer, xf, keep, idx, w)
+    assert torch.allclose(y.reshape(-1, 16), want, atol=1e-5)
+    stats = layer.take_stats()
+    assert stats["dropped"] == int((~keep).sum()) and stats["assignments"] == 40
+    if capacity_factor:
+        assert stats["dropped"] > 0  # the case tests dropping
+    # gradients of the expert weights agree with the loop's
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    got = layer.experts.w_down.grad.clone()
+    layer.zero_grad()
+    (want * g.reshape(-1, 16)).sum().backward()
+    assert torch.allclose(got, layer.experts.w_down.grad, atol=1e-5)
+
+
+def test_aux_loss_gradient_reaches_the_router():
+    """The balance loss is attached inside the layer: backward through the output alone
+    trains the router towards balance, scaled by the engine's loss scale."""
+    torch.manual_seed(4)
+    cfg = MoEConfig(num_experts=4, top_k=1, aux_loss_coef=1.0, z_loss_coef=0.0)
+    layer = MoEFeedForward(8, 8, cfg)
+    layer.init_weights(0.5, 0.5)
+    x = torch.randn(32, 8)
+    layer.aux_grad_scale = 0.5
+    layer(x).sum().mul(0).backward()  # zero task loss: only the attached aux loss has a gradient
+    got = layer.router.weight.grad.clone()
+    layer.zero_grad()
+    logits = F.linear(x, layer.router.weight)
+    idx, _, scores = route(logits, top_k=1, gate="softmax", norm_topk_prob=True)
+    (0.5 * balance_loss(scores, idx, 4, "softmax")).backward()
+    assert got.abs().sum() > 0
+    assert torch.allclose(got, layer.router.weight.grad, atol=1e-6)
+
+
+# ---- expert parallelism against the single-process run --------------------------------------
+
+STEPS = 20
+BASE = ["train.warmup_steps=3", "model.d_model=32", "model.n_heads=2", "model.n_layers=2", "data.seq_len=16",
+        f"train.steps={STEPS}", "moe.num_experts=8", "moe.top_k=2", "moe.shared_experts=1",
+        "moe.bias_update_rate=0.001", "train.global_batch_size=16", "train.micro_batch_size=2"]
+# (label, parallel overrides)
+LAYOUTS = [
+    ("ep1 tiered", ["parallel.ep=1", "parallel.plan=tiered"]),
+    ("ep2 zero3", ["parallel.ep=2", "parallel.plan=zero3"]),
+    ("ep2 hsdp", ["parallel.ep=2", "parallel.plan=hsdp"]),
+    ("ep4 zero2", ["parallel.ep=4", "parallel.plan=zero2"]),
+]
+
+
+class Recorder:
+    def __init__(self):
+        self.comm_rows, self.expert_rows = [], []
+
+    def step(self, **_):
+        return None
+
+    def event(self, *_, **__):
+        return None
+
+    def comm(self, **row):
+        self.comm_rows.append(row)
+
+    def expert(self, **row):
+        self.expert_rows.append(row)
+
+
+def _worker(rank: int, world: int, rdzv: str, out: str, extra):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    topo = emulated_topology([2, 2])
+    ctx = DistContext(rank=rank, world_size=world, local_rank=rank, local_world_size=world, device="cpu",
+                      backend="gloo", topology=topo, host="test")
+    results = {}
+    for label, overrides in LAYOUTS:
+        cfg = load_config([], [*BASE, *extra, *overrides])
+        rec = Recorder()
+        res = train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx, telemetry=rec,
+                    parallel_cfg=cfg.parallel, peak_tflops=1.0, show_progress=False, moe_cfg=cfg.moe)
+        measured = {}
+        for row in rec.comm_rows:
+            key = f"{row['phase']}|{row['level']}|{row['op']}"
+            measured[key] = measured.get(key, 0.0) + row["bytes"]
+        results[label] = {"losses": res.losses, "dropped": res.dropped_fraction, "measured": measured,
+                          "tokens": [t.tolist() for t in res.expert_tokens], "expert_rows": len(rec.expert_rows)}
+    Path(f"{out}.{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def _run(tmp_path, extra):
+    out = str(tmp_path / "result")
+    mp.spawn(_worker, args=(4, str(tmp_path / "rdzv"), out, list(extra)), nprocs=4, join=True)
+    return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(4)]
+
+
+def _predicted(overrides, extra):
+    from parallel.zero import model_units
+    from recipes.data import build_dataset
+    from recipes.model import build_model
+
+    cfg = load_config([], [*BASE, *extra, *overrides])
+    topo = emulated_topology([2, 2])
+    data = build_dataset(cfg.data)
+    with torch.device("meta"):
+        model = build_model(cfg.model, vocab_size=data.vocab_size, seq_len=data.seq_len, moe=cfg.moe)
+    plan = named_plan(cfg.parallel.plan, topo, ParallelConfig())
+    cost = predict(plan, topo, model_units(model), dtype_bytes=4, grad_accum=2, ep=cfg.parallel.ep)
+    return {f"{p}|{lv}|{op}": b * STEPS for (p, lv, op), b in cost.bytes.items()}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("extra", [[], ["moe.capacity_factor=1.0"]], ids=["dropless", "capacity"])
+def test_expert_parallel_matches_single_process(tmp_path, extra):
+    per_rank = _run(tmp_path, extra)
+    ref = single_process_run([*BASE, *extra])
+    assert ref.losses[-1] < ref.losses[0] - 0.3, "the reference did not train"
+    ref_dropped = ref.dropped_fraction
+    if extra:
+        assert any(f > 0 for step in ref_dropped for f in step), "capacity 1.0 dropped nothing; the test proves nothing"
+    failures = []
+    for label, overrides in LAYOUTS:
+        want_bytes = _predicted(overrides, extra)
+        for rank, results in enumerate(per_rank):
+            got = results[label]
+            for step, (g, w) in enumerate(zip(got["losses"], ref.losses), start=1):
+                if abs(g - w) > 1e-5 * abs(w):
+                    failures.append(f"{label} rank {rank} step {step}: loss {g!r} vs reference {w!r}")
+                    break
+            # the same tokens reach the same experts, and the same share is dropped, every step
+            if got["tokens"] != [t.tolist() for t in ref.expert_tokens]:
+                failures.append(f"{label} rank {rank}: tokens per expert differ from the reference")
+            if got["dropped"] != ref_dropped:
+                failures.append(f"{label} rank {rank}: dropped fraction {got['dropped'][:3]} vs {ref_dropped[:3]}")
+            m = got["measured"]
+            a2a = {k: v for k, v in m.items() if k.endswith("|all_to_all")}
+            ep = int(overrides[0].split("=")[1])
+            if ep > 1:
+                level = "node" if ep == 2 else "cluster"
+                if set(a2a) != {f"fwd|{level}|all_to_all", f"bwd|{level}|all_to_all"}:
+                    failures.append(f"{label}: all-to-all rows {sorted(a2a)} not at level {level}")
+            elif a2a:
+                failures.append(f"{label}: ep=1 sent all-to-all traffic {a2a}")
+            rest = {k: v for k, v in m.items() if k not in a2a}
+            if set(rest) != set(want_bytes) or any(abs(rest[k] - want_bytes[k]) > 1e-6 * want_bytes[k] for k in rest):
+                failures.append(f"{label} rank {rank}: ledger {rest} != predicted {want_bytes}")
+        assert per_rank[0][label]["expert_rows"] == STEPS * 2 * 8  # steps x layers x experts, rank 0
+        assert per_rank[1][label]["expert_rows"] == 0
+    assert not failures, "\n".join(failures)
