@@ -194,27 +194,40 @@ def cmd_plan(args) -> int:
         raise ConfigError(problems)
     accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.world_size)
     dtype_bytes = 2 if cfg.train.dtype == "bfloat16" else 4
+    moe = None
     if cfg.model.params:
         units = uniform_units(cfg.model.params, cfg.model.n_layers)
         size_note = f"{cfg.model.params:.4g} params (model.params, {cfg.model.n_layers} equal blocks)"
     else:
-        from recipes.data import build_dataset
-        from recipes.model import build_model
-        from parallel.zero import model_units
         import torch
 
-        data = build_dataset(cfg.data)
+        from parallel.zero import model_units
+        from recipes.model import build_model, count_params
+        from recipes.train import moe_traffic
+
+        if cfg.data.kind == "markov" or cfg.data.vocab_size:
+            vocab, seq_len = cfg.data.vocab_size, cfg.data.seq_len
+        else:
+            from recipes.data import build_dataset
+
+            data = build_dataset(cfg.data)
+            vocab, seq_len = data.vocab_size, data.seq_len
         with torch.device("meta"):
-            units = model_units(build_model(cfg.model, vocab_size=data.vocab_size, seq_len=data.seq_len))
+            units = model_units(build_model(cfg.model, vocab_size=vocab, seq_len=seq_len, moe=cfg.moe))
+        moe = moe_traffic(cfg.train, cfg.model, cfg.moe, seq_len)
         size_note = f"{sum(u.numel for u in units):,} params (the recipe's model)"
+        if moe is not None:
+            active = count_params(cfg.model, vocab, cfg.moe, active=True)
+            size_note += (f"; MoE {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, {active:,} active, "
+                          f"parallel.ep={cfg.parallel.ep}")
     budget = memory_budget_bytes(cfg.parallel, topo, device="cpu", local_world_size=topo.ranks_per_node)
     try:
         chosen = resolve_plan(cfg.parallel, topo, units, dtype_bytes=dtype_bytes, grad_accum=accum,
-                              memory_budget_bytes=budget)
+                              memory_budget_bytes=budget, moe=moe)
     except PlanError as e:
         raise ConfigError([str(e)]) from e
     rows = [predict(named_plan(n, topo, cfg.parallel), topo, units, dtype_bytes=dtype_bytes, grad_accum=accum,
-                    memory_budget_bytes=budget) for n in PLAN_NAMES if n != "auto"]
+                    memory_budget_bytes=budget, ep=cfg.parallel.ep, moe=moe) for n in PLAN_NAMES if n != "auto"]
     if all(r.plan != chosen.plan for r in rows):
         rows.append(chosen.cost)
     print(f"# tierzero plan | {topo.world_size} ranks | topology {topo.describe()} ({topo.source})")
@@ -222,13 +235,21 @@ def cmd_plan(args) -> int:
           f"memory budget {budget / 1e9:.3g} GB/rank | bytes are sent per rank per optimizer step")
     label_w = max(len(r.plan.describe(topo)) for r in rows) + 2
     head = f"{'plan':<{label_w}}{'mem/rank GB':>12}" + "".join(f"{lv.name + ' GB':>13}" for lv in topo.levels)
+    if moe is not None:
+        head += f"{'experts GB':>11}{'a2a GB':>9}"
     print(head + f"{'comm s':>10}  fits")
     for r in rows:
         by_level = r.bytes_by_level()
         cells = "".join(f"{by_level.get(lv.name, 0.0) / 1e9:>13.4g}" for lv in topo.levels)
+        if moe is not None:
+            a2a = sum(b for (_, _, op), b in r.bytes.items() if op == "all_to_all")
+            cells += f"{r.expert_memory / 1e9:>11.4g}{a2a / 1e9:>9.4g}"
         mark = " <- auto" if r.plan == chosen.plan else ""
         print(f"{r.plan.describe(topo):<{label_w}}{r.memory_total / 1e9:>12.4g}{cells}{r.comm_time_s:>10.4g}  "
               f"{'yes' if r.fits else 'NO'}{mark}")
+    if moe is not None:
+        print("# experts GB = the routed experts' share of mem/rank; a2a GB = the experts' all-to-all per step "
+              "(uniform routing), included in the level columns")
     unknown = [lv.name for lv in topo.levels if not lv.bandwidth_gbps]
     if unknown:
         from parallel.plan import DEFAULT_BANDWIDTH_GBPS
@@ -259,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="tierzero",
         description="Launch, partition and observe distributed training on HPC clusters.",
-        epilog="examples:\n  tierzero run                      # default recipe on 4 local CPU ranks\n"
+        epilog="examples:\n  tierzero run                      # default MoE recipe on 4 local CPU ranks\n"
                "  tierzero run train.steps=50 launcher.nproc=2\n  tierzero report runs/default",
         formatter_class=fmt,
     )
@@ -271,10 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "ranks; under torchrun, srun or mpirun each process joins as one rank.",
         epilog="examples:\n  tierzero run\n  tierzero run recipes/configs/dense_tiny_cpu.yaml train.steps=100\n"
                "  tierzero run topology.emulate=[2,2] run.name=two-nodes\n"
+               "  tierzero run dense_tiny_cpu                 # the dense recipe instead of the MoE default\n"
                "  torchrun --nproc-per-node 4 -m launcher.cli run\n  mpirun -n 4 tierzero run",
         formatter_class=fmt)
     run.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
-                     help="YAML files (merged in order) then key=value overrides; default: the dense_tiny_cpu recipe")
+                     help="YAML files (merged in order) then key=value overrides; default: the moe_tiny_cpu recipe")
     run.set_defaults(func=cmd_run)
 
     config = sub.add_parser(

@@ -31,7 +31,7 @@ from recipes.config import DataConfig, ModelConfig, TrainConfig, data_errors, mo
 from telemetry.config import TelemetryConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
-DEFAULT_RECIPE = RECIPE_DIR / "dense_tiny_cpu.yaml"
+DEFAULT_RECIPE = RECIPE_DIR / "moe_tiny_cpu.yaml"
 BACKENDS = ("auto", "gloo", "nccl")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 

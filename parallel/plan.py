@@ -290,6 +290,8 @@ class Cost:
     """params, secondary, grads, optimizer, buffers -> bytes per rank."""
     comm_time_s: float = 0.0
     fits: bool = True
+    expert_memory: float = 0.0
+    """Bytes per rank of the routed experts' states (included in `memory`)."""
 
     def bytes_by_level(self) -> Dict[str, float]:
         out: Dict[str, float] = {}
@@ -348,6 +350,7 @@ def predict(
         sub = expert_data_topology(topo, ep)
         mem_e, largest_e = _domain_traffic(add, plan, sub, experts, dtype_bytes=dtype_bytes, grad_accum=grad_accum)
         memory = {k: memory[k] + mem_e[k] for k in memory}
+        cost.expert_memory = sum(mem_e.values())
         largest += largest_e  # a block's dense and expert buffers are gathered together
         if ep > 1:
             ep_level = topo.levels[level_of_group(topo, range(0, ep))].name

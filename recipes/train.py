@@ -22,8 +22,7 @@ import torch.distributed as dist
 from parallel.context import DistContext
 from parallel.engine import DataParallelEngine
 from parallel.moe import MoEConfig, moe_layers
-from parallel.plan import Choice, MoETraffic, ParallelConfig, resolve_plan
-from parallel.topology import Topology
+from parallel.plan import MoETraffic, ParallelConfig, resolve_plan
 from parallel.zero import ShardedEngine, model_units
 from recipes.config import DataConfig, ModelConfig, TrainConfig
 from recipes.data import build_dataset
@@ -91,29 +90,6 @@ def grad_accum_steps(train_cfg: TrainConfig, dp_size: int) -> int:
 
 def dtype_of(train_cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if train_cfg.dtype == "bfloat16" else torch.float32
-
-
-def choose_plan_for(
-    *,
-    parallel_cfg: ParallelConfig,
-    train_cfg: TrainConfig,
-    model_cfg: ModelConfig,
-    vocab_size: int,
-    seq_len: int,
-    topology: Topology,
-    memory_budget_bytes: Optional[float],
-    moe_cfg: Optional[MoEConfig] = None,
-) -> Choice:
-    """The plan this recipe would run with (model built on the meta device: no memory, no time)."""
-    with torch.device("meta"):
-        model = build_model(model_cfg, vocab_size=vocab_size, seq_len=seq_len, moe=moe_cfg)
-    return resolve_plan(
-        parallel_cfg, topology, model_units(model),
-        dtype_bytes=torch.finfo(dtype_of(train_cfg)).bits // 8,
-        grad_accum=grad_accum_steps(train_cfg, topology.world_size),
-        memory_budget_bytes=memory_budget_bytes,
-        moe=moe_traffic(train_cfg, model_cfg, moe_cfg, seq_len),
-    )
 
 
 def moe_traffic(train_cfg: TrainConfig, model_cfg: ModelConfig, moe_cfg: Optional[MoEConfig],

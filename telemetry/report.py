@@ -151,6 +151,12 @@ def write_report(run_dir: Union[str, os.PathLike]) -> str:
         _plot_loss(steps, summary.loss_rank, loss_png)
         _plot_throughput(steps, throughput_png)
         lines += ["plots:", f"  {loss_png}", f"  {throughput_png}"]
+        experts = _latest_attempt_rows(load_table(summary.telemetry_root, "experts"))
+        if experts.num_rows:
+            heatmap_png = f"{report_dir}/expert_load.png"
+            _plot_expert_load(experts, heatmap_png)
+            lines.append(f"  {heatmap_png}")
+            lines[1:1] = _expert_lines(experts)
     else:
         lines.append("plots: none (no step rows)")
     return "\n".join(lines)
@@ -198,6 +204,60 @@ def _format_summary(s: RunSummary) -> str:
                 f"  {e['time']:%Y-%m-%d %H:%M:%S} attempt {e['attempt']} rank {e['rank']} {e['host']} {e['kind']}{step}{detail}"
             )
     return "\n".join(lines)
+
+
+def _expert_load(experts: pa.Table) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """layer -> (steps, load [step, expert] as a share of the layer's assignments), the latest run."""
+    run = sorted(set(experts.column("run").to_pylist()))[-1]
+    rows = experts.filter(pc.equal(experts.column("run"), run))
+    step = rows.column("step").to_numpy()
+    layer = rows.column("layer").to_numpy()
+    expert = rows.column("expert").to_numpy()
+    tokens = rows.column("tokens").to_numpy().astype(np.float64)
+    out = {}
+    for li in sorted(set(layer.tolist())):
+        sel = layer == li
+        steps = np.unique(step[sel])
+        load = np.zeros((steps.size, int(expert[sel].max()) + 1))
+        load[np.searchsorted(steps, step[sel]), expert[sel]] = tokens[sel]
+        out[li] = (steps, load / np.maximum(load.sum(1, keepdims=True), 1.0))
+    return out
+
+
+def _expert_lines(experts: pa.Table) -> list[str]:
+    """Per MoE layer: how uneven the last step's load was, and what was dropped."""
+    lines = []
+    last = pc.max(experts.column("step")).as_py()
+    at_last = experts.filter(pc.equal(experts.column("step"), last))
+    for li, (steps, load) in _expert_load(experts).items():
+        share = load[-1]
+        mine = at_last.filter(pc.equal(at_last.column("layer"), li))
+        dropped = mine.column("dropped_fraction")[0].as_py() if mine.num_rows else float("nan")
+        bias = mine.column("bias").to_numpy() if mine.num_rows else np.zeros(1)
+        lines.append(
+            f"experts layer {li}: step {last} load max/mean {share.max() * share.size:.2f}x, min/mean "
+            f"{share.min() * share.size:.2f}x, dropped {dropped:.1%}, bias {bias.min():+.3g}..{bias.max():+.3g}"
+        )
+    return lines
+
+
+def _plot_expert_load(experts: pa.Table, url: str) -> None:
+    """Heatmap per MoE layer: expert (rows) x step (columns), colour = share of the layer's tokens."""
+    from matplotlib.figure import Figure
+
+    loads = _expert_load(experts)
+    fig = Figure(figsize=(9, 2.2 + 2.0 * len(loads)), dpi=100)
+    axes = fig.subplots(len(loads), 1, squeeze=False)[:, 0]
+    for ax, (li, (steps, load)) in zip(axes, loads.items()):
+        image = ax.imshow(load.T * load.shape[1], aspect="auto", origin="lower", cmap="viridis",
+                          extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, load.shape[1] - 0.5))
+        ax.set_title(f"MoE layer {li}: tokens per expert / mean (1 = balanced)")
+        ax.set_ylabel("expert")
+        fig.colorbar(image, ax=ax)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    with fsspec.open(url, "wb") as f:
+        fig.savefig(f, format="png")
 
 
 def _plot_loss(steps: pa.Table, loss_rank: Optional[int], url: str) -> None:

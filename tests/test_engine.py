@@ -27,7 +27,8 @@ from recipes.train import train
 pytestmark = pytest.mark.multiprocess
 
 STEPS = 20
-BASE = ["train.warmup_steps=3", "model.d_model=32", "model.n_heads=2", "model.n_layers=3",
+# a dense model: the default recipe is an MoE, which only the native engine runs
+BASE = ["moe.num_experts=0", "parallel.ep=1", "train.warmup_steps=3", "model.d_model=32", "model.n_heads=2", "model.n_layers=3",
         "data.seq_len=16", f"train.steps={STEPS}"]
 
 # (name, ParallelConfig kwargs) per topology; plain names plus explicit level assignments

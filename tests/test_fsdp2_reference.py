@@ -49,7 +49,8 @@ SIZES = [2, 2]  # 2 ranks per node x 2 nodes
 STEPS = 12
 MICRO = 2
 ACCUM = 2
-OVERRIDES = ["train.warmup_steps=3", "model.d_model=32", "model.n_heads=2", "model.n_layers=3",
+# a dense model: the default recipe is an MoE, which only the native engine runs
+OVERRIDES = ["moe.num_experts=0", "parallel.ep=1", "train.warmup_steps=3", "model.d_model=32", "model.n_heads=2", "model.n_layers=3",
              "data.seq_len=16", f"train.steps={STEPS}", f"train.micro_batch_size={MICRO}",
              f"train.global_batch_size={ACCUM * MICRO * WORLD}"]
 

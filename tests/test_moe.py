@@ -284,3 +284,22 @@ def test_expert_parallel_matches_single_process(tmp_path, extra):
         assert per_rank[0][label]["expert_rows"] == STEPS * 2 * 8  # steps x layers x experts, rank 0
         assert per_rank[1][label]["expert_rows"] == 0
     assert not failures, "\n".join(failures)
+
+
+def test_report_draws_the_expert_load_heatmap(tmp_path):
+    """Rows in the `experts` table -> a per-layer load summary and expert_load.png."""
+    from telemetry.config import TelemetryConfig
+    from telemetry.report import write_report
+    from telemetry.sink import Telemetry
+
+    tel = Telemetry(TelemetryConfig(), root=str(tmp_path / "telemetry"), run="r", attempt=0, rank=0, host="h")
+    for step in (1, 2):
+        tel.step(step=step, loss=1.0, tokens=10, step_time_s=0.1)
+        for e, tokens in enumerate([30, 10, 10, 10]):  # expert 0 takes half the tokens: 2x the mean
+            tel.expert(step=step, layer=0, expert=e, tokens=tokens, dropped_fraction=0.25, aux_loss=0.01,
+                       z_loss=1.0, bias=0.001 * e)
+    tel.close()
+    text = write_report(tmp_path)
+    assert "experts layer 0: step 2 load max/mean 2.00x, min/mean 0.67x, dropped 25.0%" in text
+    png = tmp_path / "report" / "expert_load.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
