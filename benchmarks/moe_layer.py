@@ -14,9 +14,17 @@ Both do a full training step per iteration: forward, loss (MSE to a fixed random
 + 0.01 x the load-balance loss), backward, gradient reduction, AdamW step. Shapes: 8
 experts, top-2, d_model 256, expert hidden 512, capacity factor 1.25, 4 x 256 tokens per
 rank per step. --warmup steps, then --steps timed steps; tokens/s per rank = tokens per
-step / mean step time. Peak memory per rank = the kernel's RSS high-water mark (VmHWM,
-reset just before the timed loop through /proc/self/clear_refs) minus the RSS before the
-model was built; the RSS sampled after every step is kept in the Parquet copy too.
+step / mean step time of the slowest rank. Peak memory per rank = the kernel's RSS
+high-water mark (VmHWM, reset just before the timed loop through /proc/self/clear_refs)
+minus the RSS before the measured model was built. Each rank first builds, steps once and
+frees a throwaway instance of its contender, so that the modules both frameworks import
+lazily while building and on the first step (825 for tierzero's path -- torch._dynamo,
+sympy via torch.optim and torch.distributed -- 1535 for DeepSpeed's, + torch._inductor,
+networkx, its op builders: 70-150 MB of RSS) are not counted as the layer's memory. The
+RSS and its anonymous part (RssAnon, the heap) sampled after every step are kept in the
+Parquet copy too. A second table splits rank 0's step into forward+loss,
+backward (DeepSpeed's ZeRO-2 gradient reduce-scatter runs inside it) and gradient
+reduction + AdamW (DeepSpeed: engine.step, which also all-gathers the updated shards).
 
 The contenders alternate (A B A B ...) --repeats times per configuration, each run in its
 own spawn of 4 fresh processes; the table shows medians. Speed never fails the script:
@@ -28,6 +36,8 @@ it exits non-zero only if a run crashed or produced a non-finite loss.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import logging
 import math
@@ -72,6 +82,14 @@ def _status_kb(key: str) -> int:
 
 def rss_bytes() -> int:
     return _status_kb("VmRSS")
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the kernel (glibc malloc_trim), so they leave RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 def reset_peak_rss() -> bool:
@@ -120,12 +138,17 @@ class DSModel(nn.Module):
         return out, l_aux
 
 
+_GROUPS: dict = {}
+"""ep -> (EP groups, expert-data-parallel groups), made once per process like DeepSpeed's."""
+
+
 def setup_tierzero(rank: int, ep: int):
     from parallel.moe import ExpertParallel, MoEConfig, MoEFeedForward
 
-    # every rank creates every group, in the same order (torch.distributed's rule)
-    ep_groups = [dist.new_group(list(range(s, s + ep))) for s in range(0, WORLD, ep)]
-    edp_groups = [dist.new_group(list(range(j, WORLD, ep))) for j in range(ep)]
+    if ep not in _GROUPS:  # every rank creates every group, in the same order (torch.distributed's rule)
+        _GROUPS[ep] = ([dist.new_group(list(range(s, s + ep))) for s in range(0, WORLD, ep)],
+                       [dist.new_group(list(range(j, WORLD, ep))) for j in range(ep)])
+    ep_groups, edp_groups = _GROUPS[ep]
     # z-loss off: DeepSpeed's gate has none; the load-balance loss is on in both
     cfg = MoEConfig(num_experts=NUM_EXPERTS, top_k=TOP_K, capacity_factor=CAPACITY_FACTOR,
                     aux_loss_coef=AUX_COEF, z_loss_coef=0.0)
@@ -163,15 +186,18 @@ def setup_tierzero(rank: int, ep: int):
             p.grad.copy_(flat[off:off + n].view_as(p.grad))
             off += n
 
-    def step(x, target) -> float:
+    def step(x, target):
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         out = layer(x)  # the aux loss is attached to out's backward inside the layer
         loss = F.mse_loss(out, target)
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         allreduce_mean(dense, None, WORLD)
         allreduce_mean(experts, edp, edp_size)
         opt.step()
-        return loss.item()
+        return loss.item(), (t1 - t0, t2 - t1, time.perf_counter() - t2)
 
     return step, rows
 
@@ -201,15 +227,19 @@ def setup_deepspeed(rank: int, ep: int):
     rows = []
     gate = model.moe.deepspeed_moe
 
-    def step(x, target) -> float:
+    def step(x, target):
+        t0 = time.perf_counter()
         out, l_aux = engine(x)
         loss = F.mse_loss(out, target)
-        engine.backward(loss + AUX_COEF * l_aux)
-        engine.step()
+        t1 = time.perf_counter()
+        engine.backward(loss + AUX_COEF * l_aux)  # ZeRO-2 reduce-scatters the gradients in here
+        t2 = time.perf_counter()
+        engine.step()  # AdamW on this rank's shard, then all-gather of the updated parameters
+        phases = (t1 - t0, t2 - t1, time.perf_counter() - t2)
         # [E, C] expert buffer: every slot is computed, filled or not
         rows.append(gate.num_local_experts * gate.ep_size * int(math.ceil(
             BATCH * SEQ * TOP_K * CAPACITY_FACTOR / NUM_EXPERTS)))
-        return loss.item()
+        return loss.item(), phases
 
     return step, rows
 
@@ -225,26 +255,44 @@ def rank_main(rank: int, contender: str, ep: int, rdzv: str, out_dir: str, warmu
     g = torch.Generator().manual_seed(1000 + rank)
     x = torch.randn(BATCH, SEQ, D_MODEL, generator=g)
     target = torch.randn(BATCH, SEQ, D_MODEL, generator=g)
+    setup = setup_tierzero if contender == "tierzero" else setup_deepspeed
+    # A throwaway instance first: both frameworks import hundreds of modules lazily while the
+    # model, groups and optimizer are built and on the first step (torch._dynamo, sympy; for
+    # DeepSpeed also torch._inductor, networkx, its op builders), 70-150 MB per rank that
+    # would otherwise count as the layer's memory. Built, stepped once, freed, heap trimmed.
+    mods = len(sys.modules)
+    throwaway, _ = setup(rank, ep)
+    throwaway(x, target)
+    del throwaway, _
+    gc.collect()
+    trim_heap()
+    lazy_modules = len(sys.modules) - mods
     dist.barrier()
-    rss0 = rss_bytes()  # before the model exists
+    rss0, anon0 = rss_bytes(), _status_kb("RssAnon")  # before the measured model exists
 
-    step, rows = (setup_tierzero if contender == "tierzero" else setup_deepspeed)(rank, ep)
-    losses = [step(x, target) for _ in range(warmup)]
+    step, rows = setup(rank, ep)
+    setup_anon = _status_kb("RssAnon") - anon0
+    losses = [step(x, target)[0] for _ in range(warmup)]
     hwm_ok = reset_peak_rss()
-    sampled, times = [], []
+    sampled, anon, times, phases = [], [], [], []
     dist.barrier()
     t0 = time.perf_counter()
     for _ in range(steps):
         s = time.perf_counter()
-        losses.append(step(x, target))
+        loss, ph = step(x, target)
         times.append(time.perf_counter() - s)
+        losses.append(loss)
+        phases.append(ph)
         sampled.append(rss_bytes())
+        anon.append(_status_kb("RssAnon"))
     dist.barrier()
     total = time.perf_counter() - t0
     peak = _status_kb("VmHWM") if hwm_ok else max(sampled)
     result = {
         "rank": rank, "step_s": times, "loop_s": total, "rss_before_model": rss0,
         "peak_rss_growth": peak - rss0, "sampled_rss_growth": max(sampled) - rss0, "peak_rss": peak,
+        "anon_growth": max(anon) - anon0, "setup_anon": setup_anon, "lazy_modules": lazy_modules,
+        "phase_s": [statistics.mean(p[i] for p in phases) for i in range(3)],
         "hwm": hwm_ok, "losses": losses, "expert_rows": statistics.mean(rows[warmup:]) if rows[warmup:] else None,
     }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
@@ -268,6 +316,11 @@ def run_once(tmp: Path, tag: str, contender: str, ep: int, warmup: int, steps: i
         "peak_rss_growth_mb": max(r["peak_rss_growth"] for r in ranks) / 2**20,
         "sampled_rss_growth_mb": max(r["sampled_rss_growth"] for r in ranks) / 2**20,
         "peak_rss_mb": max(r["peak_rss"] for r in ranks) / 2**20,
+        "anon_rss_growth_mb": max(r["anon_growth"] for r in ranks) / 2**20,
+        "setup_anon_growth_mb": max(r["setup_anon"] for r in ranks) / 2**20,
+        "lazy_modules": max(r["lazy_modules"] for r in ranks),
+        # rank 0's mean time in forward+loss / backward / reduction+optimizer
+        "fwd_s": ranks[0]["phase_s"][0], "bwd_s": ranks[0]["phase_s"][1], "opt_s": ranks[0]["phase_s"][2],
         "peak_is_hwm": all(r["hwm"] for r in ranks),
         "expert_rows_per_rank": statistics.mean(r["expert_rows"] for r in ranks),
         "final_loss": statistics.mean(r["losses"][-1] for r in ranks),
@@ -316,7 +369,8 @@ def main(argv=None) -> int:
     print(f"# {WORLD} gloo ranks x 1 thread, {NUM_EXPERTS} experts, top-{TOP_K}, d_model {D_MODEL}, expert hidden "
           f"{HIDDEN}, capacity factor {CAPACITY_FACTOR}, {BATCH}x{SEQ} tokens/rank/step, fp32, AdamW")
     print(f"# {args.warmup} warm-up + {args.steps} timed steps, median of {args.repeats} alternating runs each; "
-          f"peak MB = RSS high-water mark in the timed loop - RSS before the model (max over ranks)")
+          "peak MB = RSS high-water mark in the timed loop - RSS before the model (max over ranks)")
+    print("# tokens/s per rank = tokens per step / slowest rank's mean step time; rows = expert-matmul rows per rank")
     hdr = (f"{'ep':>4}{'tierzero':>14}{'DeepSpeed':>14}{'ratio':>9}{'tz peak':>10}{'DS peak':>10}"
            f"{'tz rows':>10}{'DS rows':>10}")
     units = (f"{'':>4}{'(tokens/s)':>14}{'(tokens/s)':>14}{'(tz/DS)':>9}{'(MB)':>10}{'(MB)':>10}"
@@ -346,11 +400,22 @@ def main(argv=None) -> int:
     print(f"# runtime {elapsed:.0f} s")
     print(f"# {'FAILED: ' + '; '.join(failed + [f'{b}: non-finite loss' for b in bad]) if failed or bad else 'OK'}")
 
+    print("\n# where the time goes (rank 0, ms per step, medians): forward+loss / backward / grad reduction+AdamW")
+    print(f"{'ep':>4}{'contender':>11}{'fwd':>9}{'bwd':>9}{'opt':>9}{'total':>9}{'anon MB':>9}")
+    for ep in args.ep:
+        for c in CONTENDERS:
+            if med(ep, c, "fwd_s") is None:
+                continue
+            f, b, o = (med(ep, c, k) * 1e3 for k in ("fwd_s", "bwd_s", "opt_s"))
+            print(f"{ep:>4}{c:>11}{f:>9.1f}{b:>9.1f}{o:>9.1f}{med(ep, c, 'step_s') * 1e3:>9.1f}"
+                  f"{med(ep, c, 'anon_rss_growth_mb'):>9.1f}")
+
     print("\n| EP | tierzero tokens/s/rank | DeepSpeed tokens/s/rank | tierzero / DeepSpeed | "
           "tierzero peak RSS MB | DeepSpeed peak RSS MB |")
     print("|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['ep']} | {r['tz']:.0f} | {r['ds']:.0f} | **{r['ratio']:.2f}x** | {r['tz_mb']:.0f} | {r['ds_mb']:.0f} |")
+        print(f"| {r['ep']} | {r['tz']:.0f} | {r['ds']:.0f} | **{r['ratio']:.2f}x** | {r['tz_mb']:.0f} "
+              f"| {r['ds_mb']:.0f} |")
 
     if runs:
         import pyarrow as pa

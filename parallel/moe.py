@@ -319,7 +319,7 @@ class MoEFeedForward(nn.Module):
             aux = aux + cfg.z_loss_coef * zl
         if self.training and aux.requires_grad:
             out = _AttachLoss.apply(out, aux, self.aux_grad_scale)
-        self._record(routed, int(keep.numel() - keep.sum()), keep.numel(), aux.detach(), zl.detach())
+        self._record(routed, keep.numel() - keep.sum(), keep.numel(), aux.detach(), zl.detach())
         return out.view(shape)
 
     def _dispatch(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -339,7 +339,9 @@ class MoEFeedForward(nn.Module):
                                          recv_counts.reshape(-1))
         perm = torch.argsort(expert, stable=True)
         out = self.experts(xs[perm], expert[perm], recv_counts.sum(0))
-        out = out[torch.argsort(perm)]
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)  # undo the regrouping without a sort
+        out = out[inverse]
         if ep > 1:
             out = _AllToAll.apply(out, recv, send, self.ep)
         return out
@@ -349,18 +351,20 @@ class MoEFeedForward(nn.Module):
         s = self._stats
         if s is None:
             s = self._stats = {"tokens": torch.zeros_like(routed), "dropped": 0, "assignments": 0,
-                               "aux": 0.0, "z": 0.0, "calls": 0}
+                               "aux": torch.zeros_like(aux), "z": torch.zeros_like(zl), "calls": 0}
         s["tokens"] += routed
         s["dropped"] += dropped
         s["assignments"] += assignments
-        s["aux"] += float(aux)
-        s["z"] += float(zl)
+        s["aux"] += aux  # stays on the device: no host sync per layer
+        s["z"] += zl
         s["calls"] += 1
 
     def take_stats(self) -> Optional[dict]:
         """This rank's routing since the last call: tokens routed per expert, dropped and total
         assignments, summed aux and z losses and the number of micro-batches."""
         s, self._stats = self._stats, None
+        if s is not None:
+            s["aux"], s["z"], s["dropped"] = float(s["aux"]), float(s["z"]), int(s["dropped"])
         return s
 
     @torch.no_grad()

@@ -96,7 +96,7 @@ def test_expert_data_topology():
 
 def test_moe_config_errors_name_the_keys():
     with pytest.raises(ConfigError) as e:
-        load_config([], ["parallel.ep=2"])
+        load_config([], ["moe.num_experts=0", "parallel.ep=2"])
     assert "moe.num_experts" in str(e.value)
     with pytest.raises(ConfigError) as e:
         load_config([], ["moe.num_experts=6", "parallel.ep=4", "moe.top_k=9", "moe.gate=relu"])
