@@ -93,6 +93,56 @@ def cmd_bench(args) -> int:
     return run_local(cfg, config_path, command=("bench", "--probe") if args.probe else ("bench",))
 
 
+def cmd_ckpt(args) -> int:
+    from checkpoint.inspect import inspect_lines, list_lines
+    from checkpoint.saver import open_step
+    from checkpoint.store import CheckpointError, CheckpointStore
+
+    if args.action == "list":
+        store = CheckpointStore(args.path)
+        steps = store.steps()
+        sizes = {s: store.fs.du(store.step_path(s)) for s, _ in steps}
+        print("\n".join(list_lines(args.path, steps, sizes)))
+        return EXIT_OK
+    store, path = open_step(args.path)
+    if not store.fs.exists(path):
+        print(f"tierzero ckpt {args.action}: {args.path} does not exist; `tierzero ckpt list DIR` shows the "
+              "checkpoints of a folder", file=sys.stderr)
+        return EXIT_USAGE
+    if args.action == "verify":
+        manifest, problems = store.verify(path)
+        if problems:
+            for p in problems:
+                print(f"FAILED: {p}")
+            print(f"tierzero ckpt verify: {len(problems)} problem(s) in {args.path}", file=sys.stderr)
+            return EXIT_FAILURE
+        pieces = sum(len(t.pieces) for t in manifest.tensors.values())
+        nbytes = sum(t.nbytes for t in manifest.tensors.values())
+        print(f"OK: {args.path}: step {manifest.step}, {len(manifest.tensors)} tensors, {pieces} pieces, "
+              f"{nbytes / 1e6:.2f} MB, every checksum matches")
+        return EXIT_OK
+    try:
+        manifest = store.manifest(path)
+    except CheckpointError as e:
+        print(f"tierzero ckpt {args.action}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.action == "inspect":
+        print("\n".join(inspect_lines(args.path, manifest)))
+        return EXIT_OK
+    from checkpoint.export import consolidated, write_safetensors
+
+    if not args.out or not args.out.endswith(".safetensors"):
+        raise UsageError("tierzero ckpt export PATH OUT.safetensors: give the output file, ending in .safetensors")
+    try:
+        tensors = consolidated(manifest, store.reader(path, manifest))
+    except CheckpointError as e:
+        print(f"tierzero ckpt export: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    nbytes = write_safetensors(args.out, tensors, {"format": "pt", "tierzero_step": manifest.step})
+    print(f"wrote {args.out}: {len(tensors)} tensors, {nbytes / 1e6:.2f} MB (Hugging Face-style names, fp32)")
+    return EXIT_OK
+
+
 def cmd_config(args) -> int:
     if args.describe and args.markdown:
         from launcher.config import describe_markdown
@@ -353,6 +403,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only measure each topology level's bandwidth (what topology.measure=true does) "
                             "and write <run.dir>/bench/topology.json")
     bench.set_defaults(func=cmd_bench)
+
+    ckpt = sub.add_parser(
+        "ckpt", help="list, inspect, verify or export checkpoints",
+        description="Work with tierzero checkpoints (global tensors + shard files + commit marker). "
+                    "list DIR: every step folder, committed or torn. inspect PATH: tensors, shapes, layout, bytes, "
+                    "and the saved state. verify PATH: read every piece back and check its crc32 (exit 1 naming "
+                    "file and tensor on a mismatch). export PATH OUT.safetensors: one consolidated file with "
+                    "Hugging Face-style names (start a run from it with checkpoint.init_from=OUT.safetensors).",
+        epilog="examples:\n  tierzero ckpt list runs/default/checkpoints\n"
+               "  tierzero ckpt inspect runs/default/checkpoints/step-00000100\n"
+               "  tierzero ckpt verify s3://bucket/run/checkpoints/step-00000100\n"
+               "  tierzero ckpt export runs/default/checkpoints/step-00000100 model.safetensors",
+        formatter_class=fmt)
+    ckpt.add_argument("action", choices=("list", "inspect", "verify", "export"))
+    ckpt.add_argument("path", metavar="PATH", help="a checkpoint folder (step-...) or, for list, the folder above")
+    ckpt.add_argument("out", nargs="?", metavar="OUT.safetensors", help="export: the file to write")
+    ckpt.set_defaults(func=cmd_ckpt)
 
     report = sub.add_parser(
         "report", help="summarise a run's telemetry and plot loss and throughput",

@@ -23,6 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from checkpoint.config import CheckpointConfig
 from collectives_bench.config import BenchConfig
 from parallel.moe import MoEConfig
 from parallel.plan import ParallelConfig
@@ -93,6 +94,7 @@ class RunConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
     @property
@@ -325,6 +327,7 @@ def validate(cfg: RunConfig) -> List[str]:
     errs += cfg.parallel.errors()
     errs += cfg.telemetry.errors()
     errs += cfg.bench.errors()
+    errs += cfg.checkpoint.errors()
     errs += train_errors(cfg.train)
     errs += model_errors(cfg.model)
     errs += cfg.moe.errors()
@@ -379,9 +382,12 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     """Make run.dir (and a local telemetry.dir) absolute, so the config.yaml written into
     the run folder means the same from any working directory and on every rank."""
     cfg.run.dir = str(cfg.run_dir.resolve())
-    tdir = cfg.telemetry.dir
-    if tdir and "://" not in tdir:
-        cfg.telemetry.dir = str(Path(tdir).resolve())
+    for section in (cfg.telemetry, cfg.checkpoint):
+        if section.dir and "://" not in section.dir:
+            section.dir = str(Path(section.dir).resolve())
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and "://" not in resume:
+        cfg.checkpoint.resume = str(Path(resume).resolve())
     return cfg
 
 

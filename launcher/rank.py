@@ -6,10 +6,11 @@ import datetime
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
-from launcher.config import ConfigError, RunConfig, check_world, resolve_paths, write_resolved
+from launcher.config import ConfigError, RunConfig, check_world, resolve_paths, to_yaml, write_resolved
 from launcher.discover import TopologyMismatch, build_topology, memory_budget_bytes
 from launcher.modes import Launch
 from parallel.topology import Topology
@@ -155,12 +156,23 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     if launch.rank == 0:
         log.info("%s launch: %d ranks on %d node(s), backend %s, topology %s",
                  "local" if launch.supervised else launch.mode, launch.world_size, launch.num_nodes, ctx.backend, topology.describe())
+    from checkpoint.store import CheckpointError, ResumeError
+    from launcher.bench import tierzero_version
+
     try:
         budget = memory_budget_bytes(cfg.parallel, topology, device=device,
                                      local_world_size=launch.local_world_size)
         result = train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx,
                        telemetry=tel, parallel_cfg=cfg.parallel, memory_budget_bytes=budget,
-                       peak_tflops=cfg.telemetry.peak_tflops, moe_cfg=cfg.moe)
+                       peak_tflops=cfg.telemetry.peak_tflops, moe_cfg=cfg.moe, checkpoint_cfg=cfg.checkpoint,
+                       checkpoint_root=cfg.checkpoint.dir or str(run_dir / "checkpoints"),
+                       run_state={"config": to_yaml(cfg), "tierzero_version": tierzero_version()})
+    except CheckpointError as e:  # a message to act on, not a bug: no traceback
+        tel.event("error", detail=str(e))
+        tel.close()
+        if launch.rank == 0 or not isinstance(e, ResumeError):
+            print(f"tierzero: rank {launch.rank}: {e}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, ResumeError) else 1
     except BaseException as e:
         tel.event("error", detail=f"{type(e).__name__}: {e}")
         raise

@@ -109,6 +109,16 @@ class FlatUnit:
         self.gathered = False
 
 
+STATE_KEYS = (("master", "model"), ("exp_avg", "optim.exp_avg"), ("exp_avg_sq", "optim.exp_avg_sq"))
+"""FlatUnit attribute -> checkpoint tensor prefix: fp32 master weights and the AdamW moments."""
+
+
+def persistent_buffers(model: nn.Module) -> List[Tuple[str, torch.Tensor]]:
+    """Buffers that belong in a checkpoint (the MoE selection bias; not the rotary tables)."""
+    keys = set(model.state_dict().keys())
+    return [(n, b) for n, b in model.named_buffers() if n in keys]
+
+
 def _is_expert(name: str) -> bool:
     """Routed-expert weights (parallel.moe.Experts): sharded over the expert-data-parallel ranks."""
     return ".experts." in f".{name}"
@@ -367,8 +377,6 @@ class ShardedEngine:
         bc2_sqrt = math.sqrt(1 - b2 ** self.step_count)
         decay_factor = 1 - lr * self.weight_decay
         for u, g in zip(self.units, grads):
-            d = u.domain
-            down = d.groups["param_down"]
             # AdamW exactly as torch.optim.AdamW (single-tensor path), on the fp32 shard
             u.master.mul_(torch.where(u.decay, decay_factor, 1.0))
             u.exp_avg.lerp_(g, 1 - b1)
@@ -376,6 +384,14 @@ class ShardedEngine:
             denom = (u.exp_avg_sq.sqrt() / bc2_sqrt).add_(self.eps)
             u.master.addcdiv_(u.exp_avg, denom, value=-lr / bc1)
             u.grad_acc.zero_()
+        self._params_down()
+        return StepStats(grad_norm=norm)
+
+    def _params_down(self) -> None:
+        """New parameters from the fp32 optimizer shards down to the param level."""
+        for u in self.units:
+            d = u.domain
+            down = d.groups["param_down"]
             new = u.master.to(self.dtype)
             if down.size > 1:  # O-shard -> P-shard: gather the O-chunks that make up my P-chunk
                 base = d.idx_p * (d.s_o // d.s_p)
@@ -385,10 +401,58 @@ class ShardedEngine:
             else:
                 off = (d.idx_o - d.idx_p * (d.s_o // d.s_p)) * u.c_o
                 u.p_shard[off: off + u.c_o].copy_(new)
-        return StepStats(grad_norm=norm)
 
     def take_comm(self) -> List[dict]:
         return self.ledger.take()
+
+    # ---- checkpoints: this rank's slices of the global tensors -----------------------------
+    def _owned(self, u: FlatUnit):
+        """(entry, first element in the O-shard, elements, global shape, first element of the
+        flattened global tensor) for every parameter piece in this rank's optimizer shard."""
+        a = u.domain.idx_o * u.c_o
+        expert = u.domain is self.experts
+        for ent in u.params:
+            lo, hi = max(a, ent.offset), min(a + u.c_o, ent.offset + ent.numel)
+            if lo >= hi:
+                continue
+            shape, base = tuple(ent.shape), 0
+            if expert:  # local experts [E_local, ...] are rows ep_index*E_local.. of [E, ...]
+                shape = (ent.shape[0] * self.ep,) + tuple(ent.shape[1:])
+                base = (self.rank % self.ep) * ent.numel
+            yield ent, lo - a, hi - lo, shape, base + lo - ent.offset
+
+    def checkpoint_slices(self) -> List[tuple]:
+        """(name, global shape, dtype, first element, host copy) of what this rank saves: its
+        optimizer shard's master weights and AdamW moments (one replica saves), and on rank 0
+        the persistent buffers (MoE selection biases)."""
+        out = []
+        for u in self.units:
+            if u.domain.groups["replicas"].index(self.rank) != 0:
+                continue
+            for ent, at, n, shape, start in self._owned(u):
+                for key, prefix in STATE_KEYS:
+                    data = getattr(u, key)[at:at + n].detach().cpu().numpy().copy()
+                    out.append((f"{prefix}/{ent.name}", shape, "float32", start, data))
+        if self.rank == 0:
+            for name, buf in persistent_buffers(self.model):
+                out.append((f"buffer/{name}", tuple(buf.shape), "float32", 0,
+                            buf.detach().float().cpu().numpy().reshape(-1).copy()))
+        return out
+
+    def load_checkpoint(self, read: Callable[[str, int, int], "object"], step_count: int) -> None:
+        """Fill this rank's shards from global tensors (`read(name, start, numel)` returns a
+        numpy array), whatever layout saved them; then the parameters from the masters."""
+        for u in self.units:
+            for key, _ in STATE_KEYS:
+                getattr(u, key).zero_()
+            for ent, at, n, _, start in self._owned(u):
+                for key, prefix in STATE_KEYS:
+                    getattr(u, key)[at:at + n].copy_(torch.from_numpy(read(f"{prefix}/{ent.name}", start, n)))
+        with torch.no_grad():
+            for name, buf in persistent_buffers(self.model):
+                buf.copy_(torch.from_numpy(read(f"buffer/{name}", 0, buf.numel())).view(buf.shape))
+        self.step_count = step_count
+        self._params_down()
 
     # ---- global tensors (checkpoints, tests) -----------------------------------------------
     def global_tensors(self) -> Dict[str, Dict[str, torch.Tensor]]:

@@ -19,6 +19,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from checkpoint.config import CheckpointConfig
 from parallel.context import DistContext
 from parallel.engine import DataParallelEngine
 from parallel.moe import MoEConfig, moe_layers
@@ -41,6 +42,8 @@ class TrainResult:
     entropy_floor_nats: Optional[float] = None
     wall_s: float = 0.0
     num_params: int = 0
+    first_step: int = 1
+    """The step `losses[0]` belongs to (> 1 after a resume)."""
     expert_tokens: List[torch.Tensor] = field(default_factory=list)
     """MoE: per step, tokens routed to each expert [layer, expert], over every rank."""
     dropped_fraction: List[List[float]] = field(default_factory=list)
@@ -50,7 +53,7 @@ class TrainResult:
     def final_loss(self) -> float:
         """Mean of the last (up to) 10 steps: one step's batch is too noisy to judge by."""
         tail = self.losses[-10:]
-        return sum(tail) / len(tail)
+        return sum(tail) / len(tail) if tail else float("nan")
 
 
 def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -62,8 +65,13 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_r
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def micro_batch_indices(step: int, micro: int, *, dp_rank: int, dp_size: int, micro_batch: int, global_batch: int) -> np.ndarray:
-    start = step * global_batch + (micro * dp_size + dp_rank) * micro_batch
+def micro_batch_indices(step: int, micro: int, *, dp_rank: int, dp_size: int, micro_batch: int, global_batch: int,
+                        first_sample: Optional[int] = None) -> np.ndarray:
+    """Global sample indices of one micro-batch. `step` is 0-based; the step's global batch
+    starts at `first_sample` (default step x global_batch; a resumed run passes where the
+    checkpoint left the token stream, so a changed world size or batch continues it)."""
+    base = step * global_batch if first_sample is None else first_sample
+    start = base + (micro * dp_size + dp_rank) * micro_batch
     return np.arange(start, start + micro_batch, dtype=np.int64)
 
 
@@ -144,6 +152,9 @@ def train(
     show_progress: bool = True,
     reference_engine: bool = False,
     moe_cfg: Optional[MoEConfig] = None,
+    checkpoint_cfg: Optional[CheckpointConfig] = None,
+    checkpoint_root: Optional[str] = None,
+    run_state: Optional[dict] = None,
 ) -> TrainResult:
     """Train; `reference_engine` runs plain data parallelism with torch.optim.AdamW instead of
     the plan (the tests' single-process reference)."""
@@ -193,6 +204,31 @@ def train(
         peak_tflops = measure_matmul_tflops(dtype, ctx.device)
 
     result = TrainResult(entropy_floor_nats=dataset.entropy_floor_nats, num_params=n_params)
+    ckpt = None
+    start_step, next_sample = 0, 0
+    if checkpoint_cfg is not None and checkpoint_root and not reference_engine:
+        wanted = checkpoint_cfg.every_steps > 0 or checkpoint_cfg.resume not in ("auto", "none")
+        if not hasattr(engine, "checkpoint_slices"):
+            if wanted:
+                raise ValueError(f"checkpoints are not implemented for parallel.engine={parallel_cfg.engine}; use "
+                                 "parallel.engine=native, or checkpoint.every_steps=0 checkpoint.resume=auto")
+            checkpoint_cfg = None
+    if checkpoint_cfg is not None and checkpoint_root and not reference_engine:
+        from checkpoint.saver import Checkpointer
+
+        ckpt = Checkpointer(checkpoint_cfg, checkpoint_root, rank=ctx.rank, world_size=dp_size,
+                            event=lambda kind, detail, step: telemetry.event(kind, detail=detail, step=step))
+        resumed = ckpt.resume(engine)
+        if resumed is not None:
+            start_step = result.first_step = resumed.step
+            result.first_step += 1
+            next_sample = int(resumed.state["next_sample"])
+            telemetry.event("resume", detail=f"from {resumed.path} (step {resumed.step}, sample {next_sample}, "
+                                             f"saved by {resumed.state.get('world_size')} ranks, "
+                                             f"{resumed.state.get('plan')})", step=start_step)
+            if ctx.rank == 0:
+                log.info("resumed from %s: step %d, next sample %d", resumed.path, start_step, next_sample)
+
     if ctx.rank == 0:
         floor = f"{dataset.entropy_floor_nats:.4f} nats" if dataset.entropy_floor_nats is not None else "unknown"
         log.info(
@@ -208,14 +244,15 @@ def train(
     loss_buf = torch.zeros(1, dtype=torch.float64, device=ctx.device)  # nccl reduces device tensors only
 
     with progress:
-        for step in range(1, train_cfg.steps + 1):
+        for step in range(start_step + 1, train_cfg.steps + 1):
             t0 = time.perf_counter()
             lr = lr_at(step, lr=train_cfg.lr, warmup_steps=train_cfg.warmup_steps,
                        total_steps=train_cfg.steps, min_lr_ratio=train_cfg.min_lr_ratio)
             loss_sum = 0.0
             for micro in range(accum):
                 idx = micro_batch_indices(step - 1, micro, dp_rank=dp_rank, dp_size=dp_size,
-                                          micro_batch=mb, global_batch=gb)
+                                          micro_batch=mb, global_batch=gb,
+                                          first_sample=next_sample + (step - 1 - start_step) * gb)
                 batch = dataset.samples(idx).to(ctx.device)  # [mb, seq_len + 1]
                 loss_sum += engine.micro_step(batch[:, :-1], batch[:, 1:], scale=1.0 / accum)
             stats = engine.step(lr)
@@ -249,6 +286,15 @@ def train(
                 gpu_mem_bytes=torch.cuda.max_memory_allocated() if ctx.device.startswith("cuda") else None,
             )
             progress.update(step, loss=global_loss, tokens_per_s=tokens_per_step * dp_size / step_time_s)
+            if ckpt is not None and ckpt.due(step, train_cfg.steps):
+                ckpt.save(step, engine, {
+                    **(run_state or {}), "step": step, "optimizer_steps": engine.step_count,
+                    "next_sample": next_sample + (step - start_step) * gb, "global_batch_size": gb,
+                    "world_size": dp_size, "plan": plan_line, "topology": ctx.topology.describe(),
+                    "loss": global_loss, "lr": lr, "seeds": {"train": train_cfg.seed, "data": data_cfg.seed},
+                    "versions": {"torch": torch.__version__}})
+    if ckpt is not None:
+        ckpt.wait()
 
     result.wall_s = time.perf_counter() - t_start
     telemetry.event("end", detail=f"final_loss={result.final_loss:.6f}", step=train_cfg.steps)

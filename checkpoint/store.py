@@ -1,0 +1,233 @@
+"""Checkpoint files through fsspec (local paths, file://, memory://, s3://).
+
+Every rank writes its own shard and then its `rank-<r>.json`; rank 0 waits for all of them,
+merges the manifest, and writes `COMMITTED` last. Readers fetch only the pieces that overlap
+the slices they need, and check each piece's crc32.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import fsspec
+import numpy as np
+
+from checkpoint.manifest import (ITEMSIZE, Manifest, ManifestError, Piece, TensorEntry, crc32, merge, reads_for,
+                                 retained, step_dirname)
+
+log = logging.getLogger(__name__)
+COMMITTED = "COMMITTED"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the file and tensor."""
+
+
+class ResumeError(CheckpointError):
+    """checkpoint.resume names a checkpoint that cannot be loaded: the user's to fix."""
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A part of a global tensor one rank owns: elements [start, start + data.size) of its flattened form."""
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str
+    start: int
+    data: np.ndarray
+
+
+def shard_name(rank: int) -> str:
+    return f"shard-{rank:05d}.bin"
+
+
+def _raw(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+class CheckpointStore:
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.fs, self.path = fsspec.core.url_to_fs(self.root)
+
+    # ---- naming --------------------------------------------------------------------------
+    def step_path(self, step: int) -> str:
+        return f"{self.path}/{step_dirname(step)}"
+
+    def url(self, step: int) -> str:
+        return f"{self.root}/{step_dirname(step)}"
+
+    def steps(self) -> List[Tuple[int, bool]]:
+        """(step, committed) for every step folder, oldest first."""
+        try:
+            entries = self.fs.ls(self.path, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out = []
+        for p in entries:
+            m = _STEP_DIR.match(p.rstrip("/").rsplit("/", 1)[-1])
+            if m:
+                step = int(m.group(1))
+                out.append((step, self.fs.exists(f"{self.step_path(step)}/{COMMITTED}")))
+        return sorted(out)
+
+    def committed(self) -> List[int]:
+        return [s for s, ok in self.steps() if ok]
+
+    # ---- writing -------------------------------------------------------------------------
+    def write_rank(self, step: int, rank: int, slices: Sequence[Slice]) -> None:
+        """This rank's shard, then its rank json (the signal rank 0 waits for). On failure
+        a rank-<r>.error file says why (best effort) and the error is raised."""
+        base = self.step_path(step)
+        try:
+            self.fs.makedirs(base, exist_ok=True)
+            records, offset = [], 0
+            with self.fs.open(f"{base}/{shard_name(rank)}", "wb") as f:
+                for s in slices:
+                    raw = _raw(s.data)
+                    f.write(raw)
+                    records.append({"name": s.name, "shape": list(s.shape), "dtype": s.dtype, "piece": {
+                        "file": shard_name(rank), "offset": offset, "start": int(s.start),
+                        "numel": int(s.data.size), "crc32": crc32(raw)}})
+                    offset += len(raw)
+            with self.fs.open(f"{base}/rank-{rank:05d}.json", "w") as f:
+                f.write(json.dumps({"rank": rank, "tensors": records}))
+        except Exception as e:
+            try:
+                with self.fs.open(f"{base}/rank-{rank:05d}.error", "w") as f:
+                    f.write(f"{type(e).__name__}: {e}")
+            except Exception:
+                pass
+            raise CheckpointError(f"rank {rank} could not write checkpoint step {step} to {self.url(step)}: "
+                                  f"{type(e).__name__}: {e}") from e
+
+    def commit(self, step: int, world_size: int, state: dict, timeout_s: float = 600.0,
+               poll_s: float = 0.05) -> Manifest:
+        """Rank 0: wait for every rank's json, merge, write the manifest, then COMMITTED."""
+        base = self.step_path(step)
+        deadline = time.monotonic() + timeout_s
+        parts: Dict[int, dict] = {}
+        while len(parts) < world_size:
+            for r in range(world_size):
+                if r in parts:
+                    continue
+                if self.fs.exists(f"{base}/rank-{r:05d}.error"):
+                    with self.fs.open(f"{base}/rank-{r:05d}.error") as f:
+                        why = f.read().decode(errors="replace")
+                    raise CheckpointError(f"checkpoint step {step} not committed: rank {r} failed: {why}")
+                path = f"{base}/rank-{r:05d}.json"
+                if self.fs.exists(path):
+                    with self.fs.open(path) as f:
+                        parts[r] = json.loads(f.read())
+            if len(parts) < world_size:
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(world_size)) - set(parts))
+                    raise CheckpointError(f"checkpoint step {step} not committed: no report from rank(s) {missing} "
+                                          f"within {timeout_s:.0f} s")
+                time.sleep(poll_s)
+        try:
+            manifest = merge(step, [parts[r] for r in range(world_size)], state)
+        except ManifestError as e:
+            raise CheckpointError(f"checkpoint step {step} not committed: {e}") from e
+        text = manifest.to_json()
+        with self.fs.open(f"{base}/{MANIFEST}", "w") as f:
+            f.write(text)
+        with self.fs.open(f"{base}/{COMMITTED}", "w") as f:
+            f.write(json.dumps({"step": step, "manifest_crc32": crc32(text.encode())}))
+        with self.fs.open(f"{self.path}/LATEST", "w") as f:  # a convenience; the folders are the truth
+            f.write(step_dirname(step) + "\n")
+        return manifest
+
+    def prune(self, keep: int, keep_every: int) -> List[int]:
+        """Delete committed checkpoints outside the retention rule, and torn saves older than
+        the newest committed one. Returns the deleted steps."""
+        steps = self.steps()
+        done = [s for s, ok in steps if ok]
+        if not done:
+            return []
+        keep_set = set(retained(done, keep, keep_every))
+        newest = max(done)
+        doomed = [s for s, ok in steps if (ok and s not in keep_set) or (not ok and s < newest)]
+        for s in doomed:
+            self.fs.rm(self.step_path(s), recursive=True)
+        return doomed
+
+    # ---- reading -------------------------------------------------------------------------
+    def manifest(self, step_path: str) -> Manifest:
+        """The manifest of a committed checkpoint folder (a path inside this store's filesystem)."""
+        if not self.fs.exists(f"{step_path}/{COMMITTED}"):
+            raise CheckpointError(f"{step_path} has no {COMMITTED} marker: a torn or unfinished save, never loaded")
+        try:
+            with self.fs.open(f"{step_path}/{MANIFEST}") as f:
+                text = f.read().decode()
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{step_path}/{MANIFEST} is missing") from e
+        with self.fs.open(f"{step_path}/{COMMITTED}") as f:
+            marker = json.loads(f.read())
+        if marker.get("manifest_crc32") != crc32(text.encode()):
+            raise CheckpointError(f"{step_path}/{MANIFEST} does not match the checksum in {COMMITTED}")
+        try:
+            return Manifest.from_json(text)
+        except ManifestError as e:
+            raise CheckpointError(f"{step_path}/{MANIFEST}: {e}") from e
+
+    def read_piece(self, step_path: str, entry: TensorEntry, piece: Piece) -> np.ndarray:
+        size = ITEMSIZE[entry.dtype]
+        path = f"{step_path}/{piece.file}"
+        try:
+            raw = self.fs.cat_file(path, start=piece.offset, end=piece.offset + piece.numel * size)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{path} is missing (tensor {entry.name})") from e
+        if len(raw) != piece.numel * size:
+            raise CheckpointError(f"{path} is truncated: tensor {entry.name} elements {piece.start}..{piece.stop} "
+                                  f"need bytes {piece.offset}..{piece.offset + piece.numel * size}")
+        if crc32(raw) != piece.crc32:
+            raise CheckpointError(f"{path}: checksum mismatch in tensor {entry.name} "
+                                  f"(elements {piece.start}..{piece.stop}, bytes {piece.offset}..)")
+        return np.frombuffer(raw, dtype=_np_dtype(entry.dtype))
+
+    def reader(self, step_path: str, manifest: Manifest) -> Callable[[str, int, int], np.ndarray]:
+        """read(name, start, numel): elements of a flattened global tensor, from the pieces
+        that hold them only (each piece fetched once and checked)."""
+        cache: Dict[Tuple[str, int], np.ndarray] = {}
+
+        def read(name: str, start: int, numel: int) -> np.ndarray:
+            entry = manifest.tensors.get(name)
+            if entry is None:
+                raise CheckpointError(f"{step_path} has no tensor {name!r}; it was saved by another model "
+                                      f"(its tensors: {sorted(manifest.tensors)[:5]} ...)")
+            out = np.empty(numel, dtype=_np_dtype(entry.dtype))
+            for piece, lo, n in reads_for(entry, start, numel):
+                key = (piece.file, piece.offset)
+                if key not in cache:
+                    cache[key] = self.read_piece(step_path, entry, piece)
+                out[lo - start: lo - start + n] = cache[key][lo - piece.start: lo - piece.start + n]
+            return out
+
+        return read
+
+    def verify(self, step_path: str) -> Tuple[Optional[Manifest], List[str]]:
+        """Every piece of every tensor read back and checked; the problems, one line each."""
+        try:
+            manifest = self.manifest(step_path)
+        except CheckpointError as e:
+            return None, [str(e)]
+        problems = []
+        for entry in manifest.tensors.values():
+            for piece in entry.pieces:
+                try:
+                    self.read_piece(step_path, entry, piece)
+                except CheckpointError as e:
+                    problems.append(str(e))
+        return manifest, problems
+
+
+def _np_dtype(dtype: str):
+    return np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
