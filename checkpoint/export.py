@@ -147,3 +147,38 @@ def consolidated(manifest, read: Callable[[str, int, int], np.ndarray]) -> Dict[
         for hf_name, hf_value in hf_tensors(tname, value):
             out[hf_name] = hf_value
     return out
+
+
+class InitFromError(ValueError):
+    """checkpoint.init_from names a file that does not fit the model: the user's to fix."""
+
+
+def load_into(model, path: str) -> int:
+    """checkpoint.init_from: copy a consolidated file's weights into a freshly built model
+    (before an engine shards it). Every parameter must be there with its shape."""
+    import torch
+
+    try:
+        tensors = tierzero_tensors(read_safetensors(path))
+    except (OSError, ValueError) as e:
+        raise InitFromError(f"checkpoint.init_from={path} cannot be read: {e}") from e
+    problems = []
+    targets = dict(model.named_parameters())
+    keys = set(model.state_dict().keys())
+    targets.update({n: b for n, b in model.named_buffers() if n in keys})
+    for name, target in targets.items():
+        value = tensors.get(name)
+        if value is None:
+            problems.append(f"{name} is missing")
+        elif tuple(value.shape) != tuple(target.shape):
+            problems.append(f"{name} has shape {list(value.shape)}, the model's is {list(target.shape)}")
+    extra = sorted(set(tensors) - set(targets))
+    if extra:
+        problems.append(f"tensors the model does not have: {extra[:5]}")
+    if problems:
+        raise InitFromError(f"checkpoint.init_from={path} does not fit this model.* / moe.* config: "
+                         + "; ".join(problems[:6]))
+    with torch.no_grad():
+        for name, target in targets.items():
+            target.copy_(torch.from_numpy(np.array(tensors[name])).to(target.dtype))
+    return len(targets)

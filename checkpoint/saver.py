@@ -1,7 +1,8 @@
 """Saving on a schedule (synchronously or in the background) and resuming, for one rank.
 
 The engine is duck-typed: `checkpoint_slices()` -> [(name, global shape, dtype, first
-element, host array)] and `load_checkpoint(read, step_count)`. Events go to a callback
+element, host array)], `load_checkpoint(read, step_count)` (local reads only) and
+`after_load()` (collectives, once every rank has read). Events go to a callback
 `event(kind, detail, step)` (the run's telemetry).
 """
 
@@ -126,6 +127,7 @@ class Checkpointer:
                 self.event("warning", f"checkpoint {path} unusable ({problem}); trying an older one", None)
                 log.warning("checkpoint %s unusable (%s); trying an older one", path, problem)
                 continue
+            engine.after_load()  # collective: only once every rank has read its slices
             return Resumed(manifest.step, manifest.state, path)
         if mode != "auto":
             raise ResumeError(f"checkpoint.resume={mode}: no checkpoint there")

@@ -156,6 +156,7 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     if launch.rank == 0:
         log.info("%s launch: %d ranks on %d node(s), backend %s, topology %s",
                  "local" if launch.supervised else launch.mode, launch.world_size, launch.num_nodes, ctx.backend, topology.describe())
+    from checkpoint.export import InitFromError
     from checkpoint.store import CheckpointError, ResumeError
     from launcher.bench import tierzero_version
 
@@ -167,12 +168,13 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
                        peak_tflops=cfg.telemetry.peak_tflops, moe_cfg=cfg.moe, checkpoint_cfg=cfg.checkpoint,
                        checkpoint_root=cfg.checkpoint.dir or str(run_dir / "checkpoints"),
                        run_state={"config": to_yaml(cfg), "tierzero_version": tierzero_version()})
-    except CheckpointError as e:  # a message to act on, not a bug: no traceback
+    except (CheckpointError, InitFromError) as e:  # a message to act on, not a bug: no traceback
         tel.event("error", detail=str(e))
         tel.close()
-        if launch.rank == 0 or not isinstance(e, ResumeError):
+        user_error = isinstance(e, (ResumeError, InitFromError))
+        if launch.rank == 0 or not user_error:
             print(f"tierzero: rank {launch.rank}: {e}", file=sys.stderr, flush=True)
-        return 2 if isinstance(e, ResumeError) else 1
+        return 2 if user_error else 1
     except BaseException as e:
         tel.event("error", detail=f"{type(e).__name__}: {e}")
         raise

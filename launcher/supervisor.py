@@ -120,6 +120,9 @@ def isolation_errors(cfg: RunConfig) -> List[str]:
 
 EXIT_RESULTS_WRONG = 3
 """A rank's verdict, not a crash: `tierzero bench` found wrong results (every rank exits with it)."""
+EXIT_USAGE = 2
+"""Every rank found the same user error (a checkpoint.resume or init_from that cannot load) and said why."""
+VERDICTS = (EXIT_USAGE, EXIT_RESULTS_WRONG)
 
 
 def run_local(cfg: RunConfig, config_path: Path, command: Sequence[str] = ("run",)) -> int:
@@ -203,7 +206,7 @@ def _supervise(cfg: RunConfig, config_path: Path, network=None, command: Sequenc
             procs.append(subprocess.Popen(argv, env=env))
         while True:
             codes = [p.poll() for p in procs]
-            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, EXIT_RESULTS_WRONG)]
+            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, *VERDICTS)]
             if bad:
                 failed = bad[0]
                 break
@@ -226,10 +229,12 @@ def _supervise(cfg: RunConfig, config_path: Path, network=None, command: Sequenc
         print(f"tierzero: {detail}. Its output above says why; telemetry is in {telemetry_root}.",
               file=sys.stderr)
         return 1
-    if EXIT_RESULTS_WRONG in codes:
-        events.event("error", detail="ranks reported wrong results")
+    verdict = next((c for c in VERDICTS if c in codes), None)
+    if verdict is not None:
+        events.event("error", detail=f"ranks exited with {verdict}: " +
+                     ("wrong results" if verdict == EXIT_RESULTS_WRONG else "a user error (see the message above)"))
         events.close()
-        return EXIT_RESULTS_WRONG
+        return verdict
     events.event("end", detail=f"all {nproc} ranks finished in {time.monotonic() - t0:.1f} s")
     events.close()
     print(f"tierzero: {nproc} ranks finished in {time.monotonic() - t0:.1f} s", flush=True)

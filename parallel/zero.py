@@ -441,7 +441,9 @@ class ShardedEngine:
 
     def load_checkpoint(self, read: Callable[[str, int, int], "object"], step_count: int) -> None:
         """Fill this rank's shards from global tensors (`read(name, start, numel)` returns a
-        numpy array), whatever layout saved them; then the parameters from the masters."""
+        numpy array), whatever layout saved them. Local only (no collectives), so a rank that
+        fails to read cannot leave the others waiting; `after_load` then rebuilds the
+        parameters from the masters, on every rank together."""
         for u in self.units:
             for key, _ in STATE_KEYS:
                 getattr(u, key).zero_()
@@ -452,6 +454,8 @@ class ShardedEngine:
             for name, buf in persistent_buffers(self.model):
                 buf.copy_(torch.from_numpy(read(f"buffer/{name}", 0, buf.numel())).view(buf.shape))
         self.step_count = step_count
+
+    def after_load(self) -> None:
         self._params_down()
 
     # ---- global tensors (checkpoints, tests) -----------------------------------------------

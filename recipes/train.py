@@ -166,6 +166,11 @@ def train(
     dataset = build_dataset(data_cfg)
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg, vocab_size=dataset.vocab_size, seq_len=dataset.seq_len, moe=moe_cfg)
+    if checkpoint_cfg is not None and checkpoint_cfg.init_from:
+        from checkpoint.export import load_into
+
+        loaded = load_into(model, checkpoint_cfg.init_from)
+        telemetry.event("init", detail=f"{loaded} tensors from {checkpoint_cfg.init_from}", step=0)
     dtype = dtype_of(train_cfg)
     model = model.to(device=ctx.device, dtype=dtype)
     n_params = count_params(model_cfg, dataset.vocab_size, moe_cfg)  # all experts, before EP splits them
