@@ -298,3 +298,58 @@ class DeepSpeedEngine:
                               else torch.zeros(shape, dtype=torch.float32, device=entry["param"].device))
             out[name] = entry
         return out
+
+    # ---- checkpoints (checkpoint/saver.py's engine interface) -------------------------------
+    def checkpoint_slices(self) -> List[tuple]:
+        """The global tensors (gathered by DeepSpeed: a collective), each rank saving an equal
+        contiguous share of every one; names and layout as the native engine's."""
+        world, rank = self.world_size, self.rank
+        out = []
+        for name, states in self.global_tensors().items():
+            for key, prefix in (("param", "model"), ("exp_avg", "optim.exp_avg"), ("exp_avg_sq", "optim.exp_avg_sq")):
+                flat = states[key].reshape(-1)
+                lo, hi = flat.numel() * rank // world, flat.numel() * (rank + 1) // world
+                if hi > lo:
+                    out.append((f"{prefix}/{name}", tuple(states[key].shape), "float32", lo,
+                                flat[lo:hi].cpu().numpy().copy()))
+        return out
+
+    def load_checkpoint(self, read, step_count: int) -> None:
+        """Read every full tensor this rank needs (local only); after_load hands them to DeepSpeed."""
+        self._loaded = {}
+        for name, p in self.model.named_parameters():
+            shape = tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+            n = int(torch.Size(shape).numel())
+            self._loaded[name] = {key: torch.from_numpy(read(f"{prefix}/{name}", 0, n)).view(shape)
+                                  for key, prefix in (("param", "model"), ("exp_avg", "optim.exp_avg"),
+                                                      ("exp_avg_sq", "optim.exp_avg_sq"))}
+        self._loaded_step = step_count
+
+    def after_load(self) -> None:
+        """Set DeepSpeed's fp32 masters and AdamW moments from the full tensors (each rank keeps
+        its own fragment), the module's working weights, and AdamW's step count."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if self.stage not in (1, 2):
+            raise RuntimeError(f"resuming the DeepSpeed engine is implemented for ZeRO stages 1 and 2, not "
+                               f"{self.stage}; resume with parallel.plan=zero1 or zero2 (or parallel.engine=native)")
+        opt = self.engine.optimizer
+        inner = opt.optimizer  # the torch AdamW ZeRO steps on its flat fp32 partitions
+        for group in inner.param_groups:  # AdamW creates its state lazily: create it now to fill it
+            for flat in group["params"]:
+                state = inner.state[flat]
+                state.setdefault("exp_avg", torch.zeros_like(flat))
+                state.setdefault("exp_avg_sq", torch.zeros_like(flat))
+                state["step"] = torch.tensor(float(self._loaded_step))
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+        self._relinked = True
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                full = self._loaded[name]
+                safe_set_full_fp32_param(p, full["param"].to(p.device))
+                safe_set_full_optimizer_state(p, full["exp_avg"].to(p.device), "exp_avg")
+                safe_set_full_optimizer_state(p, full["exp_avg_sq"].to(p.device), "exp_avg_sq")
+                p.data.copy_(full["param"].to(p.dtype))  # stages 1-2 keep the full working weights
+        self.step_count = self._loaded_step
+        self._loaded = None

@@ -192,9 +192,11 @@ LAYOUTS = {
     "ddp": ["launcher.nproc=4", "topology.emulate=[2,2]", "parallel.plan=ddp"],
     "ep 1": ["launcher.nproc=4", "parallel.ep=1"],
     "ep 4": ["launcher.nproc=4", "parallel.ep=4"],
+    "dense zero2": ["dense_tiny_cpu", "launcher.nproc=2", "parallel.plan=zero2"],
+    "deepspeed": ["dense_tiny_cpu", "launcher.nproc=2", "parallel.plan=zero2", "parallel.engine=deepspeed"],
 }
 PAIRS = [("4 ranks", "4 ranks"), ("4 ranks", "2 ranks"), ("2 ranks", "4 ranks"), ("zero3", "tiered"),
-         ("tiered", "ddp"), ("4 ranks", "ep 1"), ("ep 1", "ep 4")]
+         ("tiered", "ddp"), ("4 ranks", "ep 1"), ("ep 1", "ep 4"), ("dense zero2", "deepspeed")]
 """The default recipe is an MoE with parallel.ep=2, so '4 ranks' -> 'ep 1' is ep 2 -> 1."""
 
 
