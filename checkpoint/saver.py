@@ -18,19 +18,9 @@ import torch
 import torch.distributed as dist
 
 from checkpoint.config import CheckpointConfig
-from checkpoint.store import CheckpointError, CheckpointStore, ResumeError, Slice
+from checkpoint.store import CheckpointError, CheckpointStore, ResumeError, Slice, open_step
 
 log = logging.getLogger(__name__)
-
-
-def open_step(url: str):
-    """(store of the folder above, path of the step folder) for a checkpoint path or URL."""
-    import fsspec
-
-    url = url.rstrip("/")
-    _, path = fsspec.core.url_to_fs(url)
-    parent = url.rsplit("/", 1)[0] if "/" in url else "."
-    return CheckpointStore(parent), path
 
 
 @dataclass
@@ -108,10 +98,11 @@ class Checkpointer:
         if mode == "none":
             return None
         if mode == "auto":
-            candidates = [(self.store, self.store.step_path(s)) for s in reversed(self.store.committed())]
+            candidates = [(self.store, self.store.step_path(s), self.store.url(s))
+                          for s in reversed(self.store.committed())]
         else:
-            candidates = [open_step(mode)]
-        for store, path in candidates:
+            candidates = [(*open_step(mode), mode)]
+        for store, path, url in candidates:
             problem = None
             try:
                 manifest = store.manifest(path)
@@ -124,11 +115,11 @@ class Checkpointer:
                 if mode != "auto":
                     raise ResumeError(f"checkpoint.resume={mode} cannot be loaded: {problem}. Point it at a committed "
                                       "checkpoint folder (`tierzero ckpt list DIR`), or use checkpoint.resume=auto")
-                self.event("warning", f"checkpoint {path} unusable ({problem}); trying an older one", None)
-                log.warning("checkpoint %s unusable (%s); trying an older one", path, problem)
+                self.event("warning", f"checkpoint {url} unusable ({problem}); trying an older one", None)
+                log.warning("checkpoint %s unusable (%s); trying an older one", url, problem)
                 continue
             engine.after_load()  # collective: only once every rank has read its slices
-            return Resumed(manifest.step, manifest.state, path)
+            return Resumed(manifest.step, manifest.state, url)
         if mode != "auto":
             raise ResumeError(f"checkpoint.resume={mode}: no checkpoint there")
         return None

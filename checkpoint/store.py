@@ -114,24 +114,30 @@ class CheckpointStore:
         base = self.step_path(step)
         deadline = time.monotonic() + timeout_s
         parts: Dict[int, dict] = {}
+        wait_s = poll_s
         while len(parts) < world_size:
+            # one listing per poll (on S3 each exists() of a missing key costs requests)
+            try:
+                present = {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False, refresh=True)}
+            except FileNotFoundError:
+                present = set()
             for r in range(world_size):
                 if r in parts:
                     continue
-                if self.fs.exists(f"{base}/rank-{r:05d}.error"):
+                if f"rank-{r:05d}.error" in present:
                     with self.fs.open(f"{base}/rank-{r:05d}.error") as f:
                         why = f.read().decode(errors="replace")
                     raise CheckpointError(f"checkpoint step {step} not committed: rank {r} failed: {why}")
-                path = f"{base}/rank-{r:05d}.json"
-                if self.fs.exists(path):
-                    with self.fs.open(path) as f:
+                if f"rank-{r:05d}.json" in present:
+                    with self.fs.open(f"{base}/rank-{r:05d}.json") as f:
                         parts[r] = json.loads(f.read())
             if len(parts) < world_size:
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(world_size)) - set(parts))
                     raise CheckpointError(f"checkpoint step {step} not committed: no report from rank(s) {missing} "
                                           f"within {timeout_s:.0f} s")
-                time.sleep(poll_s)
+                time.sleep(wait_s)
+                wait_s = min(1.0, wait_s * 1.5)  # quick for small saves, cheap for long ones
         try:
             manifest = merge(step, [parts[r] for r in range(world_size)], state)
         except ManifestError as e:
@@ -237,6 +243,14 @@ class CheckpointStore:
                 except CheckpointError as e:
                     problems.append(str(e))
         return manifest, problems
+
+
+def open_step(url: str) -> Tuple["CheckpointStore", str]:
+    """(store of the folder above, path of the step folder) for a checkpoint path or URL."""
+    url = url.rstrip("/")
+    _, path = fsspec.core.url_to_fs(url)
+    parent = url.rsplit("/", 1)[0] if "/" in url else "."
+    return CheckpointStore(parent), path
 
 
 def _np_dtype(dtype: str):

@@ -94,9 +94,18 @@ def cmd_bench(args) -> int:
 
 
 def cmd_ckpt(args) -> int:
+    try:
+        return _ckpt(args)
+    except UsageError:
+        raise
+    except Exception as e:  # credentials, network, permissions: say what and where, no traceback
+        print(f"tierzero ckpt {args.action}: cannot read {args.path}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _ckpt(args) -> int:
     from checkpoint.inspect import inspect_lines, list_lines
-    from checkpoint.saver import open_step
-    from checkpoint.store import CheckpointError, CheckpointStore
+    from checkpoint.store import CheckpointError, CheckpointStore, open_step
 
     if args.action == "list":
         store = CheckpointStore(args.path)

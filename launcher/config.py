@@ -25,7 +25,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from checkpoint.config import CheckpointConfig
 from collectives_bench.config import BenchConfig
-from parallel.moe import MoEConfig
+from parallel.moe_config import MoEConfig
 from parallel.plan import ParallelConfig
 from parallel.topology import TopologyConfig
 from recipes.config import DataConfig, ModelConfig, TrainConfig, data_errors, model_errors, train_errors

@@ -32,55 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-GATES = ("softmax", "sigmoid")
-
-
-@dataclass
-class MoEConfig:
-    num_experts: int = 0
-    """Routed experts per MoE layer; 0 = a dense model (every block has one SwiGLU)."""
-    top_k: int = 2
-    """Experts each token is sent to."""
-    gate: str = "softmax"
-    """Router gate: softmax (Switch, Mixtral, OLMoE) or sigmoid (DeepSeek-V3)."""
-    norm_topk_prob: bool = True
-    """Normalise each token's top-k weights to sum to 1."""
-    capacity_factor: float = 0.0
-    """Tokens an expert takes per micro-batch = ceil(factor x tokens x top_k / experts), the rest dropped; 0 = dropless."""
-    aux_loss_coef: float = 0.01
-    """Weight of the Switch/GShard load-balance loss; 0 disables it."""
-    z_loss_coef: float = 0.001
-    """Weight of the ST-MoE router z-loss; 0 disables it."""
-    bias_update_rate: float = 0.0
-    """DeepSeek-V3 auxiliary-loss-free balancing: per-expert selection bias step after each optimizer step; 0 = off."""
-    shared_experts: int = 0
-    """Shared experts every token also passes through (DeepSeek-V3 uses 1)."""
-    expert_hidden: Optional[int] = None
-    """Hidden size of one expert's SwiGLU; default the dense model's ffn hidden size."""
-    max_nodes_per_token: int = 0
-    """Node-limited routing: each token's experts on at most this many nodes; 0 = no limit."""
-
-    def errors(self) -> List[str]:
-        errs = []
-        if self.num_experts < 0:
-            errs.append(f"moe.num_experts={self.num_experts} must be >= 0 (0 = dense)")
-        if self.num_experts:
-            if not 1 <= self.top_k <= self.num_experts:
-                errs.append(f"moe.top_k={self.top_k} must be between 1 and moe.num_experts={self.num_experts}")
-            if self.gate not in GATES:
-                errs.append(f"moe.gate={self.gate!r} is not one of {list(GATES)}")
-            if self.capacity_factor < 0:
-                errs.append(f"moe.capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless), e.g. 1.25")
-            for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-                if getattr(self, key) < 0:
-                    errs.append(f"moe.{key}={getattr(self, key)} must be >= 0")
-            if self.shared_experts < 0:
-                errs.append(f"moe.shared_experts={self.shared_experts} must be >= 0")
-            if self.expert_hidden is not None and self.expert_hidden < 1:
-                errs.append(f"moe.expert_hidden={self.expert_hidden} must be >= 1 or null")
-            if self.max_nodes_per_token < 0:
-                errs.append(f"moe.max_nodes_per_token={self.max_nodes_per_token} must be >= 0 (0 = no limit)")
-        return errs
+from parallel.moe_config import MoEConfig  # noqa: F401 (re-exported: the layer's config, torch-free)
 
 
 # ---- routing (pure tensor functions) ---------------------------------------------------------

@@ -53,3 +53,16 @@ def test_checker_sees_a_back_edge(tmp_path):
     f = tmp_path / "x.py"
     f.write_text("import os\nfrom launcher.cli import main\n")
     assert ("launcher" in {t for _, t in imported_packages(f)})
+
+
+def test_the_cli_and_config_do_not_import_torch():
+    """Composing and checking a config (tierzero config, ckpt list, the local launcher before
+    it spawns) stays fast: torch is imported only where a command needs it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, launcher.cli, launcher.config, checkpoint.store; "
+            "launcher.config.load_config([], []); "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]

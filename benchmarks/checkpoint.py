@@ -1,0 +1,506 @@
+"""Reshardable checkpoints: how fast tierzero saves and loads, against references in one run.
+
+4 gloo ranks on this host (torch.multiprocessing spawn, rendezvous through a file in a
+temp dir, 1 torch thread per rank), a dense transformer (recipes.model.build_model, d_model
+512, 8 layers, 8 heads, vocab 50304: 51M parameters) in parallel.zero.ShardedEngine under a
+zero3 plan over emulated_topology([2, 2]), --train-steps AdamW steps on random tokens first
+(so the moments are not zeros). What a rank saves is its optimizer shard: fp32 master
+weights + exp_avg + exp_avg_sq, 12 bytes per parameter over the 4 ranks (~613 MB in all).
+Everything goes to the local filesystem under one temp dir (--dir; its `df -T` line is
+printed). Each timed region is barrier .. barrier on every rank; the figure is the slowest
+rank's (MAX all-reduce). Contenders alternate --repeats times (order rotated), medians shown.
+
+1. save vs a plain write: `Checkpointer.save(step, engine, state)` (checkpoint.async_save=
+   false: engine.checkpoint_slices() host copy, crc32, shard + rank json, rank 0 waits for
+   every rank, merges and writes manifest + COMMITTED) against each rank writing the same
+   bytes (its slices concatenated beforehand, untimed) with open(path, 'wb').write().
+   Ratio = plain / tierzero (throughput ratio). Twice: into the page cache (no fsync in
+   either), and with fsync in both (the plain file fsync'd before close; tierzero has no
+   fsync option, so every file it wrote -- shard, rank json, and on rank 0 manifest,
+   COMMITTED, LATEST -- is fsync'd right after save() returns, inside the timed region).
+2. vs torch.distributed.checkpoint.save of the same tensors (each rank's slices as plain
+   tensors under rank-unique keys, FileSystemWriter, one file per rank), page cache
+   (sync_files=False) and fsync (sync_files=True, DCP's default: data files + metadata).
+   Ratio = dcp / tierzero.
+3. async stall: Checkpointer.last_save_s with async_save=true (host copy + thread start:
+   what the training loop waits for) against the synchronous page-cache save time of 1;
+   each background save is waited for and must be committed (store.committed()); the
+   last one is read back in full (store.verify). Also: one training step run while a
+   background save is in flight against a step without one.
+4. reshard load: the checkpoint saved by the 4-rank run loaded with Checkpointer.resume
+   (manifest, engine.load_checkpoint, the all-ranks-ok check, engine.after_load) into a
+   fresh 4-rank zero3 engine (same layout) and into a fresh 2-rank one (emulated_topology
+   ([2, 1]), zero3); each in its own spawn, alternating, first with the step folder's pages
+   evicted from the page cache (fsync + posix_fadvise DONTNEED, "cold") then again
+   ("warm"). Bytes read per rank are counted; the loaded state is checked against the
+   saved one (float64 sums over all ranks).
+
+Speed never fails the script: it exits non-zero only if something crashed, a save was not
+committed, or a load did not restore the saved state.
+
+    python benchmarks/checkpoint.py [--repeats 3] [--train-steps 1] [--dir /tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from checkpoint.config import CheckpointConfig  # noqa: E402
+from checkpoint.saver import Checkpointer  # noqa: E402
+from checkpoint.store import COMMITTED, MANIFEST, CheckpointStore, _raw, shard_name  # noqa: E402
+from parallel.plan import named_plan  # noqa: E402
+from parallel.topology import emulated_topology  # noqa: E402
+from parallel.zero import ShardedEngine  # noqa: E402
+from recipes.config import ModelConfig  # noqa: E402
+from recipes.model import build_model, count_params, loss_fn  # noqa: E402
+
+SAVE_WORLD, SAVE_SIZES = 4, [2, 2]
+RESHARD_WORLD, RESHARD_SIZES = 2, [2, 1]
+D_MODEL, N_LAYERS, N_HEADS, VOCAB, SEQ, BATCH = 512, 8, 8, 50304, 64, 2
+LR = 1e-3
+SEED = 0
+
+
+def noop(*_, **__):
+    return None
+
+
+# ---- helpers inside a rank -------------------------------------------------------------------
+
+def build_engine(rank: int, sizes) -> ShardedEngine:
+    topo = emulated_topology(sizes)
+    torch.manual_seed(SEED)
+    model = build_model(ModelConfig(d_model=D_MODEL, n_layers=N_LAYERS, n_heads=N_HEADS), vocab_size=VOCAB,
+                        seq_len=SEQ, moe=None)
+    return ShardedEngine(model, plan=named_plan("zero3", topo), topology=topo, rank=rank, loss_fn=loss_fn, lr=LR,
+                         weight_decay=0.1)
+
+
+def train_step(engine: ShardedEngine, rank: int, step: int) -> float:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    batch = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
+    loss = engine.micro_step(batch[:, :-1], batch[:, 1:], scale=1.0)
+    engine.step(LR)
+    engine.take_comm()
+    return loss
+
+
+def slowest(seconds: float) -> float:
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def timed(fn) -> float:
+    """barrier, fn(), barrier; the slowest rank's seconds."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    dist.barrier()
+    return slowest(time.perf_counter() - t0)
+
+
+def fsync_paths(paths) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def evict(folder: str) -> None:
+    """Write back and drop this folder's pages from the page cache (no privileges needed)."""
+    for name in os.listdir(folder):
+        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def state_sums(engine: ShardedEngine) -> list:
+    """float64 sums of the optimizer state over every rank (padding is zero in every layout)."""
+    v = torch.zeros(4, dtype=torch.float64)
+    for u in engine.units:
+        v[0] += u.master.double().sum()
+        v[1] += u.master.double().abs().sum()
+        v[2] += u.exp_avg.double().sum()
+        v[3] += u.exp_avg_sq.double().sum()
+    dist.all_reduce(v)
+    return v.tolist()
+
+
+def tz_files(store: CheckpointStore, step: int, rank: int) -> list:
+    base = store.step_path(step)
+    files = [f"{base}/{shard_name(rank)}", f"{base}/rank-{rank:05d}.json"]
+    if rank == 0:
+        files += [f"{base}/{MANIFEST}", f"{base}/{COMMITTED}", f"{store.path}/LATEST"]
+    return files
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+# ---- the 4-rank run: saves ------------------------------------------------------------------
+
+def save_rank(rank: int, world: int, rdzv: str, work: str, out: str, repeats: int, train_steps: int) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    rows, info = [], {}
+
+    def record(**row):
+        rows.append(row)
+
+    t0 = time.perf_counter()
+    engine = build_engine(rank, SAVE_SIZES)
+    info["build_s"] = slowest(time.perf_counter() - t0)
+    step_s = []
+    for s in range(1, train_steps + 1):
+        step_s.append(timed(lambda: train_step(engine, rank, s)))
+    info["train_step_s"] = step_s
+    step = engine.step_count
+    state = {"step": step, "optimizer_steps": engine.step_count, "next_sample": step * BATCH * world,
+             "world_size": world, "plan": "zero3 over emulated [2, 2]"}
+
+    # the same bytes, prepared untimed, for the references
+    slices = engine.checkpoint_slices()
+    blob = b"".join(_raw(s[4]) for s in slices)
+    sd = {f"rank{rank}/{name}": torch.from_numpy(data) for name, _, _, _, data in slices}
+    nbytes = torch.tensor([len(blob), len(slices)], dtype=torch.int64)
+    per_rank = [torch.zeros(2, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(per_rank, nbytes)
+    info["bytes_per_rank"] = [int(t[0]) for t in per_rank]
+    info["slices_per_rank"] = [int(t[1]) for t in per_rank]
+    del slices
+
+    n = [0]
+
+    def fresh(tag: str) -> str:
+        n[0] += 1
+        return f"{work}/{tag}-{n[0]:03d}"
+
+    def cleanup(path: str) -> None:
+        dist.barrier()
+        if rank == 0:
+            if variant_files.get("dcp_bytes") is None and os.path.basename(path).startswith("dcp"):
+                variant_files["dcp_bytes"] = dir_bytes(path)
+            if variant_files.get("tz_bytes") is None and os.path.basename(path).startswith("tz"):
+                variant_files["tz_bytes"] = dir_bytes(path)
+            shutil.rmtree(path, ignore_errors=True)
+            os.sync()
+        dist.barrier()
+
+    variant_files: dict = {}
+
+    def run_tz(fsync: bool) -> float:
+        root = fresh("tz")
+        ck = Checkpointer(CheckpointConfig(async_save=False, keep=1), root, rank=rank, world_size=world, event=noop)
+
+        def go():
+            ck.save(step, engine, state)
+            if fsync:
+                fsync_paths(tz_files(ck.store, step, rank))
+        dt = timed(go)
+        cleanup(root)
+        return dt
+
+    def run_plain(fsync: bool) -> float:
+        folder = fresh("plain")
+        if rank == 0:
+            os.makedirs(folder)
+        dist.barrier()
+
+        def go():
+            with open(f"{folder}/plain-{rank:05d}.bin", "wb") as f:
+                f.write(blob)
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+        dt = timed(go)
+        cleanup(folder)
+        return dt
+
+    def run_dcp(fsync: bool) -> float:
+        folder = fresh("dcp")
+        dt = timed(lambda: dcp.save(sd, storage_writer=dcp.FileSystemWriter(folder, sync_files=fsync)))
+        cleanup(folder)
+        return dt
+
+    contenders = {"tierzero": run_tz, "plain": run_plain, "dcp": run_dcp}
+    names = list(contenders)
+    for name in names:  # warm-up: imports, first-touch of the code paths
+        contenders[name](False)
+
+    # engine.checkpoint_slices() alone (the host copy every tierzero save starts with)
+    for rep in range(repeats):
+        record(metric="checkpoint_slices", contender="tierzero", variant="copy", rep=rep,
+               seconds=timed(engine.checkpoint_slices))
+
+    for variant in ("cache", "fsync"):
+        for rep in range(repeats):
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            for name in order:
+                dt = contenders[name](variant == "fsync")
+                record(metric="save", contender=name, variant=variant, rep=rep, seconds=dt)
+                if rank == 0:
+                    print(f"#   save {variant:<5} rep {rep} {name:<8} {dt:8.3f} s", flush=True)
+
+    # async: the loop's stall, the background write, and a training step overlapping it
+    async_ok = []
+    for rep in range(repeats):
+        root = fresh("async")
+        ck = Checkpointer(CheckpointConfig(async_save=True, keep=1), root, rank=rank, world_size=world, event=noop)
+        free_step = timed(lambda: train_step(engine, rank, 100 + rep))
+        step = engine.step_count
+        state = {**state, "step": step, "optimizer_steps": step}
+        dist.barrier()
+        t0 = time.perf_counter()
+        ck.save(step, engine, state)
+        stall = slowest(ck.last_save_s)
+        t1 = time.perf_counter()
+        train_step(engine, rank, 200 + rep)
+        overlapped = time.perf_counter() - t1
+        ck.wait()
+        background = time.perf_counter() - t0
+        overlapped, background = slowest(overlapped), slowest(background)
+        dist.barrier()
+        ok = True
+        if rank == 0:
+            ok = step in ck.store.committed()
+            if rep == repeats - 1:
+                _, problems = ck.store.verify(ck.store.step_path(step))
+                ok = ok and not problems
+                info["verify_problems"] = problems[:3]
+            print(f"#   async rep {rep}: stall {stall:.3f} s, background save {background:.3f} s, step with save in "
+                  f"flight {overlapped:.3f} s vs {free_step:.3f} s without; committed={ok}", flush=True)
+        async_ok.append(ok)
+        record(metric="async_stall", contender="tierzero", variant="cache", rep=rep, seconds=stall)
+        record(metric="async_background", contender="tierzero", variant="cache", rep=rep, seconds=background)
+        record(metric="step_during_async_save", contender="tierzero", variant="cache", rep=rep, seconds=overlapped)
+        record(metric="step_without_save", contender="tierzero", variant="cache", rep=rep, seconds=free_step)
+        cleanup(root)
+    info["async_committed"] = async_ok
+
+    # the checkpoint the load runs read, and what it holds
+    src = f"{work}/source"
+    ck = Checkpointer(CheckpointConfig(async_save=False, keep=1), src, rank=rank, world_size=world, event=noop)
+    ck.save(step, engine, state)
+    dist.barrier()
+    info["source"] = ck.store.step_path(step)
+    info["source_step_count"] = engine.step_count
+    info["source_sums"] = state_sums(engine)
+    if rank == 0:
+        os.sync()
+        info["source_bytes"] = dir_bytes(info["source"])
+        info.update(variant_files)
+        Path(out, "save.json").write_text(json.dumps({"rows": rows, "info": info}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---- the load runs: one spawn per layout and repeat -------------------------------------------
+
+def load_rank(rank: int, world: int, sizes, rdzv: str, source: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    engine = build_engine(rank, sizes)
+    counted = [0, 0]  # bytes, pieces
+    real_read = CheckpointStore.read_piece
+
+    def counting(self, step_path, entry, piece):
+        a = real_read(self, step_path, entry, piece)
+        counted[0] += a.nbytes
+        counted[1] += 1
+        return a
+
+    CheckpointStore.read_piece = counting
+    result = {}
+    for mode in ("cold", "warm"):
+        if mode == "cold" and rank == 0:
+            evict(source)
+        dist.barrier()
+        counted[0] = counted[1] = 0
+        ck = Checkpointer(CheckpointConfig(resume=source), str(Path(source).parent), rank=rank, world_size=world,
+                          event=noop)
+        resumed = []
+        dt = timed(lambda: resumed.append(ck.resume(engine)))
+        got = torch.tensor(counted, dtype=torch.int64)
+        per_rank = [torch.zeros(2, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(per_rank, got)
+        result[mode] = {"seconds": dt, "bytes_per_rank": [int(t[0]) for t in per_rank],
+                        "pieces_per_rank": [int(t[1]) for t in per_rank],
+                        "step": resumed[0].step if resumed[0] else None}
+    result["sums"] = state_sums(engine)
+    result["step_count"] = engine.step_count
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---- the driver ------------------------------------------------------------------------------
+
+def med(rows, metric, contender, variant):
+    vals = [r["seconds"] for r in rows if r["metric"] == metric and r["contender"] == contender
+            and r["variant"] == variant]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--train-steps", type=int, default=1)
+    ap.add_argument("--dir", default=None, help="where the temp dir goes (default: the system's temp dir)")
+    ap.add_argument("--parquet", type=Path, default=ROOT / "runs" / "bench" / "checkpoint.parquet")
+    args = ap.parse_args(argv)
+
+    t_start = time.perf_counter()
+    failed = []
+    tmp = tempfile.mkdtemp(prefix="tz-ckpt-", dir=args.dir)
+    try:
+        df = subprocess.run(["df", "-T", tmp], capture_output=True, text=True).stdout.strip().splitlines()[-1].split()
+        fs_line = f"{df[1]} on {df[0]} mounted at {df[-1]}"
+        work = f"{tmp}/work"
+        os.makedirs(work)
+        print(f"# working dir {tmp}: {fs_line}", flush=True)
+        t0 = time.perf_counter()
+        mp.spawn(save_rank, args=(SAVE_WORLD, f"{tmp}/rdzv-save", work, tmp, args.repeats, args.train_steps),
+                 nprocs=SAVE_WORLD, join=True)
+        save_wall = time.perf_counter() - t0
+        saved = json.loads(Path(tmp, "save.json").read_text())
+        rows, info = saved["rows"], saved["info"]
+        print(f"# save run: {save_wall:.0f} s", flush=True)
+
+        loads = []
+        layouts = {"same": (SAVE_WORLD, SAVE_SIZES), "reshard": (RESHARD_WORLD, RESHARD_SIZES)}
+        for rep in range(args.repeats):
+            for kind in (("same", "reshard") if rep % 2 == 0 else ("reshard", "same")):
+                world, sizes = layouts[kind]
+                out = f"{tmp}/load-{kind}-{rep}.json"
+                t0 = time.perf_counter()
+                mp.spawn(load_rank, args=(world, sizes, f"{tmp}/rdzv-load-{kind}-{rep}", info["source"], out),
+                         nprocs=world, join=True)
+                res = json.loads(Path(out).read_text())
+                res.update(kind=kind, rep=rep, world=world, spawn_s=time.perf_counter() - t0)
+                loads.append(res)
+                for mode in ("cold", "warm"):
+                    rows.append(dict(metric="load", contender=kind, variant=mode, rep=rep,
+                                     seconds=res[mode]["seconds"], bytes_per_rank=max(res[mode]["bytes_per_rank"])))
+                print(f"#   load {kind:<7} rep {rep}: cold {res['cold']['seconds']:.3f} s, warm "
+                      f"{res['warm']['seconds']:.3f} s, {max(res['warm']['bytes_per_rank']) / 1e6:.1f} MB/rank "
+                      f"({res['spawn_s']:.0f} s)", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    elapsed = time.perf_counter() - t_start
+
+    # correctness: committed saves, loads that restore the saved state
+    if not all(info["async_committed"]):
+        failed.append(f"async saves committed: {info['async_committed']}")
+    if info.get("verify_problems"):
+        failed.append(f"verify: {info['verify_problems']}")
+    want = info["source_sums"]
+    for res in loads:
+        close = all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6) for a, b in zip(res["sums"], want))
+        if not close or res["step_count"] != info["source_step_count"]:
+            failed.append(f"load {res['kind']} rep {res['rep']}: state sums {res['sums']} vs saved {want}, "
+                          f"step_count {res['step_count']} vs {info['source_step_count']}")
+
+    per_rank = info["bytes_per_rank"]
+    total = sum(per_rank)
+    n_params = count_params(ModelConfig(d_model=D_MODEL, n_layers=N_LAYERS, n_heads=N_HEADS), VOCAB)
+    bytes_same = statistics.median(max(r["warm"]["bytes_per_rank"]) for r in loads if r["kind"] == "same")
+    bytes_reshard = statistics.median(max(r["warm"]["bytes_per_rank"]) for r in loads if r["kind"] == "reshard")
+    read_same = statistics.median(sum(r["warm"]["bytes_per_rank"]) for r in loads if r["kind"] == "same")
+    read_reshard = statistics.median(sum(r["warm"]["bytes_per_rank"]) for r in loads if r["kind"] == "reshard")
+
+    table = []  # (metric, tierzero s, reference s, ratio, target text, met, reference name)
+
+    def add(metric, tz, ref, ratio, target, met, note=""):
+        table.append(dict(metric=metric, tierzero=tz, reference=ref, ratio=ratio, target=target, met=met, note=note))
+
+    for variant, label in (("cache", "page cache, no fsync"), ("fsync", "fsync in both")):
+        tz, plain = med(rows, "save", "tierzero", variant), med(rows, "save", "plain", variant)
+        add(f"save vs plain write ({label})", tz, plain, plain / tz, ">= 0.8 (plain/tz)", plain / tz >= 0.8)
+    for variant, label in (("cache", "sync_files=False, no fsync"), ("fsync", "sync_files=True, fsync in both")):
+        tz, ref = med(rows, "save", "tierzero", variant), med(rows, "save", "dcp", variant)
+        add(f"save vs DCP save ({label})", tz, ref, ref / tz, ">= 1.0 (dcp/tz)", ref / tz >= 1.0)
+    stall, sync = med(rows, "async_stall", "tierzero", "cache"), med(rows, "save", "tierzero", "cache")
+    add("async stall vs sync save (page cache)", stall, sync, stall / sync, "<= 0.10 (stall/sync)", stall / sync <= 0.10)
+    for mode in ("cold", "warm"):
+        rs, same = med(rows, "load", "reshard", mode), med(rows, "load", "same", mode)
+        raw = rs / same
+        per_byte = (rs / bytes_reshard) / (same / bytes_same)
+        add(f"load 4->2 reshard vs 4->4 ({mode}), raw", rs, same, raw, "<= 1.5 (reshard/same)", raw <= 1.5)
+        add(f"load 4->2 reshard vs 4->4 ({mode}), per byte per rank", rs / bytes_reshard * 1e9,
+            same / bytes_same * 1e9, per_byte, "<= 1.5", per_byte <= 1.5, "s/GB")
+
+    print(f"\n# tierzero checkpoints vs plain writes, torch.distributed.checkpoint and same-layout loads | "
+          f"{platform.node()} | {os.cpu_count()} CPUs | torch {torch.__version__} | {date.today()}")
+    print(f"# filesystem: {fs_line}")
+    print(f"# model d_model {D_MODEL} x {N_LAYERS} layers, {N_HEADS} heads, vocab {VOCAB}: {n_params / 1e6:.1f}M "
+          f"params; zero3 over emulated [2, 2], {SAVE_WORLD} gloo ranks x 1 thread; {args.train_steps} AdamW "
+          f"step(s) on random tokens before the first save")
+    print(f"# saved per rank: {', '.join(f'{b / 1e6:.1f}' for b in per_rank)} MB in "
+          f"{info['slices_per_rank']} slices; total {total / 1e6:.1f} MB of fp32 master + exp_avg + exp_avg_sq "
+          f"(tierzero folder {info.get('tz_bytes', 0) / 1e6:.1f} MB, DCP folder {info.get('dcp_bytes', 0) / 1e6:.1f} MB)")
+    print(f"# load: bytes read per rank (max) {bytes_same / 1e6:.1f} MB at 4 ranks, {bytes_reshard / 1e6:.1f} MB "
+          f"at 2 ranks; read in all {read_same / 1e6:.1f} / {read_reshard / 1e6:.1f} MB")
+    print(f"# engine.checkpoint_slices() alone (host copy): {med(rows, 'checkpoint_slices', 'tierzero', 'copy'):.3f} s; "
+          f"async background save {med(rows, 'async_background', 'tierzero', 'cache'):.3f} s; training step with a "
+          f"save in flight {med(rows, 'step_during_async_save', 'tierzero', 'cache'):.3f} s vs "
+          f"{med(rows, 'step_without_save', 'tierzero', 'cache'):.3f} s without")
+    print(f"# seconds = slowest rank, barrier to barrier; median of {args.repeats} alternating repeats")
+    print(f"{'metric':<58}{'tierzero':>10}{'reference':>11}{'ratio':>8}  {'target':<22}{'met':>4}")
+    for r in table:
+        print(f"{r['metric']:<58}{r['tierzero']:>10.3f}{r['reference']:>11.3f}{r['ratio']:>8.3f}  {r['target']:<22}"
+              f"{'yes' if r['met'] else 'no':>4}")
+    print(f"# targets met: {sum(r['met'] for r in table)} of {len(table)}; runtime {elapsed:.0f} s")
+    print(f"# {'FAILED: ' + '; '.join(failed) if failed else 'OK'}")
+
+    print("\n| metric | tierzero | reference | ratio | target | met? |")
+    print("|---|---|---|---|---|---|")
+    for r in table:
+        unit = r["note"] or "s"
+        print(f"| {r['metric']} | {r['tierzero']:.3f} {unit} | {r['reference']:.3f} {unit} | **{r['ratio']:.2f}** "
+              f"| {r['target']} | {'yes' if r['met'] else 'no'} |")
+
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        args.parquet.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist([{**r, "bytes_per_rank": r.get("bytes_per_rank")} for r in rows]),
+                       args.parquet)
+        print(f"# rows: {args.parquet}")
+    except ImportError:
+        pass
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
