@@ -91,10 +91,11 @@ class Checkpointer:
                                       "keep training without this checkpoint)") from error
 
     # ---- resuming ------------------------------------------------------------------------
-    def resume(self, engine) -> Optional[Resumed]:
+    def resume(self, engine, mode: Optional[str] = None) -> Optional[Resumed]:
         """checkpoint.resume=auto: the newest committed checkpoint every rank can read, falling
-        back to older ones with a warning event; a path: that one or an error; none: fresh."""
-        mode = self.cfg.resume
+        back to older ones with a warning event; a path: that one or an error; none: fresh.
+        `mode` overrides checkpoint.resume (a rollback always uses auto)."""
+        mode = mode or self.cfg.resume
         if mode == "none":
             return None
         if mode == "auto":

@@ -57,6 +57,10 @@ class LauncherConfig:
     """Run each topology.emulate node in its own network namespace joined by veths (root only; docs/netns.md)."""
     inter_node_gbit: Optional[float] = None
     """Rate limit (Gbit/s, tc tbf) of each emulated node's link with launcher.isolate_network; null = unlimited."""
+    max_restarts: int = 3
+    """Local supervisor: restarts of the whole group after a rank fails (from the newest committed checkpoint)."""
+    restart_window_s: float = 3600.0
+    """Only restarts within this many seconds count towards launcher.max_restarts."""
 
     def errors(self) -> List[str]:
         errs = []
@@ -67,6 +71,10 @@ class LauncherConfig:
             )
         if self.backend not in BACKENDS:
             errs.append(f"launcher.backend={self.backend!r} is not one of {list(BACKENDS)}")
+        if self.max_restarts < 0:
+            errs.append(f"launcher.max_restarts={self.max_restarts} must be >= 0 (0 = never restart)")
+        if self.restart_window_s <= 0:
+            errs.append(f"launcher.restart_window_s={self.restart_window_s} must be > 0, e.g. 3600")
         if self.timeout_s <= 0:
             errs.append(f"launcher.timeout_s={self.timeout_s} must be > 0, e.g. launcher.timeout_s=300")
         if self.inter_node_gbit is not None and self.inter_node_gbit <= 0:

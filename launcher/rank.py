@@ -126,6 +126,23 @@ def measured(cfg: RunConfig, joined: Joined) -> Topology:
     return measure_topology(TorchBackend(joined.device), joined.topology)
 
 
+class Heartbeat:
+    """`<run.dir>/.heartbeat/rank-<r>.json`: this rank's step and phase, rewritten atomically
+    at every step; the local supervisor reads it to say where a failed rank was."""
+
+    def __init__(self, folder, rank: int):
+        self.path = folder / f"rank-{rank}.json"
+        self.tmp = folder / f".rank-{rank}.json.tmp"
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, step: int, phase: str) -> None:
+        import json
+        import time
+
+        self.tmp.write_text(json.dumps({"step": step, "phase": phase, "time": time.time()}))
+        os.replace(self.tmp, self.path)
+
+
 def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     """Body of one rank under any launcher (our supervisor, torchrun, srun, mpirun)."""
     import torch.distributed as dist
@@ -157,6 +174,7 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
         log.info("%s launch: %d ranks on %d node(s), backend %s, topology %s",
                  "local" if launch.supervised else launch.mode, launch.world_size, launch.num_nodes, ctx.backend, topology.describe())
     from checkpoint.export import InitFromError
+    from recipes.train import NonFiniteError
     from checkpoint.store import CheckpointError, ResumeError
     from launcher.bench import tierzero_version
 
@@ -167,8 +185,9 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
                        telemetry=tel, parallel_cfg=cfg.parallel, memory_budget_bytes=budget,
                        peak_tflops=cfg.telemetry.peak_tflops, moe_cfg=cfg.moe, checkpoint_cfg=cfg.checkpoint,
                        checkpoint_root=cfg.checkpoint.dir or str(run_dir / "checkpoints"),
-                       run_state={"config": to_yaml(cfg), "tierzero_version": tierzero_version()})
-    except (CheckpointError, InitFromError) as e:  # a message to act on, not a bug: no traceback
+                       run_state={"config": to_yaml(cfg), "tierzero_version": tierzero_version()},
+                       heartbeat=Heartbeat(run_dir / ".heartbeat", launch.rank))
+    except (CheckpointError, InitFromError, NonFiniteError) as e:  # a message to act on, not a bug: no traceback
         tel.event("error", detail=str(e))
         tel.close()
         user_error = isinstance(e, (ResumeError, InitFromError))

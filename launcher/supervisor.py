@@ -10,6 +10,7 @@ namespace (launcher/netns.py, docs/netns.md), torn down however the run ends.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -166,8 +167,45 @@ def run_local(cfg: RunConfig, config_path: Path, command: Sequence[str] = ("run"
 
 
 def _supervise(cfg: RunConfig, config_path: Path, network=None, command: Sequence[str] = ("run",)) -> int:
-    """Spawn and watch the ranks; with `network` (an EmulatedNetwork that is up), rank r runs
-    inside the namespace of emulated node r // ranks_per_node."""
+    """Run attempts until one ends: a rank that fails stops the group, and a training run is
+    started again (from its newest committed checkpoint: checkpoint.resume=auto) up to
+    launcher.max_restarts times within launcher.restart_window_s."""
+    restarts: List[float] = []
+    cause = None
+    while True:
+        code, failure = _attempt(cfg, config_path, network, command, after=cause)
+        if failure is None or command[0] != "run":
+            return code
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < cfg.launcher.restart_window_s]
+        if len(restarts) >= cfg.launcher.max_restarts:
+            if cfg.launcher.max_restarts:
+                print(f"tierzero: giving up: {len(restarts)} restart(s) within launcher.restart_window_s="
+                      f"{cfg.launcher.restart_window_s:g} (launcher.max_restarts={cfg.launcher.max_restarts})",
+                      file=sys.stderr)
+            return code
+        restarts.append(now)
+        cause = f"{failure}; restart {len(restarts)} of {cfg.launcher.max_restarts}"
+        print(f"tierzero: restarting the group ({len(restarts)} of {cfg.launcher.max_restarts}) from the newest "
+              "committed checkpoint", file=sys.stderr, flush=True)
+
+
+def last_progress(run_dir: Path, nproc: int) -> dict:
+    """rank -> (step, phase) from the ranks' heartbeat files (recipes.train writes them)."""
+    out = {}
+    for r in range(nproc):
+        try:
+            data = json.loads((run_dir / ".heartbeat" / f"rank-{r}.json").read_text())
+            out[r] = (int(data["step"]), str(data["phase"]), float(data["time"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return out
+
+
+def _attempt(cfg: RunConfig, config_path: Path, network, command: Sequence[str], after: Optional[str] = None):
+    """Spawn and watch the ranks once -> (exit code, failure description or None); with
+    `network` (an EmulatedNetwork that is up), rank r runs inside the namespace of emulated
+    node r // ranks_per_node."""
     from telemetry.sink import Telemetry
 
     nproc = cfg.launcher.nproc
@@ -187,6 +225,8 @@ def _supervise(cfg: RunConfig, config_path: Path, network=None, command: Sequenc
     if network is not None:
         detail += f"; isolated: {network.describe()}"
     events.event("start", detail=detail)
+    if after:
+        events.event("restart", detail=f"attempt {attempt} after {after}")
     cmd = [sys.executable, "-m", "launcher.cli", *command, str(config_path)]
     ranks_per_node = nproc // len(network.namespaces) if network is not None else nproc
     t0 = time.monotonic()
@@ -219,23 +259,25 @@ def _supervise(cfg: RunConfig, config_path: Path, network=None, command: Sequenc
         events.event("signal", detail=f"{name}: stopped all ranks")
         events.close()
         print("tierzero: interrupted; all ranks stopped", file=sys.stderr)
-        return 128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT)
+        return 128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT), None
     if failed:
         _stop(procs)
         rank, code = failed
-        detail = f"rank {rank} failed ({describe_exit(code)}); stopped the other {nproc - 1} ranks"
-        events.event("error", detail=detail)
+        progress = last_progress(cfg.run_dir, nproc).get(rank)
+        where = f" at step {progress[0]} ({progress[1]})" if progress else ""
+        detail = f"rank {rank} failed ({describe_exit(code)}){where}; stopped the other {nproc - 1} ranks"
+        events.event("error", detail=detail, step=progress[0] if progress else None)
         events.close()
         print(f"tierzero: {detail}. Its output above says why; telemetry is in {telemetry_root}.",
               file=sys.stderr)
-        return 1
+        return 1, f"rank {rank} failed ({describe_exit(code)}){where} in attempt {attempt}"
     verdict = next((c for c in VERDICTS if c in codes), None)
     if verdict is not None:
         events.event("error", detail=f"ranks exited with {verdict}: " +
                      ("wrong results" if verdict == EXIT_RESULTS_WRONG else "a user error (see the message above)"))
         events.close()
-        return verdict
+        return verdict, None
     events.event("end", detail=f"all {nproc} ranks finished in {time.monotonic() - t0:.1f} s")
     events.close()
     print(f"tierzero: {nproc} ranks finished in {time.monotonic() - t0:.1f} s", flush=True)
-    return 0
+    return 0, None

@@ -9,6 +9,7 @@ sharded engine (parallel/zero.py) is tested against.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -23,6 +24,8 @@ from parallel.moe import set_aux_grad_scale
 class StepStats:
     grad_norm: float
     """Global gradient norm before clipping (the same on every rank)."""
+    skipped: bool = False
+    """The norm was NaN or inf: no parameter or optimizer state changed, gradients dropped."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
@@ -93,6 +96,9 @@ class DataParallelEngine:
         norm = torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in self.params])
         ).item()
+        if not math.isfinite(norm):  # the same on every rank: the gradients were averaged first
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepStats(grad_norm=norm, skipped=True)
         if self.grad_clip > 0 and norm > self.grad_clip:
             coef = self.grad_clip / (norm + 1e-6)
             for p in self.params:

@@ -366,6 +366,10 @@ class ShardedEngine:
             self.ledger.all_reduce(expert_sq, self.ep_group, "step")  # the other EP ranks' experts
             sumsq = sumsq + expert_sq
         norm = math.sqrt(sumsq.item())
+        if not math.isfinite(norm):  # global, so every rank skips: drop the gradients, keep the state
+            for u in self.units:
+                u.grad_acc.zero_()
+            return StepStats(grad_norm=norm, skipped=True)
         if self.grad_clip > 0 and norm > self.grad_clip:
             coef = self.grad_clip / (norm + 1e-6)
             for g in grads:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 DATA_KINDS = ("markov", "tokens")
+NONFINITE_ACTIONS = ("skip", "rollback", "stop")
 TOKEN_DTYPES = ("uint16", "uint32")
 
 
@@ -43,6 +44,10 @@ class TrainConfig:
     """Compute dtype: float32 or bfloat16."""
     log_every: int = 10
     """Print a progress line every N steps when the output is not a terminal."""
+    on_nonfinite: str = "skip"
+    """A NaN/inf gradient norm: skip the update (skip), reload the last checkpoint (rollback), or stop."""
+    max_nonfinite: int = 3
+    """Stop after this many non-finite steps in a row (skip / rollback)."""
 
 
 @dataclass
@@ -172,9 +177,11 @@ def data_errors(cfg: DataConfig) -> list[str]:
 def train_errors(t: TrainConfig) -> List[str]:
     """Every problem with `train.*` that does not need the world size."""
     errs = []
-    for key in ("steps", "global_batch_size", "micro_batch_size", "log_every"):
+    for key in ("steps", "global_batch_size", "micro_batch_size", "log_every", "max_nonfinite"):
         if getattr(t, key) < 1:
             errs.append(f"train.{key}={getattr(t, key)} must be at least 1.")
+    if t.on_nonfinite not in NONFINITE_ACTIONS:
+        errs.append(f"train.on_nonfinite={t.on_nonfinite!r} is not one of {list(NONFINITE_ACTIONS)}")
     if t.warmup_steps < 0:
         errs.append(f"train.warmup_steps={t.warmup_steps} must be >= 0.")
     if t.lr <= 0:

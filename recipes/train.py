@@ -56,6 +56,22 @@ class TrainResult:
         return sum(tail) / len(tail) if tail else float("nan")
 
 
+class NonFiniteError(RuntimeError):
+    """Training cannot go on: non-finite gradients beyond what train.on_nonfinite allows."""
+
+
+FAULT_NAN_ENV = "TIERZERO_FAULT_NAN_STEPS"
+"""Fault injection for tests (docs/fault-tolerance.md): `5,9` makes rank 0's first micro-step
+of steps 5 and 9 produce NaN gradients, once each."""
+
+
+def fault_nan_steps() -> set:
+    import os
+
+    text = os.environ.get(FAULT_NAN_ENV, "")
+    return {int(s) for s in text.split(",") if s.strip()}
+
+
 def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Linear warm-up to `lr`, then cosine decay to lr*min_lr_ratio at the last step (1-based step)."""
     if warmup_steps and step <= warmup_steps:
@@ -155,6 +171,7 @@ def train(
     checkpoint_cfg: Optional[CheckpointConfig] = None,
     checkpoint_root: Optional[str] = None,
     run_state: Optional[dict] = None,
+    heartbeat=None,
 ) -> TrainResult:
     """Train; `reference_engine` runs plain data parallelism with torch.optim.AdamW instead of
     the plan (the tests' single-process reference)."""
@@ -248,8 +265,14 @@ def train(
     tokens_per_step = accum * mb * dataset.seq_len
     loss_buf = torch.zeros(1, dtype=torch.float64, device=ctx.device)  # nccl reduces device tensors only
 
+    nan_steps = fault_nan_steps()
+    nonfinite_run = 0
+    step = start_step
     with progress:
-        for step in range(start_step + 1, train_cfg.steps + 1):
+        while step < train_cfg.steps:
+            step += 1
+            if heartbeat is not None:
+                heartbeat(step, "step")
             t0 = time.perf_counter()
             lr = lr_at(step, lr=train_cfg.lr, warmup_steps=train_cfg.warmup_steps,
                        total_steps=train_cfg.steps, min_lr_ratio=train_cfg.min_lr_ratio)
@@ -259,8 +282,41 @@ def train(
                                           micro_batch=mb, global_batch=gb,
                                           first_sample=next_sample + (step - 1 - start_step) * gb)
                 batch = dataset.samples(idx).to(ctx.device)  # [mb, seq_len + 1]
-                loss_sum += engine.micro_step(batch[:, :-1], batch[:, 1:], scale=1.0 / accum)
+                scale = 1.0 / accum
+                if step in nan_steps and ctx.rank == 0 and micro == 0:
+                    nan_steps.discard(step)  # once: a rollback replays this step cleanly
+                    scale = float("nan")
+                loss_sum += engine.micro_step(batch[:, :-1], batch[:, 1:], scale=scale)
             stats = engine.step(lr)
+            if getattr(stats, "skipped", False):
+                nonfinite_run += 1
+                action = train_cfg.on_nonfinite
+                telemetry.event("nonfinite", detail=f"gradient norm {stats.grad_norm} at step {step}: {action} "
+                                f"({nonfinite_run} in a row, train.max_nonfinite={train_cfg.max_nonfinite})",
+                                step=step, flush=True)
+                if action == "stop" or nonfinite_run > train_cfg.max_nonfinite:
+                    raise NonFiniteError(
+                        f"non-finite gradient norm ({stats.grad_norm}) at step {step}, {nonfinite_run} step(s) in a "
+                        f"row; train.on_nonfinite={action}, train.max_nonfinite={train_cfg.max_nonfinite}. Lower "
+                        "train.lr, check the data, or use train.on_nonfinite=rollback with checkpoint.every_steps")
+                if action == "rollback":
+                    if ckpt is None:
+                        raise NonFiniteError("train.on_nonfinite=rollback needs checkpoints: set checkpoint.every_steps")
+                    ckpt.wait()
+                    back = ckpt.resume(engine, mode="auto")
+                    if back is None:
+                        raise NonFiniteError(f"train.on_nonfinite=rollback at step {step}: no committed checkpoint "
+                                             "to roll back to yet")
+                    telemetry.event("rollback", detail=f"to {back.path} (step {back.step})", step=step, flush=True)
+                    engine.take_comm()  # the abandoned steps' traffic and routing are not the run's
+                    for layer in moe_layers(model):
+                        layer.take_stats()
+                    start_step, step, next_sample = back.step, back.step, int(back.state["next_sample"])
+                    keep = max(0, back.step - result.first_step + 1)
+                    del result.losses[keep:], result.grad_norms[keep:], result.step_times_s[keep:]
+                    continue
+            else:
+                nonfinite_run = 0
             for row in engine.take_comm():
                 telemetry.comm(step=step, **row)
             routing = expert_step(model, world_size=dp_size, step=step, telemetry=telemetry, is_rank0=ctx.rank == 0)
@@ -292,6 +348,8 @@ def train(
             )
             progress.update(step, loss=global_loss, tokens_per_s=tokens_per_step * dp_size / step_time_s)
             if ckpt is not None and ckpt.due(step, train_cfg.steps):
+                if heartbeat is not None:
+                    heartbeat(step, "checkpoint")
                 ckpt.save(step, engine, {
                     **(run_state or {}), "step": step, "optimizer_steps": engine.step_count,
                     "next_sample": next_sample + (step - start_step) * gb, "global_batch_size": gb,

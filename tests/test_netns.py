@@ -300,7 +300,8 @@ def _ranks_inside(sup, num_ranks: int, wait_for, timeout_s: float = 120):
 def test_a_killed_rank_of_an_isolated_run_leaves_nothing(tmp_path):
     import psutil
 
-    sup = _spawn(tmp_path, "topology.emulate=[1,2]", "launcher.nproc=2", "train.steps=100000", "run.name=kill")
+    sup = _spawn(tmp_path, "topology.emulate=[1,2]", "launcher.nproc=2", "train.steps=100000", "run.name=kill",
+                 "launcher.max_restarts=0")
     try:
         steps_dir = tmp_path / "runs" / "kill" / "telemetry" / "steps"
         children = _ranks_inside(sup, 2, lambda: bool(list(steps_dir.rglob("*.parquet"))))

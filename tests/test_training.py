@@ -106,7 +106,7 @@ def test_a_killed_rank_stops_the_group(tmp_path):
 
     import psutil
 
-    args = [*SMALL, "run.name=kill", "launcher.nproc=2", "train.steps=100000"]
+    args = [*SMALL, "run.name=kill", "launcher.nproc=2", "train.steps=100000", "launcher.max_restarts=0"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     sup = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", *args], cwd=tmp_path,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -1,0 +1,135 @@
+"""Supervision: a killed rank restarts the group from the newest committed checkpoint and the
+run's lineage has every step with the uninterrupted run's losses; the non-finite guard skips,
+rolls back or stops. Real processes through the CLI; faults injected with SIGKILL and with
+TIERZERO_FAULT_NAN_STEPS (recipes/train.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.multiprocess
+
+SMALL = ["train.global_batch_size=16", "train.micro_batch_size=2", "train.warmup_steps=2", "model.d_model=32",
+         "model.n_heads=2", "data.seq_len=16", "telemetry.peak_tflops=1.0", "telemetry.flush_every_s=1",
+         "launcher.nproc=2"]
+
+
+def _env(**extra):
+    return dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+
+
+def _run(args, cwd, expect=0, **env):
+    r = subprocess.run([sys.executable, "-m", "launcher.cli", "run", *SMALL, *args], cwd=cwd, capture_output=True,
+                       text=True, env=_env(**env), timeout=300)
+    assert r.returncode == expect, f"{args} -> {r.returncode}:\n{r.stdout[-2500:]}\n{r.stderr[-2500:]}"
+    return r
+
+
+def _table(run_dir: Path, name: str) -> list:
+    return ds.dataset(run_dir / "telemetry" / name, format="parquet", partitioning="hive").to_table().to_pylist()
+
+
+def _lineage(run_dir: Path) -> dict:
+    """step -> loss of rank 0, the latest attempt and the latest row winning (a replay after a
+    restart or rollback is what the final model saw)."""
+    rows = sorted((r for r in _table(run_dir, "steps") if r["rank"] == 0), key=lambda r: (r["attempt"], r["time"]))
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _events(run_dir: Path, kind: str) -> list:
+    return sorted((r for r in _table(run_dir, "events") if r["kind"] == kind), key=lambda r: r["time"])
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """The uninterrupted 30-step run the faulty ones must reproduce."""
+    base = tmp_path_factory.mktemp("clean")
+    _run(["train.steps=30", f"run.dir={base / 'run'}"], base)
+    return _lineage(base / "run")
+
+
+def test_a_killed_rank_restarts_from_the_newest_checkpoint(tmp_path, clean):
+    run_dir = tmp_path / "run"
+    sup = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", *SMALL, "train.steps=30",
+                            "checkpoint.every_steps=5", "checkpoint.async_save=true", f"run.dir={run_dir}"],
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        beat = run_dir / ".heartbeat" / "rank-1.json"
+        deadline = time.monotonic() + 120
+        while True:  # past the step-10 checkpoint, before the end
+            assert sup.poll() is None and time.monotonic() < deadline, "rank 1 never reached step 12"
+            try:
+                if json.loads(beat.read_text())["step"] >= 12:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        import psutil
+
+        victim = next(p for p in psutil.Process(sup.pid).children() if p.environ().get("RANK") == "1")
+        victim.send_signal(signal.SIGKILL)
+        out, err = sup.communicate(timeout=240)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+    assert sup.returncode == 0, err[-3000:]
+    (error,) = [e for e in _events(run_dir, "error") if "rank 1 failed (killed by SIGKILL)" in e["detail"]]
+    assert error["step"] >= 12
+    (restart,) = _events(run_dir, "restart")
+    assert "restart 1 of 3" in restart["detail"] and restart["attempt"] == 1
+    resume = _events(run_dir, "resume")[0]
+    assert resume["attempt"] == 1 and resume["step"] in (10, 15) and resume["step"] < error["step"]
+    lineage = _lineage(run_dir)
+    assert sorted(lineage) == list(range(1, 31)), "every step 1..30 must be in the final lineage"
+    for step in range(1, 31):  # same layout, same reductions: bit for bit
+        assert lineage[step] == clean[step], (step, lineage[step], clean[step])
+
+
+def test_restarts_stop_at_max_restarts(tmp_path):
+    run_dir = tmp_path / "run"
+    r = _run(["train.steps=6", "train.on_nonfinite=stop", "launcher.max_restarts=2", f"run.dir={run_dir}"],
+             tmp_path, expect=1, TIERZERO_FAULT_NAN_STEPS="3")
+    assert "giving up: 2 restart(s)" in r.stderr
+    assert len(_events(run_dir, "restart")) == 2
+    assert {e["attempt"] for e in _events(run_dir, "nonfinite")} == {0, 1, 2}
+
+
+def test_nonfinite_skip_keeps_training(tmp_path):
+    run_dir = tmp_path / "run"
+    _run(["train.steps=8", f"run.dir={run_dir}"], tmp_path, TIERZERO_FAULT_NAN_STEPS="5")
+    (event,) = [e for e in _events(run_dir, "nonfinite") if e["rank"] == 0]
+    assert event["step"] == 5 and "skip" in event["detail"]
+    rows = {r["step"]: r for r in _table(run_dir, "steps") if r["rank"] == 0}
+    assert rows[5]["grad_norm"] != rows[5]["grad_norm"]  # NaN recorded for the skipped step
+    assert all(rows[s]["loss"] == rows[s]["loss"] and rows[s]["grad_norm"] == rows[s]["grad_norm"]
+               for s in (6, 7, 8)), "the skipped NaN must not reach the weights"
+
+
+def test_nonfinite_rollback_replays_from_the_checkpoint(tmp_path, clean):
+    run_dir = tmp_path / "run"
+    _run(["train.steps=30", "checkpoint.every_steps=3", "train.on_nonfinite=rollback", f"run.dir={run_dir}"],
+         tmp_path, TIERZERO_FAULT_NAN_STEPS="5")
+    (rollback,) = [e for e in _events(run_dir, "rollback") if e["rank"] == 0]
+    assert "step-00000003" in rollback["detail"]
+    lineage = _lineage(run_dir)
+    for step in range(1, 31):  # the replay is the clean run's, bit for bit
+        assert lineage[step] == clean[step], (step, lineage[step], clean[step])
+
+
+def test_nonfinite_stop_and_too_many_in_a_row(tmp_path):
+    r = _run(["train.steps=8", "train.on_nonfinite=stop", "launcher.max_restarts=0", f"run.dir={tmp_path / 'a'}"],
+             tmp_path, expect=1, TIERZERO_FAULT_NAN_STEPS="4")
+    assert "non-finite gradient norm (nan) at step 4" in r.stderr and "train.on_nonfinite=stop" in r.stderr
+    r = _run(["train.steps=8", "train.max_nonfinite=1", "launcher.max_restarts=0", f"run.dir={tmp_path / 'b'}"],
+             tmp_path, expect=1, TIERZERO_FAULT_NAN_STEPS="3,4")
+    assert "at step 4, 2 step(s) in a row" in r.stderr
