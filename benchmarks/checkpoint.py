@@ -24,9 +24,12 @@ rank's (MAX all-reduce). Contenders alternate --repeats times (order rotated), m
    Ratio = dcp / tierzero.
 3. async stall: Checkpointer.last_save_s with async_save=true (host copy + thread start:
    what the training loop waits for) against the synchronous page-cache save time of 1;
-   each background save is waited for and must be committed (store.committed()); the
-   last one is read back in full (store.verify). Also: one training step run while a
-   background save is in flight against a step without one.
+   each background save is waited for at once and must be committed (store.committed(),
+   no `error` event); the last one is read back in full (store.verify). Then the same
+   with one training step run while the background save is in flight, against a step
+   without one (on 2 cores the writer thread competes with the ranks for the CPU).
+   Also printed: the synchronous save split into engine.checkpoint_slices(),
+   store.write_rank and rank 0's commit.
 4. reshard load: the checkpoint saved by the 4-rank run loaded with Checkpointer.resume
    (manifest, engine.load_checkpoint, the all-ranks-ok check, engine.after_load) into a
    fresh 4-rank zero3 engine (same layout) and into a fresh 2-rank one (emulated_topology
@@ -36,7 +39,7 @@ rank's (MAX all-reduce). Contenders alternate --repeats times (order rotated), m
    saved one (float64 sums over all ranks).
 
 Speed never fails the script: it exits non-zero only if something crashed, a save was not
-committed, or a load did not restore the saved state.
+committed (or raised an `error` event), or a load did not restore the saved state.
 
     python benchmarks/checkpoint.py [--repeats 3] [--train-steps 1] [--dir /tmp]
 """
@@ -179,7 +182,11 @@ def save_rank(rank: int, world: int, rdzv: str, work: str, out: str, repeats: in
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
-    rows, info = [], {}
+    rows, info, errors = [], {}, []
+
+    def event(kind, detail, step):  # the run's telemetry in train(); here: keep the failures
+        if kind == "error":
+            errors.append(f"rank {rank}: {detail}")
 
     def record(**row):
         rows.append(row)
@@ -227,7 +234,7 @@ def save_rank(rank: int, world: int, rdzv: str, work: str, out: str, repeats: in
 
     def run_tz(fsync: bool) -> float:
         root = fresh("tz")
-        ck = Checkpointer(CheckpointConfig(async_save=False, keep=1), root, rank=rank, world_size=world, event=noop)
+        ck = Checkpointer(CheckpointConfig(async_save=False, keep=1), root, rank=rank, world_size=world, event=event)
 
         def go():
             ck.save(step, engine, state)
@@ -308,7 +315,7 @@ def save_rank(rank: int, world: int, rdzv: str, work: str, out: str, repeats: in
     for rep in range(repeats):
         root = fresh("async")
         ck = TimedCheckpointer(CheckpointConfig(async_save=True, keep=1), root, rank=rank, world_size=world,
-                               event=noop)
+                               event=event)
         dist.barrier()
         t0 = time.perf_counter()
         ck.save(step, engine, state)
@@ -324,7 +331,7 @@ def save_rank(rank: int, world: int, rdzv: str, work: str, out: str, repeats: in
         state = {**state, "step": step, "optimizer_steps": step}
         root = fresh("async")
         ck = TimedCheckpointer(CheckpointConfig(async_save=True, keep=1), root, rank=rank, world_size=world,
-                               event=noop)
+                               event=event)
         dist.barrier()
         t0 = time.perf_counter()
         ck.save(step, engine, state)
@@ -353,9 +360,12 @@ def save_rank(rank: int, world: int, rdzv: str, work: str, out: str, repeats: in
     step = engine.step_count
     state = {**state, "step": step, "optimizer_steps": step}
     src = f"{work}/source"
-    ck = Checkpointer(CheckpointConfig(async_save=False, keep=1), src, rank=rank, world_size=world, event=noop)
+    ck = Checkpointer(CheckpointConfig(async_save=False, keep=1), src, rank=rank, world_size=world, event=event)
     ck.save(step, engine, state)
     dist.barrier()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, errors)
+    info["errors"] = [e for part in gathered for e in part]
     info["source"] = ck.store.step_path(step)
     info["source_step_count"] = engine.step_count
     info["source_sums"] = state_sums(engine)
@@ -466,6 +476,8 @@ def main(argv=None) -> int:
     # correctness: committed saves, loads that restore the saved state
     if not all(info["async_committed"]):
         failed.append(f"async saves committed: {info['async_committed']}")
+    if info.get("errors"):
+        failed.append(f"checkpoint error events: {info['errors']}")
     if info.get("verify_problems"):
         failed.append(f"verify: {info['verify_problems']}")
     want = info["source_sums"]
@@ -522,6 +534,16 @@ def main(argv=None) -> int:
           f"training step in flight: stall {m('async_stall_overlap'):.3f} s, background "
           f"{m('async_background_overlap'):.3f} s, the step {m('step_during_async_save'):.3f} s vs "
           f"{m('step_without_save'):.3f} s without a save")
+    def per_rep(metric, num, den, variant):
+        def at(contender, rep):
+            return [r["seconds"] for r in rows if r["metric"] == metric and r["contender"] == contender
+                    and r["variant"] == variant and r["rep"] == rep][0]
+        return " ".join(f"{at(num, i) / at(den, i):.2f}" for i in range(args.repeats))
+
+    print(f"# per-repeat ratios: plain/tz {per_rep('save', 'plain', 'tierzero', 'cache')} (cache), "
+          f"{per_rep('save', 'plain', 'tierzero', 'fsync')} (fsync); dcp/tz {per_rep('save', 'dcp', 'tierzero', 'cache')}"
+          f" (cache), {per_rep('save', 'dcp', 'tierzero', 'fsync')} (fsync); reshard/same "
+          f"{per_rep('load', 'reshard', 'same', 'cold')} (cold), {per_rep('load', 'reshard', 'same', 'warm')} (warm)")
     print(f"# seconds = slowest rank, barrier to barrier; median of {args.repeats} alternating repeats")
     print(f"{'metric':<58}{'tierzero':>10}{'reference':>11}{'ratio':>8}  {'target':<22}{'met':>4}")
     for r in table:

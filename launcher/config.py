@@ -61,6 +61,8 @@ class LauncherConfig:
     """Local supervisor: restarts of the whole group after a rank fails (from the newest committed checkpoint)."""
     restart_window_s: float = 3600.0
     """Only restarts within this many seconds count towards launcher.max_restarts."""
+    hang_timeout_s: float = 300.0
+    """Local supervisor: no rank progressing for this long is a hang (stop, name the stalled ranks, restart); 0 = off."""
 
     def errors(self) -> List[str]:
         errs = []
@@ -73,6 +75,8 @@ class LauncherConfig:
             errs.append(f"launcher.backend={self.backend!r} is not one of {list(BACKENDS)}")
         if self.max_restarts < 0:
             errs.append(f"launcher.max_restarts={self.max_restarts} must be >= 0 (0 = never restart)")
+        if self.hang_timeout_s < 0:
+            errs.append(f"launcher.hang_timeout_s={self.hang_timeout_s} must be >= 0 (0 = off), e.g. 300")
         if self.restart_window_s <= 0:
             errs.append(f"launcher.restart_window_s={self.restart_window_s} must be > 0, e.g. 3600")
         if self.timeout_s <= 0:

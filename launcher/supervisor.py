@@ -202,6 +202,35 @@ def last_progress(run_dir: Path, nproc: int) -> dict:
     return out
 
 
+def _phase_order(phase: str) -> int:
+    if phase.startswith("micro "):
+        return 1 + int(phase.split()[1])
+    return {"step": 0, "optimizer": 10_000, "checkpoint": 10_001}.get(phase, 0)
+
+
+def find_hang(progress: dict, timeout_s: float, now: float) -> Optional[str]:
+    """None while some rank moved within timeout_s; else a sentence naming the stalled
+    rank(s) -- the ones furthest behind (step, then phase, then the oldest beat) -- with
+    their last step and phase, and where the others wait."""
+    if not progress or now - max(t for _, _, t in progress.values()) <= timeout_s:
+        return None
+    key = {r: (step, _phase_order(phase)) for r, (step, phase, _) in progress.items()}
+    behind = min(key.values())
+    stalled = [r for r in progress if key[r] == behind]
+    if len(stalled) == len(progress):  # all at the same point: the one that stopped beating first
+        oldest = min(t for _, _, t in progress.values())
+        stalled = [r for r, (_, _, t) in progress.items() if t - oldest < 0.5]
+    def where(r):
+        step, phase, t = progress[r]
+        return f"rank {r} at step {step} ({phase}), silent for {now - t:.0f} s"
+    others = [r for r in sorted(progress) if r not in stalled]
+    text = f"hang: no rank progressed for {timeout_s:g} s (launcher.hang_timeout_s); stalled: " + \
+        "; ".join(where(r) for r in sorted(stalled))
+    if others:
+        text += "; waiting for them: " + "; ".join(where(r) for r in others)
+    return text
+
+
 def _attempt(cfg: RunConfig, config_path: Path, network, command: Sequence[str], after: Optional[str] = None):
     """Spawn and watch the ranks once -> (exit code, failure description or None); with
     `network` (an EmulatedNetwork that is up), rank r runs inside the namespace of emulated
@@ -227,6 +256,8 @@ def _attempt(cfg: RunConfig, config_path: Path, network, command: Sequence[str],
     events.event("start", detail=detail)
     if after:
         events.event("restart", detail=f"attempt {attempt} after {after}")
+    for old in (cfg.run_dir / ".heartbeat").glob("rank-*.json"):  # the previous attempt's
+        old.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "launcher.cli", *command, str(config_path)]
     ranks_per_node = nproc // len(network.namespaces) if network is not None else nproc
     t0 = time.monotonic()
@@ -244,6 +275,7 @@ def _attempt(cfg: RunConfig, config_path: Path, network, command: Sequence[str],
                            GLOO_SOCKET_IFNAME=ifname, NCCL_SOCKET_IFNAME=ifname)
                 argv = network.wrap(node, cmd)
             procs.append(subprocess.Popen(argv, env=env))
+        next_hang_check = time.monotonic() + 1.0
         while True:
             codes = [p.poll() for p in procs]
             bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, *VERDICTS)]
@@ -252,6 +284,15 @@ def _attempt(cfg: RunConfig, config_path: Path, network, command: Sequence[str],
                 break
             if all(c is not None for c in codes):
                 break
+            if cfg.launcher.hang_timeout_s and time.monotonic() >= next_hang_check:
+                next_hang_check = time.monotonic() + 1.0
+                hang = find_hang(last_progress(cfg.run_dir, nproc), cfg.launcher.hang_timeout_s, time.time())
+                if hang:
+                    _stop(procs)
+                    events.event("hang", detail=hang, step=None, flush=True)
+                    events.close()
+                    print(f"tierzero: {hang}; stopped every rank", file=sys.stderr, flush=True)
+                    return 1, f"{hang} in attempt {attempt}"
             time.sleep(0.1)
     except (KeyboardInterrupt, Interrupted) as e:
         name = signal.Signals(e.signum).name if isinstance(e, Interrupted) else "SIGINT"

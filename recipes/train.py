@@ -72,6 +72,21 @@ def fault_nan_steps() -> set:
     return {int(s) for s in text.split(",") if s.strip()}
 
 
+FAULT_HANG_ENV = "TIERZERO_FAULT_HANG"
+"""Fault injection for tests: `<rank>:<step>` makes that rank sleep forever at that step."""
+
+
+def fault_hang_step(rank: int) -> Optional[int]:
+    import os
+
+    text = os.environ.get(FAULT_HANG_ENV, "")
+    if ":" in text:
+        r, s = text.split(":", 1)
+        if int(r) == rank:
+            return int(s)
+    return None
+
+
 def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Linear warm-up to `lr`, then cosine decay to lr*min_lr_ratio at the last step (1-based step)."""
     if warmup_steps and step <= warmup_steps:
@@ -273,6 +288,8 @@ def train(
             step += 1
             if heartbeat is not None:
                 heartbeat(step, "step")
+            if fault_hang_step(ctx.rank) == step:
+                time.sleep(10**9)  # fault injection: this rank stops making progress
             t0 = time.perf_counter()
             lr = lr_at(step, lr=train_cfg.lr, warmup_steps=train_cfg.warmup_steps,
                        total_steps=train_cfg.steps, min_lr_ratio=train_cfg.min_lr_ratio)
@@ -282,11 +299,15 @@ def train(
                                           micro_batch=mb, global_batch=gb,
                                           first_sample=next_sample + (step - 1 - start_step) * gb)
                 batch = dataset.samples(idx).to(ctx.device)  # [mb, seq_len + 1]
+                if heartbeat is not None:
+                    heartbeat(step, f"micro {micro}")
                 scale = 1.0 / accum
                 if step in nan_steps and ctx.rank == 0 and micro == 0:
                     nan_steps.discard(step)  # once: a rollback replays this step cleanly
                     scale = float("nan")
                 loss_sum += engine.micro_step(batch[:, :-1], batch[:, 1:], scale=scale)
+            if heartbeat is not None:
+                heartbeat(step, "optimizer")
             stats = engine.step(lr)
             if getattr(stats, "skipped", False):
                 nonfinite_run += 1

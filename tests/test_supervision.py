@@ -133,3 +133,30 @@ def test_nonfinite_stop_and_too_many_in_a_row(tmp_path):
     r = _run(["train.steps=8", "train.max_nonfinite=1", "launcher.max_restarts=0", f"run.dir={tmp_path / 'b'}"],
              tmp_path, expect=1, TIERZERO_FAULT_NAN_STEPS="3,4")
     assert "at step 4, 2 step(s) in a row" in r.stderr
+
+
+def test_find_hang_names_the_rank_furthest_behind():
+    from launcher.supervisor import find_hang
+
+    now = 1000.0
+    moving = {0: (7, "micro 1", now - 1), 1: (7, "step", now - 50)}
+    assert find_hang(moving, 30, now) is None  # rank 0 beat a second ago: no hang yet
+    stuck = {0: (7, "micro 1", now - 40), 1: (7, "step", now - 50), 2: (7, "micro 0", now - 41)}
+    text = find_hang(stuck, 30, now)
+    assert "stalled: rank 1 at step 7 (step), silent for 50 s" in text and "waiting for them: rank 0" in text
+    same = {0: (3, "optimizer", now - 40), 1: (3, "optimizer", now - 45)}
+    assert "stalled: rank 1 at step 3 (optimizer)" in find_hang(same, 30, now)
+
+
+def test_a_rank_that_sleeps_forever_is_detected_in_time(tmp_path):
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    r = _run(["train.steps=10", "launcher.hang_timeout_s=5", "launcher.max_restarts=0", f"run.dir={run_dir}"],
+             tmp_path, expect=1, TIERZERO_FAULT_HANG="1:4")
+    elapsed = time.monotonic() - t0
+    assert "stalled: rank 1 at step 4 (step)" in r.stderr and "waiting for them: rank 0 at step 4" in r.stderr
+    (hang,) = _events(run_dir, "hang")
+    beat = json.loads((run_dir / ".heartbeat" / "rank-1.json").read_text())
+    # detected within hang_timeout_s + 10 s of the rank's last heartbeat
+    assert hang["time"].timestamp() - beat["time"] <= 5 + 10
+    assert elapsed < 120
