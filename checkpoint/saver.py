@@ -23,6 +23,24 @@ from checkpoint.store import CheckpointError, CheckpointStore, ResumeError, Slic
 log = logging.getLogger(__name__)
 
 
+class Snapshot:
+    """Set once a background save has copied the engine's state; the engine's next optimizer
+    step waits on it (forward and backward do not change that state, so they overlap the copy)."""
+
+    def __init__(self):
+        self._done = threading.Event()
+        self.waited_s = 0.0
+
+    def set(self) -> None:
+        self._done.set()
+
+    def wait(self) -> None:
+        if not self._done.is_set():
+            t0 = time.perf_counter()
+            self._done.wait()
+            self.waited_s += time.perf_counter() - t0
+
+
 @dataclass
 class Resumed:
     step: int
@@ -32,12 +50,17 @@ class Resumed:
 
 class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, root: str, *, rank: int, world_size: int,
-                 event: Callable[..., None], commit_timeout_s: float = 600.0):
+                 event: Callable[..., None], commit_timeout_s: float = 600.0, attempt: int = 0):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.attempt = attempt
+        self._saves = 0
+        self._buffers: List = []
+        """Host buffers of the last async save, reused by the next one (no fresh pages to fault in)."""
         self.store = CheckpointStore(root)
         self.event = event
         self.commit_timeout_s = commit_timeout_s
         self._thread: Optional[threading.Thread] = None
+        self.snapshot: Optional[Snapshot] = None
         self._error: Optional[BaseException] = None
         self.last_save_s = 0.0
         """Seconds the training loop spent in the last save() call (its stall)."""
@@ -52,21 +75,62 @@ class Checkpointer:
         the background with checkpoint.async_save, else before returning."""
         t0 = time.perf_counter()
         self.wait()  # the previous save first: one in flight at a time
-        slices = [Slice(n, tuple(shape), dtype, start, data) for n, shape, dtype, start, data in engine.checkpoint_slices()]
+        views = engine.checkpoint_slices()
+        self._saves += 1  # every rank saves at the same steps: the same token everywhere
+        token = f"a{self.attempt}s{self._saves}"
+        self.snapshot = None
         if self.cfg.async_save:
-            self._thread = threading.Thread(target=self._write, args=(step, slices, state), daemon=True,
-                                            name=f"checkpoint-{step}")
+            # training goes on and its optimizer step changes these tensors: copy them first,
+            # in the background when the engine can wait for the copy before its next step
+            snapshot = Snapshot()
+            if getattr(engine, "supports_snapshot_guard", False):
+                engine.snapshot_guard = self.snapshot = snapshot
+            else:
+                views = self._copy_all(views)
+                snapshot.set()
+            self._thread = threading.Thread(target=self._write_async, args=(step, views, state, token, snapshot),
+                                            daemon=True, name=f"checkpoint-{step}")
             self._thread.start()
         else:
-            self._write(step, slices, state)
+            self._write(step, [Slice(n, tuple(shape), dtype, start, data) for n, shape, dtype, start, data in views],
+                        state, token)
             self._raise_if_stopping()
         self.last_save_s = time.perf_counter() - t0
 
-    def _write(self, step: int, slices: List[Slice], state: dict) -> None:
+    @property
+    def last_stall_s(self) -> float:
+        """What the last save cost the training loop: save() itself plus the optimizer step's
+        wait for the background copy."""
+        return self.last_save_s + (self.snapshot.waited_s if self.snapshot is not None else 0.0)
+
+    def _copy_all(self, views):
+        return [(n, shape, dtype, start, self._copy(i, data)) for i, (n, shape, dtype, start, data) in enumerate(views)]
+
+    def _write_async(self, step: int, views, state: dict, token: str, snapshot: Snapshot) -> None:
         try:
-            self.store.write_rank(step, self.rank, slices)
+            if not snapshot._done.is_set():
+                views = self._copy_all(views)
+        finally:
+            snapshot.set()
+        self._write(step, [Slice(n, tuple(shape), dtype, start, data) for n, shape, dtype, start, data in views],
+                    state, token)
+
+    def _copy(self, i: int, data):
+        import numpy as np
+
+        while len(self._buffers) <= i:
+            self._buffers.append(None)
+        buf = self._buffers[i]
+        if buf is None or buf.shape != data.shape or buf.dtype != data.dtype:
+            buf = self._buffers[i] = np.empty_like(data)
+        np.copyto(buf, data)
+        return buf
+
+    def _write(self, step: int, slices: List[Slice], state: dict, token: str) -> None:
+        try:
+            self.store.write_rank(step, self.rank, slices, token=token)
             if self.rank == 0:
-                self.store.commit(step, self.world_size, state, timeout_s=self.commit_timeout_s)
+                self.store.commit(step, self.world_size, state, timeout_s=self.commit_timeout_s, token=token)
                 deleted = self.store.prune(self.cfg.keep, self.cfg.keep_every)
                 detail = f"committed {self.store.url(step)}" + (f"; deleted steps {deleted}" if deleted else "")
                 self.event("checkpoint", detail, step)

@@ -178,6 +178,9 @@ class ShardedEngine:
     """Executes a PartitionPlan; see the module docstring for the schedule."""
 
     name = "native"
+    supports_snapshot_guard = True
+    """A background checkpoint copies this engine's shards while the next forward/backward runs;
+    step() waits on `snapshot_guard` (set by checkpoint.saver) before changing them."""
 
     def __init__(
         self,
@@ -359,6 +362,9 @@ class ShardedEngine:
         return total
 
     def step(self, lr: float) -> StepStats:
+        guard, self.snapshot_guard = getattr(self, "snapshot_guard", None), None
+        if guard is not None:
+            guard.wait()  # a background checkpoint is still copying the optimizer shards
         grads = [self._optimizer_grad(u) for u in self.units]
         sumsq = self._sum_squares(self.units, grads, self.dense)
         if self.experts is not None:
@@ -426,7 +432,7 @@ class ShardedEngine:
             yield ent, lo - a, hi - lo, shape, base + lo - ent.offset
 
     def checkpoint_slices(self) -> List[tuple]:
-        """(name, global shape, dtype, first element, host copy) of what this rank saves: its
+        """(name, global shape, dtype, first element, host array) of what this rank saves: its
         optimizer shard's master weights and AdamW moments (one replica saves), and on rank 0
         the persistent buffers (MoE selection biases)."""
         out = []
@@ -435,7 +441,7 @@ class ShardedEngine:
                 continue
             for ent, at, n, shape, start in self._owned(u):
                 for key, prefix in STATE_KEYS:
-                    data = getattr(u, key)[at:at + n].detach().cpu().numpy().copy()
+                    data = getattr(u, key)[at:at + n].detach().cpu().numpy()  # a view on CPU: the saver copies
                     out.append((f"{prefix}/{ent.name}", shape, "float32", start, data))
         if self.rank == 0:
             for name, buf in persistent_buffers(self.model):

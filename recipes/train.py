@@ -253,7 +253,7 @@ def train(
     if checkpoint_cfg is not None and checkpoint_root and not reference_engine:
         from checkpoint.saver import Checkpointer
 
-        ckpt = Checkpointer(checkpoint_cfg, checkpoint_root, rank=ctx.rank, world_size=dp_size,
+        ckpt = Checkpointer(checkpoint_cfg, checkpoint_root, rank=ctx.rank, world_size=dp_size, attempt=ctx.attempt,
                             event=lambda kind, detail, step: telemetry.event(kind, detail=detail, step=step))
         resumed = ckpt.resume(engine)
         if resumed is not None:

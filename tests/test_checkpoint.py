@@ -333,3 +333,20 @@ def test_ckpt_cli_and_init_from(saved, tmp_path):
     r = _cli(["run", *SMALL, "model.d_model=64", "train.steps=2", "launcher.nproc=2", f"checkpoint.init_from={out}",
               f"run.dir={tmp_path / 'bad'}"], tmp_path, expect=2)
     assert "checkpoint.init_from" in r.stderr and "the model's is" in r.stderr
+
+
+def test_reports_of_an_earlier_torn_save_are_not_trusted(store):
+    """A restart or rollback can save a step again: only this attempt's reports count."""
+    def slices(r):
+        return [Slice("model/w", (4,), "float32", 2 * r, np.full(2, float(r), np.float32))]
+
+    store.write_rank(10, 1, slices(1), token="a0s1")  # attempt 0 died before rank 0 wrote
+    store.fs.pipe(f"{store.step_path(10)}/rank-00000.a0s1.error", b"OSError: killed")
+    store.write_rank(10, 0, slices(0), token="a1s1")
+    with pytest.raises(CheckpointError, match=r"no report from rank\(s\) \[1\]"):
+        store.commit(10, 2, {}, timeout_s=0.3, token="a1s1")  # neither the stale json nor .error
+    store.write_rank(10, 1, slices(1), token="a1s1")
+    store.commit(10, 2, {}, timeout_s=5, token="a1s1")
+    names = {p.rsplit("/", 1)[-1] for p in store.fs.ls(store.step_path(10), detail=False)}
+    assert not any(".a0s1." in n for n in names), names  # the torn attempt's reports are gone
+    assert store.verify(store.step_path(10))[1] == []
