@@ -96,7 +96,7 @@ def cmd_bench(args) -> int:
 def cmd_ckpt(args) -> int:
     try:
         return _ckpt(args)
-    except UsageError:
+    except (UsageError, BrokenPipeError):
         raise
     except Exception as e:  # credentials, network, permissions: say what and where, no traceback
         print(f"tierzero ckpt {args.action}: cannot read {args.path}: {type(e).__name__}: {e}", file=sys.stderr)
