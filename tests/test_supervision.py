@@ -69,10 +69,11 @@ def test_a_killed_rank_restarts_from_the_newest_checkpoint(tmp_path, clean):
         while True:  # past the step-10 checkpoint, before the end
             assert sup.poll() is None and time.monotonic() < deadline, "rank 1 never reached step 12"
             try:
-                if json.loads(beat.read_text())["step"] >= 12:
-                    break
-            except (OSError, ValueError):
-                pass
+                reached = json.loads(beat.read_text())["step"] >= 12
+            except (OSError, ValueError):  # not written yet, or being replaced
+                reached = False
+            if reached:
+                break
             time.sleep(0.05)
         import psutil
 
