@@ -59,6 +59,8 @@ import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from parallel.moe import SwiGLU  # noqa: E402  (one expert for DeepSpeed: the math of a slice of tierzero's)
+
 WORLD = 4
 NUM_EXPERTS, TOP_K = 8, 2
 D_MODEL, HIDDEN = 256, 512
@@ -103,19 +105,6 @@ def reset_peak_rss() -> bool:
 
 
 # ---- the two contenders ------------------------------------------------------------------
-
-class SwiGLU(nn.Module):
-    """One expert for DeepSpeed: the same shapes and math as a slice of tierzero's Experts."""
-
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.w_gate = nn.Linear(d_model, hidden, bias=False)
-        self.w_up = nn.Linear(d_model, hidden, bias=False)
-        self.w_down = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
-
 
 class DSModel(nn.Module):
     """The DeepSpeed engine needs a module that holds the MoE layer."""

@@ -155,8 +155,9 @@ class ExpertParallel:
 
 # ---- the layer -------------------------------------------------------------------------------
 
-class SharedExperts(nn.Module):
-    """The shared experts: one SwiGLU of hidden size h x shared_experts that every token passes."""
+class SwiGLU(nn.Module):
+    """w_down(silu(w_gate x) * w_up x) (Shazeer 2020): the dense feed-forward, and the MoE
+    layer's shared experts (one SwiGLU of hidden h x shared_experts that every token passes)."""
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
@@ -200,7 +201,7 @@ class MoEFeedForward(nn.Module):
         self.num_experts = cfg.num_experts
         self.router = nn.Linear(d_model, cfg.num_experts, bias=False)
         self.experts = Experts(cfg.num_experts, d_model, hidden)
-        self.shared = SharedExperts(d_model, hidden * cfg.shared_experts) if cfg.shared_experts else None
+        self.shared = SwiGLU(d_model, hidden * cfg.shared_experts) if cfg.shared_experts else None
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=True)
         self.ep: Optional[ExpertParallel] = None
         self.aux_grad_scale = 1.0

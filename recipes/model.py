@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.moe import MoEConfig, MoEFeedForward
+from parallel.moe import MoEConfig, MoEFeedForward, SwiGLU  # noqa: F401 (SwiGLU re-exported)
 from recipes.config import ModelConfig, default_ffn_hidden, model_errors  # noqa: F401 (re-exported)
 
 INIT_STD = 0.02
@@ -86,19 +86,6 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [b, h, t, head_dim]
         return self.wo(y.transpose(1, 2).reshape(b, t, d))
-
-
-class SwiGLU(nn.Module):
-    """w_down(silu(w_gate x) * w_up x) (Shazeer 2020)."""
-
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.w_gate = nn.Linear(d_model, hidden, bias=False)
-        self.w_up = nn.Linear(d_model, hidden, bias=False)
-        self.w_down = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
 class Block(nn.Module):
