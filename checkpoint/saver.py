@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-import torch
 import torch.distributed as dist
 
 from checkpoint.config import CheckpointConfig
@@ -175,8 +174,8 @@ class Checkpointer:
                                                                                           manifest.step)))
             except CheckpointError as e:
                 problem = str(e)
-            if not self._all_ok(problem is None):
-                problem = problem or "another rank could not read it"
+            problem = self._agree(problem)
+            if problem is not None:
                 if mode != "auto":
                     raise ResumeError(f"checkpoint.resume={mode} cannot be loaded: {problem}. Point it at a committed "
                                       "checkpoint folder (`tierzero ckpt list DIR`), or use checkpoint.resume=auto")
@@ -189,11 +188,12 @@ class Checkpointer:
             raise ResumeError(f"checkpoint.resume={mode}: no checkpoint there")
         return None
 
-    def _all_ok(self, ok: bool) -> bool:
+    def _agree(self, problem: Optional[str]) -> Optional[str]:
+        """Every rank's reading problem, so all ranks make the same choice and every message
+        names what actually failed (whichever rank read the bad piece); None when all read."""
         if self.world_size == 1 or not dist.is_initialized():
-            return ok
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+            return problem
+        problems: List[Optional[str]] = [None] * self.world_size
+        dist.all_gather_object(problems, problem)
+        found = sorted({p for p in problems if p is not None})
+        return "; ".join(found) if found else None
