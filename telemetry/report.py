@@ -141,6 +141,7 @@ def write_report(run_dir: Union[str, os.PathLike]) -> str:
     run_dir = os.fspath(run_dir)
     summary = summarize(run_dir)
     lines = [_format_summary(summary)]
+    lines += restart_lines(load_table(summary.telemetry_root, "steps"), load_table(summary.telemetry_root, "events"))
     if summary.num_step_rows:
         steps = load_table(summary.telemetry_root, "steps")
         report_dir = f"{run_dir.rstrip('/')}/report"
@@ -204,6 +205,42 @@ def _format_summary(s: RunSummary) -> str:
                 f"  {e['time']:%Y-%m-%d %H:%M:%S} attempt {e['attempt']} rank {e['rank']} {e['host']} {e['kind']}{step}{detail}"
             )
     return "\n".join(lines)
+
+
+def restart_lines(steps: pa.Table, events: pa.Table) -> list[str]:
+    """One line per restart of the latest run: its cause, where the new attempt resumed, the
+    steps it recomputed, and the time lost (from the failed attempt's last logged step to the
+    first step past it)."""
+    restarts = events.filter(pc.equal(events.column("kind"), "restart")).to_pylist()
+    if not restarts:
+        return []
+    run = sorted(set(steps.column("run").to_pylist()) or {restarts[0]["run"]})[-1]
+    rows = [r for r in steps.to_pylist() if r["run"] == run]
+    resumes = [e for e in events.to_pylist() if e["kind"] == "resume" and e["run"] == run]
+    lines = [f"restarts: {len(restarts)}"]
+    total_steps = total_s = 0.0
+    for ev in sorted(restarts, key=lambda e: e["attempt"]):
+        k = ev["attempt"]
+        before = [r for r in rows if r["attempt"] == k - 1]
+        after = [r for r in rows if r["attempt"] == k]
+        # the failed attempt's progress: its last logged step, or where the supervisor saw it
+        # fail (step rows still buffered in a killed rank never reach disk)
+        failed = [e for e in events.to_pylist() if e["kind"] in ("error", "hang") and e["attempt"] == k - 1
+                  and e["rank"] == -1 and e["run"] == run]
+        last = max([r["step"] for r in before] + [e["step"] for e in failed if e["step"] is not None], default=0)
+        t_fail = max([r["time"] for r in before if r["step"] == last] + [e["time"] for e in failed], default=None)
+        resumed = next((e["step"] for e in resumes if e["attempt"] == k), None)
+        recomputed = max(0, last - (resumed or 0))
+        past = [r["time"] for r in after if r["step"] > last]
+        lost = (min(past) - t_fail).total_seconds() if past and t_fail is not None else None
+        total_steps += recomputed
+        total_s += lost or 0.0
+        cause = ev["detail"].split(" after ", 1)[-1]
+        lines.append(f"  attempt {k}: after {cause}; resumed from "
+                     f"{'step ' + str(resumed) if resumed is not None else 'scratch'}; {recomputed} step(s) recomputed; "
+                     + (f"{lost:.1f} s lost" if lost is not None else "time lost unknown (no step past the failure)"))
+    lines.append(f"  in all: {int(total_steps)} step(s) recomputed, {total_s:.1f} s lost")
+    return lines
 
 
 def _expert_load(experts: pa.Table) -> dict[int, tuple[np.ndarray, np.ndarray]]:

@@ -95,6 +95,15 @@ def test_a_killed_rank_restarts_from_the_newest_checkpoint(tmp_path, clean):
     for step in range(1, 31):  # same layout, same reductions: bit for bit
         assert lineage[step] == clean[step], (step, lineage[step], clean[step])
 
+    # the report: the restart, its cause, and what it cost
+    from telemetry.report import write_report
+
+    text = write_report(run_dir)
+    logged = max([r["step"] for r in _table(run_dir, "steps") if r["attempt"] == 0] + [error["step"]])
+    assert "restarts: 1" in text and "killed by SIGKILL" in text
+    assert f"resumed from step {resume['step']}; {logged - resume['step']} step(s) recomputed" in text
+    assert " s lost" in text.split("restarts: 1", 1)[1]
+
 
 def test_restarts_stop_at_max_restarts(tmp_path):
     run_dir = tmp_path / "run"
