@@ -21,6 +21,21 @@ from checkpoint.store import CheckpointError, CheckpointStore, ResumeError, Slic
 
 log = logging.getLogger(__name__)
 
+FAULT_SLOW_SAVE_ENV = "TIERZERO_FAULT_SLOW_SAVE"
+"""Fault injection for drills (docs/fault-tolerance.md): `<step>:<seconds>` makes every rank
+pause that long after writing its data of that step and before reporting it, so a kill -9
+in the pause leaves a torn checkpoint."""
+
+
+def _slow_save_pause(step: int) -> Optional[Callable[[], None]]:
+    import os
+
+    text = os.environ.get(FAULT_SLOW_SAVE_ENV, "")
+    if ":" not in text:
+        return None
+    at, seconds = text.split(":", 1)
+    return (lambda: time.sleep(float(seconds))) if int(at) == step else None
+
 
 class Snapshot:
     """Set once a background save has copied the engine's state; the engine's next optimizer
@@ -127,7 +142,7 @@ class Checkpointer:
 
     def _write(self, step: int, slices: List[Slice], state: dict, token: str) -> None:
         try:
-            self.store.write_rank(step, self.rank, slices, token=token)
+            self.store.write_rank(step, self.rank, slices, token=token, before_report=_slow_save_pause(step))
             if self.rank == 0:
                 self.store.commit(step, self.world_size, state, timeout_s=self.commit_timeout_s, token=token)
                 deleted = self.store.prune(self.cfg.keep, self.cfg.keep_every)

@@ -92,10 +92,12 @@ class CheckpointStore:
         return [s for s, ok in self.steps() if ok]
 
     # ---- writing -------------------------------------------------------------------------
-    def write_rank(self, step: int, rank: int, slices: Sequence[Slice], token: str = "") -> None:
+    def write_rank(self, step: int, rank: int, slices: Sequence[Slice], token: str = "",
+                   before_report: Optional[Callable[[], None]] = None) -> None:
         """This rank's shard, then its report json (the signal rank 0 waits for), renamed into
         place so it is never seen half-written. On failure an .error report says why (best
-        effort) and the error is raised."""
+        effort) and the error is raised. `before_report` runs between the two (fault injection:
+        a kill there leaves a torn step)."""
         base = self.step_path(step)
         try:
             self.fs.makedirs(base, exist_ok=True)
@@ -116,6 +118,8 @@ class CheckpointStore:
                         "file": shard_name(rank), "offset": offset, "start": int(s_.start),
                         "numel": int(s_.data.size), "crc32": crc}})
                     offset += raw.nbytes
+            if before_report is not None:
+                before_report()
             tmp = f"{base}/.{report_name(rank, token, 'json')}.tmp"
             with self.fs.open(tmp, "w") as f:
                 f.write(json.dumps({"rank": rank, "tensors": records}))

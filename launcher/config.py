@@ -29,6 +29,7 @@ from parallel.moe_config import MoEConfig
 from parallel.plan import ParallelConfig
 from parallel.topology import TopologyConfig
 from recipes.config import DataConfig, ModelConfig, TrainConfig, data_errors, model_errors, train_errors
+from slurm.config import SlurmConfig
 from telemetry.config import TelemetryConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
@@ -62,7 +63,9 @@ class LauncherConfig:
     restart_window_s: float = 3600.0
     """Only restarts within this many seconds count towards launcher.max_restarts."""
     hang_timeout_s: float = 300.0
-    """Local supervisor: no rank progressing for this long is a hang (stop, name the stalled ranks, restart); 0 = off."""
+    """No rank progressing for this long is a hang: the local supervisor stops the ranks, names the stalled ones and restarts; under a scheduler each rank's watchdog exits 1. 0 = off."""
+    requeue_signal: str = "SIGUSR2"
+    """Signal that, like SIGTERM and SIGINT, makes the ranks finish the step, checkpoint and exit 75 (requeue); not SIGUSR1, which NCCL takes."""
 
     def errors(self) -> List[str]:
         errs = []
@@ -77,6 +80,13 @@ class LauncherConfig:
             errs.append(f"launcher.max_restarts={self.max_restarts} must be >= 0 (0 = never restart)")
         if self.hang_timeout_s < 0:
             errs.append(f"launcher.hang_timeout_s={self.hang_timeout_s} must be >= 0 (0 = off), e.g. 300")
+        from launcher.signals import signal_number
+
+        try:
+            signal_number(self.requeue_signal)
+        except ValueError:
+            errs.append(f"launcher.requeue_signal={self.requeue_signal!r} is not a signal a process can catch; use a "
+                        "name such as SIGUSR2 (the default), SIGTERM or SIGHUP (SIGKILL and SIGSTOP cannot be caught)")
         if self.restart_window_s <= 0:
             errs.append(f"launcher.restart_window_s={self.restart_window_s} must be > 0, e.g. 3600")
         if self.timeout_s <= 0:
@@ -108,6 +118,7 @@ class RunConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -289,6 +300,9 @@ def load_config(
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if _key_type(key.strip()) in ("str", "str | null") and value is not None and not _quoted(raw):
+            # keep a string key's text as typed: YAML would read slurm.time=10:00 as the number 600
+            value = raw
         merged, err = _merge_one(merged, key.strip(), value, where="on the command line")
         if err:
             problems.append(err)
@@ -300,6 +314,10 @@ def load_config(
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _quoted(raw: str) -> bool:
+    return len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
 
 
 def _flatten(data: dict, prefix: str = ""):
@@ -339,6 +357,7 @@ def validate(cfg: RunConfig) -> List[str]:
     errs += cfg.parallel.errors()
     errs += cfg.telemetry.errors()
     errs += cfg.bench.errors()
+    errs += cfg.slurm.errors()
     errs += cfg.checkpoint.errors()
     errs += train_errors(cfg.train)
     errs += model_errors(cfg.model)

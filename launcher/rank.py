@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -133,14 +134,19 @@ class Heartbeat:
     def __init__(self, folder, rank: int):
         self.path = folder / f"rank-{rank}.json"
         self.tmp = folder / f".rank-{rank}.json.tmp"
+        self.last_time = None
+        """Wall time of the last beat (None before the first): the watchdog's clock."""
         folder.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, step: int, phase: str) -> None:
         import json
         import time
 
-        self.tmp.write_text(json.dumps({"step": step, "phase": phase, "time": time.time()}))
+        now = time.time()
+        # pid: chaos drills (tests/test_supervision.py, benchmarks/chaos.py) kill -9 the rank by it
+        self.tmp.write_text(json.dumps({"step": step, "phase": phase, "time": now, "pid": os.getpid()}))
         os.replace(self.tmp, self.path)
+        self.last_time = now
 
 
 def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
@@ -151,6 +157,12 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     from recipes.train import train
     from telemetry.sink import Telemetry
 
+    from launcher.signals import StopSignals, signal_number
+
+    # First thing: a stop signal during the rendezvous or the resume must not kill the rank
+    # before it can checkpoint; it is acted on at the end of the first step.
+    stops = StopSignals([signal.SIGTERM, signal.SIGINT, signal_number(cfg.launcher.requeue_signal)],
+                        rank=launch.rank, quiet=launch.supervised).install()
     joined = join(cfg, launch)
     launch, backend, device = joined.launch, joined.backend, joined.device
     topology = measured(cfg, joined)
@@ -174,10 +186,24 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
         log.info("%s launch: %d ranks on %d node(s), backend %s, topology %s",
                  "local" if launch.supervised else launch.mode, launch.world_size, launch.num_nodes, ctx.backend, topology.describe())
     from checkpoint.export import InitFromError
-    from recipes.train import NonFiniteError
+    from recipes.train import NonFiniteError, StopRequested
     from checkpoint.store import CheckpointError, ResumeError
     from launcher.bench import tierzero_version
+    from launcher.signals import EXIT_REQUEUE, Watchdog
 
+    heartbeat = Heartbeat(run_dir / ".heartbeat", launch.rank)
+    if not launch.supervised and cfg.launcher.hang_timeout_s:
+        from launcher.supervisor import find_hang, last_progress
+
+        def on_hang(text: str) -> None:
+            stalled = text.split("; waiting for them")[0]
+            if launch.rank == 0 or f"rank {launch.rank} at" in stalled:  # not one line per rank at scale
+                print(f"tierzero: rank {launch.rank}: {text}; exiting", file=sys.stderr, flush=True)
+            tel.event("hang", detail=text, flush=True)
+
+        Watchdog(heartbeat, timeout_s=cfg.launcher.hang_timeout_s, on_hang=on_hang,
+                 describe=lambda now: find_hang(last_progress(run_dir, launch.world_size),
+                                                cfg.launcher.hang_timeout_s, now)).start()
     try:
         budget = memory_budget_bytes(cfg.parallel, topology, device=device,
                                      local_world_size=launch.local_world_size)
@@ -186,7 +212,13 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
                        peak_tflops=cfg.telemetry.peak_tflops, moe_cfg=cfg.moe, checkpoint_cfg=cfg.checkpoint,
                        checkpoint_root=cfg.checkpoint.dir or str(run_dir / "checkpoints"),
                        run_state={"config": to_yaml(cfg), "tierzero_version": tierzero_version()},
-                       heartbeat=Heartbeat(run_dir / ".heartbeat", launch.rank))
+                       heartbeat=heartbeat, stop_requested=stops.requested)
+    except StopRequested as e:
+        tel.event("signal", detail=str(e), step=e.step)
+        if launch.rank == 0 and not launch.supervised:  # else the supervisor says it
+            print(f"tierzero: {e}; exit {EXIT_REQUEUE}: run again with the same run.dir to resume",
+                  file=sys.stderr, flush=True)
+        return EXIT_REQUEUE
     except (CheckpointError, InitFromError, NonFiniteError) as e:  # a message to act on, not a bug: no traceback
         tel.event("error", detail=str(e))
         tel.close()
@@ -198,7 +230,7 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
         tel.event("error", detail=f"{type(e).__name__}: {e}")
         raise
     finally:
-        tel.close()
+        tel.close()  # the stop handlers stay: a signal after the last step is ignored, not fatal
     if launch.rank == 0:
         floor = result.entropy_floor_nats
         gap = f" | gap {result.final_loss - floor:+.4f} nats" if floor is not None else ""

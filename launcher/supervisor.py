@@ -1,8 +1,10 @@
 """Plain `tierzero run`: spawn launcher.nproc local ranks and watch them.
 
 Ranks rendezvous on loopback (a free port picked here). When one rank fails, the others
-are stopped at once, so a crash never leaves ranks blocked in a collective.
-Restarts from checkpoints come with the supervision issue; today a failure ends the run.
+are stopped at once, so a crash never leaves ranks blocked in a collective, and the group is
+started again from its newest committed checkpoint (launcher.max_restarts). A stop signal
+(SIGINT, SIGTERM, launcher.requeue_signal) is passed on to the ranks, which finish the step,
+checkpoint and exit EXIT_REQUEUE; a second one makes them exit at once.
 With launcher.isolate_network each emulated node's ranks run in their own network
 namespace (launcher/netns.py, docs/netns.md), torn down however the run ends.
 """
@@ -104,6 +106,39 @@ def _interrupts_raise():
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def _stopped_on_error(procs: List[subprocess.Popen]):
+    """The ranks run in their own sessions, so nothing else stops them if the supervisor fails."""
+    try:
+        yield
+    except BaseException:
+        _stop(procs)
+        raise
+
+
+class _Received:
+    """Record the given signals (main thread only) instead of their default action."""
+
+    def __init__(self, signums: Sequence[int]):
+        self.signums = tuple(dict.fromkeys(signums))
+        self._got: List[int] = []
+        self._previous = {}
+
+    def __enter__(self) -> "_Received":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, lambda signum, frame: self._got.append(signum))
+                              for s in self.signums}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+    def take(self) -> List[int]:
+        got, self._got = self._got, []
+        return got
+
+
 def isolation_errors(cfg: RunConfig) -> List[str]:
     """Checks for launcher.isolate_network that need the topology and this host."""
     from launcher import netns
@@ -119,11 +154,13 @@ def isolation_errors(cfg: RunConfig) -> List[str]:
     return netns.isolation_problems(cfg.launcher.inter_node_gbit)
 
 
+from launcher.signals import EXIT_REQUEUE, signal_number  # noqa: E402  (next to the other exit codes)
+
 EXIT_RESULTS_WRONG = 3
 """A rank's verdict, not a crash: `tierzero bench` found wrong results (every rank exits with it)."""
 EXIT_USAGE = 2
 """Every rank found the same user error (a checkpoint.resume or init_from that cannot load) and said why."""
-VERDICTS = (EXIT_USAGE, EXIT_RESULTS_WRONG)
+VERDICTS = (EXIT_USAGE, EXIT_RESULTS_WRONG, EXIT_REQUEUE)
 
 
 def run_local(cfg: RunConfig, config_path: Path, command: Sequence[str] = ("run",)) -> int:
@@ -174,7 +211,7 @@ def _supervise(cfg: RunConfig, config_path: Path, network=None, command: Sequenc
     cause = None
     while True:
         code, failure = _attempt(cfg, config_path, network, command, after=cause)
-        if failure is None or command[0] != "run":
+        if failure is None or command[0] != "run" or code == EXIT_REQUEUE:
             return code
         now = time.monotonic()
         restarts = [t for t in restarts if now - t < cfg.launcher.restart_window_s]
@@ -261,9 +298,10 @@ def _attempt(cfg: RunConfig, config_path: Path, network, command: Sequence[str],
     cmd = [sys.executable, "-m", "launcher.cli", *command, str(config_path)]
     ranks_per_node = nproc // len(network.namespaces) if network is not None else nproc
     t0 = time.monotonic()
-    procs = []
+    procs: List[subprocess.Popen] = []
     failed: Optional[tuple] = None
-    try:
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal_number(cfg.launcher.requeue_signal))
+    with _Received(stop_signals) as received, _stopped_on_error(procs):
         for rank in range(nproc):
             env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
             argv = cmd
@@ -274,12 +312,33 @@ def _attempt(cfg: RunConfig, config_path: Path, network, command: Sequence[str],
                 env.update(MASTER_ADDR=network.node_addr(0), GROUP_RANK=str(node),
                            GLOO_SOCKET_IFNAME=ifname, NCCL_SOCKET_IFNAME=ifname)
                 argv = network.wrap(node, cmd)
-            procs.append(subprocess.Popen(argv, env=env))
+            # Own session: a Ctrl-C in the terminal reaches the supervisor only, which passes it
+            # on once; the ranks counting it twice would make them exit without a checkpoint.
+            procs.append(subprocess.Popen(argv, env=env, start_new_session=True))
         next_hang_check = time.monotonic() + 1.0
+        forwarded: List[int] = []
+        kill_at = None
         while True:
+            for signum in received.take():
+                forwarded.append(signum)
+                name = signal.Signals(signum).name
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signum)
+                if len(forwarded) == 1:
+                    events.event("signal", detail=f"{name}: asked the ranks to finish the step, checkpoint and "
+                                 f"exit {EXIT_REQUEUE}", flush=True)
+                    print(f"tierzero: {name}: the ranks finish the current step, checkpoint and stop; send it "
+                          "again to stop at once", file=sys.stderr, flush=True)
+                else:
+                    events.event("signal", detail=f"second stop signal ({name}): ranks exit at once", flush=True)
+                    kill_at = time.monotonic() + 10.0
             codes = [p.poll() for p in procs]
+            if kill_at is not None and time.monotonic() > kill_at:
+                _stop(procs, grace_s=0.0)
+                codes = [p.poll() for p in procs]
             bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, *VERDICTS)]
-            if bad:
+            if bad and not forwarded:
                 failed = bad[0]
                 break
             if all(c is not None for c in codes):
@@ -292,15 +351,22 @@ def _attempt(cfg: RunConfig, config_path: Path, network, command: Sequence[str],
                     events.event("hang", detail=hang, step=None, flush=True)
                     events.close()
                     print(f"tierzero: {hang}; stopped every rank", file=sys.stderr, flush=True)
-                    return 1, f"{hang} in attempt {attempt}"
+                    return 1, (None if forwarded else f"{hang} in attempt {attempt}")
             time.sleep(0.1)
-    except (KeyboardInterrupt, Interrupted) as e:
-        name = signal.Signals(e.signum).name if isinstance(e, Interrupted) else "SIGINT"
-        _stop(procs)
-        events.event("signal", detail=f"{name}: stopped all ranks")
+    if forwarded and any(c != 0 for c in codes):
+        # Stopped on request: never restarted, whatever the ranks' codes.
+        code = EXIT_REQUEUE if all(c == EXIT_REQUEUE for c in codes) else 128 + forwarded[-1]
+        progress = last_progress(cfg.run_dir, nproc)
+        step = min((s for s, _, _ in progress.values()), default=None)
+        if code == EXIT_REQUEUE:
+            detail = (f"all {nproc} ranks stopped after step {step} with a committed checkpoint; exit "
+                      f"{EXIT_REQUEUE}: run again with the same run.dir to resume")
+        else:
+            detail = f"ranks stopped at once ({', '.join(describe_exit(c) for c in codes)})"
+        events.event("end", detail=detail, step=step)
         events.close()
-        print("tierzero: interrupted; all ranks stopped", file=sys.stderr)
-        return 128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT), None
+        print(f"tierzero: {detail}", file=sys.stderr, flush=True)
+        return code, None
     if failed:
         _stop(procs)
         rank, code = failed

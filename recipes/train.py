@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import psutil
@@ -58,6 +58,17 @@ class TrainResult:
 
 class NonFiniteError(RuntimeError):
     """Training cannot go on: non-finite gradients beyond what train.on_nonfinite allows."""
+
+
+class StopRequested(Exception):
+    """A stop signal (SIGTERM, SIGINT, launcher.requeue_signal) reached a rank: every rank
+    finished step `step` and committed a checkpoint of it; the run is to be started again."""
+
+    def __init__(self, signame: str, step: int, checkpoint: Optional[str]):
+        self.signame, self.step, self.checkpoint = signame, step, checkpoint
+        saved = f"checkpoint of step {step} committed ({checkpoint})" if checkpoint else \
+            "no checkpoint (this engine does not save them): a new run starts over"
+        super().__init__(f"{signame}: stopped after step {step}; {saved}")
 
 
 FAULT_NAN_ENV = "TIERZERO_FAULT_NAN_STEPS"
@@ -187,9 +198,12 @@ def train(
     checkpoint_root: Optional[str] = None,
     run_state: Optional[dict] = None,
     heartbeat=None,
+    stop_requested: Optional[Callable[[], Optional[str]]] = None,
 ) -> TrainResult:
     """Train; `reference_engine` runs plain data parallelism with torch.optim.AdamW instead of
-    the plan (the tests' single-process reference)."""
+    the plan (the tests' single-process reference). `stop_requested()` names a stop signal
+    that reached this rank (launcher/signals.py): when any rank has one, all finish the step,
+    commit a checkpoint and raise StopRequested."""
     t_start = time.perf_counter()
     dp_size, dp_rank = ctx.world_size, ctx.rank
     mb, gb = train_cfg.micro_batch_size, train_cfg.global_batch_size
@@ -278,7 +292,18 @@ def train(
     progress = Progress(total=train_cfg.steps, enabled=show_progress and ctx.rank == 0, log_every=train_cfg.log_every)
     proc = psutil.Process()
     tokens_per_step = accum * mb * dataset.seq_len
-    loss_buf = torch.zeros(1, dtype=torch.float64, device=ctx.device)  # nccl reduces device tensors only
+    # [loss, stop]: a stop request rides on the step's loss all-reduce, so all ranks stop at the
+    # same step without a collective of its own (nccl reduces device tensors only)
+    loss_buf = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    saved_step = None
+
+    def checkpoint_state(step: int) -> dict:  # read at save time: the loss and lr of `step`
+        return {
+            **(run_state or {}), "step": step, "optimizer_steps": engine.step_count,
+            "next_sample": next_sample + (step - start_step) * gb, "global_batch_size": gb,
+            "world_size": dp_size, "plan": plan_line, "topology": ctx.topology.describe(),
+            "loss": global_loss, "lr": lr, "seeds": {"train": train_cfg.seed, "data": data_cfg.seed},
+            "versions": {"torch": torch.__version__}}
 
     nan_steps = fault_nan_steps()
     nonfinite_run = 0
@@ -345,9 +370,12 @@ def train(
                 result.expert_tokens.append(routing["tokens"])
                 result.dropped_fraction.append(routing["dropped_fraction"])
             loss_buf[0] = loss_sum / accum
+            signame = stop_requested() if stop_requested is not None else None
+            loss_buf[1] = 1.0 if signame else 0.0
             if dp_size > 1:
                 dist.all_reduce(loss_buf, op=dist.ReduceOp.SUM)
-            global_loss = loss_buf.item() / dp_size
+            global_loss = loss_buf[0].item() / dp_size
+            stop = loss_buf[1].item() > 0 and step < train_cfg.steps
             step_time_s = time.perf_counter() - t0
 
             result.losses.append(global_loss)
@@ -368,15 +396,25 @@ def train(
                 gpu_mem_bytes=torch.cuda.max_memory_allocated() if ctx.device.startswith("cuda") else None,
             )
             progress.update(step, loss=global_loss, tokens_per_s=tokens_per_step * dp_size / step_time_s)
+
             if ckpt is not None and ckpt.due(step, train_cfg.steps):
                 if heartbeat is not None:
                     heartbeat(step, "checkpoint")
-                ckpt.save(step, engine, {
-                    **(run_state or {}), "step": step, "optimizer_steps": engine.step_count,
-                    "next_sample": next_sample + (step - start_step) * gb, "global_batch_size": gb,
-                    "world_size": dp_size, "plan": plan_line, "topology": ctx.topology.describe(),
-                    "loss": global_loss, "lr": lr, "seeds": {"train": train_cfg.seed, "data": data_cfg.seed},
-                    "versions": {"torch": torch.__version__}})
+                # A step a checkpoint covers is never recomputed, so its row must outlive a kill -9
+                telemetry.flush()
+                ckpt.save(step, engine, checkpoint_state(step))
+                saved_step = step
+            if stop:
+                path = None
+                if ckpt is not None:
+                    if heartbeat is not None:
+                        heartbeat(step, "checkpoint")
+                    if saved_step != step:
+                        telemetry.flush()
+                        ckpt.save(step, engine, checkpoint_state(step))
+                    ckpt.wait()
+                    path = ckpt.store.step_path(step)
+                raise StopRequested(signame or "a stop signal on another rank", step, path)
     if ckpt is not None:
         ckpt.wait()
 

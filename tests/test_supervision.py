@@ -170,3 +170,200 @@ def test_a_rank_that_sleeps_forever_is_detected_in_time(tmp_path):
     # detected within hang_timeout_s + 10 s of the rank's last heartbeat
     assert hang["time"].timestamp() - beat["time"] <= 5 + 10
     assert elapsed < 120
+
+
+# ---- signals ------------------------------------------------------------------------------
+
+def _start(args, cwd, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", *SMALL, *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**env))
+
+
+def _beat(run_dir: Path, rank: int) -> dict:
+    try:
+        return json.loads((run_dir / ".heartbeat" / f"rank-{rank}.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being replaced
+        return {}
+
+
+def _wait_for_step(proc, run_dir: Path, rank: int, step: int, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"ended before rank {rank} reached step {step}: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"rank {rank} never reached step {step}"
+        beat = _beat(run_dir, rank)
+        if beat.get("step", 0) >= step:
+            return beat
+        time.sleep(0.05)
+
+
+def _committed(run_dir: Path) -> list:
+    from checkpoint.store import CheckpointStore
+
+    return [s for s, ok in CheckpointStore(str(run_dir / "checkpoints")).steps() if ok]
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_75_then_resumes(tmp_path, clean):
+    from launcher.signals import EXIT_REQUEUE
+
+    run_dir = tmp_path / "run"
+    # every_steps=0: the only checkpoint there can be is the one the signal asks for
+    args = ["train.steps=30", "checkpoint.every_steps=0", f"run.dir={run_dir}"]
+    sup = _start(args, tmp_path)
+    try:
+        _wait_for_step(sup, run_dir, 1, 8)
+        sup.send_signal(signal.SIGTERM)
+        out, err = sup.communicate(timeout=120)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+    assert sup.returncode == EXIT_REQUEUE, err[-3000:]
+    (stopped,) = _committed(run_dir)
+    assert 8 <= stopped < 30
+    assert f"all 2 ranks stopped after step {stopped} with a committed checkpoint; exit 75" in err
+    ranks_said = [e for e in _events(run_dir, "signal") if e["rank"] >= 0]
+    assert sorted(e["rank"] for e in ranks_said) == [0, 1] and {e["step"] for e in ranks_said} == {stopped}
+    assert max(r["step"] for r in _table(run_dir, "steps")) == stopped, "no step past the checkpoint"
+
+    _run(args, tmp_path)  # the requeued run: resumes where the signal stopped it
+    (resume, *_) = _events(run_dir, "resume")
+    assert resume["step"] == stopped and resume["attempt"] == 1
+    lineage = _lineage(run_dir)
+    assert sorted(lineage) == list(range(1, 31))
+    for step in range(1, 31):
+        assert lineage[step] == clean[step], (step, lineage[step], clean[step])
+
+
+def test_a_second_ctrl_c_exits_at_once_and_keeps_the_committed_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    # rank 1 sleeps at step 7, so rank 0 waits in a collective: the first Ctrl-C cannot finish the step
+    sup = _start(["train.steps=30", "checkpoint.every_steps=5", "launcher.hang_timeout_s=0", f"run.dir={run_dir}"],
+                 tmp_path, TIERZERO_FAULT_HANG="1:7")
+    try:
+        _wait_for_step(sup, run_dir, 1, 7)
+        time.sleep(1.0)
+        sup.send_signal(signal.SIGINT)
+        time.sleep(3.0)
+        assert sup.poll() is None, "one Ctrl-C must wait for the step to finish"
+        t0 = time.monotonic()
+        sup.send_signal(signal.SIGINT)
+        out, err = sup.communicate(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+    assert sup.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert elapsed < 5, f"the second Ctrl-C took {elapsed:.1f} s"
+    assert "second stop signal (SIGINT): exiting at once" in err
+    assert _committed(run_dir) == [5]
+    r = subprocess.run([sys.executable, "-m", "launcher.cli", "ckpt", "verify", str(run_dir / "checkpoints" / "step-00000005")],
+                       capture_output=True, text=True, env=_env(), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _scheduled_ranks(args, cwd, nproc=2, **env):
+    """Start the ranks the way torchrun or srun would (no local supervisor)."""
+    from launcher.rank import free_port
+
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "launcher.cli", "run", *SMALL, *args], cwd=cwd, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+            env=_env(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env)))
+    return procs
+
+
+def _finish(procs, timeout_s=120):
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout_s))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.returncode for p in procs], outs
+
+
+def test_under_a_scheduler_the_requeue_signal_to_one_rank_stops_every_rank_after_a_checkpoint(tmp_path):
+    from launcher.signals import EXIT_REQUEUE
+
+    run_dir = tmp_path / "run"
+    procs = _scheduled_ranks(["train.steps=200", f"run.dir={run_dir}"], tmp_path)
+    _wait_for_step(procs[0], run_dir, 0, 6)
+    procs[0].send_signal(signal.SIGUSR2)  # rank 1 never sees a signal: it learns from the step's all-reduce
+    codes, outs = _finish(procs)
+    assert codes == [EXIT_REQUEUE, EXIT_REQUEUE], outs
+    (stopped,) = _committed(run_dir)
+    assert f"SIGUSR2: stopped after step {stopped}; checkpoint of step {stopped} committed" in outs[0][1]
+    assert {r["step"] for r in _table(run_dir, "steps") if r["step"] == stopped} == {stopped}
+    assert max(r["step"] for r in _table(run_dir, "steps")) == stopped
+
+
+def test_under_a_scheduler_a_sleeping_rank_is_caught_by_the_ranks_watchdog(tmp_path):
+    run_dir = tmp_path / "run"
+    procs = _scheduled_ranks(["train.steps=30", "launcher.hang_timeout_s=5", f"run.dir={run_dir}"], tmp_path,
+                             TIERZERO_FAULT_HANG="1:4")
+    codes, outs = _finish(procs)
+    assert codes == [1, 1], outs
+    said = outs[0][1] + outs[1][1]  # whichever watchdog fires first names rank 1; the other rank may see the
+    assert "stalled: rank 1 at step 4 (step)" in said, said[-3000:]  # connection close first
+    beat = _beat(run_dir, 1)
+    hangs = _events(run_dir, "hang")
+    assert hangs and all(h["time"].timestamp() - beat["time"] <= 5 + 10 for h in hangs)
+
+
+# ---- chaos ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(5))
+def test_chaos_kill_9_a_random_rank_at_a_random_step(tmp_path, clean, seed):
+    import random
+
+    rng = random.Random(seed)
+    victim_rank, at_step = rng.randrange(2), rng.randint(2, 28)
+    run_dir = tmp_path / "run"
+    sup = _start(["train.steps=30", "checkpoint.every_steps=4", "checkpoint.async_save=true",
+                  f"run.dir={run_dir}"], tmp_path)
+    try:
+        beat = _wait_for_step(sup, run_dir, victim_rank, at_step)
+        os.kill(beat["pid"], signal.SIGKILL)
+        out, err = sup.communicate(timeout=240)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+    assert sup.returncode == 0, err[-3000:]
+    assert [e for e in _events(run_dir, "error") if f"rank {victim_rank} failed (killed by SIGKILL)" in e["detail"]]
+    lineage = _lineage(run_dir)
+    assert sorted(lineage) == list(range(1, 31)), f"seed {seed}: steps missing from the final lineage"
+    for step in range(1, 31):
+        assert lineage[step] == clean[step], (seed, step, lineage[step], clean[step])
+
+
+def test_kill_9_during_an_async_checkpoint_write_never_uses_the_torn_checkpoint(tmp_path, clean):
+    from checkpoint.manifest import step_dirname
+    from checkpoint.store import shard_name
+
+    run_dir = tmp_path / "run"
+    sup = _start(["train.steps=30", "checkpoint.every_steps=4", "checkpoint.async_save=true",
+                  f"run.dir={run_dir}"], tmp_path, TIERZERO_FAULT_SLOW_SAVE="8:4")
+    try:
+        shard = run_dir / "checkpoints" / step_dirname(8) / shard_name(1)
+        deadline = time.monotonic() + 120
+        while not shard.exists():  # rank 1 wrote its data of step 8 and pauses before reporting it
+            assert sup.poll() is None and time.monotonic() < deadline, "step 8 was never written"
+            time.sleep(0.02)
+        os.kill(_beat(run_dir, 1)["pid"], signal.SIGKILL)
+        out, err = sup.communicate(timeout=240)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+    assert sup.returncode == 0, err[-3000:]
+    resume = [e for e in _events(run_dir, "resume") if e["rank"] == 0]
+    assert resume[0]["step"] == 4, "the restart must take step 4, the newest committed, not the torn step 8"
+    lineage = _lineage(run_dir)
+    assert sorted(lineage) == list(range(1, 31))
+    for step in range(1, 31):
+        assert lineage[step] == clean[step], (step, lineage[step], clean[step])

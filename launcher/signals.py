@@ -1,0 +1,132 @@
+"""Stop signals inside a rank, and the hang watchdog of a rank no supervisor watches.
+
+SIGTERM, SIGINT and launcher.requeue_signal (SIGUSR2 by default; Slurm's pre-timeout
+signal, and not SIGUSR1, which NCCL takes) ask the rank to stop cleanly: it finishes the
+step it is in, the ranks agree (recipes/train.py folds the request into the step's loss
+all-reduce), a checkpoint is committed, and every rank exits with EXIT_REQUEUE.
+
+A second stop signal exits at once. Python runs signal handlers only between bytecodes, so
+a rank blocked inside a collective would not see it; the C-level handler writes each signal
+number to a wakeup pipe (signal.set_wakeup_fd) and a thread reading that pipe acts on it
+whatever the main thread is doing. Exiting mid-write is safe for checkpoints: a step is
+committed by a rename, and a torn one is never read (checkpoint/store.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable, Optional, Sequence
+
+EXIT_REQUEUE = 75
+"""Every rank stopped on a signal after committing a checkpoint: run again (requeue) to resume.
+75 is EX_TEMPFAIL in sysexits.h, "a temporary failure; the user is invited to retry"."""
+
+NEVER_CATCH = ("SIGKILL", "SIGSTOP")
+
+
+def signal_number(name: str) -> int:
+    """`SIGUSR2`, `USR2` or `12` -> 12; ValueError naming the choices otherwise."""
+    text = str(name).strip().upper()
+    if text.isdigit():
+        return signal.Signals(int(text)).value
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    if text in NEVER_CATCH or text not in signal.Signals.__members__:
+        raise ValueError(name)
+    return signal.Signals[text].value
+
+
+class StopSignals:
+    """Catch the stop signals for the life of the rank; `requested()` -> the first one's name."""
+
+    def __init__(self, signums: Sequence[int], *, rank: int = 0, quiet: bool = False):
+        self.signums = tuple(dict.fromkeys(signums))
+        self.rank, self.quiet = rank, quiet
+        self.first: Optional[str] = None
+        self._previous = {}
+        self._read_fd = self._write_fd = None
+        self._old_wakeup = -1
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread (e.g. inside pytest-xdist workers)
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+        self._old_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        for s in self.signums:
+            # The Python-level handler does nothing: the wakeup byte is what counts, and it
+            # arrives even while the main thread sits in C++ (a collective, a file write).
+            self._previous[s] = signal.signal(s, lambda signum, frame: None)
+        threading.Thread(target=self._watch, name="tierzero-signals", daemon=True).start()
+        return self
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                data = os.read(self._read_fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum not in self.signums:
+                    continue
+                name = signal.Signals(signum).name
+                if self.first is None:
+                    self.first = name
+                    if self.rank == 0 and not self.quiet:
+                        print(f"tierzero: {name}: finishing the current step, then a checkpoint and exit "
+                              f"{EXIT_REQUEUE}; send it again to exit at once", file=sys.stderr, flush=True)
+                else:
+                    print(f"tierzero: rank {self.rank}: second stop signal ({name}): exiting at once",
+                          file=sys.stderr, flush=True)
+                    os._exit(128 + signum)
+
+    def requested(self) -> Optional[str]:
+        return self.first
+
+    def uninstall(self) -> None:
+        if self._read_fd is None:
+            return
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        signal.set_wakeup_fd(self._old_wakeup)
+        os.close(self._write_fd)  # the watcher's read sees EOF and ends
+        self._read_fd = self._write_fd = None
+
+
+class Watchdog:
+    """For a rank that no local supervisor watches (torchrun, srun, mpirun): when this rank
+    has not beaten for timeout_s, name the stalled rank(s) from every rank's heartbeat file
+    (the run dir is shared between nodes on a cluster) and exit 1, so the scheduler tears the
+    job down instead of waiting out the collective timeout."""
+
+    def __init__(self, heartbeat, *, timeout_s: float, describe: Callable[[float], Optional[str]],
+                 on_hang: Callable[[str], None], poll_s: float = 1.0):
+        self.heartbeat, self.timeout_s, self.describe = heartbeat, timeout_s, describe
+        self.on_hang, self.poll_s = on_hang, poll_s
+
+    def start(self) -> "Watchdog":
+        threading.Thread(target=self._watch, name="tierzero-watchdog", daemon=True).start()
+        return self
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.poll_s)
+            last = self.heartbeat.last_time
+            if last is None:  # not started training yet (imports, rendezvous, resume)
+                continue
+            now = time.time()
+            if now - last <= self.timeout_s:
+                continue
+            text = self.describe(now)
+            if text is None:  # another rank beat recently: it may yet reach this one's collective
+                if now - last <= 2 * self.timeout_s:
+                    continue
+                text = f"hang: this rank made no progress for {now - last:.0f} s (launcher.hang_timeout_s)"
+            self.on_hang(text)
+            os._exit(1)
