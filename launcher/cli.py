@@ -332,6 +332,67 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
+def cmd_sbatch(args) -> int:
+    from launcher.signals import EXIT_REQUEUE
+    from slurm.sbatch import ScriptSpec, SbatchError, render_sbatch
+    from slurm.submit import SubmitError, submit
+
+    files, overrides = _split_args(args.items)
+    cfg = load_config(files, overrides)
+    slurm = cfg.slurm
+    if slurm.command == "run":
+        problems = check_world(cfg, slurm.nodes * slurm.ranks_per_node())
+        if problems:
+            raise ConfigError([p + f" (the job has slurm.nodes={slurm.nodes} x {slurm.ranks_per_node()} ranks)"
+                               for p in problems])
+    resolve_paths(cfg)
+    run_dir = cfg.run_dir
+    config_dir = run_dir if slurm.command == "run" else run_dir / "bench"
+    spec = ScriptSpec(run_name=cfg.run.name, run_dir=str(run_dir), config_path=str(config_dir / "config.yaml"),
+                      exit_requeue=EXIT_REQUEUE, requeue_signal=cfg.launcher.requeue_signal)
+    try:
+        text = render_sbatch(slurm, spec)
+    except SbatchError as e:
+        raise ConfigError(e.problems) from e
+    write_resolved(cfg, config_dir)
+    script = run_dir / ("sbatch.sh" if slurm.command == "run" else "sbatch-bench.sh")
+    tmp = script.with_name(f".{script.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, script)
+    if not args.quiet:
+        print(text, end="")
+    print(f"tierzero sbatch: wrote {script}", file=sys.stderr)
+    if not args.submit:
+        print(f"tierzero sbatch: submit with `sbatch {script}` or `tierzero sbatch --submit ...`", file=sys.stderr)
+        return EXIT_OK
+    try:
+        job_id = submit(script)
+    except SubmitError as e:
+        print(f"tierzero sbatch: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"submitted job {job_id}", flush=True)
+    return EXIT_OK
+
+
+def cmd_slurm(args) -> int:
+    from slurm.cluster import ClusterError, cluster_status, create_cluster, destroy_cluster
+
+    try:
+        if args.action == "up":
+            lines = create_cluster(args.dir, args.nodes, args.cpus_per_node, install=args.install, port=args.port)
+        elif args.action == "down":
+            lines = destroy_cluster(args.dir, purge=args.purge)
+        else:
+            lines = cluster_status(args.dir)
+    except ClusterError as e:
+        print(f"tierzero slurm {args.action}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print("\n".join(lines))
+    if args.action != "down" and (Path(args.dir) / "slurm.conf").is_file():
+        print(f"export SLURM_CONF={(Path(args.dir) / 'slurm.conf').resolve()}")
+    return EXIT_OK
+
+
 # ---- parser --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,6 +498,47 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  tierzero report runs/default", formatter_class=fmt)
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.set_defaults(func=cmd_report)
+    sbatch = sub.add_parser(
+        "sbatch", help="render (and --submit) a Slurm batch script for this run",
+        description="Render an sbatch script from the slurm.* keys: one rank per Slurm task (srun), rendezvous "
+                    "at the first node, Slurm's output in the run dir, and before the time limit "
+                    "(slurm.signal_margin_s) launcher.requeue_signal: the ranks checkpoint and exit 75 and the job "
+                    "requeues itself and resumes. The resolved config and the script (<run.dir>/sbatch.sh) are "
+                    "written into the run dir and the script is printed. slurm.command=bench with "
+                    "slurm.sweep_nodes=[1,2,4] renders a job array of collective sweeps into one run dir.",
+        epilog="examples:\n  tierzero sbatch slurm.nodes=2 slurm.ntasks_per_node=4 slurm.time=02:00:00\n"
+               "  tierzero sbatch dense_tiny_cpu slurm.nodes=2 slurm.ntasks_per_node=2 run.name=d2 --submit\n"
+               "  tierzero sbatch slurm.partition=gpu slurm.gpus_per_node=8 slurm.account=proj "
+               "'slurm.setup=[module load cuda, source ~/venv/bin/activate]'\n"
+               "  tierzero sbatch slurm.command=bench slurm.sweep_nodes=[1,2] run.name=sweep --submit",
+        formatter_class=fmt)
+    sbatch.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    sbatch.add_argument("--submit", action="store_true", help="submit with sbatch and print the job id")
+    sbatch.add_argument("--quiet", action="store_true", help="do not print the script (it is still written)")
+    sbatch.set_defaults(func=cmd_sbatch)
+
+    slurm = sub.add_parser(
+        "slurm", help="a real local Slurm with emulated nodes: up, down, status",
+        description="Start (up), stop (down) or show (status) a real Slurm on this host: munged, slurmctld and "
+                    "one slurmd per emulated node (Debian's slurmctld, slurmd, slurm-client and munge packages), "
+                    "everything under --dir. up is idempotent and starts with an empty queue; down stops only "
+                    "the daemons up started. Client commands need the printed `export SLURM_CONF=...`.",
+        epilog="examples:\n  tierzero slurm up --nodes 2\n  export SLURM_CONF=/tmp/tierzero-slurm/slurm.conf\n"
+               "  tierzero sbatch dense_tiny_cpu slurm.nodes=2 slurm.ntasks_per_node=2 --submit\n"
+               "  tierzero slurm status\n  tierzero slurm down",
+        formatter_class=fmt)
+    slurm.add_argument("action", choices=("up", "down", "status"))
+    slurm.add_argument("--nodes", type=int, default=2, help="emulated nodes (up; default 2)")
+    slurm.add_argument("--cpus-per-node", type=int, default=None,
+                       help="CPUs each emulated node offers (up; default: this host's CPU count)")
+    slurm.add_argument("--dir", default="/tmp/tierzero-slurm",
+                       help="base folder for config, keys, state, logs (default /tmp/tierzero-slurm)")
+    slurm.add_argument("--install", action="store_true",
+                       help="up: apt-get install the Slurm and munge packages when missing (root)")
+    slurm.add_argument("--port", type=int, default=16817,
+                       help="up: slurmctld's port; node i's slurmd listens on PORT + i (default 16817)")
+    slurm.add_argument("--purge", action="store_true", help="down: also delete the base folder")
+    slurm.set_defaults(func=cmd_slurm)
     return p
 
 
