@@ -141,7 +141,9 @@ def write_report(run_dir: Union[str, os.PathLike]) -> str:
     run_dir = os.fspath(run_dir)
     summary = summarize(run_dir)
     lines = [_format_summary(summary)]
-    lines += restart_lines(load_table(summary.telemetry_root, "steps"), load_table(summary.telemetry_root, "events"))
+    events = load_table(summary.telemetry_root, "events")
+    lines += restart_lines(load_table(summary.telemetry_root, "steps"), events)
+    lines += stop_lines(events)
     if summary.num_step_rows:
         steps = load_table(summary.telemetry_root, "steps")
         report_dir = f"{run_dir.rstrip('/')}/report"
@@ -160,7 +162,67 @@ def write_report(run_dir: Union[str, os.PathLike]) -> str:
             lines[1:1] = _expert_lines(experts)
     else:
         lines.append("plots: none (no step rows)")
+    sweep = sweep_busbw(load_table(summary.telemetry_root, "collectives"))
+    if len(sweep) >= 2:
+        png = f"{run_dir.rstrip('/')}/report/busbw_vs_nodes.png"
+        fsspec.core.url_to_fs(png)[0].makedirs(png.rsplit("/", 1)[0], exist_ok=True)
+        lines += sweep_lines(sweep)
+        _plot_sweep(sweep, png)
+        lines.append(f"  {png}")
     return "\n".join(lines)
+
+
+def sweep_busbw(collectives: pa.Table) -> dict[int, dict[str, tuple[int, float]]]:
+    """A collective sweep over node counts (`tierzero sbatch slurm.command=bench
+    slurm.sweep_nodes=[...]` writes one run per count into one run dir): nodes -> op ->
+    (largest size in bytes, its busbw in GB/s), from the global scope, out-of-place where the
+    op has it. Nodes are the distinct hosts of the global rows; the newest run per count wins."""
+    rows = [r for r in collectives.to_pylist() if r["scope"] == "global"]
+    out: dict[int, dict[str, tuple[int, float]]] = {}
+    for run in sorted({r["run"] for r in rows}, key=lambda name: max(r["time"] for r in rows if r["run"] == name)):
+        mine = [r for r in rows if r["run"] == run]
+        nodes = len({h for r in mine for h in r["hosts"].split(",")})
+        per_op: dict[str, tuple[int, float]] = {}
+        for op in sorted({r["op"] for r in mine}):
+            of_op = [r for r in mine if r["op"] == op]
+            placement = "out" if any(r["placement"] == "out" for r in of_op) else "in"
+            of_op = [r for r in of_op if r["placement"] == placement]
+            top = max(r["size_bytes"] for r in of_op)
+            busbw = [r["busbw_gbps"] for r in of_op if r["size_bytes"] == top]
+            per_op[op] = (top, sum(busbw) / len(busbw))
+        out[nodes] = per_op
+    return out
+
+
+def sweep_lines(sweep: dict[int, dict[str, tuple[int, float]]]) -> list[str]:
+    counts = sorted(sweep)
+    ops = sorted({op for per_op in sweep.values() for op in per_op})
+    lines = ["collective sweep: busbw (GB/s) at the largest size, global scope, by nodes",
+             "  " + f"{'op':<16}" + "".join(f"{f'{n} node' + ('s' if n > 1 else ''):>12}" for n in counts)]
+    for op in ops:
+        cells = "".join(f"{sweep[n][op][1]:>12.3f}" if op in sweep[n] else f"{'-':>12}" for n in counts)
+        lines.append(f"  {op:<16}{cells}")
+    return lines
+
+
+def _plot_sweep(sweep: dict[int, dict[str, tuple[int, float]]], url: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    ax = fig.subplots()
+    counts = sorted(sweep)
+    for op in sorted({op for per_op in sweep.values() for op in per_op}):
+        xs = [n for n in counts if op in sweep[n]]
+        ax.plot(xs, [sweep[n][op][1] for n in xs], marker="o", label=op)
+    ax.set_title("busbw at the largest size vs nodes (global scope)")
+    ax.set_xlabel("nodes")
+    ax.set_ylabel("busbw (GB/s)")
+    ax.set_xticks(counts)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with fsspec.open(url, "wb") as f:
+        fig.savefig(f, format="png")
 
 
 def _latest_attempt_rows(steps: pa.Table) -> pa.Table:
@@ -205,6 +267,27 @@ def _format_summary(s: RunSummary) -> str:
                 f"  {e['time']:%Y-%m-%d %H:%M:%S} attempt {e['attempt']} rank {e['rank']} {e['host']} {e['kind']}{step}{detail}"
             )
     return "\n".join(lines)
+
+
+def stop_lines(events: pa.Table) -> list[str]:
+    """One line per attempt that a signal stopped (SIGTERM, Ctrl-C, the requeue signal): the
+    step it stopped after, with its checkpoint, and where the next attempt resumed."""
+    if not events.num_rows:
+        return []
+    rows = events.to_pylist()
+    run = sorted({e["run"] for e in rows})[-1]
+    rows = [e for e in rows if e["run"] == run]
+    # rank 0's event of each attempt (the ranks' own, not the supervisor's, which has rank -1)
+    stops = {e["attempt"]: e for e in sorted(rows, key=lambda e: -e["rank"]) if e["kind"] == "signal" and e["rank"] >= 0}
+    if not stops:
+        return []
+    resumes = {e["attempt"]: e["step"] for e in rows if e["kind"] == "resume"}
+    lines = [f"stopped by a signal: {len(stops)}"]
+    for attempt, e in sorted(stops.items()):
+        after = resumes.get(attempt + 1)
+        nxt = f"attempt {attempt + 1} resumed from step {after}" if after is not None else "not resumed yet"
+        lines.append(f"  attempt {attempt}: {e['detail']}; {nxt}")
+    return lines
 
 
 def restart_lines(steps: pa.Table, events: pa.Table) -> list[str]:

@@ -252,3 +252,17 @@ def test_bench_sweep_job_array_writes_one_run_dir(cluster, tmp_path):
     assert seen == {("sweep-nodes1", 2, "n1"), ("sweep-nodes2", 4, "n1,n2")}, seen
     assert all(row["wrong"] == 0 for row in rows)
     print(f"job array {job}: {len(rows)} rows from 1 and 2 nodes in {run_dir}")
+
+    # `tierzero report` merges the array's runs: busbw at the largest size, by node count
+    r = subprocess.run([sys.executable, "-m", "launcher.cli", "report", str(run_dir)], capture_output=True, text=True,
+                       env=cluster.env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    header, line = [ln for ln in r.stdout.splitlines() if ln.strip().startswith(("op ", "all_reduce"))]
+    assert header.split()[1:] == ["1", "node", "2", "nodes"]
+    for nodes, cell in zip((1, 2), line.split()[1:]):
+        run = f"sweep-nodes{nodes}"
+        top = max(row["size_bytes"] for row in rows if row["run"] == run and row["scope"] == "global")
+        (want,) = [row["busbw_gbps"] for row in rows if row["run"] == run and row["scope"] == "global"
+                   and row["size_bytes"] == top and row["placement"] == "in"]
+        assert float(cell) == pytest.approx(want, abs=5e-4), (nodes, cell, want)
+    assert (run_dir / "report" / "busbw_vs_nodes.png").stat().st_size > 0

@@ -232,6 +232,12 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_75_then_resumes(tmp_pat
     assert sorted(lineage) == list(range(1, 31))
     for step in range(1, 31):
         assert lineage[step] == clean[step], (step, lineage[step], clean[step])
+    from telemetry.report import write_report
+
+    text = write_report(run_dir)
+    assert "stopped by a signal: 1" in text
+    assert f"attempt 0: SIGTERM: stopped after step {stopped}; checkpoint of step {stopped} committed" in text
+    assert f"attempt 1 resumed from step {stopped}" in text
 
 
 def test_a_second_ctrl_c_exits_at_once_and_keeps_the_committed_checkpoint(tmp_path):
