@@ -397,16 +397,23 @@ def moe_parallel_errors(cfg: RunConfig) -> List[str]:
 def check_world(cfg: RunConfig, world_size: int) -> List[str]:
     """Checks that need the world size (known at launch, not at parse time)."""
     t = cfg.train
+    problems = []
     per_pass = t.micro_batch_size * world_size
     if t.global_batch_size % per_pass:
-        return [
+        problems.append(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size} x {world_size} data-parallel ranks = {per_pass}; "
             f"gradient accumulation must be a whole number. Pick e.g. "
             f"train.global_batch_size={per_pass * max(1, round(t.global_batch_size / per_pass))}, "
             f"or a train.micro_batch_size that divides global_batch_size / {world_size}."
-        ]
-    return []
+        )
+    if world_size % cfg.parallel.ep:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        problems.append(
+            f"parallel.ep={cfg.parallel.ep} (expert-parallel group size) does not divide the {world_size} rank(s) "
+            f"of this launch; pick one of {divisors}, e.g. parallel.ep=1 on a single rank"
+        )
+    return problems
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:

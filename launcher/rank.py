@@ -127,6 +127,23 @@ def measured(cfg: RunConfig, joined: Joined) -> Topology:
     return measure_topology(TorchBackend(joined.device), joined.topology)
 
 
+def agree_attempt(telemetry_root: str, run_name: str, joined: Joined) -> int:
+    """One past the highest attempt the run's telemetry holds, as rank 0 sees it before anyone
+    writes (the others wait for its broadcast)."""
+    from launcher.supervisor import next_attempt
+
+    if joined.backend == "none":
+        return next_attempt(telemetry_root, run_name)
+    import torch
+    import torch.distributed as dist
+
+    buf = torch.zeros(1, dtype=torch.int64, device=joined.device)
+    if joined.launch.rank == 0:
+        buf[0] = next_attempt(telemetry_root, run_name)
+    dist.broadcast(buf, src=0)
+    return int(buf.item())
+
+
 class Heartbeat:
     """`<run.dir>/.heartbeat/rank-<r>.json`: this rank's step and phase, rewritten atomically
     at every step; the local supervisor reads it to say where a failed rank was."""
@@ -166,13 +183,16 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     joined = join(cfg, launch)
     launch, backend, device = joined.launch, joined.backend, joined.device
     topology = measured(cfg, joined)
-    attempt = int(env.get("TIERZERO_ATTEMPT", launch.restart_count))
     if not launch.supervised:
         resolve_paths(cfg)  # every rank, so all agree on the absolute run dir
     run_dir = cfg.run_dir
     if launch.rank == 0 and not launch.supervised:
         write_resolved(cfg, run_dir)
     telemetry_root = cfg.telemetry.dir or str(run_dir / "telemetry")
+    if launch.supervised:
+        attempt = int(env.get("TIERZERO_ATTEMPT", 0))
+    else:  # a requeue, a torchrun restart or a resubmission of the same run dir: a new attempt each
+        attempt = agree_attempt(telemetry_root, cfg.run.name, joined)
     ctx = DistContext(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
                       local_world_size=launch.local_world_size, device=device,
                       backend=backend,
@@ -187,6 +207,7 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
                  "local" if launch.supervised else launch.mode, launch.world_size, launch.num_nodes, ctx.backend, topology.describe())
     from checkpoint.export import InitFromError
     from recipes.train import NonFiniteError, StopRequested
+    from parallel.plan import PlanError
     from checkpoint.store import CheckpointError, ResumeError
     from launcher.bench import tierzero_version
     from launcher.signals import EXIT_REQUEUE, Watchdog
@@ -219,10 +240,10 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
             print(f"tierzero: {e}; exit {EXIT_REQUEUE}: run again with the same run.dir to resume",
                   file=sys.stderr, flush=True)
         return EXIT_REQUEUE
-    except (CheckpointError, InitFromError, NonFiniteError) as e:  # a message to act on, not a bug: no traceback
+    except (CheckpointError, InitFromError, NonFiniteError, PlanError) as e:  # a message to act on: no traceback
         tel.event("error", detail=str(e))
         tel.close()
-        user_error = isinstance(e, (ResumeError, InitFromError))
+        user_error = isinstance(e, (ResumeError, InitFromError, PlanError))
         if launch.rank == 0 or not user_error:
             print(f"tierzero: rank {launch.rank}: {e}", file=sys.stderr, flush=True)
         return 2 if user_error else 1

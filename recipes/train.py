@@ -414,6 +414,10 @@ def train(
                         ckpt.save(step, engine, checkpoint_state(step))
                     ckpt.wait()
                     path = ckpt.store.step_path(step)
+                if dp_size > 1:
+                    # rank 0 commits inside its wait: no rank may exit before that (under srun
+                    # --kill-on-bad-exit the first rank out makes Slurm stop the others at once)
+                    dist.barrier()
                 raise StopRequested(signame or "a stop signal on another rank", step, path)
     if ckpt is not None:
         ckpt.wait()

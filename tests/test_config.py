@@ -178,3 +178,20 @@ def test_docs_list_every_key():
     text = (ROOT / "docs" / "config.md").read_text()
     missing = [key for key, *_ in describe_keys() if f"`{key}`" not in text]
     assert not missing, f"docs/config.md lacks {missing}; regenerate its key table"
+
+
+def test_expert_parallel_size_must_divide_the_launch(tmp_path):
+    """The default recipe (MoE, parallel.ep=2) on one rank: a config error before anything
+    starts (found on a 1-GPU machine, where it used to fail inside every restarted rank)."""
+    from launcher.config import check_world
+
+    cfg = load_config([], [])
+    assert cfg.parallel.ep == 2
+    (problem,) = check_world(cfg, 1)
+    assert "parallel.ep=2" in problem and "pick one of [1]" in problem
+    assert check_world(cfg, 4) == [] and len(check_world(cfg, 3)) == 2  # 3 ranks: the batch split too
+
+    r = subprocess.run([sys.executable, "-m", "launcher.cli", "run", "launcher.nproc=1", f"run.dir={tmp_path / 'r'}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "parallel.ep=2" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r").exists(), "a config error must write nothing"

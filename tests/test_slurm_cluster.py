@@ -235,6 +235,19 @@ def test_scancel_leaves_the_last_checkpoint_usable(cluster, tmp_path):
     assert r.returncode == 0 and "every checksum matches" in r.stdout, r.stdout + r.stderr
     print(f"job {job}: cancelled; step {newest} verifies")
 
+    # resubmitted on 1 node x 2 tasks (the checkpoint was saved by 4 ranks on 2 nodes): resharded resume
+    again = cluster.submit(run_dir, f"train.steps={newest + 6}", "checkpoint.every_steps=5", "slurm.nodes=1")
+    cluster.wait(again, run_dir=run_dir)
+    events = _table(run_dir, "events")
+    resumes = [e for e in events if e["kind"] == "resume" and e["rank"] >= 0]
+    assert resumes and {e["step"] for e in resumes} == {newest} and {e["rank"] for e in resumes} == {0, 1}
+    assert "saved by 4 ranks" in resumes[0]["detail"]
+    steps = _steps_by_attempt(run_dir)
+    last = max(steps)
+    assert sorted(steps[last]) == [0, 1] and all(s == set(range(newest + 1, newest + 7))
+                                                 for s in steps[last].values()), steps[last]
+    print(f"job {again}: 1 node x 2 tasks resumed from step {newest} (saved by 4 ranks) and finished")
+
 
 def test_bench_sweep_job_array_writes_one_run_dir(cluster, tmp_path):
     run_dir = tmp_path / "sweep"
