@@ -180,6 +180,10 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     # before it can checkpoint; it is acted on at the end of the first step.
     stops = StopSignals([signal.SIGTERM, signal.SIGINT, signal_number(cfg.launcher.requeue_signal)],
                         rank=launch.rank, quiet=launch.supervised).install()
+    if launch.supervised and env.get("TIERZERO_SUPERVISOR_PID"):
+        from launcher.signals import stop_with_parent
+
+        stop_with_parent(int(env["TIERZERO_SUPERVISOR_PID"]))
     joined = join(cfg, launch)
     launch, backend, device = joined.launch, joined.backend, joined.device
     topology = measured(cfg, joined)

@@ -27,6 +27,11 @@ EXIT_REQUEUE = 75
 
 NEVER_CATCH = ("SIGKILL", "SIGSTOP")
 
+PARENT_DIED = signal.SIGRTMIN + 1
+"""What Linux sends a rank when its supervisor dies (stop_with_parent). Not SIGTERM: the
+parent-death signal fires as each thread of the dying parent exits, and a second SIGTERM
+would mean "exit at once"; StopSignals counts this one as a first request only."""
+
 
 def signal_number(name: str) -> int:
     """`SIGUSR2`, `USR2` or `12` -> 12; ValueError naming the choices otherwise."""
@@ -44,7 +49,7 @@ class StopSignals:
     """Catch the stop signals for the life of the rank; `requested()` -> the first one's name."""
 
     def __init__(self, signums: Sequence[int], *, rank: int = 0, quiet: bool = False):
-        self.signums = tuple(dict.fromkeys(signums))
+        self.signums = tuple(dict.fromkeys([*signums, PARENT_DIED]))
         self.rank, self.quiet = rank, quiet
         self.first: Optional[str] = None
         self._previous = {}
@@ -75,6 +80,11 @@ class StopSignals:
             for signum in data:
                 if signum not in self.signums:
                     continue
+                if signum == PARENT_DIED:
+                    # May come once per thread of the dying supervisor: a first request, never a second
+                    if self.first is None:
+                        self.first = "SIGTERM (the local supervisor died)"
+                    continue
                 name = signal.Signals(signum).name
                 if self.first is None:
                     self.first = name
@@ -97,6 +107,24 @@ class StopSignals:
         signal.set_wakeup_fd(self._old_wakeup)
         os.close(self._write_fd)  # the watcher's read sees EOF and ends
         self._read_fd = self._write_fd = None
+
+
+def stop_with_parent(parent_pid: int, signum: int = PARENT_DIED) -> bool:
+    """Ask Linux to send `signum` to this process when its parent (the local supervisor) dies,
+    so a supervisor killed with SIGKILL leaves no rank training on its own: the rank takes it
+    as a stop request (checkpoint, exit 75). Returns False where prctl is not available."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        if libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        os.kill(os.getpid(), signum)
+    return True
 
 
 class Watchdog:

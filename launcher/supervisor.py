@@ -283,6 +283,7 @@ def _attempt(cfg: RunConfig, config_path: Path, network, command: Sequence[str],
     base_env.update(
         WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port), TIERZERO_SUPERVISED="1", TIERZERO_ATTEMPT=str(attempt),
+        TIERZERO_SUPERVISOR_PID=str(os.getpid()),
         OMP_NUM_THREADS=str(max(1, cpus // nproc)), GROUP_RANK="0",
     )
     events = Telemetry(cfg.telemetry, root=telemetry_root, run=cfg.run.name, attempt=attempt,

@@ -267,6 +267,30 @@ def test_a_second_ctrl_c_exits_at_once_and_keeps_the_committed_checkpoint(tmp_pa
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_a_supervisor_killed_with_sigkill_leaves_no_rank_behind(tmp_path):
+    import psutil
+
+    run_dir = tmp_path / "run"
+    sup = _start(["train.steps=2000", "checkpoint.every_steps=0", f"run.dir={run_dir}"], tmp_path)
+    try:
+        _wait_for_step(sup, run_dir, 1, 6)
+        pids = [_beat(run_dir, r)["pid"] for r in (0, 1)]
+        sup.kill()  # SIGKILL: no handler runs in the supervisor
+        sup.communicate(timeout=30)
+        deadline = time.monotonic() + 90
+        while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            assert time.monotonic() < deadline, "ranks still running after their supervisor died"
+            time.sleep(0.2)
+    finally:
+        for p in [_beat(run_dir, r).get("pid") for r in (0, 1)]:
+            if p and psutil.pid_exists(p):
+                psutil.Process(p).kill()
+    # each rank took its parent's death as a stop request: finished the step, committed it, stopped
+    (stopped,) = _committed(run_dir)
+    signals = [e for e in _events(run_dir, "signal") if e["rank"] >= 0]
+    assert {e["step"] for e in signals} == {stopped} and "the local supervisor died" in signals[0]["detail"]
+
+
 def _scheduled_ranks(args, cwd, nproc=2, **env):
     """Start the ranks the way torchrun or srun would (no local supervisor)."""
     from launcher.rank import free_port
