@@ -340,11 +340,10 @@ def cmd_sbatch(args) -> int:
     files, overrides = _split_args(args.items)
     cfg = load_config(files, overrides)
     slurm = cfg.slurm
+    problems = []
     if slurm.command == "run":
-        problems = check_world(cfg, slurm.nodes * slurm.ranks_per_node())
-        if problems:
-            raise ConfigError([p + f" (the job has slurm.nodes={slurm.nodes} x {slurm.ranks_per_node()} ranks)"
-                               for p in problems])
+        problems += [p + f" (the job has slurm.nodes={slurm.nodes} x {slurm.ranks_per_node()} ranks)"
+                     for p in check_world(cfg, slurm.nodes * slurm.ranks_per_node())]
     resolve_paths(cfg)
     run_dir = cfg.run_dir
     config_dir = run_dir if slurm.command == "run" else run_dir / "bench"
@@ -353,7 +352,9 @@ def cmd_sbatch(args) -> int:
     try:
         text = render_sbatch(slurm, spec)
     except SbatchError as e:
-        raise ConfigError(e.problems) from e
+        problems += e.problems
+    if problems:  # all of them at once, before anything is written
+        raise ConfigError(problems)
     write_resolved(cfg, config_dir)
     script = run_dir / ("sbatch.sh" if slurm.command == "run" else "sbatch-bench.sh")
     tmp = script.with_name(f".{script.name}.{os.getpid()}.tmp")
