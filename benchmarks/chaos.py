@@ -119,8 +119,8 @@ def main(argv=None) -> int:
         r = drill(args, seed, clean, base)
         rows.append(r)
 
-        def fmt(v, spec):
-            return format(v, spec) if isinstance(v, (int, float)) else "-"
+        def fmt(v, spec):  # "-": not in the report (e.g. resumed from scratch: killed before the first commit)
+            return format(v, spec) if isinstance(v, (int, float)) else "-".rjust(int(spec.lstrip(">").split(".")[0]))
         print(f"{seed:>5} {r['victim']:>5} {r['step']:>8} {fmt(r.get('resumed'), '>8.0f')} "
               f"{fmt(r.get('recomputed'), '>7.0f')} {fmt(r.get('lost_s'), '>7.1f')}  "
               f"{'OK' if r['ok'] else 'FAILED: ' + r['why']}", flush=True)
