@@ -10,10 +10,14 @@ communication matters (~50M parameters, few tokens per step) is trained for a fe
 and for each: steps/s, peak RSS per rank, bytes per level from the byte ledger (native), the
 cost model's predicted inter-node communication time against the measured one (the byte
 ledger's time on the cluster level: issue to completion of each collective, so a prefetched
-gather that waited behind compute counts its wait too), all as ratios.
+gather that waited behind compute counts its wait too, and two collectives in flight at
+once each count their whole duration), all as ratios. The native runs plan with measured
+link bandwidths (`topology.measure=true`: the probe of collectives_bench/probe.py runs at
+start-up); the prediction uses the bandwidths that run measured.
 
     sudo python benchmarks/hierarchy.py                 # 1 Gbit/s
     sudo python benchmarks/hierarchy.py --gbit 0.1 1 10  # the sweep
+    sudo python benchmarks/hierarchy.py --gbit 0.1 --d-model 512 --steps 4   # a smaller model for the slow link
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -33,28 +38,39 @@ from pathlib import Path
 import pyarrow.dataset as ds
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the package `checkpoint`, not benchmarks/checkpoint.py beside this script
 
-MODEL = ["model.d_model=1024", "model.n_layers=4", "model.n_heads=8", "data.seq_len=32",
+MODEL = ["model.n_layers=4", "model.n_heads=8", "moe.num_experts=0", "parallel.ep=1", "data.seq_len=32",
          "train.micro_batch_size=1", "train.warmup_steps=1", "telemetry.flush_every_s=2",
          "telemetry.node_sample_every_s=60", "train.log_every=1"]
-CONFIGS = [
-    ("zero3", "native", "zero3"),
-    ("hpz", "native", "hpz"),
-    ("hsdp", "native", "hsdp"),
-    ("tiered", "native", "tiered"),
-    ("auto", "native", "auto"),
-    ("DeepSpeed ZeRO-3", "deepspeed", "zero3"),
-    ("DeepSpeed ZeRO++ hpZ", "deepspeed", "hpz"),
-    ("FSDP2 HSDP", "fsdp2", "hsdp"),
+CONFIGS = [  # name, engine, parallel.plan, extra overrides
+    ("zero3", "native", "zero3", ()),
+    ("hpz", "native", "hpz", ()),
+    ("hsdp", "native", "hsdp", ()),
+    ("tiered", "native", "tiered", ()),
+    # the only assignment with param < grad < optimizer on two levels (a `tiered` that searched
+    # p < g < o would have nothing else to choose from here)
+    ("tiered [rep,node,cluster]", "native", "tiered", ("parallel.levels=[none,node,cluster]",)),
+    ("auto", "native", "auto", ()),
+    ("DeepSpeed ZeRO-3", "deepspeed", "zero3", ()),
+    ("DeepSpeed ZeRO++ hpZ", "deepspeed", "hpz", ()),
+    ("FSDP2 HSDP", "fsdp2", "hsdp", ()),
 ]
+MEASURED = re.compile(r"measured per-rank bandwidths: (.*)$", re.M)
 
 
-def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, accum: int, extra=()) -> dict:
-    run_name = f"{engine}-{plan}-{gbit or 'free'}".replace(".", "p")
-    args = [sys.executable, "-m", "launcher.cli", "run", *MODEL, f"train.steps={steps}",
+def model_args(d_model: int) -> list:
+    return [f"model.d_model={d_model}", *MODEL]
+
+
+def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, accum: int, d_model: int,
+            extra=()) -> dict:
+    run_name = re.sub(r"[^a-z0-9]+", "-", f"{engine}-{name}-{gbit or 'free'}".lower().replace(".", "p"))
+    measure = ["topology.measure=true"] if engine == "native" else []
+    args = [sys.executable, "-m", "launcher.cli", "run", *model_args(d_model), f"train.steps={steps}",
             f"train.global_batch_size={4 * accum}", "topology.emulate=[2,2]", "launcher.nproc=4",
             "launcher.isolate_network=true", f"parallel.plan={plan}", f"parallel.engine={engine}",
-            f"run.name={run_name}", *extra]
+            f"run.name={run_name}", *measure, *extra]
     if gbit:
         args.append(f"launcher.inter_node_gbit={gbit}")
     t0 = time.perf_counter()
@@ -79,31 +95,44 @@ def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, 
                 if row["level"] == "cluster":
                     cluster_s += row["time_s"] / len(warm)
     plan_line = next((ln for ln in r.stderr.splitlines() if "INFO recipes.train: plan " in ln), "")
-    return {"name": name, "engine": engine, "plan": plan, "step_s": step_s, "steps_per_s": 1 / step_s,
-            "peak_rss_bytes": peak_rss, "level_bytes": level_bytes, "wall_s": wall,
+    found = MEASURED.search(r.stderr)
+    return {"name": name, "engine": engine, "plan": plan, "extra": list(extra), "step_s": step_s,
+            "steps_per_s": 1 / step_s, "peak_rss_bytes": peak_rss, "level_bytes": level_bytes, "wall_s": wall,
             "measured_comm_s": cluster_s if comm_dir.exists() else None,
-            "plan_line": plan_line.split("plan ", 1)[-1][:120]}
+            "measured_gbps": parse_measured(found.group(1)) if found else None,
+            "plan_line": plan_line.split("plan ", 1)[-1][:160]}
 
 
-def predicted_comm_s(plan: str, gbit: float, accum: int) -> float:
-    """The cost model's cluster-level time for this plan on a gbit link (node level not shaped)."""
+def parse_measured(text: str) -> dict:
+    """'node 0.9 GB/s, cluster 0.0551 GB/s' (collectives_bench.probe's log line) -> {level: GB/s}."""
+    out = {}
+    for part in text.split(", "):
+        name, _, value = part.partition(" ")
+        out[name] = float(value.split()[0]) if value.strip() != "-" else None
+    return out
+
+
+def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int):
+    """The cost model's plan and cluster-level collective time (issue to completion, summed as the
+    ledger sums it) on the bandwidths this run measured."""
     from launcher.config import load_config
-    from parallel.plan import predict, resolve_plan
-    from parallel.topology import emulated_topology, with_bandwidths
+    from launcher.discover import memory_budget_bytes
+    from parallel.plan import resolve_plan
+    from parallel.topology import emulated_topology
     from recipes.data import build_dataset
     from recipes.model import build_model
     from parallel.zero import model_units
     import torch
 
-    cfg = load_config([], MODEL + [f"train.global_batch_size={4 * accum}", f"parallel.plan={plan}",
-                                   "topology.emulate=[2,2]"])
-    topo = with_bandwidths(emulated_topology([2, 2]), [None, gbit / 8 / 2])  # the node's link, 2 ranks
+    cfg = load_config([], model_args(d_model) + [f"train.global_batch_size={4 * accum}", f"parallel.plan={plan}",
+                                                 "topology.emulate=[2,2]", *extra])
+    topo = emulated_topology([2, 2], bandwidths_gbps=[measured_gbps.get("node"), measured_gbps.get("cluster")])
     data = build_dataset(cfg.data)
     with torch.device("meta"):
-        units = model_units(build_model(cfg.model, vocab_size=data.vocab_size, seq_len=data.seq_len))
-    choice = resolve_plan(cfg.parallel, topo, units, dtype_bytes=4, grad_accum=accum, memory_budget_bytes=None)
-    cost = predict(choice.plan, topo, units, dtype_bytes=4, grad_accum=accum)
-    return cost.bytes_by_level().get("cluster", 0.0) / (gbit / 8 / 2 * 1e9)
+        units = model_units(build_model(cfg.model, vocab_size=data.vocab_size, seq_len=data.seq_len, moe=cfg.moe))
+    budget = memory_budget_bytes(cfg.parallel, topo, device="cpu", local_world_size=2)
+    choice = resolve_plan(cfg.parallel, topo, units, dtype_bytes=4, grad_accum=accum, memory_budget_bytes=budget)
+    return choice.plan.describe(topo), choice.cost.time_by_level().get("cluster", 0.0)
 
 
 def main() -> None:
@@ -111,6 +140,7 @@ def main() -> None:
     ap.add_argument("--gbit", type=float, nargs="+", default=[1.0])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--d-model", type=int, default=1024, help="model width (1024: 50.6M params; 512: 12.8M)")
     ap.add_argument("--only", nargs="*", help="names of configs to run (default all)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -119,32 +149,46 @@ def main() -> None:
 
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
     results = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs", "date": str(date.today()),
-               "command": " ".join(sys.argv), "rows": []}
+               "command": " ".join(sys.argv), "rows": [], "load_before": load_average()}
     with tempfile.TemporaryDirectory(prefix="tz-hier-") as tmp:
         work = Path(tmp)
         for gbit in args.gbit:
-            for name, engine, plan in configs:
-                row = run_one(work, name, engine, plan, gbit, args.steps, args.accum)
+            for name, engine, plan, extra in configs:
+                row = run_one(work, name, engine, plan, gbit, args.steps, args.accum, args.d_model, extra)
                 row["gbit"] = gbit
-                if engine == "native" and "step_s" in row:
-                    row["predicted_comm_s"] = predicted_comm_s(plan, gbit, args.accum)
+                if engine == "native" and "step_s" in row and row["measured_gbps"]:
+                    row["predicted_plan"], row["predicted_comm_s"] = predicted(
+                        plan, extra, row["measured_gbps"], args.accum, args.d_model)
+                    if not row["plan_line"].startswith(row["predicted_plan"]):
+                        print(f"warning: {name} ran {row['plan_line']!r}, the prediction is for "
+                              f"{row['predicted_plan']}", flush=True)
+                    # the same plan on the nominal link (launcher.inter_node_gbit's per-rank share)
+                    nominal_plan, nominal_s = predicted(plan, extra, {"cluster": gbit / 8 / 2}, args.accum,
+                                                        args.d_model)
+                    row["predicted_nominal_comm_s"] = nominal_s if nominal_plan == row["predicted_plan"] else None
                 results["rows"].append(row)
                 print(f"[{gbit} gbit] {name}: {row.get('steps_per_s', row.get('error'))}", flush=True)
 
     print(f"\n# tierzero hierarchy benchmark | {results['machine']} | {results['date']}")
-    print(f"# emulated 2 nodes x 2 ranks, ~50M params fp32, grad accum {args.accum}, {args.steps} steps "
-          "(median of steps 2..N, slowest rank)")
+    print(f"# {results['command']}")
+    print(f"# emulated 2 nodes x 2 ranks, d_model {args.d_model} x 4 layers fp32, grad accum {args.accum}, "
+          f"{args.steps} steps (median of steps 2..N, slowest rank); load before: {results['load_before']}")
     for gbit in args.gbit:
         rows = [r for r in results["rows"] if r["gbit"] == gbit]
         ok = [r for r in rows if "steps_per_s" in r]
         base = next((r for r in ok if r["name"] == "DeepSpeed ZeRO++ hpZ"), None)
         best_ref = max((r for r in ok if r["engine"] != "native"), key=lambda r: r["steps_per_s"], default=None)
         print(f"\n## inter-node link {gbit:g} Gbit/s")
-        print(f"{'config':<22}{'steps/s':>9}{'vs DS hpZ':>11}{'vs best ref':>12}{'peak RSS MB':>13}"
-              f"{'node MB/step':>14}{'cluster MB/step':>16}{'comm s pred':>12}{'comm s meas':>12}")
+        measured = [r["measured_gbps"] for r in ok if r.get("measured_gbps")]
+        if measured:
+            print("# measured per-rank GB/s (topology.measure, per native run): " + "; ".join(
+                ", ".join(f"{k} {v:.3g}" for k, v in m.items() if v) for m in measured))
+        print(f"{'config':<27}{'steps/s':>9}{'vs DS hpZ':>11}{'vs best ref':>12}{'peak RSS MB':>13}"
+              f"{'node MB/step':>14}{'cluster MB/step':>16}{'comm s pred':>12}{'comm s meas':>12}{'meas/pred':>10}"
+              f"{'nominal pred':>13}")
         for r in rows:
             if "steps_per_s" not in r:
-                print(f"{r['name']:<22}  failed: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
+                print(f"{r['name']:<27}  failed: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
                 continue
             vs = f"{r['steps_per_s'] / base['steps_per_s']:.2f}x" if base else "-"
             vb = f"{r['steps_per_s'] / best_ref['steps_per_s']:.2f}x" if best_ref else "-"
@@ -153,13 +197,22 @@ def main() -> None:
             clus = f"{lb.get('cluster', 0) / 1e6:.1f}" if r["engine"] == "native" else "-"
             pred = f"{r['predicted_comm_s']:.2f}" if "predicted_comm_s" in r else "-"
             meas = f"{r['measured_comm_s']:.2f}" if r.get("measured_comm_s") is not None else "-"
-            print(f"{r['name']:<22}{r['steps_per_s']:>9.3f}{vs:>11}{vb:>12}{r['peak_rss_bytes'] / 1e6:>13.0f}"
-                  f"{node:>14}{clus:>16}{pred:>12}{meas:>12}")
+            ratio = (f"{r['measured_comm_s'] / r['predicted_comm_s']:.2f}"
+                     if r.get("predicted_comm_s") and r.get("measured_comm_s") is not None else "-")
+            print(f"{r['name']:<27}{r['steps_per_s']:>9.3f}{vs:>11}{vb:>12}{r['peak_rss_bytes'] / 1e6:>13.0f}"
+                  f"{node:>14}{clus:>16}{pred:>12}{meas:>12}{ratio:>10}"
+                  f"{(format(r['predicted_nominal_comm_s'], '.2f') if r.get('predicted_nominal_comm_s') else '-'):>13}")
         auto = next((r for r in ok if r["name"] == "auto"), None)
         if auto:
             print(f"auto chose: {auto['plan_line']}")
+    print(f"# load after: {load_average()}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages: the machine may be shared (write them down with the table)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -26,16 +26,29 @@ Traffic accounting (per rank, bytes sent, nccl-tests conventions, BACKGROUND.md)
 all-gather or reduce-scatter of S bytes (the whole gathered / scattered buffer) over n ranks
 moves S(n-1)/n; an all-reduce 2S(n-1)/n. A collective is charged to the outermost level its
 group spans (the slowest link it crosses), as the ZeRO++ paper counts cross-node volume.
+
+Link contention (time). A collective's bytes move at the bus bandwidth that the link-load
+model of parallel.topology (peak_busbw_gbps / concurrent_busbw_gbps, the collective
+benchmark's model) gives *all* of its groups running at once: a flow a->b loads the uplink
+of a's unit at the outermost level where they differ, an uplink carries the level's per-rank
+figure x the ranks of the unit, split between the flows on it. So a global ring in rank
+order (zero3, hpz's forward) crosses each node link with one flow and gets the whole link,
+while the one-rank-per-node groups of hsdp's replicas or tiered's step all leave a node at
+once and get a rank's share. Collectives the engine has in flight together load the links
+together: in backward, block i-1's prefetched gather runs beside block i's reduce-scatter.
+Cost.time_s sums each collective's issue-to-completion time as the byte ledger does;
+Cost.comm_time_s counts a pair in flight together once (what auto minimises).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from parallel.topology import Topology, expert_data_topology
+from parallel.topology import Topology, concurrent_busbw_gbps, expert_data_topology, with_bandwidths
 
 REPLICATED = -1
 PLAN_NAMES = ("auto", "ddp", "zero1", "zero2", "zero3", "hpz", "hsdp", "tiered")
@@ -288,20 +301,34 @@ class Cost:
     """(phase, level name, op) -> bytes this rank sends per optimizer step."""
     memory: Dict[str, float] = field(default_factory=dict)
     """params, secondary, grads, optimizer, buffers -> bytes per rank."""
+    time_s: Dict[Tuple[str, str, str], float] = field(default_factory=dict)
+    """(phase, level, op) -> predicted seconds per optimizer step from issue to completion of
+    those collectives (what the byte ledger's time_s measures: two collectives in flight at
+    once each count their whole duration)."""
     comm_time_s: float = 0.0
+    """Predicted seconds per optimizer step this rank communicates (collectives in flight at
+    once counted once): what auto minimises."""
     fits: bool = True
     expert_memory: float = 0.0
     """Bytes per rank of the routed experts' states (included in `memory`)."""
 
     def bytes_by_level(self) -> Dict[str, float]:
-        out: Dict[str, float] = {}
-        for (_, level, _), b in self.bytes.items():
-            out[level] = out.get(level, 0.0) + b
-        return out
+        return _by_level(self.bytes)
+
+    def time_by_level(self) -> Dict[str, float]:
+        """Predicted collective seconds per level (issue to completion, as the ledger sums them)."""
+        return _by_level(self.time_s)
 
     @property
     def memory_total(self) -> float:
         return sum(self.memory.values())
+
+
+def _by_level(per_key: Dict[Tuple[str, str, str], float]) -> Dict[str, float]:
+    out: Dict[str, float] = {}
+    for (_, level, _), v in per_key.items():
+        out[level] = out.get(level, 0.0) + v
+    return out
 
 
 def _ring(n: int) -> float:
@@ -335,47 +362,88 @@ def predict(
     measured == predicted. Expert units (all experts of a layer) are split by expert over
     the ep ranks of an expert-parallel group and partitioned by the same plan over the
     expert-data-parallel topology (parallel.topology.expert_data_topology); their
-    all-to-all, which depends on the routing, is charged for uniform routing."""
-    cost = Cost(plan)
+    all-to-all, which depends on the routing, is charged for uniform routing.
 
-    def add(phase: str, level: str, op: str, nbytes: float) -> None:
+    Time (see "Link contention" in the module docstring): each collective moves its bytes at
+    the bus bandwidth the link-load model (parallel.topology.concurrent_busbw_gbps) gives all
+    of its groups at once, beside what the engine has in flight with it."""
+    cost = Cost(plan)
+    links = _link_topology(topo)
+
+    def add(phase: str, level: str, op: str, nbytes: float, seconds: float = 0.0, wall_s: Optional[float] = None
+            ) -> None:
+        """Charge a collective: its bytes, its duration, and (wall_s, when it runs beside
+        another already charged) what it adds to the rank's time on the network."""
         if nbytes:
             key = (phase, level, op)
             cost.bytes[key] = cost.bytes.get(key, 0.0) + nbytes
+            cost.time_s[key] = cost.time_s.get(key, 0.0) + seconds
+            cost.comm_time_s += seconds if wall_s is None else wall_s
+
+    def alone(outer: int, inner: int, pattern: str = "ring") -> float:
+        """Bus bandwidth, bytes/s, of the groups (outer, inner) running by themselves."""
+        return _busbw(links, ((outer, inner, pattern),))[0] * 1e9
 
     dense = [u for u in units if not u.expert]
-    memory, largest = _domain_traffic(add, plan, topo, dense, dtype_bytes=dtype_bytes, grad_accum=grad_accum)
+    memory, largest = _domain_traffic(add, plan, topo, dense, links, stride=1, dtype_bytes=dtype_bytes,
+                                      grad_accum=grad_accum)
     experts = [Unit(u.name, u.numel // ep, u.fwd_gathers, u.bwd_gathers, expert=True) for u in units if u.expert]
     if experts:
         sub = expert_data_topology(topo, ep)
-        mem_e, largest_e = _domain_traffic(add, plan, sub, experts, dtype_bytes=dtype_bytes, grad_accum=grad_accum)
+        mem_e, largest_e = _domain_traffic(add, plan, sub, experts, links, stride=ep, dtype_bytes=dtype_bytes,
+                                           grad_accum=grad_accum)
         memory = {k: memory[k] + mem_e[k] for k in memory}
         cost.expert_memory = sum(mem_e.values())
         largest += largest_e  # a block's dense and expert buffers are gathered together
         if ep > 1:
             ep_level = topo.levels[level_of_group(topo, range(0, ep))].name
-            add("step", ep_level, "all_reduce", 2 * GRAD_ACC_BYTES * _ring(ep))  # expert part of the norm
+            nbytes = 2 * GRAD_ACC_BYTES * _ring(ep)  # expert part of the norm
+            add("step", ep_level, "all_reduce", nbytes, nbytes / alone(ep, 1))
             if moe is not None:
                 per_call = moe.tokens_per_micro_step * moe.top_k * moe.d_model * dtype_bytes * _ring(ep)
-                # dispatch + combine in forward, their gradients in backward
-                add("fwd", ep_level, "all_to_all", 2 * grad_accum * moe.num_layers * per_call)
-                add("bwd", ep_level, "all_to_all", 2 * grad_accum * moe.num_layers * per_call)
+                a2a = 2 * grad_accum * moe.num_layers * per_call  # dispatch + combine; their gradients in bwd
+                rate = alone(ep, 1, "all_to_all")
+                add("fwd", ep_level, "all_to_all", a2a, a2a / rate)
+                add("bwd", ep_level, "all_to_all", a2a, a2a / rate)
     # a gathered unit and the prefetched next one
     memory["buffers"] = 2 * largest * dtype_bytes if span(topo, plan.param_level) > 1 else 0.0
     cost.memory = memory
-    names = topo.names
-    for (_, level, _), b in cost.bytes.items():
-        bw = topo.levels[names.index(level)].bandwidth_gbps
-        cost.comm_time_s += b / ((bw or DEFAULT_BANDWIDTH_GBPS) * 1e9)
     if memory_budget_bytes is not None:
         cost.fits = cost.memory_total <= memory_budget_bytes
     return cost
 
 
-def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Unit], *, dtype_bytes: int,
-                    grad_accum: int):
+def _link_topology(topo: Topology) -> Topology:
+    """The topology the time model uses: unknown bandwidths at DEFAULT_BANDWIDTH_GBPS."""
+    return with_bandwidths(topo, [lv.bandwidth_gbps or DEFAULT_BANDWIDTH_GBPS for lv in topo.levels])
+
+
+@functools.lru_cache(maxsize=1024)
+def _busbw(links: Topology, collectives: Tuple[Tuple[int, int, str], ...]) -> Tuple[float, ...]:
+    """GB/s each collective reaches with all of them in flight at once. A collective is
+    (outer, inner, pattern): every group "inside each `outer` consecutive ranks, those sharing
+    their position mod `inner`" at once -- the shape of every group a plan issues. Cached:
+    auto asks for the same few shapes for every candidate plan."""
+    w = links.world_size
+    rates = concurrent_busbw_gbps(links, [(_inside_with_same_position(w, o, i), pat) for o, i, pat in collectives])
+    assert all(r is not None for r in rates), f"{collectives} move nothing on {links.describe()}"
+    return tuple(rates)
+
+
+def _side_by_side(a: float, a_alone: float, a_shared: float, b: float, b_alone: float, b_shared: float):
+    """Durations of two transfers (bytes, bytes/s alone, bytes/s while both run) started
+    together: both at their shared rate until the first ends, then the other alone."""
+    t_a, t_b = a / a_shared, b / b_shared
+    if t_a <= t_b:
+        return t_a, t_a + (b - t_a * b_shared) / b_alone
+    return t_b + (a - t_b * a_shared) / a_alone, t_b
+
+
+def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Unit], links: Topology, *,
+                    stride: int, dtype_bytes: int, grad_accum: int):
     """Charge one domain's units (the world's dense units, or the expert units over the
-    expert-data-parallel topology); returns its memory per rank and its largest unit."""
+    expert-data-parallel topology, whose rank q is world rank q * stride + e for each of the
+    `stride` expert positions e); returns its memory per rank and its largest unit."""
     w = topo.world_size
     names = topo.names
     s_p, s_b, s_g, s_o = (span(topo, lv) for lv in (plan.param_level, plan.bwd_level, plan.grad_level, plan.optim_level))
@@ -384,26 +452,44 @@ def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Un
     lv_p, lv_b, lv_g, lv_o, lv_up, lv_down, lv_rep = (
         names[level_of_group(topo, r)] for r in (range(0, s_p), range(0, s_b), range(0, s_g), range(0, s_o),
                                                   range(0, s_o, s_g), range(0, s_o, s_p), range(0, w, s_o)))
+    # each kind of group as (outer, inner) on the world's ranks (plan_groups' shapes; the
+    # expert domain's rank q is world rank q * stride + e, so its shapes stretch by stride)
+    shape = {k: (o * stride, i * stride) for k, (o, i) in dict(
+        p=(s_p, 1), b=(s_b, 1), g=(s_g, 1), up=(s_o, s_g), rep=(w, s_o), down=(s_o, s_p), o=(s_o, 1)).items()}
+
+    rates: Dict[Tuple[str, ...], Tuple[float, ...]] = {}
+
+    def rate(*kinds: str) -> Tuple[float, ...]:
+        """bytes/s of each kind of collective with all the named ones in flight at once."""
+        if kinds not in rates:
+            rates[kinds] = tuple(r * 1e9 for r in _busbw(links, tuple((*shape[k], "ring") for k in kinds)))
+        return rates[kinds]
+
     total = 0
     largest = 0
+    blocks = []  # (bwd gather bytes, reduce-scatter bytes) per micro-step of each unit, in order
     for u in units:
         n = padded_numel(u.numel, w)
         total += n
         largest = max(largest, n)
         if s_p > 1:
-            add("fwd", lv_p, "all_gather", grad_accum * u.fwd_gathers * n * dtype_bytes * _ring(s_p))
-        if s_b > 1:
-            add("bwd", lv_b, "all_gather", grad_accum * u.bwd_gathers * n * dtype_bytes * _ring(s_b))
-        if s_g > 1:
-            add("bwd", lv_g, "reduce_scatter", grad_accum * n * dtype_bytes * _ring(s_g))
+            nbytes = grad_accum * u.fwd_gathers * n * dtype_bytes * _ring(s_p)
+            add("fwd", lv_p, "all_gather", nbytes, nbytes / rate("p")[0])
+        blocks.append((u.bwd_gathers * n * dtype_bytes * _ring(s_b) if s_b > 1 else 0.0,
+                       n * dtype_bytes * _ring(s_g) if s_g > 1 else 0.0))
         if s_o > s_g:
-            add("step", lv_up, "reduce_scatter", n / s_g * GRAD_ACC_BYTES * _ring(s_o // s_g))
+            nbytes = n / s_g * GRAD_ACC_BYTES * _ring(s_o // s_g)
+            add("step", lv_up, "reduce_scatter", nbytes, nbytes / rate("up")[0])
         if n_rep > 1:
-            add("step", lv_rep, "all_reduce", 2 * n / s_o * GRAD_ACC_BYTES * _ring(n_rep))
+            nbytes = 2 * n / s_o * GRAD_ACC_BYTES * _ring(n_rep)
+            add("step", lv_rep, "all_reduce", nbytes, nbytes / rate("rep")[0])
         if s_o > s_p:
-            add("step", lv_down, "all_gather", n / s_p * dtype_bytes * _ring(s_o // s_p))
+            nbytes = n / s_p * dtype_bytes * _ring(s_o // s_p)
+            add("step", lv_down, "all_gather", nbytes, nbytes / rate("down")[0])
+    _backward(add, blocks, lv_b, lv_g, rate, grad_accum)
     if units and s_o > 1:  # the squared grad norm, one fp32 scalar per unit, summed in one all-reduce
-        add("step", lv_o, "all_reduce", 2 * GRAD_ACC_BYTES * _ring(s_o))
+        nbytes = 2 * GRAD_ACC_BYTES * _ring(s_o)
+        add("step", lv_o, "all_reduce", nbytes, nbytes / rate("o")[0])
     memory = {
         "params": total * dtype_bytes / s_p,
         "secondary": total * dtype_bytes / s_b if plan.secondary_level is not None else 0.0,
@@ -411,6 +497,33 @@ def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Un
         "optimizer": total * OPTIM_BYTES_PER_PARAM / s_o,
     }
     return memory, largest
+
+
+def _backward(add, blocks: Sequence[Tuple[float, float]], lv_b: str, lv_g: str, rate, grad_accum: int) -> None:
+    """The backward schedule of parallel.zero.ShardedEngine.micro_step: blocks in reverse; while
+    block i computes and reduce-scatters its gradient, block i-1's gather is already in flight
+    (prefetch), so the two share whatever links both cross. Units without a backward gather
+    (the outer unit) reduce-scatter last, alone."""
+    gathers = [i for i, (ag, _) in enumerate(blocks) if ag]
+    paired = {}  # reduce-scatter of block i -> the gather in flight beside it
+    for prev, cur in zip(gathers, gathers[1:]):
+        if blocks[cur][1]:
+            paired[cur] = prev
+    pair_rates = rate("b", "g") if paired else None
+    rs_alone = rate("g")[0] if any(rs for _, rs in blocks) else None
+    ag_alone = rate("b")[0] if gathers else None
+    overlapped = set(paired.values())
+    for i, (ag, rs) in enumerate(blocks):
+        if ag and i not in overlapped:
+            add("bwd", lv_b, "all_gather", grad_accum * ag, grad_accum * ag / ag_alone)
+        if rs and i not in paired:
+            add("bwd", lv_g, "reduce_scatter", grad_accum * rs, grad_accum * rs / rs_alone)
+    for cur, prev in paired.items():
+        ag, rs = blocks[prev][0], blocks[cur][1]
+        t_ag, t_rs = _side_by_side(ag, ag_alone, pair_rates[0], rs, rs_alone, pair_rates[1])
+        # side by side on the wire: the rank waits for the longer of the two, once
+        add("bwd", lv_b, "all_gather", grad_accum * ag, grad_accum * t_ag, wall_s=0.0)
+        add("bwd", lv_g, "reduce_scatter", grad_accum * rs, grad_accum * t_rs, wall_s=grad_accum * max(t_ag, t_rs))
 
 
 DEFAULT_BANDWIDTH_GBPS = 10.0

@@ -104,14 +104,15 @@ class Topology:
         return "[" + ", ".join(parts) + "]"
 
 
-# Presets (BACKGROUND.md, "Hardware facts"). Bandwidths are per rank, GB/s, one direction.
-# Frontier: 2 GCDs per MI250X package (~200 GB/s), 4 packages per node (50-100 GB/s,
-# the lower figure taken), 4 x 25 GB/s NICs per node shared by 8 GCDs -> the study's
-# planning figure of 25 GB/s per package pair.
+# Presets (BACKGROUND.md, "Hardware facts"). Bandwidths are per rank, GB/s, one direction,
+# with every rank of a unit using the link at once (peak_busbw_gbps multiplies them back by
+# the ranks sharing an uplink). Frontier: 2 GCDs per MI250X package (~200 GB/s), 4 packages
+# per node (50-100 GB/s, the lower figure taken), 4 x 25 GB/s NICs per node shared by
+# 8 GCDs -> 12.5 GB/s per GCD (25 per package).
 # DGX H100: NVLink 900 GB/s bidirectional per GPU = 450 GB/s each way; one 400 Gb/s
 # NIC per GPU = 50 GB/s.
 PRESETS = {
-    "frontier": (("package", 2, 200.0), ("node", 4, 50.0), ("cluster", None, 25.0)),
+    "frontier": (("package", 2, 200.0), ("node", 4, 50.0), ("cluster", None, 12.5)),
     "dgx-h100": (("node", 8, 450.0), ("cluster", None, 50.0)),
 }
 PRESET_MEMORY_GB = {"frontier": 64.0, "dgx-h100": 80.0}
@@ -221,9 +222,15 @@ def _unit_span(topo: Topology, level: int) -> int:
 
 
 def crossing_level(topo: Topology, a: int, b: int) -> int:
-    """Outermost level on which ranks a and b sit in different units: the link a flow a->b uses."""
-    ca, cb = topo.coords(a), topo.coords(b)
-    return max(k for k in range(len(topo.levels)) if ca[k] != cb[k])
+    """Outermost level on which ranks a and b sit in different units: the link a flow a->b uses
+    (the innermost level whose unit holds both; units are contiguous rank ranges)."""
+    assert a != b, "a flow joins two ranks"
+    span = 1
+    for k, lv in enumerate(topo.levels):
+        span *= lv.size
+        if a // span == b // span:
+            return k
+    raise AssertionError(f"ranks {a} and {b} outside world {topo.world_size}")
 
 
 def traffic_edges(groups: Sequence[Sequence[int]], pattern: str = "ring") -> List[Tuple[int, int, float]]:
@@ -253,20 +260,38 @@ def peak_busbw_gbps(topo: Topology, groups: Sequence[Sequence[int]], pattern: st
     leaving the unit. So a global ring in rank order, with one flow leaving each node, gets
     the node's whole NIC, while one-rank-per-node groups all at once get a rank's share.
     """
+    return concurrent_busbw_gbps(topo, [(groups, pattern)])[0]
+
+
+def concurrent_busbw_gbps(topo: Topology, collectives: Sequence[Tuple[Sequence[Sequence[int]], str]]
+                          ) -> List[Optional[float]]:
+    """peak_busbw_gbps for several collectives in flight at once (each given as its groups and
+    pattern): the flows of all of them load the uplinks together, and each collective gets the
+    least, over the uplinks its own flows use, of capacity / total load. One collective alone
+    is peak_busbw_gbps; two global rings at once (a backward gather beside a gradient
+    reduce-scatter) get half the node link each."""
     loads: dict = {}
-    for a, b, share in traffic_edges(groups, pattern):
-        k = crossing_level(topo, a, b)
-        key = (k, a // _unit_span(topo, k))
-        loads[key] = loads.get(key, 0.0) + share
-    if not loads:
-        return None
-    peak = math.inf
-    for (k, _), load in loads.items():
-        bw = topo.levels[k].bandwidth_gbps
-        if bw is None:
-            return None
-        peak = min(peak, bw * _unit_span(topo, k) / load)
-    return peak
+    used: List[set] = []
+    below = [_unit_span(topo, k) for k in range(len(topo.levels))]
+    for groups, pattern in collectives:
+        mine = set()
+        for a, b, share in traffic_edges(groups, pattern):
+            k = crossing_level(topo, a, b)
+            key = (k, a // below[k])
+            loads[key] = loads.get(key, 0.0) + share
+            mine.add(key)
+        used.append(mine)
+    out: List[Optional[float]] = []
+    for mine in used:
+        peak: Optional[float] = math.inf if mine else None
+        for k, unit in mine:
+            bw = topo.levels[k].bandwidth_gbps
+            if bw is None:
+                peak = None
+                break
+            peak = min(peak, bw * below[k] / loads[(k, unit)])
+        out.append(peak)
+    return out
 
 
 def expert_data_topology(topo: Topology, ep: int) -> Topology:

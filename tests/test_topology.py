@@ -3,7 +3,8 @@ import itertools
 import pytest
 
 from parallel.topology import (
-    Level, Topology, TopologyConfig, default_level_names, emulated_topology, preset_topology,
+    Level, Topology, TopologyConfig, concurrent_busbw_gbps, crossing_level, default_level_names, emulated_topology,
+    peak_busbw_gbps, preset_topology,
 )
 
 
@@ -51,6 +52,10 @@ def test_presets_match_background_numbers():
     assert [lv.size for lv in f.levels] == [2, 4, 48]
     assert f.world_size == 384 and f.ranks_per_node == 8
     assert f.levels[0].bandwidth_gbps == 200.0
+    # per-rank figures: the node's 4 x 25 GB/s NICs shared by 8 GCDs, 2 x 50 GB/s per package
+    assert f.levels[2].bandwidth_gbps * f.ranks_per_node == 4 * 25.0
+    # a global ring: one flow leaves each node (100) and each package (2 x 50): 100 GB/s
+    assert peak_busbw_gbps(f, [list(range(f.world_size))]) == pytest.approx(100.0)
     d = preset_topology("dgx-h100", 4)
     assert d.world_size == 32 and d.ranks_per_node == 8
     with pytest.raises(ValueError, match="frontier"):
@@ -68,3 +73,25 @@ def test_config_errors_name_the_key():
     assert any("topology.level_names" in e for e in TopologyConfig(emulate=[2, 2], level_names=["a"]).errors())
     assert any("topology.preset" in e for e in TopologyConfig(preset="nope").errors())
     assert any("both set" in e for e in TopologyConfig(preset="frontier", emulate=[2, 2]).errors())
+
+
+def test_crossing_level_is_the_outermost_differing_coordinate():
+    for sizes in ([2, 2], [2, 4, 3], [3, 1, 2, 2], [1, 5]):
+        t = emulated_topology(sizes)
+        for a, b in itertools.permutations(range(t.world_size), 2):
+            ca, cb = t.coords(a), t.coords(b)
+            assert crossing_level(t, a, b) == max(k for k in range(len(sizes)) if ca[k] != cb[k])
+
+
+def test_concurrent_collectives_share_the_uplinks_they_both_use():
+    b = 0.0625
+    t = emulated_topology([2, 2], bandwidths_gbps=[10, b])
+    ring = [[0, 1, 2, 3]]
+    assert concurrent_busbw_gbps(t, [(ring, "ring")]) == [pytest.approx(2 * b)]
+    # two global rings at once: two flows leave each node, b each
+    assert concurrent_busbw_gbps(t, [(ring, "ring"), (ring, "ring")]) == [pytest.approx(b)] * 2
+    # beside in-node pairs the ring keeps the node link; the pairs share 0->1 and 2->3 with it
+    inside = [[0, 1], [2, 3]]
+    assert concurrent_busbw_gbps(t, [(ring, "ring"), (inside, "ring")]) == [pytest.approx(2 * b), pytest.approx(5)]
+    assert peak_busbw_gbps(t, inside) == pytest.approx(10)
+    assert concurrent_busbw_gbps(t, [([[0], [1]], "ring")]) == [None]  # groups of one move nothing
