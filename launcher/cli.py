@@ -246,12 +246,19 @@ def cmd_plan(args) -> int:
     from launcher.discover import memory_budget_bytes
     from parallel.plan import PLAN_NAMES, PlanError, named_plan, predict, resolve_plan, uniform_units
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     cfg, _, topo = _config_and_topology(args)
-    problems = check_world(cfg, topo.world_size)
+    problems = check_world(cfg, topo.world_size, batch=False)
     if problems:
         raise ConfigError(problems)
-    accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.world_size)
+    per_pass = cfg.train.micro_batch_size * topo.world_size
+    accum = cfg.train.global_batch_size // per_pass
+    if cfg.train.global_batch_size % per_pass:
+        # e.g. a laptop recipe planned for a 48-node preset: plan one micro-step per optimizer step
+        accum = 1
+        print(f"# train.global_batch_size={cfg.train.global_batch_size} does not split into train.micro_batch_size="
+              f"{cfg.train.micro_batch_size} x {topo.world_size} ranks: planned with 1 micro-step per optimizer "
+              f"step (global batch {per_pass}); `tierzero run` needs e.g. train.global_batch_size={per_pass}")
     dtype_bytes = 2 if cfg.train.dtype == "bfloat16" else 4
     moe = None
     if cfg.model.params:
@@ -316,7 +323,7 @@ def cmd_plan(args) -> int:
         print(f"# bandwidth of {', '.join(unknown)} unknown: {DEFAULT_BANDWIDTH_GBPS:g} GB/s assumed "
               "(set topology.bandwidths_gbps or use a preset)")
     print(f"{'auto' if cfg.parallel.plan == 'auto' else 'chosen'}: {chosen.plan.describe(topo)} -- {chosen.reason}")
-    print(f"# planned in {time.perf_counter() - t0:.3f} s")
+    print(f"# planned in {time.perf_counter() - t0:.3f} s ({time.process_time() - cpu0:.3f} s CPU)")
     return EXIT_OK
 
 

@@ -394,12 +394,13 @@ def moe_parallel_errors(cfg: RunConfig) -> List[str]:
     return errs
 
 
-def check_world(cfg: RunConfig, world_size: int) -> List[str]:
-    """Checks that need the world size (known at launch, not at parse time)."""
+def check_world(cfg: RunConfig, world_size: int, *, batch: bool = True) -> List[str]:
+    """Checks that need the world size (known at launch, not at parse time); `batch=False`
+    skips the batch split (planning for a cluster does not need the recipe's batch to fit it)."""
     t = cfg.train
     problems = []
     per_pass = t.micro_batch_size * world_size
-    if t.global_batch_size % per_pass:
+    if batch and t.global_batch_size % per_pass:
         problems.append(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size} x {world_size} data-parallel ranks = {per_pass}; "
