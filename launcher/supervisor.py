@@ -363,7 +363,8 @@ def _attempt(cfg: RunConfig, config_path: Path, network, command: Sequence[str],
             detail = (f"all {nproc} ranks stopped after step {step} with a committed checkpoint; exit "
                       f"{EXIT_REQUEUE}: run again with the same run.dir to resume")
         else:
-            detail = f"ranks stopped at once ({', '.join(describe_exit(c) for c in codes)})"
+            # a second signal, or one that came before the ranks could handle it (still starting)
+            detail = f"all ranks stopped, without a new checkpoint ({', '.join(describe_exit(c) for c in codes)})"
         events.event("end", detail=detail, step=step)
         events.close()
         print(f"tierzero: {detail}", file=sys.stderr, flush=True)

@@ -98,6 +98,17 @@ def fault_hang_step(rank: int) -> Optional[int]:
     return None
 
 
+FAULT_SLOW_STEP_ENV = "TIERZERO_FAULT_SLOW_STEP_S"
+"""Fault injection for tests: every step sleeps this long (seconds), so a drill that must catch
+a run mid-way (a requeue, a time limit) does not depend on how fast the machine trains."""
+
+
+def fault_slow_step_s() -> float:
+    import os
+
+    return float(os.environ.get(FAULT_SLOW_STEP_ENV, "0") or 0)
+
+
 def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Linear warm-up to `lr`, then cosine decay to lr*min_lr_ratio at the last step (1-based step)."""
     if warmup_steps and step <= warmup_steps:
@@ -306,6 +317,7 @@ def train(
             "versions": {"torch": torch.__version__}}
 
     nan_steps = fault_nan_steps()
+    slow_step_s = fault_slow_step_s()
     nonfinite_run = 0
     step = start_step
     with progress:
@@ -315,6 +327,8 @@ def train(
                 heartbeat(step, "step")
             if fault_hang_step(ctx.rank) == step:
                 time.sleep(10**9)  # fault injection: this rank stops making progress
+            if slow_step_s:
+                time.sleep(slow_step_s)
             t0 = time.perf_counter()
             lr = lr_at(step, lr=train_cfg.lr, warmup_steps=train_cfg.warmup_steps,
                        total_steps=train_cfg.steps, min_lr_ratio=train_cfg.min_lr_ratio)
