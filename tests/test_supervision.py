@@ -64,21 +64,8 @@ def test_a_killed_rank_restarts_from_the_newest_checkpoint(tmp_path, clean):
                             "checkpoint.every_steps=5", "checkpoint.async_save=true", f"run.dir={run_dir}"],
                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
-        beat = run_dir / ".heartbeat" / "rank-1.json"
-        deadline = time.monotonic() + 120
-        while True:  # past the step-10 checkpoint, before the end
-            assert sup.poll() is None and time.monotonic() < deadline, "rank 1 never reached step 12"
-            try:
-                reached = json.loads(beat.read_text())["step"] >= 12
-            except (OSError, ValueError):  # not written yet, or being replaced
-                reached = False
-            if reached:
-                break
-            time.sleep(0.05)
-        import psutil
-
-        victim = next(p for p in psutil.Process(sup.pid).children() if p.environ().get("RANK") == "1")
-        victim.send_signal(signal.SIGKILL)
+        beat = _wait_for_step(sup, run_dir, 1, 12)  # past the step-10 checkpoint, before the end
+        os.kill(beat["pid"], signal.SIGKILL)
         out, err = sup.communicate(timeout=240)
     finally:
         if sup.poll() is None:
