@@ -56,7 +56,9 @@ CONFIGS = [  # name, engine, parallel.plan, extra overrides
     ("DeepSpeed ZeRO++ hpZ", "deepspeed", "hpz", ()),
     ("FSDP2 HSDP", "fsdp2", "hsdp", ()),
 ]
-MEASURED = re.compile(r"measured per-rank bandwidths: (.*)$", re.M)
+OP_SHORT = {"all_gather": "ag", "reduce_scatter": "rs", "all_reduce": "ar"}
+MEASURED = re.compile(r"measured per-rank GB/s: (.*)$", re.M)
+UPDATE_RATE = re.compile(r"measured optimizer update: ([0-9.eE+-]+) e9 params/s", re.M)
 
 
 def model_args(d_model: int) -> list:
@@ -96,29 +98,32 @@ def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, 
                     cluster_s += row["time_s"] / len(warm)
     plan_line = next((ln for ln in r.stderr.splitlines() if "INFO recipes.train: plan " in ln), "")
     found = MEASURED.search(r.stderr)
+    rate = UPDATE_RATE.search(r.stderr)
     return {"name": name, "engine": engine, "plan": plan, "extra": list(extra), "step_s": step_s,
             "steps_per_s": 1 / step_s, "peak_rss_bytes": peak_rss, "level_bytes": level_bytes, "wall_s": wall,
             "measured_comm_s": cluster_s if comm_dir.exists() else None,
             "measured_gbps": parse_measured(found.group(1)) if found else None,
+            "update_gelems_per_s": float(rate.group(1)) if rate else None,
             "plan_line": plan_line.split("plan ", 1)[-1][:160]}
 
 
 def parse_measured(text: str) -> dict:
-    """'node 0.9 GB/s, cluster 0.0551 GB/s' (collectives_bench.probe's log line) -> {level: GB/s}."""
-    out = {}
-    for part in text.split(", "):
-        name, _, value = part.partition(" ")
-        out[name] = float(value.split()[0]) if value.strip() != "-" else None
-    return out
+    """collectives_bench.probe's log line -> {level: {op: GB/s}}."""
+    from collectives_bench.probe import parse_measured as parse
+
+    return parse(text)
 
 
-def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int):
+def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int, update_rate=None):
     """The cost model's plan and cluster-level collective time (issue to completion, summed as the
-    ledger sums it) on the bandwidths this run measured."""
+    ledger sums it) on the bandwidths (and optimizer-update rate, which auto weighs) this run
+    measured."""
+    import dataclasses
+
     from launcher.config import load_config
     from launcher.discover import memory_budget_bytes
     from parallel.plan import resolve_plan
-    from parallel.topology import emulated_topology
+    from parallel.topology import emulated_topology, with_bandwidths
     from recipes.data import build_dataset
     from recipes.model import build_model
     from parallel.zero import model_units
@@ -126,7 +131,11 @@ def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int):
 
     cfg = load_config([], model_args(d_model) + [f"train.global_batch_size={4 * accum}", f"parallel.plan={plan}",
                                                  "topology.emulate=[2,2]", *extra])
-    topo = emulated_topology([2, 2], bandwidths_gbps=[measured_gbps.get("node"), measured_gbps.get("cluster")])
+    # the run's topology as its probe measured it: the level's (all_gather) figure and every op's own
+    figures = [measured_gbps.get("node"), measured_gbps.get("cluster")]
+    topo = with_bandwidths(emulated_topology([2, 2]), [f.get("all_gather") if f else None for f in figures],
+                           op_bandwidths_gbps=figures)
+    topo = dataclasses.replace(topo, update_gelems_per_s=update_rate)
     data = build_dataset(cfg.data)
     with torch.device("meta"):
         units = model_units(build_model(cfg.model, vocab_size=data.vocab_size, seq_len=data.seq_len, moe=cfg.moe))
@@ -158,12 +167,12 @@ def main() -> None:
                 row["gbit"] = gbit
                 if engine == "native" and "step_s" in row and row["measured_gbps"]:
                     row["predicted_plan"], row["predicted_comm_s"] = predicted(
-                        plan, extra, row["measured_gbps"], args.accum, args.d_model)
+                        plan, extra, row["measured_gbps"], args.accum, args.d_model, row["update_gelems_per_s"])
                     if not row["plan_line"].startswith(row["predicted_plan"]):
                         print(f"warning: {name} ran {row['plan_line']!r}, the prediction is for "
                               f"{row['predicted_plan']}", flush=True)
                     # the same plan on the nominal link (launcher.inter_node_gbit's per-rank share)
-                    nominal_plan, nominal_s = predicted(plan, extra, {"cluster": gbit / 8 / 2}, args.accum,
+                    nominal_plan, nominal_s = predicted(plan, extra, {"cluster": {"all_gather": gbit / 8 / 2}}, args.accum,
                                                         args.d_model)
                     row["predicted_nominal_comm_s"] = nominal_s if nominal_plan == row["predicted_plan"] else None
                 results["rows"].append(row)
@@ -181,8 +190,11 @@ def main() -> None:
         print(f"\n## inter-node link {gbit:g} Gbit/s")
         measured = [r["measured_gbps"] for r in ok if r.get("measured_gbps")]
         if measured:
-            print("# measured per-rank GB/s (topology.measure, per native run): " + "; ".join(
-                ", ".join(f"{k} {v:.3g}" for k, v in m.items() if v) for m in measured))
+            print("# measured per-rank GB/s (topology.measure, per native run; ag/rs/ar = all_gather, "
+                  "reduce_scatter, all_reduce):")
+            for m in measured:
+                print("#   " + "; ".join(f"{lv} " + " ".join(f"{OP_SHORT.get(op, op)} {v:.3g}" for op, v in f.items())
+                                       for lv, f in m.items() if f))
         print(f"{'config':<27}{'steps/s':>9}{'vs DS hpZ':>11}{'vs best ref':>12}{'peak RSS MB':>13}"
               f"{'node MB/step':>14}{'cluster MB/step':>16}{'comm s pred':>12}{'comm s meas':>12}{'meas/pred':>10}"
               f"{'nominal pred':>13}")

@@ -2,24 +2,34 @@
 planner a topology with measured figures (source 'measured').
 
 Level k is measured with groups of ranks that differ only in their level-k coordinate,
-all at once, so every link of that level is loaded as training loads it. The figure kept
-is the per-rank bandwidth that makes parallel.topology.peak_busbw_gbps predict the busbw
-measured (all_gather, out of place; the median over the groups).
+all at once, so every link of that level is loaded as training loads it. Each of the three
+operations a plan issues is measured on its own, the way the native engine issues it
+(parallel.ledger: gloo's list all_gather, the send/recv ring reduce-scatter on CPU, gloo's
+all_reduce), because on the same link they reach different rates: gloo's all_reduce moved
+its bytes ~1.4x faster than its all_gather on the shaped 1 Gbit/s link of
+benchmarks/hierarchy.py. The figure kept per op is the per-rank bandwidth that makes
+parallel.topology.peak_busbw_gbps predict the busbw measured (the median over the groups);
+the level's general figure is the all_gather one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
-from typing import List, Optional
+import time
+from typing import Callable, Dict, List, Optional
 
+from collectives_bench.backends import TorchBackend
 from collectives_bench.formulas import busbw_gbps, element_count
-from collectives_bench.runner import _time_block
 from collectives_bench.scopes import Scope
 from parallel.topology import Topology, peak_busbw_gbps, with_bandwidths
 
 log = logging.getLogger(__name__)
 PROBE_SIZES = (1 << 20, 4 << 20, 16 << 20, 64 << 20)
+PROBE_OPS = ("all_gather", "reduce_scatter", "all_reduce")
+"""The operations a partition plan issues (parallel.plan.KIND_OP); all_gather first: it is
+the level's general figure."""
 ENOUGH_S = 0.25
 """Stop growing the message once one call takes this long: long enough to hide latency."""
 
@@ -34,41 +44,144 @@ def level_groups(topo: Topology, k: int) -> List[List[int]]:
     return list(groups.values())
 
 
-def measure_level(backend, topo: Topology, k: int, iters: int = 3) -> Optional[float]:
-    """Per-rank GB/s of level k (None when its fan-out is 1: nothing to measure)."""
+def engine_call(backend, comm, op: str, count: int) -> Callable[[], None]:
+    """One call of `op` on `count` fp32 elements (the whole buffer S) as the training engine
+    makes it: through parallel.ledger on the engine's own kind of group (`comm`, from
+    parallel.groups.build_partition) with torch.distributed; through the backend's own case
+    with MPI (which trains nothing)."""
+    if not isinstance(backend, TorchBackend):
+        case = backend.case(op, "out", count, "float32", comm)
+        case.fill_zero()
+        return case.call
+    import torch
+
+    from parallel.ledger import ByteLedger
+
+    ledger = ByteLedger()
+    chunk = count // comm.size
+    zeros = lambda k: torch.zeros(k, dtype=torch.float32, device=backend.device)  # noqa: E731
+    if op == "all_gather":
+        outputs, shard = [zeros(chunk) for _ in range(comm.size)], zeros(chunk)
+        return lambda: ledger.all_gather(outputs, shard, comm, phase="probe")
+    if op == "reduce_scatter":
+        output, inputs = zeros(chunk), [zeros(chunk) for _ in range(comm.size)]
+        return lambda: ledger.reduce_scatter(output, inputs, comm, phase="probe")
+    if op == "all_reduce":
+        buffer = zeros(count)
+        return lambda: ledger.all_reduce(buffer, comm, phase="probe")
+    raise ValueError(f"the probe measures {list(PROBE_OPS)}, not {op!r}")
+
+
+def _time_calls(backend, call: Callable[[], None], iters: int) -> float:
+    backend.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        call()
+    backend.sync()
+    return (time.perf_counter() - t0) / iters
+
+
+def measure_level(backend, topo: Topology, k: int, iters: int = 3) -> Optional[Dict[str, float]]:
+    """Per-rank GB/s of level k for each op of PROBE_OPS (None when its fan-out is 1:
+    nothing to measure)."""
     if topo.levels[k].size < 2:
         return None
     groups = level_groups(topo, k)
-    scope = Scope(f"probe:{topo.levels[k].name}", tuple(tuple(g) for g in groups), topo.levels[k].name)
-    g = backend.group(scope)
-    best = None
-    for size in PROBE_SIZES:
-        count = element_count("all_gather", size, 4, g.size)
-        case = backend.case("all_gather", "out", count, "float32", g)
-        case.fill_zero()
-        case.call()  # warm-up
-        backend.sync()
-        t = _time_block(backend, case, iters)
-        gathered = backend.gather((g.group_id, t))
-        decision = None
-        if backend.rank == 0:
-            per_group = {}
-            for gid, ti in gathered:
-                per_group.setdefault(gid, []).append(ti)
-            bus = statistics.median(busbw_gbps("all_gather", g.size, count * 4, statistics.fmean(ts))
-                                    for ts in per_group.values())
-            unit = with_bandwidths(topo, [1.0 if j == k else None for j in range(len(topo.levels))])
-            decision = (bus / peak_busbw_gbps(unit, groups), max(ti for _, ti in gathered) >= ENOUGH_S)
-        best, enough = backend.broadcast(decision)
-        if enough:
-            break
-    return best
+    name = topo.levels[k].name
+    if isinstance(backend, TorchBackend):
+        from parallel.groups import build_partition
+
+        comm = build_partition(groups, backend.rank, name)
+    else:
+        comm = backend.group(Scope(f"probe:{name}", tuple(tuple(x) for x in groups), name))
+    group_id = next(i for i, x in enumerate(groups) if backend.rank in x)
+    # the per-rank figure that makes the link model give 1 GB/s of busbw to these groups
+    unit = peak_busbw_gbps(with_bandwidths(topo, [1.0 if j == k else None for j in range(len(topo.levels))]), groups)
+    figures = {}
+    for op in PROBE_OPS:
+        best = None
+        for size in PROBE_SIZES:
+            count = element_count(op, size, 4, len(groups[group_id]))
+            call = engine_call(backend, comm, op, count)
+            call()  # warm-up
+            backend.sync()
+            t = _time_calls(backend, call, iters)
+            gathered = backend.gather((group_id, t))
+            decision = None
+            if backend.rank == 0:
+                per_group: dict = {}
+                for gid, ti in gathered:
+                    per_group.setdefault(gid, []).append(ti)
+                bus = statistics.median(busbw_gbps(op, len(groups[group_id]), count * 4, statistics.fmean(ts))
+                                        for ts in per_group.values())
+                decision = (bus / unit, max(ti for _, ti in gathered) >= ENOUGH_S)
+            best, enough = backend.broadcast(decision)
+            if enough:
+                break
+        figures[op] = best
+    return figures
+
+
+UPDATE_NUMEL = 1 << 22
+"""Parameters in the update probe's shard (4M: 80 MB of fp32 state per rank, ~0.1 s on a CPU core)."""
+
+
+def measure_update_rate(backend, iters: int = 3) -> Optional[float]:
+    """10^9 parameters/s of the native engine's per-parameter optimizer work (the gradient's
+    squared norm, parallel.zero.adamw_update_, zeroing the gradient, the cast down), every
+    rank at once so that ranks sharing cores or memory bandwidth slow each other as in
+    training; the slowest rank's rate (the step waits for it). None with MPI (no engine)."""
+    if not isinstance(backend, TorchBackend):
+        return None
+    import torch
+
+    from parallel.zero import adamw_update_
+
+    n, device = UPDATE_NUMEL, backend.device
+    master, grad = torch.zeros(n, device=device), torch.full((n,), 1e-3, device=device)
+    exp_avg, exp_avg_sq = torch.zeros(n, device=device), torch.zeros(n, device=device)
+    decay = torch.ones(n, dtype=torch.bool, device=device)
+
+    def update(step: int) -> None:
+        grad.double().pow(2).sum()
+        adamw_update_(master, exp_avg, exp_avg_sq, grad, decay, lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
+                      weight_decay=0.1, step=step)
+        master.to(torch.bfloat16)
+        grad.mul_(1.0)  # stands in for zero_(), which would leave the next update nothing to do
+
+    update(1)  # warm-up
+    t = _time_calls(backend, lambda: update(2), iters)
+    slowest = max(backend.gather(t) or [t])
+    return backend.broadcast(n / slowest / 1e9 if backend.rank == 0 else None)
 
 
 def measure_topology(backend, topo: Topology) -> Topology:
-    """The same levels with measured bandwidths where a level has links to measure."""
+    """The same levels with measured bandwidths where a level has links to measure: the
+    all_gather figure as the level's, every op's as its per-op figures; plus the optimizer
+    update rate."""
     measured = [measure_level(backend, topo, k) for k in range(len(topo.levels))]
+    rate = measure_update_rate(backend)
     if backend.rank == 0:
-        log.info("measured per-rank bandwidths: %s", ", ".join(
-            f"{lv.name} {bw:.3g} GB/s" if bw else f"{lv.name} -" for lv, bw in zip(topo.levels, measured)))
-    return with_bandwidths(topo, measured, source="measured")
+        log.info("measured per-rank GB/s: %s", format_measured(topo, measured))
+        if rate:
+            log.info("measured optimizer update: %.4g e9 params/s per rank", rate)
+    out = with_bandwidths(topo, [m["all_gather"] if m else None for m in measured], source="measured",
+                          op_bandwidths_gbps=[m if m else None for m in measured])
+    return dataclasses.replace(out, update_gelems_per_s=rate) if rate else out
+
+
+def format_measured(topo: Topology, measured: List[Optional[Dict[str, float]]]) -> str:
+    """'node all_gather=0.9 reduce_scatter=0.8 all_reduce=1.1; cluster ...' (parse_measured reads it back)."""
+    return "; ".join(
+        f"{lv.name} " + (" ".join(f"{op}={bw:.4g}" for op, bw in m.items()) if m else "-")
+        for lv, m in zip(topo.levels, measured))
+
+
+def parse_measured(text: str) -> Dict[str, Optional[Dict[str, float]]]:
+    """format_measured's text -> {level: {op: GB/s}} (None for a level with nothing to measure)."""
+    out: Dict[str, Optional[Dict[str, float]]] = {}
+    for part in text.strip().split("; "):
+        name, _, rest = part.partition(" ")
+        out[name] = None if rest.strip() == "-" else {
+            op: float(v) for op, v in (item.split("=") for item in rest.split())}
+    return out

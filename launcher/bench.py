@@ -80,7 +80,8 @@ def run_probe_locally(cfg: RunConfig):
         raise RuntimeError(f"the bandwidth probe failed (exit {code}); its output is above")
     data = json.loads(result.read_text())
     return Topology(tuple(Level(**lv) for lv in data["levels"]), source="measured",
-                    memory_per_rank_gb=data.get("memory_per_rank_gb"))
+                    memory_per_rank_gb=data.get("memory_per_rank_gb"),
+                    update_gelems_per_s=data.get("update_gelems_per_s"))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -117,7 +118,8 @@ def bench_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str], *, probe_
     if probe_only:
         if launch.rank == 0:
             _write_json(out_dir / "topology.json", {"levels": [asdict(lv) for lv in topology.levels],
-                                                     "memory_per_rank_gb": topology.memory_per_rank_gb})
+                                                     "memory_per_rank_gb": topology.memory_per_rank_gb,
+                                                     "update_gelems_per_s": topology.update_gelems_per_s})
             print(f"measured topology: {topology.describe()}", flush=True)
         backend.barrier()
         return EXIT_OK

@@ -297,13 +297,17 @@ def cmd_plan(args) -> int:
     if all(r.plan != chosen.plan for r in rows):
         rows.append(chosen.cost)
     print(f"# tierzero plan | {topo.world_size} ranks | topology {topo.describe()} ({topo.source})")
+    if topo.update_gelems_per_s:
+        print(f"# optimizer update measured at {topo.update_gelems_per_s:.3g}e9 params/s per rank (every rank at "
+              "once): 'update s' is this rank's optimizer shard at that rate; auto minimises comm s + update s")
     print(f"# model {size_note} | {cfg.train.dtype} | grad accum {accum} | "
           f"memory budget {budget / 1e9:.3g} GB/rank | bytes are sent per rank per optimizer step")
     label_w = max(len(r.plan.describe(topo)) for r in rows) + 2
     head = f"{'plan':<{label_w}}{'mem/rank GB':>12}" + "".join(f"{lv.name + ' GB':>13}" for lv in topo.levels)
     if moe is not None:
         head += f"{'experts GB':>11}{'a2a GB':>9}"
-    print(head + f"{'comm s':>10}  fits")
+    with_update = bool(topo.update_gelems_per_s)
+    print(head + f"{'comm s':>10}" + (f"{'update s':>10}" if with_update else "") + "  fits")
     for r in rows:
         by_level = r.bytes_by_level()
         cells = "".join(f"{by_level.get(lv.name, 0.0) / 1e9:>13.4g}" for lv in topo.levels)
@@ -311,7 +315,8 @@ def cmd_plan(args) -> int:
             a2a = sum(b for (_, _, op), b in r.bytes.items() if op == "all_to_all")
             cells += f"{r.expert_memory / 1e9:>11.4g}{a2a / 1e9:>9.4g}"
         mark = " <- auto" if r.plan == chosen.plan else ""
-        print(f"{r.plan.describe(topo):<{label_w}}{r.memory_total / 1e9:>12.4g}{cells}{r.comm_time_s:>10.4g}  "
+        update = f"{r.update_s:>10.4g}" if with_update else ""
+        print(f"{r.plan.describe(topo):<{label_w}}{r.memory_total / 1e9:>12.4g}{cells}{r.comm_time_s:>10.4g}{update}  "
               f"{'yes' if r.fits else 'NO'}{mark}")
     if moe is not None:
         print("# experts GB = the routed experts' share of mem/rank; a2a GB = the experts' all-to-all per step "

@@ -52,4 +52,8 @@ def build_partition(partition: List[List[int]], rank: int, level: str) -> CommGr
         pg = dist.group.WORLD
     else:
         pg, _ = dist.new_subgroups_by_enumeration([list(g) for g in partition])
-    return CommGroup(pg, mine, level)
+    pg_back = None
+    if all(len(g) == 2 for g in partition) and dist.get_backend() == "gloo":
+        # the CPU reduce-scatter's ring exchanges with one peer: one direction per group (CommGroup.pg_back)
+        pg_back, _ = dist.new_subgroups_by_enumeration([list(g) for g in partition])
+    return CommGroup(pg, mine, level, pg_back)

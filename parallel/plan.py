@@ -37,7 +37,9 @@ while the one-rank-per-node groups of hsdp's replicas or tiered's step all leave
 once and get a rank's share. Collectives the engine has in flight together load the links
 together: in backward, block i-1's prefetched gather runs beside block i's reduce-scatter.
 Cost.time_s sums each collective's issue-to-completion time as the byte ledger does;
-Cost.comm_time_s counts a pair in flight together once (what auto minimises).
+Cost.comm_time_s counts a pair in flight together once (what auto minimises). Where the probe
+measured a level per operation (collectives_bench/probe.py), each collective uses its own op's
+figure: on gloo the same link moves an all-reduce's bytes faster than an all-gather's.
 """
 
 from __future__ import annotations
@@ -307,7 +309,10 @@ class Cost:
     once each count their whole duration)."""
     comm_time_s: float = 0.0
     """Predicted seconds per optimizer step this rank communicates (collectives in flight at
-    once counted once): what auto minimises."""
+    once counted once)."""
+    update_s: float = 0.0
+    """Predicted seconds of this rank's optimizer update (its optimizer shard at the measured
+    rate, Topology.update_gelems_per_s; 0 when the rate is not measured)."""
     fits: bool = True
     expert_memory: float = 0.0
     """Bytes per rank of the routed experts' states (included in `memory`)."""
@@ -322,6 +327,12 @@ class Cost:
     @property
     def memory_total(self) -> float:
         return sum(self.memory.values())
+
+    @property
+    def predicted_s(self) -> float:
+        """What auto minimises: communication plus the optimizer update, the parts of a step
+        that differ between plans (forward and backward compute the same on every plan)."""
+        return self.comm_time_s + self.update_s
 
 
 def _by_level(per_key: Dict[Tuple[str, str, str], float]) -> Dict[str, float]:
@@ -380,9 +391,9 @@ def predict(
             cost.time_s[key] = cost.time_s.get(key, 0.0) + seconds
             cost.comm_time_s += seconds if wall_s is None else wall_s
 
-    def alone(outer: int, inner: int, pattern: str = "ring") -> float:
-        """Bus bandwidth, bytes/s, of the groups (outer, inner) running by themselves."""
-        return _busbw(links, ((outer, inner, pattern),))[0] * 1e9
+    def alone(outer: int, inner: int, op: str, pattern: str = "ring") -> float:
+        """Bus bandwidth, bytes/s, of the groups (outer, inner) running `op` by themselves."""
+        return _busbw(links, ((outer, inner, pattern, op),))[0] * 1e9
 
     dense = [u for u in units if not u.expert]
     memory, largest = _domain_traffic(add, plan, topo, dense, links, stride=1, dtype_bytes=dtype_bytes,
@@ -398,16 +409,18 @@ def predict(
         if ep > 1:
             ep_level = topo.levels[level_of_group(topo, range(0, ep))].name
             nbytes = 2 * GRAD_ACC_BYTES * _ring(ep)  # expert part of the norm
-            add("step", ep_level, "all_reduce", nbytes, nbytes / alone(ep, 1))
+            add("step", ep_level, "all_reduce", nbytes, nbytes / alone(ep, 1, "all_reduce"))
             if moe is not None:
                 per_call = moe.tokens_per_micro_step * moe.top_k * moe.d_model * dtype_bytes * _ring(ep)
                 a2a = 2 * grad_accum * moe.num_layers * per_call  # dispatch + combine; their gradients in bwd
-                rate = alone(ep, 1, "all_to_all")
+                rate = alone(ep, 1, "all_to_all", "all_to_all")
                 add("fwd", ep_level, "all_to_all", a2a, a2a / rate)
                 add("bwd", ep_level, "all_to_all", a2a, a2a / rate)
     # a gathered unit and the prefetched next one
     memory["buffers"] = 2 * largest * dtype_bytes if span(topo, plan.param_level) > 1 else 0.0
     cost.memory = memory
+    if topo.update_gelems_per_s:
+        cost.update_s = memory["optimizer"] / OPTIM_BYTES_PER_PARAM / (topo.update_gelems_per_s * 1e9)
     if memory_budget_bytes is not None:
         cost.fits = cost.memory_total <= memory_budget_bytes
     return cost
@@ -419,13 +432,15 @@ def _link_topology(topo: Topology) -> Topology:
 
 
 @functools.lru_cache(maxsize=1024)
-def _busbw(links: Topology, collectives: Tuple[Tuple[int, int, str], ...]) -> Tuple[float, ...]:
+def _busbw(links: Topology, collectives: Tuple[Tuple[int, int, str, str], ...]) -> Tuple[float, ...]:
     """GB/s each collective reaches with all of them in flight at once. A collective is
-    (outer, inner, pattern): every group "inside each `outer` consecutive ranks, those sharing
-    their position mod `inner`" at once -- the shape of every group a plan issues. Cached:
-    auto asks for the same few shapes for every candidate plan."""
+    (outer, inner, pattern, op): every group "inside each `outer` consecutive ranks, those
+    sharing their position mod `inner`" at once -- the shape of every group a plan issues --
+    running `op` (a level's measured figure for that op, where it has one). Cached: auto asks
+    for the same few shapes for every candidate plan."""
     w = links.world_size
-    rates = concurrent_busbw_gbps(links, [(_inside_with_same_position(w, o, i), pat) for o, i, pat in collectives])
+    rates = concurrent_busbw_gbps(links, [(_inside_with_same_position(w, o, i), pat, op)
+                                          for o, i, pat, op in collectives])
     assert all(r is not None for r in rates), f"{collectives} move nothing on {links.describe()}"
     return tuple(rates)
 
@@ -437,6 +452,11 @@ def _side_by_side(a: float, a_alone: float, a_shared: float, b: float, b_alone: 
     if t_a <= t_b:
         return t_a, t_a + (b - t_a * b_shared) / b_alone
     return t_b + (a - t_b * a_shared) / a_alone, t_b
+
+
+KIND_OP = dict(p="all_gather", b="all_gather", down="all_gather", g="reduce_scatter", up="reduce_scatter",
+               rep="all_reduce", o="all_reduce")
+"""The operation each kind of group runs (its measured figure, where the probe has one)."""
 
 
 def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Unit], links: Topology, *,
@@ -462,7 +482,7 @@ def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Un
     def rate(*kinds: str) -> Tuple[float, ...]:
         """bytes/s of each kind of collective with all the named ones in flight at once."""
         if kinds not in rates:
-            rates[kinds] = tuple(r * 1e9 for r in _busbw(links, tuple((*shape[k], "ring") for k in kinds)))
+            rates[kinds] = tuple(r * 1e9 for r in _busbw(links, tuple((*shape[k], "ring", KIND_OP[k]) for k in kinds)))
         return rates[kinds]
 
     total = 0
@@ -543,10 +563,17 @@ TIE_REL = 1e-3
 
 
 def _fastest(costs: Sequence[Cost]) -> Cost:
-    """Least predicted communication; among ties, the least memory."""
-    fastest = min(c.comm_time_s for c in costs)
-    ties = [c for c in costs if c.comm_time_s <= fastest * (1 + TIE_REL)]
-    return min(ties, key=lambda c: (c.memory_total, c.comm_time_s))
+    """Least predicted time (communication + update); among ties, the least memory."""
+    fastest = min(c.predicted_s for c in costs)
+    ties = [c for c in costs if c.predicted_s <= fastest * (1 + TIE_REL)]
+    return min(ties, key=lambda c: (c.memory_total, c.predicted_s))
+
+
+def _time_words(cost: Cost) -> str:
+    if not cost.update_s:
+        return f"least predicted communication per optimizer step, {cost.comm_time_s * 1e3:.3g} ms"
+    return (f"least predicted communication + optimizer update per step, {cost.predicted_s * 1e3:.3g} ms "
+            f"({cost.comm_time_s * 1e3:.3g} + {cost.update_s * 1e3:.3g})")
 
 
 def choose_plan(
@@ -559,8 +586,8 @@ def choose_plan(
     cfg: Optional[ParallelConfig] = None,
     moe: Optional[MoETraffic] = None,
 ) -> Choice:
-    """auto: the least predicted communication time that fits memory; ties (within 0.1 %) go
-    to the plan that needs less memory."""
+    """auto: the least predicted communication time (plus the optimizer update, where its rate
+    was measured) that fits memory; ties (within 0.1 %) go to the plan that needs less memory."""
     ep = cfg.ep if cfg is not None else 1
     costs = [
         predict(p, topo, units, dtype_bytes=dtype_bytes, grad_accum=grad_accum,
@@ -576,11 +603,11 @@ def choose_plan(
             f"ranks, or shrink the model."
         )
     best = _fastest(fitting)
-    others = sorted((c for c in fitting if c is not best), key=lambda c: c.comm_time_s)
+    others = sorted((c for c in fitting if c is not best), key=lambda c: c.predicted_s)
     runner = others[0] if others else None
     reason = (
-        f"least predicted communication per optimizer step, {best.comm_time_s * 1e3:.3g} ms"
-        + (f" (next: {runner.plan.describe(topo)} at {runner.comm_time_s * 1e3:.3g} ms)" if runner else "")
+        _time_words(best)
+        + (f" (next: {runner.plan.describe(topo)} at {runner.predicted_s * 1e3:.3g} ms)" if runner else "")
         + f", among {len(fitting)} of {len(costs)} candidate plans that fit "
         + (f"{_gb(memory_budget_bytes)} GB/rank" if memory_budget_bytes else "(no memory budget)")
         + f"; needs {_gb(best.memory_total)} GB/rank"
@@ -600,7 +627,7 @@ def restrict_choice(choice: Choice, topo: Topology, can_run, engine_label: str) 
     if not fitting or choice.plan in [c.plan for c in fitting]:
         return choice
     best = _fastest(fitting)
-    reason = (f"least predicted communication per optimizer step, {best.comm_time_s * 1e3:.3g} ms, among the "
+    reason = (f"{_time_words(best)}, among the "
               f"{len(fitting)} fitting plans {engine_label} can run (auto's overall pick, "
               f"{choice.plan.describe(topo)}, needs parallel.engine=native)")
     return Choice(best.plan, best, reason, choice.costs)

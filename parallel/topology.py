@@ -8,6 +8,7 @@ k is its index inside its level-k unit; the innermost coordinate varies fastest,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -20,6 +21,19 @@ class Level:
     """Fan-out: units of the level below (or ranks, for the innermost) in one unit of this level."""
     bandwidth_gbps: Optional[float] = None
     """Per-rank link bandwidth inside this level in GB/s (bytes, not bits); None = unknown."""
+    op_bandwidths_gbps: Tuple[Tuple[str, float], ...] = ()
+    """Per-operation figures, (op, GB/s) pairs, where the probe measured them: the same link
+    moves an all_reduce's bytes faster or slower than an all_gather's (gloo's algorithms
+    differ). An op not listed uses bandwidth_gbps."""
+
+    def __post_init__(self):
+        # a JSON round trip gives lists (or a dict): keep a hashable, ordered tuple of pairs
+        pairs = self.op_bandwidths_gbps.items() if isinstance(self.op_bandwidths_gbps, dict) else self.op_bandwidths_gbps
+        object.__setattr__(self, "op_bandwidths_gbps", tuple(sorted((str(op), float(bw)) for op, bw in pairs)))
+
+    def bandwidth_for(self, op: Optional[str]) -> Optional[float]:
+        """The per-rank figure for one operation: its own measured one, else the level's."""
+        return dict(self.op_bandwidths_gbps).get(op, self.bandwidth_gbps) if op else self.bandwidth_gbps
 
 
 @dataclass(frozen=True)
@@ -29,6 +43,9 @@ class Topology:
     """Where the numbers came from: detected, emulated, preset:<name>, measured."""
     memory_per_rank_gb: Optional[float] = None
     """Device memory per rank (GB), when known (presets, GPUs)."""
+    update_gelems_per_s: Optional[float] = None
+    """Measured optimizer-update rate per rank (10^9 parameters/s: gradient norm, AdamW, cast),
+    every rank updating at once; None = not measured, and the planner leaves the update out."""
 
     def __post_init__(self):
         assert self.levels, "a topology has at least one level"
@@ -99,7 +116,10 @@ class Topology:
     def describe(self) -> str:
         parts = []
         for lv in self.levels:
-            bw = f" @ {lv.bandwidth_gbps:g} GB/s" if lv.bandwidth_gbps else ""
+            bw = f" @ {lv.bandwidth_gbps:.3g} GB/s" if lv.bandwidth_gbps else ""
+            own = [(op, v) for op, v in lv.op_bandwidths_gbps if v != lv.bandwidth_gbps]
+            if own:
+                bw += " (" + ", ".join(f"{op} {v:.3g}" for op, v in own) + ")"
             parts.append(f"{lv.name} x{lv.size}{bw}")
         return "[" + ", ".join(parts) + "]"
 
@@ -139,12 +159,21 @@ def default_level_names(num_levels: int) -> List[str]:
     return [f"level{i}" for i in range(num_levels - 3)] + named
 
 
-def with_bandwidths(topo: Topology, bandwidths_gbps: Sequence[Optional[float]], source: Optional[str] = None) -> Topology:
-    """The same levels with bandwidths replaced where a value is given."""
+def with_bandwidths(topo: Topology, bandwidths_gbps: Sequence[Optional[float]], source: Optional[str] = None,
+                    op_bandwidths_gbps: Optional[Sequence[Optional[dict]]] = None) -> Topology:
+    """The same levels with bandwidths replaced where a value is given. A level's per-op
+    figures are replaced where op_bandwidths_gbps gives them, and dropped where its bandwidth
+    changes without them (they were measured on the old link)."""
     assert len(bandwidths_gbps) == len(topo.levels)
-    levels = tuple(Level(lv.name, lv.size, bw if bw is not None else lv.bandwidth_gbps)
-                   for lv, bw in zip(topo.levels, bandwidths_gbps))
-    return Topology(levels, source=source or topo.source, memory_per_rank_gb=topo.memory_per_rank_gb)
+    ops = list(op_bandwidths_gbps) if op_bandwidths_gbps is not None else [None] * len(topo.levels)
+    assert len(ops) == len(topo.levels)
+    levels = []
+    for lv, bw, per_op in zip(topo.levels, bandwidths_gbps, ops):
+        new_bw = bw if bw is not None else lv.bandwidth_gbps
+        if per_op is None:
+            per_op = lv.op_bandwidths_gbps if new_bw == lv.bandwidth_gbps else ()
+        levels.append(Level(lv.name, lv.size, new_bw, tuple(dict(per_op).items())))
+    return dataclasses.replace(topo, levels=tuple(levels), source=source or topo.source)
 
 
 def emulated_topology(
@@ -176,7 +205,7 @@ class TopologyConfig:
     bandwidths_gbps: Optional[List[float]] = None
     """Per-rank link bandwidth of each level in GB/s, innermost first; overrides presets and detection."""
     measure: bool = False
-    """Measure each level's bandwidth at start-up (a few seconds per level) and plan with it; in `tierzero plan` the local ranks are spawned to measure."""
+    """Measure each level's bandwidth per operation and the optimizer-update rate at start-up (a few seconds per level) and plan with them; in `tierzero plan` the local ranks are spawned to measure."""
 
     def errors(self) -> List[str]:
         errs = []
@@ -250,7 +279,8 @@ def traffic_edges(groups: Sequence[Sequence[int]], pattern: str = "ring") -> Lis
     return edges
 
 
-def peak_busbw_gbps(topo: Topology, groups: Sequence[Sequence[int]], pattern: str = "ring") -> Optional[float]:
+def peak_busbw_gbps(topo: Topology, groups: Sequence[Sequence[int]], pattern: str = "ring",
+                    op: Optional[str] = None) -> Optional[float]:
     """The bus bandwidth every group can reach when all of them run at once, by the
     topology's link figures; None if a link they use has no known bandwidth.
 
@@ -259,21 +289,23 @@ def peak_busbw_gbps(topo: Topology, groups: Sequence[Sequence[int]], pattern: st
     rank, when every rank of the unit sends through it at once) and is shared by every flow
     leaving the unit. So a global ring in rank order, with one flow leaving each node, gets
     the node's whole NIC, while one-rank-per-node groups all at once get a rank's share.
+    `op` picks a level's measured figure for that operation, where it has one.
     """
-    return concurrent_busbw_gbps(topo, [(groups, pattern)])[0]
+    return concurrent_busbw_gbps(topo, [(groups, pattern, op)])[0]
 
 
-def concurrent_busbw_gbps(topo: Topology, collectives: Sequence[Tuple[Sequence[Sequence[int]], str]]
-                          ) -> List[Optional[float]]:
-    """peak_busbw_gbps for several collectives in flight at once (each given as its groups and
-    pattern): the flows of all of them load the uplinks together, and each collective gets the
-    least, over the uplinks its own flows use, of capacity / total load. One collective alone
-    is peak_busbw_gbps; two global rings at once (a backward gather beside a gradient
-    reduce-scatter) get half the node link each."""
+def concurrent_busbw_gbps(topo: Topology, collectives: Sequence[Tuple]) -> List[Optional[float]]:
+    """peak_busbw_gbps for several collectives in flight at once, each given as (groups,
+    pattern) or (groups, pattern, op): the flows of all of them load the uplinks together, and
+    each collective gets the least, over the uplinks its own flows use, of its op's capacity /
+    total load. One collective alone is peak_busbw_gbps; two global rings at once (a backward
+    gather beside a gradient reduce-scatter) get half the node link each."""
     loads: dict = {}
     used: List[set] = []
+    ops: List[Optional[str]] = []
     below = [_unit_span(topo, k) for k in range(len(topo.levels))]
-    for groups, pattern in collectives:
+    for groups, pattern, *op in collectives:
+        ops.append(op[0] if op else None)
         mine = set()
         for a, b, share in traffic_edges(groups, pattern):
             k = crossing_level(topo, a, b)
@@ -282,10 +314,10 @@ def concurrent_busbw_gbps(topo: Topology, collectives: Sequence[Tuple[Sequence[S
             mine.add(key)
         used.append(mine)
     out: List[Optional[float]] = []
-    for mine in used:
+    for mine, op in zip(used, ops):
         peak: Optional[float] = math.inf if mine else None
         for k, unit in mine:
-            bw = topo.levels[k].bandwidth_gbps
+            bw = topo.levels[k].bandwidth_for(op)
             if bw is None:
                 peak = None
                 break
@@ -319,5 +351,5 @@ def expert_data_topology(topo: Topology, ep: int) -> Topology:
                     f"need {left} of them); pick an ep such as "
                     f"{sorted({topo.span(n) for n in topo.names} | {d for d in range(1, topo.levels[0].size + 1) if topo.levels[0].size % d == 0})}"
                 )
-        levels.append(Level(lv.name, size, lv.bandwidth_gbps))
-    return Topology(tuple(levels), source=topo.source, memory_per_rank_gb=topo.memory_per_rank_gb)
+        levels.append(Level(lv.name, size, lv.bandwidth_gbps, lv.op_bandwidths_gbps))
+    return dataclasses.replace(topo, levels=tuple(levels))

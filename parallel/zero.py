@@ -39,6 +39,22 @@ from parallel.plan import PartitionPlan, Unit, chunk_index, level_of_group, padd
 from parallel.topology import Topology, expert_data_topology
 
 
+def adamw_update_(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
+                  decay: torch.Tensor, *, lr: float, betas: Tuple[float, float], eps: float, weight_decay: float,
+                  step: int) -> None:
+    """AdamW exactly as torch.optim.AdamW (single-tensor path), in place on an fp32 shard;
+    `decay` marks the elements that take weight decay. The probe times it too
+    (collectives_bench/probe.py: the planner's update term)."""
+    b1, b2 = betas
+    bc1 = 1 - b1 ** step
+    bc2_sqrt = math.sqrt(1 - b2 ** step)
+    master.mul_(torch.where(decay, 1 - lr * weight_decay, 1.0))
+    exp_avg.lerp_(grad, 1 - b1)
+    exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+    master.addcdiv_(exp_avg, denom, value=-lr / bc1)
+
+
 @dataclass
 class _Param:
     name: str
@@ -382,17 +398,9 @@ class ShardedEngine:
                 g.mul_(coef)
 
         self.step_count += 1
-        b1, b2 = self.betas
-        bc1 = 1 - b1 ** self.step_count
-        bc2_sqrt = math.sqrt(1 - b2 ** self.step_count)
-        decay_factor = 1 - lr * self.weight_decay
         for u, g in zip(self.units, grads):
-            # AdamW exactly as torch.optim.AdamW (single-tensor path), on the fp32 shard
-            u.master.mul_(torch.where(u.decay, decay_factor, 1.0))
-            u.exp_avg.lerp_(g, 1 - b1)
-            u.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (u.exp_avg_sq.sqrt() / bc2_sqrt).add_(self.eps)
-            u.master.addcdiv_(u.exp_avg, denom, value=-lr / bc1)
+            adamw_update_(u.master, u.exp_avg, u.exp_avg_sq, g, u.decay, lr=lr, betas=self.betas, eps=self.eps,
+                          weight_decay=self.weight_decay, step=self.step_count)
             u.grad_acc.zero_()
         self._params_down()
         return StepStats(grad_norm=norm)

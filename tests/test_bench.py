@@ -446,9 +446,15 @@ def test_probe_writes_measured_levels(tmp_path):
     run_dir = tmp_path / "run"
     r = tierzero(["bench", "--probe", "topology.emulate=[2,2]", "launcher.nproc=4", f"run.dir={run_dir}"], tmp_path)
     assert "measured topology" in r.stdout
-    levels = json.loads((run_dir / "bench" / "topology.json").read_text())["levels"]
+    data = json.loads((run_dir / "bench" / "topology.json").read_text())
+    levels = data["levels"]
     assert [(lv["name"], lv["size"]) for lv in levels] == [("node", 2), ("cluster", 2)]
+    assert data["update_gelems_per_s"] > 0  # the optimizer-update rate, every rank at once
     assert all(math.isfinite(lv["bandwidth_gbps"]) and lv["bandwidth_gbps"] > 0 for lv in levels)
+    for lv in levels:  # one figure per op a plan issues, the level's own being all_gather's
+        ops = dict(lv["op_bandwidths_gbps"])
+        assert set(ops) == {"all_gather", "reduce_scatter", "all_reduce"}
+        assert ops["all_gather"] == lv["bandwidth_gbps"] and all(v > 0 for v in ops.values())
     assert not list((run_dir / "telemetry").glob("collectives/**/*.parquet")), "the probe runs no sweep"
 
 
@@ -462,3 +468,8 @@ def test_plan_with_measured_topology(tmp_path):
     # both levels carry a measured figure ("node x2 @ ... GB/s, cluster x2 @ ... GB/s")
     assert head[0].count(" GB/s") == 2
     assert "unknown" not in r.stdout
+    # the measured update rate adds the update column, and auto weighs it
+    table = r.stdout.splitlines()
+    header = next(ln for ln in table if ln.startswith("plan "))
+    assert "update s" in header
+    assert "optimizer update measured at" in r.stdout

@@ -224,6 +224,31 @@ def test_cross_node_traffic_is_rate_limited_and_intra_node_is_not(tmp_path):
 
 
 @real
+@pytest.mark.multiprocess
+def test_the_probe_reads_every_op_at_or_below_the_shaped_link(tmp_path):
+    """`tierzero bench --probe` on 2 emulated nodes whose link tbf holds to 0.2 Gbit/s: each
+    op's per-rank figure for the cluster level (what the planner divides by) must not beat
+    the link's per-rank share (0.2 / 8 / 2 ranks GB/s; a wrong bus factor or link model would
+    read 2x), must reach a fair part of it, and the unshaped in-node level must read faster."""
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "launcher.cli", "bench", "--probe", "topology.emulate=[2,2]",
+                        "launcher.nproc=4", "launcher.isolate_network=true", "launcher.inter_node_gbit=0.2",
+                        f"run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    levels = {lv["name"]: lv for lv in json.loads((run_dir / "bench" / "topology.json").read_text())["levels"]}
+    share = 0.2 / 8 / 2
+    cluster = dict(levels["cluster"]["op_bandwidths_gbps"])
+    node = dict(levels["node"]["op_bandwidths_gbps"])
+    print(f"per-rank GB/s, shaped share {share}: cluster {cluster}, node {node}")
+    assert set(cluster) == set(node) == {"all_gather", "reduce_scatter", "all_reduce"}
+    assert levels["cluster"]["bandwidth_gbps"] == cluster["all_gather"]
+    for op, gbps in cluster.items():
+        assert 0.3 * share < gbps < 1.3 * share, (op, gbps)
+        assert node[op] > 3 * share, (op, node[op])
+
+
+@real
 def test_a_failed_setup_removes_what_it_made(tmp_path):
     tag = f"tzf{os.getpid()}"
     net = EmulatedNetwork(2, 1.0, tag=tag, state_path=tmp_path / ".netns.json")

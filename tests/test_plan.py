@@ -11,7 +11,7 @@ from parallel.plan import (
     DEFAULT_BANDWIDTH_GBPS, REPLICATED, ParallelConfig, PlanError, Unit, candidate_plans, chunk_index, choose_plan,
     level_of_group, named_plan, padded_numel, plan_groups, predict, resolve_plan, span, uniform_units,
 )
-from parallel.topology import emulated_topology, preset_topology
+from parallel.topology import emulated_topology, preset_topology, with_bandwidths
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPOLOGIES = [[2, 2], [2, 2, 2], [4, 3], [2, 3, 2], [1, 4], [8, 1], [2, 2, 2, 2]]
@@ -190,6 +190,86 @@ def test_expert_groups_are_timed_on_the_world_ranks():
     gather = 4000 / 2 * 4 * 1 / 2
     assert c.bytes[("fwd", "cluster", "all_gather")] == gather
     assert c.time_s[("fwd", "cluster", "all_gather")] == pytest.approx(gather / (B * 1e9), rel=1e-12)
+
+
+def test_each_collective_uses_its_own_ops_measured_figure():
+    """The probe measures each op per level (gloo's all_reduce moves its bytes faster than its
+    all_gather on the same link). hsdp's cross-node traffic is the replicas' all_reduce: it
+    must take the all_reduce figure, while zero3's gathers and reduce-scatters take theirs."""
+    base = emulated_topology([2, 2], bandwidths_gbps=[10, B])
+    topo = with_bandwidths(base, [None, B], op_bandwidths_gbps=[
+        None, {"all_gather": B, "all_reduce": 1.5 * B, "reduce_scatter": 0.8 * B}])
+    u = [Unit("b", 8000)]
+    plain = predict(named_plan("hsdp", base), base, u, dtype_bytes=4, grad_accum=1)
+    per_op = predict(named_plan("hsdp", topo), topo, u, dtype_bytes=4, grad_accum=1)
+    key = ("step", "cluster", "all_reduce")
+    assert per_op.time_s[key] == pytest.approx(plain.time_s[key] / 1.5, rel=1e-12)
+    assert per_op.time_s[("fwd", "node", "all_gather")] == plain.time_s[("fwd", "node", "all_gather")]
+    z_plain = predict(named_plan("zero3", base), base, u, dtype_bytes=4, grad_accum=1)
+    z_op = predict(named_plan("zero3", topo), topo, u, dtype_bytes=4, grad_accum=1)
+    assert z_op.time_s[("fwd", "cluster", "all_gather")] == z_plain.time_s[("fwd", "cluster", "all_gather")]
+    rs = 8000 * 4 * 3 / 4
+    assert z_op.time_s[("bwd", "cluster", "reduce_scatter")] == pytest.approx(rs / (2 * 0.8 * B * 1e9), rel=1e-12)
+    assert z_op.bytes == z_plain.bytes  # figures move time, never bytes
+
+
+def test_the_all_reduce_figure_moves_autos_pick():
+    """The same bytes, a different op rate: with the cluster's all_reduce at 0.3x its
+    all_gather figure auto leaves the replica all-reduce off the slow link (it reduce-scatters
+    and gathers across nodes); at 3x it crosses nodes with all_reduce only."""
+    base = emulated_topology([2, 2], bandwidths_gbps=[1.0, B])
+    units = uniform_units(50e6, 4)
+
+    def pick(factor):
+        topo = with_bandwidths(base, [None, None], op_bandwidths_gbps=[None, {"all_reduce": factor * B}])
+        c = choose_plan(topo, units, dtype_bytes=4, grad_accum=2, memory_budget_bytes=None).cost
+        return c.comm_time_s, {op for (_, lv, op) in c.bytes if lv == "cluster" and op != "all_reduce"}
+
+    (slow_s, slow_ops), (fast_s, fast_ops) = pick(0.3), pick(3.0)
+    assert slow_ops == {"reduce_scatter", "all_gather"}
+    assert fast_ops == set() and fast_s < slow_s
+
+
+def test_the_measured_update_rate_charges_each_plans_optimizer_shard():
+    """With Topology.update_gelems_per_s (the probe's optimizer-update rate) a plan's update
+    costs its optimizer shard's parameters at that rate: ddp updates every parameter on every
+    rank, zero1 a quarter of them on 2x2. Without a rate nothing is charged."""
+    import dataclasses
+
+    base = emulated_topology([2, 2], bandwidths_gbps=[1.0, B])
+    units = uniform_units(40e6, 4)
+    rated = dataclasses.replace(base, update_gelems_per_s=0.02)
+    total = sum(padded_numel(u.numel, 4) for u in units)
+    for name, shards in (("ddp", 1), ("zero1", 4), ("hsdp", 2)):
+        c = predict(named_plan(name, rated), rated, units, dtype_bytes=4, grad_accum=2)
+        assert c.update_s == pytest.approx(total / shards / 0.02e9, rel=1e-12)
+        assert c.predicted_s == pytest.approx(c.comm_time_s + c.update_s, rel=1e-12)
+        assert predict(named_plan(name, base), base, units, dtype_bytes=4, grad_accum=2).update_s == 0.0
+
+
+def test_a_slow_update_keeps_auto_off_the_replicated_optimizer():
+    """Where the links are fast and the update slow (4 CPU ranks on 2 cores), replicating the
+    optimizer (ddp) saves little communication and costs a whole model's update per rank:
+    auto must shard the optimizer. With a fast update (a GPU) the same links pick by
+    communication alone, as without a rate."""
+    import dataclasses
+
+    # gloo-like links: all_reduce moves its bytes faster than the gather/scatter pair that a
+    # sharded optimizer needs instead, so by communication alone ddp wins
+    base = with_bandwidths(emulated_topology([2, 2], bandwidths_gbps=[0.7, 0.7]), [None, None],
+                           op_bandwidths_gbps=[{"all_reduce": 1.0}] * 2)
+    units = uniform_units(50e6, 4)
+
+    def pick(rate):
+        topo = dataclasses.replace(base, update_gelems_per_s=rate)
+        return choose_plan(topo, units, dtype_bytes=4, grad_accum=2, memory_budget_bytes=None)
+
+    slow, fast, unrated = pick(0.02), pick(1000.0), pick(None)
+    assert unrated.plan.name == fast.plan.name == "ddp"
+    assert slow.plan.optim_level != REPLICATED
+    assert "optimizer update" in slow.reason and "optimizer update" not in unrated.reason
+    best = min(c.predicted_s for c in slow.costs if c.fits)
+    assert slow.cost.predicted_s == pytest.approx(best, rel=1e-3)
 
 
 def test_unknown_bandwidths_default_and_time_follows_bytes_on_one_level():

@@ -95,3 +95,29 @@ def test_concurrent_collectives_share_the_uplinks_they_both_use():
     assert concurrent_busbw_gbps(t, [(ring, "ring"), (inside, "ring")]) == [pytest.approx(2 * b), pytest.approx(5)]
     assert peak_busbw_gbps(t, inside) == pytest.approx(10)
     assert concurrent_busbw_gbps(t, [([[0], [1]], "ring")]) == [None]  # groups of one move nothing
+
+
+def test_per_op_figures_survive_json_and_drop_when_the_link_changes():
+    """The probe writes per-op figures to topology.json (lists); reading them back must give the
+    same hashable level, and a level whose bandwidth is overridden loses its old op figures."""
+    import json
+    from dataclasses import asdict
+
+    from parallel.topology import Level, Topology, with_bandwidths
+
+    t = with_bandwidths(emulated_topology([2, 2]), [0.2, 0.05], source="measured",
+                        op_bandwidths_gbps=[None, {"all_gather": 0.05, "all_reduce": 0.07}])
+    back = Topology(tuple(Level(**lv) for lv in json.loads(json.dumps([asdict(lv) for lv in t.levels]))),
+                    source="measured")
+    assert back == t and hash(back) == hash(t)
+    assert back.levels[1].bandwidth_for("all_reduce") == 0.07
+    assert back.levels[1].bandwidth_for("reduce_scatter") == 0.05  # not measured: the level's figure
+    assert back.levels[0].bandwidth_for("all_reduce") == 0.2
+    assert "all_reduce 0.07" in t.describe()
+    assert with_bandwidths(t, [None, None]).levels[1].op_bandwidths_gbps == t.levels[1].op_bandwidths_gbps
+    shaped = with_bandwidths(t, [None, 0.1])
+    assert shaped.levels[1].op_bandwidths_gbps == () and shaped.levels[1].bandwidth_for("all_reduce") == 0.1
+    # several collectives: each takes its own op's capacity on the link it loads
+    ring = [[0, 1, 2, 3]]
+    assert concurrent_busbw_gbps(t, [(ring, "ring", "all_reduce"), (ring, "ring", "all_gather")]) == [
+        pytest.approx(0.07), pytest.approx(0.05)]

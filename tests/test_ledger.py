@@ -1,0 +1,74 @@
+"""The byte ledger's own CPU collectives (the send/recv ring reduce-scatter, the pair gather on
+two process groups) against what torch.distributed's reference ops produce, on real gloo ranks.
+
+The pair paths exist because gloo sends and receives in turn on one pair (docs/bench.md, "Why
+per op"); they must give exactly what the plain collectives give, including when a group of
+two has its second process group and when the output is a view of an input.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from parallel.groups import build_partition
+from parallel.ledger import ByteLedger
+
+pytestmark = pytest.mark.multiprocess
+
+# world size -> partitions into groups (every rank of a partition creates its groups)
+PARTITIONS = {
+    2: [[[0, 1]]],
+    3: [[[0, 1, 2]]],
+    4: [[[0, 1], [2, 3]], [[0, 2], [1, 3]], [[0, 1, 2, 3]]],
+}
+
+
+def _worker(rank: int, world: int, rdzv: str, out: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    ledger, report = ByteLedger(), []
+    for partition in PARTITIONS[world]:
+        comm = build_partition(partition, rank, "cluster")
+        n, i = comm.size, comm.index(rank)
+        gen = torch.Generator().manual_seed(1000 + rank)
+        chunk = 5
+        flat = torch.randn(n * chunk, generator=gen, dtype=torch.float64)
+        # reference: every member's flat buffer, summed, then member i's chunk
+        every = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, flat)
+        total = sum(every[r] for r in comm.ranks)
+        expect_rs = total[i * chunk:(i + 1) * chunk]
+        got = torch.empty(chunk, dtype=torch.float64)
+        ledger.reduce_scatter(got, [flat[j * chunk:(j + 1) * chunk] for j in range(n)], comm, "t")
+        aliased = flat.clone()
+        ledger.reduce_scatter(aliased[i * chunk:(i + 1) * chunk],
+                              [aliased[j * chunk:(j + 1) * chunk] for j in range(n)], comm, "t")
+        shard = torch.full((chunk,), float(rank), dtype=torch.float64)
+        gathered = [torch.empty(chunk, dtype=torch.float64) for _ in range(n)]
+        ledger.all_gather(gathered, shard, comm, "t", async_op=True).wait()
+        report.append({
+            "partition": partition, "pair_groups": comm.pg_back is not None,
+            "rs_err": float((got - expect_rs).abs().max()),
+            "rs_aliased_err": float((aliased[i * chunk:(i + 1) * chunk] - expect_rs).abs().max()),
+            "ag_ok": all(torch.equal(gathered[j], torch.full((chunk,), float(r), dtype=torch.float64))
+                         for j, r in enumerate(comm.ranks)),
+        })
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", sorted(PARTITIONS))
+def test_ring_reduce_scatter_and_pair_gather_match_the_sums(tmp_path, world):
+    mp.spawn(_worker, args=(world, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=world, join=True)
+    for rank in range(world):
+        for row in json.loads((tmp_path / f"rank{rank}.json").read_text()):
+            assert row["pair_groups"] == (len(row["partition"][0]) == 2), row
+            assert row["rs_err"] < 1e-12, row
+            assert row["rs_aliased_err"] < 1e-12, row
+            assert row["ag_ok"], row
