@@ -13,7 +13,8 @@ ledger's time on the cluster level: issue to completion of each collective, so a
 gather that waited behind compute counts its wait too, and two collectives in flight at
 once each count their whole duration), all as ratios. The native runs plan with measured
 link bandwidths (`topology.measure=true`: the probe of collectives_bench/probe.py runs at
-start-up); the prediction uses the bandwidths that run measured.
+start-up: each level per operation, plus the optimizer-update rate); the prediction plans
+again on the figures that run measured and warns when that is not the plan the run used.
 
     sudo python benchmarks/hierarchy.py                 # 1 Gbit/s
     sudo python benchmarks/hierarchy.py --gbit 0.1 1 10  # the sweep
