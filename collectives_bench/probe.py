@@ -5,9 +5,10 @@ Level k is measured with groups of ranks that differ only in their level-k coord
 all at once, so every link of that level is loaded as training loads it. Each of the three
 operations a plan issues is measured on its own, the way the native engine issues it
 (parallel.ledger: gloo's list all_gather, the send/recv ring reduce-scatter on CPU, gloo's
-all_reduce), because on the same link they reach different rates: gloo's all_reduce moved
-its bytes ~1.4x faster than its all_gather on the shaped 1 Gbit/s link of
-benchmarks/hierarchy.py. The figure kept per op is the per-rank bandwidth that makes
+all_reduce), because on the same link they can reach different rates: on the shaped
+1 Gbit/s link of benchmarks/hierarchy.py gloo's all_reduce moved its bytes ~1.4x faster than
+its all_gather of two ranks (a few % since the engine sends each direction of a two-rank
+exchange on its own process group: parallel.ledger.CommGroup.pg_back). The figure kept per op is the per-rank bandwidth that makes
 parallel.topology.peak_busbw_gbps predict the busbw measured (the median over the groups);
 the level's general figure is the all_gather one.
 """
@@ -17,11 +18,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import statistics
-import time
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional
 
 from collectives_bench.backends import TorchBackend
 from collectives_bench.formulas import busbw_gbps, element_count
+from collectives_bench.runner import _time_block
 from collectives_bench.scopes import Scope
 from parallel.topology import Topology, peak_busbw_gbps, with_bandwidths
 
@@ -73,12 +75,8 @@ def engine_call(backend, comm, op: str, count: int) -> Callable[[], None]:
 
 
 def _time_calls(backend, call: Callable[[], None], iters: int) -> float:
-    backend.barrier()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        call()
-    backend.sync()
-    return (time.perf_counter() - t0) / iters
+    """Mean seconds per call, timed as the sweep times a case (barrier first, device synced)."""
+    return _time_block(backend, SimpleNamespace(call=call), iters)
 
 
 def measure_level(backend, topo: Topology, k: int, iters: int = 3) -> Optional[Dict[str, float]]:
