@@ -60,16 +60,9 @@ def clean(tmp_path_factory):
 
 def test_a_killed_rank_restarts_from_the_newest_checkpoint(tmp_path, clean):
     run_dir = tmp_path / "run"
-    sup = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", *SMALL, "train.steps=30",
-                            "checkpoint.every_steps=5", "checkpoint.async_save=true", f"run.dir={run_dir}"],
-                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    try:
-        beat = _wait_for_step(sup, run_dir, 1, 12)  # past the step-10 checkpoint, before the end
-        os.kill(beat["pid"], signal.SIGKILL)
-        out, err = sup.communicate(timeout=240)
-    finally:
-        if sup.poll() is None:
-            sup.kill()
+    sup = _start(["train.steps=30", "checkpoint.every_steps=5", "checkpoint.async_save=true", f"run.dir={run_dir}"],
+                 tmp_path)
+    out, err = _kill_rank_at(sup, run_dir, 1, 12)  # past the step-10 checkpoint, before the end
     assert sup.returncode == 0, err[-3000:]
     (error,) = [e for e in _events(run_dir, "error") if "rank 1 failed (killed by SIGKILL)" in e["detail"]]
     assert error["step"] >= 12
@@ -182,6 +175,18 @@ def _wait_for_step(proc, run_dir: Path, rank: int, step: int, timeout_s: float =
         if beat.get("step", 0) >= step:
             return beat
         time.sleep(0.05)
+
+
+def _kill_rank_at(sup: subprocess.Popen, run_dir: Path, rank: int, step: int):
+    """kill -9 one rank once its heartbeat reaches `step`, then let the supervisor finish
+    (restart and all); the supervisor is killed if the test fails on the way. -> (stdout, stderr)"""
+    try:
+        beat = _wait_for_step(sup, run_dir, rank, step)
+        os.kill(beat["pid"], signal.SIGKILL)
+        return sup.communicate(timeout=240)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
 
 
 def _committed(run_dir: Path) -> list:
@@ -344,13 +349,7 @@ def test_chaos_kill_9_a_random_rank_at_a_random_step(tmp_path, clean, seed):
     run_dir = tmp_path / "run"
     sup = _start(["train.steps=30", "checkpoint.every_steps=4", "checkpoint.async_save=true",
                   f"run.dir={run_dir}"], tmp_path)
-    try:
-        beat = _wait_for_step(sup, run_dir, victim_rank, at_step)
-        os.kill(beat["pid"], signal.SIGKILL)
-        out, err = sup.communicate(timeout=240)
-    finally:
-        if sup.poll() is None:
-            sup.kill()
+    out, err = _kill_rank_at(sup, run_dir, victim_rank, at_step)
     assert sup.returncode == 0, err[-3000:]
     assert [e for e in _events(run_dir, "error") if f"rank {victim_rank} failed (killed by SIGKILL)" in e["detail"]]
     lineage = _lineage(run_dir)
