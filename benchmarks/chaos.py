@@ -42,12 +42,12 @@ def _lineage(run_dir: Path) -> dict:
 
 
 def _cmd(args) -> list:
-    return [sys.executable, "-m", "launcher.cli", "run", *SMALL, f"launcher.nproc={args.nproc}",
+    return [sys.executable, "-m", "tierzero.launcher.cli", "run", *SMALL, f"launcher.nproc={args.nproc}",
             f"train.steps={args.steps}"]
 
 
 def drill(args, seed: int, clean: dict, base: Path) -> dict:
-    from telemetry.report import load_table, resolve_telemetry_root, restart_lines
+    from tierzero.telemetry.report import load_table, resolve_telemetry_root, restart_lines
 
     rng = random.Random(seed)
     victim, at_step = rng.randrange(args.nproc), rng.randint(2, args.steps - 2)

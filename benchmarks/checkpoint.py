@@ -67,14 +67,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from checkpoint.config import CheckpointConfig  # noqa: E402
-from checkpoint.saver import Checkpointer  # noqa: E402
-from checkpoint.store import COMMITTED, MANIFEST, CheckpointStore, Slice, _raw, shard_name  # noqa: E402
-from parallel.plan import named_plan  # noqa: E402
-from parallel.topology import emulated_topology  # noqa: E402
-from parallel.zero import ShardedEngine  # noqa: E402
-from recipes.config import ModelConfig  # noqa: E402
-from recipes.model import build_model, count_params, loss_fn  # noqa: E402
+from tierzero.checkpoint.config import CheckpointConfig  # noqa: E402
+from tierzero.checkpoint.saver import Checkpointer  # noqa: E402
+from tierzero.checkpoint.store import COMMITTED, MANIFEST, CheckpointStore, Slice, _raw, shard_name  # noqa: E402
+from tierzero.parallel.plan import named_plan  # noqa: E402
+from tierzero.parallel.topology import emulated_topology  # noqa: E402
+from tierzero.parallel.zero import ShardedEngine  # noqa: E402
+from tierzero.recipes.config import ModelConfig  # noqa: E402
+from tierzero.recipes.model import build_model, count_params, loss_fn  # noqa: E402
 
 SAVE_WORLD, SAVE_SIZES = 4, [2, 2]
 RESHARD_WORLD, RESHARD_SIZES = 2, [2, 1]

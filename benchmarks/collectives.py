@@ -76,12 +76,12 @@ def _overhead_rank(rank, n, store, rounds, iters, result_path):
     import torch
     import torch.distributed as dist
 
-    from collectives_bench.backends import TorchBackend
-    from collectives_bench.config import BenchConfig
-    from collectives_bench.formulas import busbw_gbps, element_count
-    from collectives_bench.runner import run_sweep
-    from collectives_bench.scopes import resolve_scopes
-    from parallel.topology import flat_topology
+    from tierzero.collectives_bench.backends import TorchBackend
+    from tierzero.collectives_bench.config import BenchConfig
+    from tierzero.collectives_bench.formulas import busbw_gbps, element_count
+    from tierzero.collectives_bench.runner import run_sweep
+    from tierzero.collectives_bench.scopes import resolve_scopes
+    from tierzero.parallel.topology import flat_topology
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=n)
@@ -143,13 +143,13 @@ def overhead(nproc: int, rounds: int, iters: int) -> dict:
 # ---- 2 and 3: through the CLI -------------------------------------------------------------
 
 def _cli_bench(args, run_dir: Path, mpirun: int = 0, timeout_s: float = 1800):
-    cmd = [sys.executable, "-m", "launcher.cli", "bench", *args, f"run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "tierzero.launcher.cli", "bench", *args, f"run.dir={run_dir}"]
     if mpirun:
         cmd = ["mpirun", "-n", str(mpirun), *cmd]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    from telemetry.report import load_table
+    from tierzero.telemetry.report import load_table
 
     return load_table(str(run_dir / "telemetry"), "collectives").to_pylist()
 
@@ -211,7 +211,7 @@ def shaped(gbits, sizes: str, iters: int) -> dict:
                 if peak is None and scope == "global":
                     # the intra-node level is unshaped (unknown): its links never bind, so the
                     # model's peak is the inter-node term alone
-                    from parallel.topology import emulated_topology, peak_busbw_gbps
+                    from tierzero.parallel.topology import emulated_topology, peak_busbw_gbps
 
                     topo = emulated_topology([2, 2], bandwidths_gbps=[1e9, gbit / 8 / 2])
                     peak = peak_busbw_gbps(topo, [[0, 1, 2, 3]], "all_to_all" if op == "all_to_all" else "ring")

@@ -13,11 +13,11 @@ NGPU=$("$PY" -c "import torch; print(max(1, torch.cuda.device_count()))")
 RUN=runs/gpu-smoke
 rm -rf "$RUN" runs/gpu-signal
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), 'x', torch.cuda.device_count())"
-"$PY" -m launcher.cli topo launcher.nproc="$NGPU"
-"$PY" -m launcher.cli run run.name=gpu-smoke launcher.nproc="$NGPU" launcher.backend=nccl parallel.ep=1 \
+"$PY" -m tierzero.launcher.cli topo launcher.nproc="$NGPU"
+"$PY" -m tierzero.launcher.cli run run.name=gpu-smoke launcher.nproc="$NGPU" launcher.backend=nccl parallel.ep=1 \
     train.steps=30 train.dtype=bfloat16 train.global_batch_size=$((8 * NGPU)) train.micro_batch_size=8 \
     telemetry.flush_every_s=2 telemetry.node_sample_every_s=1 train.log_every=5
-"$PY" -m launcher.cli report "$RUN"
+"$PY" -m tierzero.launcher.cli report "$RUN"
 "$PY" - <<'PY'
 import pyarrow.dataset as ds
 t = ds.dataset("runs/gpu-smoke/telemetry/nodes", format="parquet", partitioning="hive").to_table()
@@ -31,7 +31,7 @@ PY
 echo "== stop-signal drill: SIGUSR2 at step >= 20 of 3000, then resume =="
 ARGS=(run.name=gpu-signal launcher.nproc="$NGPU" launcher.backend=nccl parallel.ep=1 train.dtype=bfloat16 train.steps=3000
       train.global_batch_size=$((8 * NGPU)) train.micro_batch_size=8 train.log_every=500)
-"$PY" -m launcher.cli run "${ARGS[@]}" > runs/gpu-signal.log 2>&1 &
+"$PY" -m tierzero.launcher.cli run "${ARGS[@]}" > runs/gpu-signal.log 2>&1 &
 SUP=$!
 for _ in $(seq 1 600); do
   STEP=$("$PY" -c "import json; print(json.load(open('runs/gpu-signal/.heartbeat/rank-0.json'))['step'])" 2>/dev/null || echo 0)
@@ -43,6 +43,6 @@ set +e; wait "$SUP"; RC=$?; set -e
 tail -3 runs/gpu-signal.log
 echo "exit code after SIGUSR2: $RC (75 expected)"
 [ "$RC" -eq 75 ]
-"$PY" -m launcher.cli ckpt list runs/gpu-signal/checkpoints
-"$PY" -m launcher.cli run "${ARGS[@]}" 2>&1 | grep -E "resumed|done:|finished" || true
-"$PY" -m launcher.cli report runs/gpu-signal | grep -A2 "stopped by a signal"
+"$PY" -m tierzero.launcher.cli ckpt list runs/gpu-signal/checkpoints
+"$PY" -m tierzero.launcher.cli run "${ARGS[@]}" 2>&1 | grep -E "resumed|done:|finished" || true
+"$PY" -m tierzero.launcher.cli report runs/gpu-signal | grep -A2 "stopped by a signal"

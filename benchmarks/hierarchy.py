@@ -70,7 +70,7 @@ def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, 
             extra=()) -> dict:
     run_name = re.sub(r"[^a-z0-9]+", "-", f"{engine}-{name}-{gbit or 'free'}".lower().replace(".", "p"))
     measure = ["topology.measure=true"] if engine == "native" else []
-    args = [sys.executable, "-m", "launcher.cli", "run", *model_args(d_model), f"train.steps={steps}",
+    args = [sys.executable, "-m", "tierzero.launcher.cli", "run", *model_args(d_model), f"train.steps={steps}",
             f"train.global_batch_size={4 * accum}", "topology.emulate=[2,2]", "launcher.nproc=4",
             "launcher.isolate_network=true", f"parallel.plan={plan}", f"parallel.engine={engine}",
             f"run.name={run_name}", *measure, *extra]
@@ -110,7 +110,7 @@ def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, 
 
 def parse_measured(text: str) -> dict:
     """collectives_bench.probe's log line -> {level: {op: GB/s}}."""
-    from collectives_bench.probe import parse_measured as parse
+    from tierzero.collectives_bench.probe import parse_measured as parse
 
     return parse(text)
 
@@ -121,13 +121,13 @@ def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int, u
     measured."""
     import dataclasses
 
-    from launcher.config import load_config
-    from launcher.discover import memory_budget_bytes
-    from parallel.plan import resolve_plan
-    from parallel.topology import emulated_topology, with_bandwidths
-    from recipes.data import build_dataset
-    from recipes.model import build_model
-    from parallel.zero import model_units
+    from tierzero.launcher.config import load_config
+    from tierzero.launcher.discover import memory_budget_bytes
+    from tierzero.parallel.plan import resolve_plan
+    from tierzero.parallel.topology import emulated_topology, with_bandwidths
+    from tierzero.recipes.data import build_dataset
+    from tierzero.recipes.model import build_model
+    from tierzero.parallel.zero import model_units
     import torch
 
     cfg = load_config([], model_args(d_model) + [f"train.global_batch_size={4 * accum}", f"parallel.plan={plan}",

@@ -59,7 +59,7 @@ import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from parallel.moe import SwiGLU  # noqa: E402  (one expert for DeepSpeed: the math of a slice of tierzero's)
+from tierzero.parallel.moe import SwiGLU  # noqa: E402  (one expert for DeepSpeed: the math of a slice of tierzero's)
 
 WORLD = 4
 NUM_EXPERTS, TOP_K = 8, 2
@@ -132,7 +132,7 @@ _GROUPS: dict = {}
 
 
 def setup_tierzero(rank: int, ep: int):
-    from parallel.moe import ExpertParallel, MoEConfig, MoEFeedForward
+    from tierzero.parallel.moe import ExpertParallel, MoEConfig, MoEFeedForward
 
     if ep not in _GROUPS:  # every rank creates every group, in the same order (torch.distributed's rule)
         _GROUPS[ep] = ([dist.new_group(list(range(s, s + ep))) for s in range(0, WORLD, ep)],
@@ -195,9 +195,9 @@ def setup_deepspeed(rank: int, ep: int):
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    from parallel.deepspeed_adapter import _skip_shm_comm_build, deepspeed_config
-    from parallel.plan import named_plan
-    from parallel.topology import emulated_topology
+    from tierzero.parallel.deepspeed_adapter import _skip_shm_comm_build, deepspeed_config
+    from tierzero.parallel.plan import named_plan
+    from tierzero.parallel.topology import emulated_topology
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts it is set

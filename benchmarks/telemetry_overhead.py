@@ -21,12 +21,12 @@ from datetime import date
 
 import torch
 
-from launcher.config import load_config
-from parallel.context import DistContext
-from parallel.topology import flat_topology
-from recipes.train import train
-from telemetry.config import TelemetryConfig
-from telemetry.sink import Telemetry
+from tierzero.launcher.config import load_config
+from tierzero.parallel.context import DistContext
+from tierzero.parallel.topology import flat_topology
+from tierzero.recipes.train import train
+from tierzero.telemetry.config import TelemetryConfig
+from tierzero.telemetry.sink import Telemetry
 
 
 def disabled_telemetry():

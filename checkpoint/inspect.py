@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
-from checkpoint.manifest import Manifest
+from tierzero.checkpoint.manifest import Manifest
 
 
 def list_lines(root: str, steps: Sequence[tuple], sizes: dict) -> List[str]:

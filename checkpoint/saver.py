@@ -16,8 +16,8 @@ from typing import Callable, List, Optional
 
 import torch.distributed as dist
 
-from checkpoint.config import CheckpointConfig
-from checkpoint.store import CheckpointError, CheckpointStore, ResumeError, Slice, open_step
+from tierzero.checkpoint.config import CheckpointConfig
+from tierzero.checkpoint.store import CheckpointError, CheckpointStore, ResumeError, Slice, open_step
 
 log = logging.getLogger(__name__)
 

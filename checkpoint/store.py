@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import fsspec
 import numpy as np
 
-from checkpoint.manifest import (ITEMSIZE, Manifest, ManifestError, Piece, TensorEntry, crc32, merge, reads_for,
+from tierzero.checkpoint.manifest import (ITEMSIZE, Manifest, ManifestError, Piece, TensorEntry, crc32, merge, reads_for,
                                  retained, step_dirname)
 
 log = logging.getLogger(__name__)

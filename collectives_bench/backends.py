@@ -10,8 +10,8 @@ from typing import Any, Callable, List, Optional
 
 import numpy as np
 
-from collectives_bench.formulas import CHUNKED, pattern
-from collectives_bench.scopes import Scope
+from tierzero.collectives_bench.formulas import CHUNKED, pattern
+from tierzero.collectives_bench.scopes import Scope
 
 SENTINEL = 99.0
 """Written into output buffers before a checked op: a value no collective of the test pattern produces."""

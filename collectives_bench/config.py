@@ -34,7 +34,7 @@ class BenchConfig:
     """A group whose busbw is below this fraction of its peers' median is flagged (slow link or bad node)."""
 
     def errors(self) -> List[str]:
-        from collectives_bench.sizes import SizeError, parse_sizes
+        from tierzero.collectives_bench.sizes import SizeError, parse_sizes
 
         errs = []
         bad_ops = [o for o in self.ops if o not in OPS]

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from collectives_bench.report import Row
+from tierzero.collectives_bench.report import Row
 
 
 def write_plot(rows: Sequence[Row], path: Path, title: str) -> Path:

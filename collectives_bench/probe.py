@@ -21,11 +21,11 @@ import statistics
 from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional
 
-from collectives_bench.backends import TorchBackend
-from collectives_bench.formulas import busbw_gbps, element_count
-from collectives_bench.runner import _time_block
-from collectives_bench.scopes import Scope
-from parallel.topology import Topology, peak_busbw_gbps, with_bandwidths
+from tierzero.collectives_bench.backends import TorchBackend
+from tierzero.collectives_bench.formulas import busbw_gbps, element_count
+from tierzero.collectives_bench.runner import _time_block
+from tierzero.collectives_bench.scopes import Scope
+from tierzero.parallel.topology import Topology, peak_busbw_gbps, with_bandwidths
 
 log = logging.getLogger(__name__)
 PROBE_SIZES = (1 << 20, 4 << 20, 16 << 20, 64 << 20)
@@ -57,7 +57,7 @@ def engine_call(backend, comm, op: str, count: int) -> Callable[[], None]:
         return case.call
     import torch
 
-    from parallel.ledger import ByteLedger
+    from tierzero.parallel.ledger import ByteLedger
 
     ledger = ByteLedger()
     chunk = count // comm.size
@@ -87,7 +87,7 @@ def measure_level(backend, topo: Topology, k: int, iters: int = 3) -> Optional[D
     groups = level_groups(topo, k)
     name = topo.levels[k].name
     if isinstance(backend, TorchBackend):
-        from parallel.groups import build_partition
+        from tierzero.parallel.groups import build_partition
 
         comm = build_partition(groups, backend.rank, name)
     else:
@@ -133,7 +133,7 @@ def measure_update_rate(backend, iters: int = 3) -> Optional[float]:
         return None
     import torch
 
-    from parallel.zero import adamw_update_
+    from tierzero.parallel.zero import adamw_update_
 
     n, device = UPDATE_NUMEL, backend.device
     master, grad = torch.zeros(n, device=device), torch.full((n,), 1e-3, device=device)

@@ -11,8 +11,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from collectives_bench.formulas import PLACEMENTS, REDOP, ROOTED, algbw_gbps, busbw_gbps
-from collectives_bench.sizes import format_size
+from tierzero.collectives_bench.formulas import PLACEMENTS, REDOP, ROOTED, algbw_gbps, busbw_gbps
+from tierzero.collectives_bench.sizes import format_size
 
 TYPE_NAMES = {"float32": "float", "bfloat16": "bfloat16", "float16": "half"}
 

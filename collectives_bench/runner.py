@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
-from collectives_bench.config import BenchConfig
-from collectives_bench.formulas import PLACEMENTS, count_wrong, element_count, expected
-from collectives_bench.report import Cell, Line, Row, pooled, rows_for
-from collectives_bench.scopes import Scope, peak_gbps
-from parallel.topology import Topology
+from tierzero.collectives_bench.config import BenchConfig
+from tierzero.collectives_bench.formulas import PLACEMENTS, count_wrong, element_count, expected
+from tierzero.collectives_bench.report import Cell, Line, Row, pooled, rows_for
+from tierzero.collectives_bench.scopes import Scope, peak_gbps
+from tierzero.parallel.topology import Topology
 
 ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FAULT_ENV = "TIERZERO_BENCH_FAULT"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from parallel.topology import Topology, peak_busbw_gbps
+from tierzero.parallel.topology import Topology, peak_busbw_gbps
 
 
 @dataclass(frozen=True)

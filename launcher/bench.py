@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import List, Mapping
 
-from launcher.config import ConfigError, RunConfig, resolve_paths, write_resolved
-from launcher.modes import Launch
+from tierzero.launcher.config import ConfigError, RunConfig, resolve_paths, write_resolved
+from tierzero.launcher.modes import Launch
 
 log = logging.getLogger(__name__)
 EXIT_OK = 0
@@ -44,8 +44,8 @@ def write_bench_config(cfg: RunConfig) -> Path:
 
 def local_problems(cfg: RunConfig) -> List[str]:
     """What can be checked before spawning: the scopes against the local topology, and the backend."""
-    from collectives_bench.scopes import ScopeError, resolve_scopes
-    from launcher.discover import TopologyMismatch, build_topology
+    from tierzero.collectives_bench.scopes import ScopeError, resolve_scopes
+    from tierzero.launcher.discover import TopologyMismatch, build_topology
 
     problems = []
     if cfg.bench.backend == "mpi":
@@ -65,8 +65,8 @@ def local_problems(cfg: RunConfig) -> List[str]:
 
 def run_probe_locally(cfg: RunConfig):
     """Spawn the local ranks to measure the topology (for `tierzero plan topology.measure=true`)."""
-    from launcher.supervisor import run_local
-    from parallel.topology import Level, Topology
+    from tierzero.launcher.supervisor import run_local
+    from tierzero.parallel.topology import Level, Topology
 
     resolve_paths(cfg)
     config_path = write_bench_config(cfg)
@@ -95,12 +95,12 @@ def bench_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str], *, probe_
     """One rank of the sweep (or of the probe alone) under any launcher."""
     from dataclasses import asdict
 
-    from collectives_bench.backends import MpiBackend, TorchBackend
-    from collectives_bench.probe import measure_topology
-    from collectives_bench.scopes import ScopeError, resolve_scopes
-    from collectives_bench.sizes import default_sizes, parse_sizes
-    from launcher.rank import join
-    from launcher.supervisor import EXIT_RESULTS_WRONG
+    from tierzero.collectives_bench.backends import MpiBackend, TorchBackend
+    from tierzero.collectives_bench.probe import measure_topology
+    from tierzero.collectives_bench.scopes import ScopeError, resolve_scopes
+    from tierzero.collectives_bench.sizes import default_sizes, parse_sizes
+    from tierzero.launcher.rank import join
+    from tierzero.launcher.supervisor import EXIT_RESULTS_WRONG
 
     use_mpi = cfg.bench.backend == "mpi"
     if use_mpi and launch.mode != "mpi":
@@ -143,16 +143,16 @@ def bench_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str], *, probe_
 
 
 def _labels(hosts, topology):
-    from collectives_bench.runner import host_labels
+    from tierzero.collectives_bench.runner import host_labels
 
     return host_labels(hosts, topology)
 
 
 def _sweep(cfg, launch, backend, topology, scopes, sizes, labels, env, exit_wrong: int) -> int:
-    from collectives_bench.report import compare_lines, footer_lines, format_line, header_lines
-    from collectives_bench.runner import run_sweep
-    from collectives_bench.sizes import format_size
-    from telemetry.sink import Telemetry
+    from tierzero.collectives_bench.report import compare_lines, footer_lines, format_line, header_lines
+    from tierzero.collectives_bench.runner import run_sweep
+    from tierzero.collectives_bench.sizes import format_size
+    from tierzero.telemetry.sink import Telemetry
 
     is_root = launch.rank == 0
     out_dir = bench_dir(cfg)
@@ -211,7 +211,7 @@ def _sweep(cfg, launch, backend, topology, scopes, sizes, labels, env, exit_wron
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "bench.txt").write_text("\n".join(text) + "\n")
         try:
-            from collectives_bench.plot import write_plot
+            from tierzero.collectives_bench.plot import write_plot
 
             png = write_plot(sweep.rows, out_dir / "busbw.png",
                              f"tierzero bench | {backend.name} | {launch.world_size} ranks | {topology.describe()}")

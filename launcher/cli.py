@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from launcher.config import (ConfigError, check_world, describe_keys, load_config, resolve_paths, to_yaml,
+from tierzero.launcher.config import (ConfigError, check_world, describe_keys, load_config, resolve_paths, to_yaml,
                              write_resolved)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -46,10 +46,10 @@ def _setup_logging(rank: int) -> None:
 # ---- subcommands ---------------------------------------------------------------------
 
 def cmd_run(args) -> int:
-    from launcher.discover import TopologyMismatch, build_topology
-    from launcher.modes import detect_launch
-    from launcher.rank import run_rank
-    from launcher.supervisor import run_local
+    from tierzero.launcher.discover import TopologyMismatch, build_topology
+    from tierzero.launcher.modes import detect_launch
+    from tierzero.launcher.rank import run_rank
+    from tierzero.launcher.supervisor import run_local
 
     files, overrides = _split_args(args.items)
     launch = detect_launch(os.environ)
@@ -73,9 +73,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from launcher.bench import bench_rank, local_problems, write_bench_config
-    from launcher.modes import detect_launch
-    from launcher.supervisor import run_local
+    from tierzero.launcher.bench import bench_rank, local_problems, write_bench_config
+    from tierzero.launcher.modes import detect_launch
+    from tierzero.launcher.supervisor import run_local
 
     files, overrides = _split_args(args.items)
     launch = detect_launch(os.environ)
@@ -104,8 +104,8 @@ def cmd_ckpt(args) -> int:
 
 
 def _ckpt(args) -> int:
-    from checkpoint.inspect import inspect_lines, list_lines
-    from checkpoint.store import CheckpointError, CheckpointStore, open_step
+    from tierzero.checkpoint.inspect import inspect_lines, list_lines
+    from tierzero.checkpoint.store import CheckpointError, CheckpointStore, open_step
 
     if args.action == "list":
         store = CheckpointStore(args.path)
@@ -138,7 +138,7 @@ def _ckpt(args) -> int:
     if args.action == "inspect":
         print("\n".join(inspect_lines(args.path, manifest)))
         return EXIT_OK
-    from checkpoint.export import consolidated, write_safetensors
+    from tierzero.checkpoint.export import consolidated, write_safetensors
 
     if not args.out or not args.out.endswith(".safetensors"):
         raise UsageError("tierzero ckpt export PATH OUT.safetensors: give the output file, ending in .safetensors")
@@ -154,7 +154,7 @@ def _ckpt(args) -> int:
 
 def cmd_config(args) -> int:
     if args.describe and args.markdown:
-        from launcher.config import describe_markdown
+        from tierzero.launcher.config import describe_markdown
 
         print(describe_markdown(), end="")
         return EXIT_OK
@@ -173,8 +173,8 @@ def cmd_config(args) -> int:
 def _config_and_topology(args):
     """The composed config, the launch this process is in, and the topology it describes
     (not checked against the launch: `topo` and `plan` also show presets of other machines)."""
-    from launcher.discover import build_topology, launch_shape
-    from launcher.modes import detect_launch
+    from tierzero.launcher.discover import build_topology, launch_shape
+    from tierzero.launcher.modes import detect_launch
 
     files, overrides = _split_args(args.items)
     cfg = load_config(files, overrides)
@@ -189,7 +189,7 @@ def _config_and_topology(args):
 
 def _measured_topology(cfg, launch):
     """topology.measure=true outside a run: spawn the local ranks and measure each level."""
-    from launcher.bench import local_problems, run_probe_locally
+    from tierzero.launcher.bench import local_problems, run_probe_locally
 
     problems = []
     if cfg.topology.preset:
@@ -213,7 +213,7 @@ def _measured_topology(cfg, launch):
 
 
 def cmd_topo(args) -> int:
-    from launcher.discover import probe_machine
+    from tierzero.launcher.discover import probe_machine
 
     cfg, launch, topo = _config_and_topology(args)
     machine = probe_machine()
@@ -243,8 +243,8 @@ def cmd_topo(args) -> int:
 def cmd_plan(args) -> int:
     import time
 
-    from launcher.discover import memory_budget_bytes
-    from parallel.plan import PLAN_NAMES, PlanError, named_plan, predict, resolve_plan, uniform_units
+    from tierzero.launcher.discover import memory_budget_bytes
+    from tierzero.parallel.plan import PLAN_NAMES, PlanError, named_plan, predict, resolve_plan, uniform_units
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     cfg, _, topo = _config_and_topology(args)
@@ -267,14 +267,14 @@ def cmd_plan(args) -> int:
     else:
         import torch
 
-        from parallel.zero import model_units
-        from recipes.model import build_model, count_params
-        from recipes.train import moe_traffic
+        from tierzero.parallel.zero import model_units
+        from tierzero.recipes.model import build_model, count_params
+        from tierzero.recipes.train import moe_traffic
 
         if cfg.data.kind == "markov" or cfg.data.vocab_size:
             vocab, seq_len = cfg.data.vocab_size, cfg.data.seq_len
         else:
-            from recipes.data import build_dataset
+            from tierzero.recipes.data import build_dataset
 
             data = build_dataset(cfg.data)
             vocab, seq_len = data.vocab_size, data.seq_len
@@ -323,7 +323,7 @@ def cmd_plan(args) -> int:
               "(uniform routing), included in the level columns")
     unknown = [lv.name for lv in topo.levels if not lv.bandwidth_gbps]
     if unknown:
-        from parallel.plan import DEFAULT_BANDWIDTH_GBPS
+        from tierzero.parallel.plan import DEFAULT_BANDWIDTH_GBPS
 
         print(f"# bandwidth of {', '.join(unknown)} unknown: {DEFAULT_BANDWIDTH_GBPS:g} GB/s assumed "
               "(set topology.bandwidths_gbps or use a preset)")
@@ -333,7 +333,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from telemetry.report import write_report
+    from tierzero.telemetry.report import write_report
 
     try:
         text = write_report(Path(args.run_dir))
@@ -345,9 +345,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_sbatch(args) -> int:
-    from launcher.signals import EXIT_REQUEUE
-    from slurm.sbatch import ScriptSpec, SbatchError, render_sbatch
-    from slurm.submit import SubmitError, submit
+    from tierzero.launcher.signals import EXIT_REQUEUE
+    from tierzero.slurm.sbatch import ScriptSpec, SbatchError, render_sbatch
+    from tierzero.slurm.submit import SubmitError, submit
 
     files, overrides = _split_args(args.items)
     cfg = load_config(files, overrides)
@@ -388,7 +388,7 @@ def cmd_sbatch(args) -> int:
 
 
 def cmd_slurm(args) -> int:
-    from slurm.cluster import ClusterError, cluster_status, create_cluster, destroy_cluster
+    from tierzero.slurm.cluster import ClusterError, cluster_status, create_cluster, destroy_cluster
 
     try:
         if args.action == "up":
@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  tierzero run\n  tierzero run recipes/configs/dense_tiny_cpu.yaml train.steps=100\n"
                "  tierzero run topology.emulate=[2,2] run.name=two-nodes\n"
                "  tierzero run dense_tiny_cpu                 # the dense recipe instead of the MoE default\n"
-               "  torchrun --nproc-per-node 4 -m launcher.cli run\n  mpirun -n 4 tierzero run",
+               "  torchrun --nproc-per-node 4 -m tierzero.launcher.cli run\n  mpirun -n 4 tierzero run",
         formatter_class=fmt)
     run.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
                      help="YAML files (merged in order) then key=value overrides; default: the moe_tiny_cpu recipe")

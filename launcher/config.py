@@ -23,14 +23,14 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from checkpoint.config import CheckpointConfig
-from collectives_bench.config import BenchConfig
-from parallel.moe_config import MoEConfig
-from parallel.plan import ParallelConfig
-from parallel.topology import TopologyConfig
-from recipes.config import DataConfig, ModelConfig, TrainConfig, data_errors, model_errors, train_errors
-from slurm.config import SlurmConfig
-from telemetry.config import TelemetryConfig
+from tierzero.checkpoint.config import CheckpointConfig
+from tierzero.collectives_bench.config import BenchConfig
+from tierzero.parallel.moe_config import MoEConfig
+from tierzero.parallel.plan import ParallelConfig
+from tierzero.parallel.topology import TopologyConfig
+from tierzero.recipes.config import DataConfig, ModelConfig, TrainConfig, data_errors, model_errors, train_errors
+from tierzero.slurm.config import SlurmConfig
+from tierzero.telemetry.config import TelemetryConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 DEFAULT_RECIPE = RECIPE_DIR / "moe_tiny_cpu.yaml"
@@ -80,7 +80,7 @@ class LauncherConfig:
             errs.append(f"launcher.max_restarts={self.max_restarts} must be >= 0 (0 = never restart)")
         if self.hang_timeout_s < 0:
             errs.append(f"launcher.hang_timeout_s={self.hang_timeout_s} must be >= 0 (0 = off), e.g. 300")
-        from launcher.signals import signal_number
+        from tierzero.launcher.signals import signal_number
 
         try:
             signal_number(self.requeue_signal)

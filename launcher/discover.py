@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
-from launcher.modes import Launch
-from parallel.plan import ParallelConfig
-from parallel.topology import (Topology, TopologyConfig, emulated_topology, flat_topology, preset_topology,
+from tierzero.launcher.modes import Launch
+from tierzero.parallel.plan import ParallelConfig
+from tierzero.parallel.topology import (Topology, TopologyConfig, emulated_topology, flat_topology, preset_topology,
                                with_bandwidths)
 
 log = logging.getLogger(__name__)

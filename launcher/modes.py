@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from slurm.nodelist import expand_nodelist, expand_tasks_per_node
+from tierzero.slurm.nodelist import expand_nodelist, expand_tasks_per_node
 
 MODES = ("local", "torchrun", "slurm", "mpi")
 

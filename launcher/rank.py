@@ -11,10 +11,10 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping
 
-from launcher.config import ConfigError, RunConfig, check_world, resolve_paths, to_yaml, write_resolved
-from launcher.discover import TopologyMismatch, build_topology, memory_budget_bytes
-from launcher.modes import Launch
-from parallel.topology import Topology
+from tierzero.launcher.config import ConfigError, RunConfig, check_world, resolve_paths, to_yaml, write_resolved
+from tierzero.launcher.discover import TopologyMismatch, build_topology, memory_budget_bytes
+from tierzero.launcher.modes import Launch
+from tierzero.parallel.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ def measured(cfg: RunConfig, joined: Joined) -> Topology:
     """The topology with measured bandwidths when topology.measure is set (all ranks take part)."""
     if not cfg.topology.measure or joined.launch.world_size < 2 or joined.backend == "none":
         return joined.topology
-    from collectives_bench.backends import TorchBackend
-    from collectives_bench.probe import measure_topology
+    from tierzero.collectives_bench.backends import TorchBackend
+    from tierzero.collectives_bench.probe import measure_topology
 
     return measure_topology(TorchBackend(joined.device), joined.topology)
 
@@ -130,7 +130,7 @@ def measured(cfg: RunConfig, joined: Joined) -> Topology:
 def agree_attempt(telemetry_root: str, run_name: str, joined: Joined) -> int:
     """One past the highest attempt the run's telemetry holds, as rank 0 sees it before anyone
     writes (the others wait for its broadcast)."""
-    from launcher.supervisor import next_attempt
+    from tierzero.launcher.supervisor import next_attempt
 
     if joined.backend == "none":
         return next_attempt(telemetry_root, run_name)
@@ -170,18 +170,18 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     """Body of one rank under any launcher (our supervisor, torchrun, srun, mpirun)."""
     import torch.distributed as dist
 
-    from parallel.context import DistContext
-    from recipes.train import train
-    from telemetry.sink import Telemetry
+    from tierzero.parallel.context import DistContext
+    from tierzero.recipes.train import train
+    from tierzero.telemetry.sink import Telemetry
 
-    from launcher.signals import StopSignals, signal_number
+    from tierzero.launcher.signals import StopSignals, signal_number
 
     # First thing: a stop signal during the rendezvous or the resume must not kill the rank
     # before it can checkpoint; it is acted on at the end of the first step.
     stops = StopSignals([signal.SIGTERM, signal.SIGINT, signal_number(cfg.launcher.requeue_signal)],
                         rank=launch.rank, quiet=launch.supervised).install()
     if launch.supervised and env.get("TIERZERO_SUPERVISOR_PID"):
-        from launcher.signals import stop_with_parent
+        from tierzero.launcher.signals import stop_with_parent
 
         stop_with_parent(int(env["TIERZERO_SUPERVISOR_PID"]))
     joined = join(cfg, launch)
@@ -209,16 +209,16 @@ def run_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     if launch.rank == 0:
         log.info("%s launch: %d ranks on %d node(s), backend %s, topology %s",
                  "local" if launch.supervised else launch.mode, launch.world_size, launch.num_nodes, ctx.backend, topology.describe())
-    from checkpoint.export import InitFromError
-    from recipes.train import NonFiniteError, StopRequested
-    from parallel.plan import PlanError
-    from checkpoint.store import CheckpointError, ResumeError
-    from launcher.bench import tierzero_version
-    from launcher.signals import EXIT_REQUEUE, Watchdog
+    from tierzero.checkpoint.export import InitFromError
+    from tierzero.recipes.train import NonFiniteError, StopRequested
+    from tierzero.parallel.plan import PlanError
+    from tierzero.checkpoint.store import CheckpointError, ResumeError
+    from tierzero.launcher.bench import tierzero_version
+    from tierzero.launcher.signals import EXIT_REQUEUE, Watchdog
 
     heartbeat = Heartbeat(run_dir / ".heartbeat", launch.rank)
     if not launch.supervised and cfg.launcher.hang_timeout_s:
-        from launcher.supervisor import find_hang, last_progress
+        from tierzero.launcher.supervisor import find_hang, last_progress
 
         def on_hang(text: str) -> None:
             stalled = text.split("; waiting for them")[0]

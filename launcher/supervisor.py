@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from launcher.config import ConfigError, RunConfig
-from launcher.rank import free_port
+from tierzero.launcher.config import ConfigError, RunConfig
+from tierzero.launcher.rank import free_port
 
 log = logging.getLogger(__name__)
 _ATTEMPT_RE = re.compile(r"^attempt=(\d+)$")
@@ -141,7 +141,7 @@ class _Received:
 
 def isolation_errors(cfg: RunConfig) -> List[str]:
     """Checks for launcher.isolate_network that need the topology and this host."""
-    from launcher import netns
+    from tierzero.launcher import netns
 
     emulate = cfg.topology.emulate
     if not emulate or emulate[-1] < 2:
@@ -154,7 +154,7 @@ def isolation_errors(cfg: RunConfig) -> List[str]:
     return netns.isolation_problems(cfg.launcher.inter_node_gbit)
 
 
-from launcher.signals import EXIT_REQUEUE, signal_number  # noqa: E402  (next to the other exit codes)
+from tierzero.launcher.signals import EXIT_REQUEUE, signal_number  # noqa: E402  (next to the other exit codes)
 
 EXIT_RESULTS_WRONG = 3
 """A rank's verdict, not a crash: `tierzero bench` found wrong results (every rank exits with it)."""
@@ -167,7 +167,7 @@ def run_local(cfg: RunConfig, config_path: Path, command: Sequence[str] = ("run"
     """Spawn launcher.nproc ranks running `tierzero <command...> <config_path>` and watch them."""
     if not cfg.launcher.isolate_network:
         return _supervise(cfg, config_path, network=None, command=command)
-    from launcher import netns
+    from tierzero.launcher import netns
 
     problems = isolation_errors(cfg)
     if problems:
@@ -272,7 +272,7 @@ def _attempt(cfg: RunConfig, config_path: Path, network, command: Sequence[str],
     """Spawn and watch the ranks once -> (exit code, failure description or None); with
     `network` (an EmulatedNetwork that is up), rank r runs inside the namespace of emulated
     node r // ranks_per_node."""
-    from telemetry.sink import Telemetry
+    from tierzero.telemetry.sink import Telemetry
 
     nproc = cfg.launcher.nproc
     telemetry_root = cfg.telemetry.dir or str(cfg.run_dir / "telemetry")
@@ -296,7 +296,7 @@ def _attempt(cfg: RunConfig, config_path: Path, network, command: Sequence[str],
         events.event("restart", detail=f"attempt {attempt} after {after}")
     for old in (cfg.run_dir / ".heartbeat").glob("rank-*.json"):  # the previous attempt's
         old.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "launcher.cli", *command, str(config_path)]
+    cmd = [sys.executable, "-m", "tierzero.launcher.cli", *command, str(config_path)]
     ranks_per_node = nproc // len(network.namespaces) if network is not None else nproc
     t0 = time.monotonic()
     procs: List[subprocess.Popen] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from parallel.topology import Topology
+from tierzero.parallel.topology import Topology
 
 
 @dataclass(frozen=True)

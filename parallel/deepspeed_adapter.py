@@ -34,9 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.engine import StepStats, param_groups
-from parallel.plan import REPLICATED, Choice, PartitionPlan, PlanError, span, restrict_choice
-from parallel.topology import Topology
+from tierzero.parallel.engine import StepStats, param_groups
+from tierzero.parallel.plan import REPLICATED, Choice, PartitionPlan, PlanError, span, restrict_choice
+from tierzero.parallel.topology import Topology
 
 log = logging.getLogger(__name__)
 

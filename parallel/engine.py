@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.moe import set_aux_grad_scale
+from tierzero.parallel.moe import set_aux_grad_scale
 
 
 @dataclass(frozen=True)

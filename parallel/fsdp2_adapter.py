@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.engine import StepStats, param_groups
-from parallel.plan import Choice, PartitionPlan, PlanError, restrict_choice, span
-from parallel.topology import Topology
+from tierzero.parallel.engine import StepStats, param_groups
+from tierzero.parallel.plan import Choice, PartitionPlan, PlanError, restrict_choice, span
+from tierzero.parallel.topology import Topology
 
 
 def fsdp2_mesh_shape(plan: PartitionPlan, topo: Topology):

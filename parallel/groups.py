@@ -10,9 +10,9 @@ from typing import Dict, List, Tuple
 
 import torch.distributed as dist
 
-from parallel.ledger import CommGroup
-from parallel.plan import PartitionPlan, level_of_group, plan_groups
-from parallel.topology import Topology
+from tierzero.parallel.ledger import CommGroup
+from tierzero.parallel.plan import PartitionPlan, level_of_group, plan_groups
+from tierzero.parallel.topology import Topology
 
 ROLES = ("param", "bwd", "grad", "grad_up", "replicas", "optim", "param_down")
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.moe_config import MoEConfig  # noqa: F401 (re-exported: the layer's config, torch-free)
+from tierzero.parallel.moe_config import MoEConfig  # noqa: F401 (re-exported: the layer's config, torch-free)
 
 
 # ---- routing (pure tensor functions) ---------------------------------------------------------

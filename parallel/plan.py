@@ -50,7 +50,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from parallel.topology import Topology, concurrent_busbw_gbps, expert_data_topology, with_bandwidths
+from tierzero.parallel.topology import Topology, concurrent_busbw_gbps, expert_data_topology, with_bandwidths
 
 REPLICATED = -1
 PLAN_NAMES = ("auto", "ddp", "zero1", "zero2", "zero3", "hpz", "hsdp", "tiered")

@@ -31,12 +31,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.engine import StepStats
-from parallel.groups import build_groups, build_partition
-from parallel.ledger import ByteLedger, CommGroup
-from parallel.moe import moe_layers, set_aux_grad_scale
-from parallel.plan import PartitionPlan, Unit, chunk_index, level_of_group, padded_numel, span
-from parallel.topology import Topology, expert_data_topology
+from tierzero.parallel.engine import StepStats
+from tierzero.parallel.groups import build_groups, build_partition
+from tierzero.parallel.ledger import ByteLedger, CommGroup
+from tierzero.parallel.moe import moe_layers, set_aux_grad_scale
+from tierzero.parallel.plan import PartitionPlan, Unit, chunk_index, level_of_group, padded_numel, span
+from tierzero.parallel.topology import Topology, expert_data_topology
 
 
 def adamw_update_(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
@@ -249,7 +249,7 @@ class ShardedEngine:
     def _bind_experts(self, ep: int) -> None:
         """EP groups of ep consecutive ranks; each MoE layer keeps its EP rank's experts; expert
         units are sharded by the same plan over the ranks that hold the same experts."""
-        from parallel.moe import ExpertParallel
+        from tierzero.parallel.moe import ExpertParallel
 
         topo = self.topo
         sub = expert_data_topology(topo, ep)

@@ -14,7 +14,7 @@ from typing import Optional, Protocol
 import numpy as np
 import torch
 
-from recipes.config import DATA_KINDS, TOKEN_DTYPES, DataConfig, data_errors  # noqa: F401 (re-exported)
+from tierzero.recipes.config import DATA_KINDS, TOKEN_DTYPES, DataConfig, data_errors  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 

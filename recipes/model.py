@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.moe import MoEConfig, MoEFeedForward, SwiGLU  # noqa: F401 (SwiGLU re-exported)
-from recipes.config import ModelConfig, default_ffn_hidden, model_errors  # noqa: F401 (re-exported)
+from tierzero.parallel.moe import MoEConfig, MoEFeedForward, SwiGLU  # noqa: F401 (SwiGLU re-exported)
+from tierzero.recipes.config import ModelConfig, default_ffn_hidden, model_errors  # noqa: F401 (re-exported)
 
 INIT_STD = 0.02
 

@@ -19,16 +19,16 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from checkpoint.config import CheckpointConfig
-from parallel.context import DistContext
-from parallel.engine import DataParallelEngine
-from parallel.moe import MoEConfig, moe_layers
-from parallel.plan import MoETraffic, ParallelConfig, resolve_plan
-from parallel.zero import ShardedEngine, model_units
-from recipes.config import DataConfig, ModelConfig, TrainConfig
-from recipes.data import build_dataset
-from recipes.model import build_model, count_params, flops_per_token, loss_fn
-from recipes.progress import Progress
+from tierzero.checkpoint.config import CheckpointConfig
+from tierzero.parallel.context import DistContext
+from tierzero.parallel.engine import DataParallelEngine
+from tierzero.parallel.moe import MoEConfig, moe_layers
+from tierzero.parallel.plan import MoETraffic, ParallelConfig, resolve_plan
+from tierzero.parallel.zero import ShardedEngine, model_units
+from tierzero.recipes.config import DataConfig, ModelConfig, TrainConfig
+from tierzero.recipes.data import build_dataset
+from tierzero.recipes.model import build_model, count_params, flops_per_token, loss_fn
+from tierzero.recipes.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def train(
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg, vocab_size=dataset.vocab_size, seq_len=dataset.seq_len, moe=moe_cfg)
     if checkpoint_cfg is not None and checkpoint_cfg.init_from:
-        from checkpoint.export import load_into
+        from tierzero.checkpoint.export import load_into
 
         loaded = load_into(model, checkpoint_cfg.init_from)
         telemetry.event("init", detail=f"{loaded} tensors from {checkpoint_cfg.init_from}", step=0)
@@ -245,7 +245,7 @@ def train(
             moe=moe_traffic(train_cfg, model_cfg, moe_cfg, dataset.seq_len),
         )
         if parallel_cfg.engine == "deepspeed":
-            from parallel.deepspeed_adapter import DeepSpeedEngine, restrict_auto_choice
+            from tierzero.parallel.deepspeed_adapter import DeepSpeedEngine, restrict_auto_choice
 
             choice = restrict_auto_choice(choice, ctx.topology)
             # raises PlanError (a plan DeepSpeed cannot run) before deepspeed is even imported
@@ -253,7 +253,7 @@ def train(
                                      device=ctx.device, local_rank=ctx.local_rank, micro_batch_size=mb, grad_accum=accum,
                                      dtype=train_cfg.dtype, **optim)
         elif parallel_cfg.engine == "fsdp2":
-            from parallel.fsdp2_adapter import FSDP2Engine, restrict_auto_choice
+            from tierzero.parallel.fsdp2_adapter import FSDP2Engine, restrict_auto_choice
 
             choice = restrict_auto_choice(choice, ctx.topology)
             engine = FSDP2Engine(model, plan=choice.plan, topology=ctx.topology, rank=ctx.rank,
@@ -276,7 +276,7 @@ def train(
                                  "parallel.engine=native, or checkpoint.every_steps=0 checkpoint.resume=auto")
             checkpoint_cfg = None
     if checkpoint_cfg is not None and checkpoint_root and not reference_engine:
-        from checkpoint.saver import Checkpointer
+        from tierzero.checkpoint.saver import Checkpointer
 
         ckpt = Checkpointer(checkpoint_cfg, checkpoint_root, rank=ctx.rank, world_size=dp_size, attempt=ctx.attempt,
                             event=lambda kind, detail, step: telemetry.event(kind, detail=detail, step=step))

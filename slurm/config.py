@@ -45,7 +45,7 @@ class SlurmConfig:
     setup: List[str] = field(default_factory=list)
     """Shell lines run before the ranks start (module load, source venv/bin/activate); used verbatim."""
     program: str = "tierzero"
-    """How the nodes start tierzero, e.g. /opt/venv/bin/tierzero or 'python -m launcher.cli'."""
+    """How the nodes start tierzero, e.g. /opt/venv/bin/tierzero or 'python -m tierzero.launcher.cli'."""
     signal_margin_s: int = 120
     """Seconds before the time limit at which Slurm sends launcher.requeue_signal (#SBATCH --signal=B:USR2@N)."""
     requeue: bool = True

@@ -20,7 +20,7 @@ import shlex
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from slurm.config import SlurmConfig
+from tierzero.slurm.config import SlurmConfig
 
 
 class SbatchError(ValueError):

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from telemetry.schema import PARTITION, TABLES, telemetry_root
+from tierzero.telemetry.schema import PARTITION, TABLES, telemetry_root
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from telemetry.config import TelemetryConfig
-from telemetry.nodes import NodeSampler
-from telemetry.schema import TABLES, table_path
+from tierzero.telemetry.config import TelemetryConfig
+from tierzero.telemetry.nodes import NodeSampler
+from tierzero.telemetry.schema import TABLES, table_path
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class Telemetry:
     def peak_tflops(self) -> float:
         """MFU denominator: telemetry.peak_tflops, else the recipe's, else the CPU matmul peak (measured once)."""
         if self._peak_tflops is None:
-            from telemetry.peak import measure_matmul_tflops
+            from tierzero.telemetry.peak import measure_matmul_tflops
 
             self._peak_tflops = measure_matmul_tflops()
             logger.debug("measured CPU matmul peak %.3f TFLOP/s for MFU", self._peak_tflops)

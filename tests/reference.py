@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from launcher.config import load_config
-from parallel.context import DistContext
-from parallel.topology import emulated_topology
-from recipes.train import TrainResult, train
-from telemetry.config import TelemetryConfig
-from telemetry.sink import Telemetry
+from tierzero.launcher.config import load_config
+from tierzero.parallel.context import DistContext
+from tierzero.parallel.topology import emulated_topology
+from tierzero.recipes.train import TrainResult, train
+from tierzero.telemetry.config import TelemetryConfig
+from tierzero.telemetry.sink import Telemetry
 
 
 def single_process_run(overrides) -> TrainResult:

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from collectives_bench.config import BACKENDS, DTYPES, OPS, BenchConfig
-from collectives_bench.formulas import (CHUNKED, PLACEMENTS, algbw_gbps, bus_factor, busbw_gbps, count_wrong,
+from tierzero.collectives_bench.config import BACKENDS, DTYPES, OPS, BenchConfig
+from tierzero.collectives_bench.formulas import (CHUNKED, PLACEMENTS, algbw_gbps, bus_factor, busbw_gbps, count_wrong,
                                         element_count, expected, input_spec, pattern)
-from collectives_bench.report import Cell, compare_lines, rows_for
-from collectives_bench.scopes import ScopeError, peak_gbps, resolve_scopes
-from collectives_bench.sizes import SizeError, default_sizes, parse_sizes
-from parallel.topology import emulated_topology, peak_busbw_gbps
+from tierzero.collectives_bench.report import Cell, compare_lines, rows_for
+from tierzero.collectives_bench.scopes import ScopeError, peak_gbps, resolve_scopes
+from tierzero.collectives_bench.sizes import SizeError, default_sizes, parse_sizes
+from tierzero.parallel.topology import emulated_topology, peak_busbw_gbps
 
 ROOT = Path(__file__).resolve().parent.parent
 NS = (2, 3, 4, 5, 8, 16, 64)
@@ -318,11 +318,11 @@ def run_cmd(argv, tmp_path, *, expect=0, timeout=180, **env):
 
 
 def tierzero(args, tmp_path, **kw):
-    return run_cmd([sys.executable, "-m", "launcher.cli", *args], tmp_path, **kw)
+    return run_cmd([sys.executable, "-m", "tierzero.launcher.cli", *args], tmp_path, **kw)
 
 
 def bench_rows(run_dir: Path):
-    from telemetry.report import load_table
+    from tierzero.telemetry.report import load_table
 
     return load_table(str(run_dir / "telemetry"), "collectives").to_pylist()
 
@@ -366,8 +366,8 @@ def test_every_op_on_four_local_ranks(tmp_path):
 
 @pytest.mark.multiprocess
 def test_a_corrupted_result_is_caught_in_every_scope(tmp_path):
-    from collectives_bench.runner import FAULT_ENV
-    from launcher.supervisor import EXIT_RESULTS_WRONG
+    from tierzero.collectives_bench.runner import FAULT_ENV
+    from tierzero.launcher.supervisor import EXIT_RESULTS_WRONG
 
     run_dir = tmp_path / "run"
     r = tierzero(["bench", "bench.ops=[all_reduce,all_gather]", "bench.sizes=4K:8K", *FAST,
@@ -413,7 +413,7 @@ def test_mpi_backend_outside_mpirun_exits_2(tmp_path):
 def test_mpi_backend_under_mpirun(tmp_path):
     pytest.importorskip("mpi4py", reason="the mpi backend times mpi4py collectives")
     run_dir = tmp_path / "run"
-    r = run_cmd(["mpirun", "-n", "4", sys.executable, "-m", "launcher.cli", "bench", "bench.backend=mpi",
+    r = run_cmd(["mpirun", "-n", "4", sys.executable, "-m", "tierzero.launcher.cli", "bench", "bench.backend=mpi",
                  "bench.sizes=4K:8K", *FAST, f"run.dir={run_dir}"], tmp_path)
     assert "Out of bounds values : 0 OK" in r.stdout
     rows = bench_rows(run_dir)
@@ -431,7 +431,7 @@ def test_torchrun_two_ranks(tmp_path):
     run_dir = tmp_path / "run"
     # --standalone: a free rendezvous port, not the fixed 29500
     run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-             "-m", "launcher.cli", "bench", "bench.ops=[all_reduce]", "bench.sizes=4K", *FAST,
+             "-m", "tierzero.launcher.cli", "bench", "bench.ops=[all_reduce]", "bench.sizes=4K", *FAST,
              f"run.dir={run_dir}"], tmp_path)
     rows = bench_rows(run_dir)
     assert len(rows) == 1

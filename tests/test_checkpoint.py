@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from checkpoint.export import hf_tensors, read_safetensors, tierzero_tensors, write_safetensors
-from checkpoint.manifest import Manifest, ManifestError, Piece, TensorEntry, merge, reads_for, retained
-from checkpoint.store import CheckpointError, CheckpointStore, Slice
-from recipes.train import micro_batch_indices
+from tierzero.checkpoint.export import hf_tensors, read_safetensors, tierzero_tensors, write_safetensors
+from tierzero.checkpoint.manifest import Manifest, ManifestError, Piece, TensorEntry, merge, reads_for, retained
+from tierzero.checkpoint.store import CheckpointError, CheckpointStore, Slice
+from tierzero.recipes.train import micro_batch_indices
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -202,7 +202,7 @@ PAIRS = [("4 ranks", "4 ranks"), ("4 ranks", "2 ranks"), ("2 ranks", "4 ranks"),
 
 def _cli(args, cwd, expect=0, timeout=300):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=cwd, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "tierzero.launcher.cli", *args], cwd=cwd, capture_output=True, text=True,
                        env=env, timeout=timeout)
     assert r.returncode == expect, f"{args} -> {r.returncode}:\n{r.stdout[-2500:]}\n{r.stderr[-2500:]}"
     return r

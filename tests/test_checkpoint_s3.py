@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from checkpoint.store import CheckpointStore
+from tierzero.checkpoint.store import CheckpointStore
 
 s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[test]' or '.[s3]')")
 pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[test]')")
@@ -96,7 +96,7 @@ def s3(tmp_path_factory):
 
 def run_cli(args, cwd, expect=0, timeout=180):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=cwd, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "tierzero.launcher.cli", *args], cwd=cwd, capture_output=True, text=True,
                        env=env, timeout=timeout)
     assert r.returncode == expect, \
         f"{args} exited {r.returncode}, not {expect}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -207,7 +207,7 @@ def test_store_retention_and_torn_saves_on_s3(s3):
     """The store alone (no ranks): listing an empty prefix, commit, prune, read back."""
     import numpy as np
 
-    from checkpoint.store import Slice
+    from tierzero.checkpoint.store import Slice
 
     assert CheckpointStore(f"s3://{BUCKET}/nothing/here").steps() == []
     store = CheckpointStore(f"s3://{BUCKET}/store/ckpt")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.cli import main
-from launcher.config import DEFAULT_RECIPE, ConfigError, describe_keys, load_config, write_resolved
+from tierzero.launcher.cli import main
+from tierzero.launcher.config import DEFAULT_RECIPE, ConfigError, describe_keys, load_config, write_resolved
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,7 +139,7 @@ def test_cli_malformed_yaml_in_a_real_process(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {steps: 3\n")
     before = set(tmp_path.iterdir())
-    r = subprocess.run([sys.executable, "-m", "launcher.cli", "run", str(bad)], cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-m", "tierzero.launcher.cli", "run", str(bad)], cwd=tmp_path,
                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "bad.yaml" in r.stderr
@@ -183,7 +183,7 @@ def test_docs_list_every_key():
 def test_expert_parallel_size_must_divide_the_launch(tmp_path):
     """The default recipe (MoE, parallel.ep=2) on one rank: a config error before anything
     starts (found on a 1-GPU machine, where it used to fail inside every restarted rank)."""
-    from launcher.config import check_world
+    from tierzero.launcher.config import check_world
 
     cfg = load_config([], [])
     assert cfg.parallel.ep == 2
@@ -191,7 +191,7 @@ def test_expert_parallel_size_must_divide_the_launch(tmp_path):
     assert "parallel.ep=2" in problem and "pick one of [1]" in problem
     assert check_world(cfg, 4) == [] and len(check_world(cfg, 3)) == 2  # 3 ranks: the batch split too
 
-    r = subprocess.run([sys.executable, "-m", "launcher.cli", "run", "launcher.nproc=1", f"run.dir={tmp_path / 'r'}"],
+    r = subprocess.run([sys.executable, "-m", "tierzero.launcher.cli", "run", "launcher.nproc=1", f"run.dir={tmp_path / 'r'}"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "parallel.ep=2" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "r").exists(), "a config error must write nothing"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.config import DataConfig
-from recipes.data import (
+from tierzero.recipes.config import DataConfig
+from tierzero.recipes.data import (
     MarkovChain,
     MarkovDataset,
     TokenFileDataset,

@@ -22,14 +22,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from reference import single_process_run
 
-from launcher.config import load_config
-from parallel.context import DistContext
-from parallel.deepspeed_adapter import (
+from tierzero.launcher.config import load_config
+from tierzero.parallel.context import DistContext
+from tierzero.parallel.deepspeed_adapter import (
     BUCKET_NUMEL, deepspeed_can_run, deepspeed_config, restrict_auto_choice,
 )
-from parallel.plan import ENGINES, ParallelConfig, PlanError, choose_plan, named_plan, uniform_units
-from parallel.topology import emulated_topology
-from recipes.train import train
+from tierzero.parallel.plan import ENGINES, ParallelConfig, PlanError, choose_plan, named_plan, uniform_units
+from tierzero.parallel.topology import emulated_topology
+from tierzero.recipes.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -128,9 +128,9 @@ def test_config_errors_come_before_deepspeed_is_imported():
     environments that do not use it)."""
     code = (
         "import sys, torch\n"
-        "from parallel.deepspeed_adapter import DeepSpeedEngine\n"
-        "from parallel.plan import PlanError, named_plan\n"
-        "from parallel.topology import emulated_topology\n"
+        "from tierzero.parallel.deepspeed_adapter import DeepSpeedEngine\n"
+        "from tierzero.parallel.plan import PlanError, named_plan\n"
+        "from tierzero.parallel.topology import emulated_topology\n"
         "topo = emulated_topology([2, 2])\n"
         "try:\n"
         "    DeepSpeedEngine(torch.nn.Linear(2, 2), plan=named_plan('hsdp', topo), topology=topo, rank=0,\n"
@@ -177,7 +177,7 @@ def _overrides(world: int):
 
 def _drive(engine, cfg, data, *, steps, rank, world):
     """The training loop's calls (recipes/train.py), without the telemetry around them."""
-    from recipes.train import micro_batch_indices
+    from tierzero.recipes.train import micro_batch_indices
 
     gb = cfg.train.global_batch_size
     for step in range(steps):
@@ -191,10 +191,10 @@ def _drive(engine, cfg, data, *, steps, rank, world):
 def _engine_checks(rank: int, world: int, topo, cfg) -> dict:
     """global_tensors() equals the native engine's after 2 steps (zero2: DeepSpeed's ZeRO-1/2
     optimizer, hpz: its ZeRO-3 one), and hpZ really keeps a secondary partition."""
-    from parallel.deepspeed_adapter import DeepSpeedEngine
-    from parallel.zero import ShardedEngine
-    from recipes.data import build_dataset
-    from recipes.model import build_model, loss_fn
+    from tierzero.parallel.deepspeed_adapter import DeepSpeedEngine
+    from tierzero.parallel.zero import ShardedEngine
+    from tierzero.recipes.data import build_dataset
+    from tierzero.recipes.model import build_model, loss_fn
 
     data = build_dataset(cfg.data)
     optim = dict(lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=cfg.train.weight_decay,
@@ -235,7 +235,7 @@ def _engine_checks(rank: int, world: int, topo, cfg) -> dict:
 
 
 def _first_batch(data, cfg, rank, world):
-    from recipes.train import micro_batch_indices
+    from tierzero.recipes.train import micro_batch_indices
 
     idx = micro_batch_indices(0, 0, dp_rank=rank, dp_size=world, micro_batch=MICRO,
                               global_batch=cfg.train.global_batch_size)

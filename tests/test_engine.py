@@ -18,11 +18,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from reference import single_process_run
 
-from launcher.config import load_config
-from parallel.context import DistContext
-from parallel.plan import ParallelConfig, named_plan, predict
-from parallel.topology import emulated_topology
-from recipes.train import train
+from tierzero.launcher.config import load_config
+from tierzero.parallel.context import DistContext
+from tierzero.parallel.plan import ParallelConfig, named_plan, predict
+from tierzero.parallel.topology import emulated_topology
+from tierzero.recipes.train import train
 
 pytestmark = pytest.mark.multiprocess
 
@@ -102,9 +102,9 @@ def _reference(world: int, micro: int):
 
 
 def _predicted(name, kwargs, sizes, world, micro, dtype_bytes=4):
-    from recipes.data import build_dataset
-    from recipes.model import build_model
-    from parallel.zero import model_units
+    from tierzero.recipes.data import build_dataset
+    from tierzero.recipes.model import build_model
+    from tierzero.parallel.zero import model_units
 
     cfg = load_config([], _overrides(world, micro))
     topo = emulated_topology(sizes)

@@ -33,14 +33,14 @@ fsdp = pytest.importorskip("torch.distributed.fsdp", reason="PyTorch FSDP2 (full
 if not hasattr(fsdp, "fully_shard"):
     pytest.skip(reason="this torch has no torch.distributed.fsdp.fully_shard (FSDP2)", allow_module_level=True)
 
-from launcher.config import load_config  # noqa: E402
-from parallel.context import DistContext  # noqa: E402
-from parallel.engine import param_groups  # noqa: E402
-from parallel.plan import ParallelConfig  # noqa: E402
-from parallel.topology import emulated_topology  # noqa: E402
-from recipes import train as train_mod  # noqa: E402
-from recipes.data import build_dataset  # noqa: E402
-from recipes.model import build_model, loss_fn  # noqa: E402
+from tierzero.launcher.config import load_config  # noqa: E402
+from tierzero.parallel.context import DistContext  # noqa: E402
+from tierzero.parallel.engine import param_groups  # noqa: E402
+from tierzero.parallel.plan import ParallelConfig  # noqa: E402
+from tierzero.parallel.topology import emulated_topology  # noqa: E402
+from tierzero.recipes import train as train_mod  # noqa: E402
+from tierzero.recipes.data import build_dataset  # noqa: E402
+from tierzero.recipes.model import build_model, loss_fn  # noqa: E402
 
 pytestmark = pytest.mark.multiprocess
 

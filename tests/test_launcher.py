@@ -2,12 +2,12 @@
 
 import pytest
 
-from launcher.cli import main
-from launcher.discover import TopologyMismatch, build_topology, probe_machine
-from launcher.supervisor import describe_exit, next_attempt
-from parallel.topology import TopologyConfig
-from telemetry.config import TelemetryConfig
-from telemetry.sink import Telemetry
+from tierzero.launcher.cli import main
+from tierzero.launcher.discover import TopologyMismatch, build_topology, probe_machine
+from tierzero.launcher.supervisor import describe_exit, next_attempt
+from tierzero.parallel.topology import TopologyConfig
+from tierzero.telemetry.config import TelemetryConfig
+from tierzero.telemetry.sink import Telemetry
 
 
 def test_each_launch_into_a_run_dir_is_a_new_attempt(tmp_path):

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from parallel.groups import build_partition
-from parallel.ledger import ByteLedger
+from tierzero.parallel.groups import build_partition
+from tierzero.parallel.ledger import ByteLedger
 
 pytestmark = pytest.mark.multiprocess
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.config import DataConfig, ModelConfig
-from recipes.data import build_dataset
-from recipes.model import (
+from tierzero.recipes.config import DataConfig, ModelConfig
+from tierzero.recipes.data import build_dataset
+from tierzero.recipes.model import (
     Transformer,
     build_model,
     count_params,

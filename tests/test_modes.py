@@ -2,8 +2,8 @@
 
 import pytest
 
-from launcher.modes import detect_launch, slurm_port
-from slurm.nodelist import expand_nodelist, expand_tasks_per_node
+from tierzero.launcher.modes import detect_launch, slurm_port
+from tierzero.slurm.nodelist import expand_nodelist, expand_tasks_per_node
 
 
 def test_nothing_means_local():

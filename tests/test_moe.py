@@ -15,12 +15,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from reference import single_process_run
 
-from launcher.config import ConfigError, load_config
-from parallel.context import DistContext
-from parallel.moe import (MoEConfig, MoEFeedForward, balance_loss, capacity, keep_mask, route, z_loss)
-from parallel.plan import ParallelConfig, named_plan, predict
-from parallel.topology import emulated_topology, expert_data_topology
-from recipes.train import train
+from tierzero.launcher.config import ConfigError, load_config
+from tierzero.parallel.context import DistContext
+from tierzero.parallel.moe import (MoEConfig, MoEFeedForward, balance_loss, capacity, keep_mask, route, z_loss)
+from tierzero.parallel.plan import ParallelConfig, named_plan, predict
+from tierzero.parallel.topology import emulated_topology, expert_data_topology
+from tierzero.recipes.train import train
 
 # ---- routing, pure -----------------------------------------------------------------------
 
@@ -232,9 +232,9 @@ def _run(tmp_path, extra):
 
 
 def _predicted(overrides, extra):
-    from parallel.zero import model_units
-    from recipes.data import build_dataset
-    from recipes.model import build_model
+    from tierzero.parallel.zero import model_units
+    from tierzero.recipes.data import build_dataset
+    from tierzero.recipes.model import build_model
 
     cfg = load_config([], [*BASE, *extra, *overrides])
     topo = emulated_topology([2, 2])
@@ -288,9 +288,9 @@ def test_expert_parallel_matches_single_process(tmp_path, extra):
 
 def test_report_draws_the_expert_load_heatmap(tmp_path):
     """Rows in the `experts` table -> a per-layer load summary and expert_load.png."""
-    from telemetry.config import TelemetryConfig
-    from telemetry.report import write_report
-    from telemetry.sink import Telemetry
+    from tierzero.telemetry.config import TelemetryConfig
+    from tierzero.telemetry.report import write_report
+    from tierzero.telemetry.sink import Telemetry
 
     tel = Telemetry(TelemetryConfig(), root=str(tmp_path / "telemetry"), run="r", attempt=0, rank=0, host="h")
     for step in (1, 2):

@@ -20,10 +20,10 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from launcher import netns
-from launcher.cli import main
-from launcher.config import load_config
-from launcher.netns import EmulatedNetwork, NetworkSetupError, cleanup_stale, plan_network
+from tierzero.launcher import netns
+from tierzero.launcher.cli import main
+from tierzero.launcher.config import load_config
+from tierzero.launcher.netns import EmulatedNetwork, NetworkSetupError, cleanup_stale, plan_network
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["train.global_batch_size=16", "train.micro_batch_size=2", "train.warmup_steps=2", "model.d_model=32",
@@ -231,7 +231,7 @@ def test_the_probe_reads_every_op_at_or_below_the_shaped_link(tmp_path):
     the link's per-rank share (0.2 / 8 / 2 ranks GB/s; a wrong bus factor or link model would
     read 2x), must reach a fair part of it, and the unshaped in-node level must read faster."""
     run_dir = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "launcher.cli", "bench", "--probe", "topology.emulate=[2,2]",
+    r = subprocess.run([sys.executable, "-m", "tierzero.launcher.cli", "bench", "--probe", "topology.emulate=[2,2]",
                         "launcher.nproc=4", "launcher.isolate_network=true", "launcher.inter_node_gbit=0.2",
                         f"run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -263,7 +263,7 @@ def test_a_failed_setup_removes_what_it_made(tmp_path):
 @real
 def test_cleanup_stale_removes_the_network_of_a_killed_process(tmp_path):
     state = tmp_path / ".netns.json"
-    code = ("import sys, time; from launcher.netns import EmulatedNetwork; "
+    code = ("import sys, time; from tierzero.launcher.netns import EmulatedNetwork; "
             f"EmulatedNetwork(3, 1.0, tag=sys.argv[1], state_path={str(state)!r}).setup(); "
             "print('up', flush=True); time.sleep(60)")
     tag = f"tzk{os.getpid()}"
@@ -285,7 +285,7 @@ def test_cleanup_stale_removes_the_network_of_a_killed_process(tmp_path):
 
 def _spawn(tmp_path, *args):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", *SMALL, "launcher.isolate_network=true",
+    return subprocess.Popen([sys.executable, "-m", "tierzero.launcher.cli", "run", *SMALL, "launcher.isolate_network=true",
                              *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from parallel.plan import (
+from tierzero.parallel.plan import (
     DEFAULT_BANDWIDTH_GBPS, REPLICATED, ParallelConfig, PlanError, Unit, candidate_plans, chunk_index, choose_plan,
     level_of_group, named_plan, padded_numel, plan_groups, predict, resolve_plan, span, uniform_units,
 )
-from parallel.topology import emulated_topology, preset_topology, with_bandwidths
+from tierzero.parallel.topology import emulated_topology, preset_topology, with_bandwidths
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPOLOGIES = [[2, 2], [2, 2, 2], [4, 3], [2, 3, 2], [1, 4], [8, 1], [2, 2, 2, 2]]
@@ -318,7 +318,7 @@ def test_level_of_group():
 def test_plan_cli_is_fast_at_1024_ranks_and_prints_every_plan():
     t0 = time.perf_counter()
     r = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "plan", "topology.preset=frontier", "topology.nodes=128",
+        [sys.executable, "-m", "tierzero.launcher.cli", "plan", "topology.preset=frontier", "topology.nodes=128",
          "model.params=20e9", "model.n_layers=44", "train.dtype=bfloat16", "train.global_batch_size=1024",
          "train.micro_batch_size=1"],
         capture_output=True, text=True, cwd=ROOT)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cli import main
-from launcher.config import ConfigError, load_config
-from launcher.modes import detect_launch
-from slurm.cluster import ClusterSpec, render_slurm_conf
-from slurm.config import SlurmConfig, time_limit_s
-from slurm.sbatch import ScriptSpec, SbatchError, render_sbatch
+from tierzero.launcher.cli import main
+from tierzero.launcher.config import ConfigError, load_config
+from tierzero.launcher.modes import detect_launch
+from tierzero.slurm.cluster import ClusterSpec, render_slurm_conf
+from tierzero.slurm.config import SlurmConfig, time_limit_s
+from tierzero.slurm.sbatch import ScriptSpec, SbatchError, render_sbatch
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden" / "slurm"
@@ -34,7 +34,7 @@ CASES = {
         extra_sbatch=["--mail-type=END", "--reservation=hero"],
         setup=["module load PrgEnv-gnu rocm/6.0", "source /ccs/proj/csc123/venv/bin/activate",
                "export MASTER_ADDR=$(hostname -s)-hsn0"],
-        program="/ccs/proj/csc123/venv/bin/python -m launcher.cli", signal_margin_s=300, max_requeues=5),
+        program="/ccs/proj/csc123/venv/bin/python -m tierzero.launcher.cli", signal_margin_s=300, max_requeues=5),
     "no_requeue": SlurmConfig(nodes=1, ntasks_per_node=4, requeue=False, time="30"),
     "bench_sweep": SlurmConfig(command="bench", sweep_nodes=[1, 2, 4], ntasks_per_node=4, time="00:20:00",
                                exclusive=True),
@@ -147,11 +147,11 @@ HOSTILE = [
 @pytest.mark.parametrize("run_dir", HOSTILE)
 def test_hostile_run_dir_reaches_srun_verbatim(tmp_path, run_dir):
     spec = ScriptSpec(run_name="r", run_dir=run_dir, config_path=run_dir + "/config.yaml")
-    slurm = SlurmConfig(program="'/opt/my env/bin/python' -m launcher.cli")  # split like a shell would
+    slurm = SlurmConfig(program="'/opt/my env/bin/python' -m tierzero.launcher.cli")  # split like a shell would
     rc, out, calls, args, stub = _run_script(tmp_path, render_sbatch(slurm, spec), "ok")
     assert rc == 0, out
     assert not list(tmp_path.rglob("PWNED")), "a config value ran as shell code"
-    assert args[-5:] == ["/opt/my env/bin/python", "-m", "launcher.cli", "run", run_dir + "/config.yaml"], args
+    assert args[-5:] == ["/opt/my env/bin/python", "-m", "tierzero.launcher.cli", "run", run_dir + "/config.yaml"], args
     # the stub scontrol answered NodeAddr=10.1.2.3 for the first node n7: the rendezvous goes there
     assert "rendezvous 10.1.2.3:24242" in out, out
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from launcher.modes import detect_launch
-from slurm.cluster import INSTALL_HINT, _pid_files, client_env, create_cluster, destroy_cluster, \
+from tierzero.launcher.modes import detect_launch
+from tierzero.slurm.cluster import INSTALL_HINT, _pid_files, client_env, create_cluster, destroy_cluster, \
     leftover_job_processes, missing_binaries, our_pid
-from slurm.nodelist import expand_nodelist
-from slurm.submit import job_info
+from tierzero.slurm.nodelist import expand_nodelist
+from tierzero.slurm.submit import job_info
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(bool(missing_binaries()),
@@ -32,7 +32,7 @@ SMALL = ["train.global_batch_size=16", "train.micro_batch_size=2", "train.warmup
          "model.n_heads=2", "data.seq_len=16", "telemetry.peak_tflops=1.0", "telemetry.flush_every_s=1",
          "moe.num_experts=0", "parallel.ep=1"]
 TWO_BY_TWO = ["slurm.nodes=2", "slurm.ntasks_per_node=2", "slurm.cpus_per_task=1",
-              f"slurm.program={shlex.quote(sys.executable)} -m launcher.cli"]
+              f"slurm.program={shlex.quote(sys.executable)} -m tierzero.launcher.cli"]
 
 
 def _free_port_block(n: int) -> int:
@@ -61,7 +61,7 @@ class Cluster:
         """`step_s`: every training step sleeps that long (TIERZERO_FAULT_SLOW_STEP_S, passed on by
         sbatch's default --export=ALL), so a test that must catch the job mid-way holds on a fast machine."""
         env = dict(self.env, TIERZERO_FAULT_SLOW_STEP_S=str(step_s)) if step_s else self.env
-        r = subprocess.run([sys.executable, "-m", "launcher.cli", "sbatch", "dense_tiny_cpu", *SMALL, *TWO_BY_TWO,
+        r = subprocess.run([sys.executable, "-m", "tierzero.launcher.cli", "sbatch", "dense_tiny_cpu", *SMALL, *TWO_BY_TWO,
                             f"run.dir={run_dir}", *overrides, "--submit", "--quiet"],
                            capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -119,7 +119,7 @@ def _committed(run_dir: Path) -> list:
 
 
 def _ckpt(run_dir: Path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", "ckpt", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tierzero.launcher.cli", "ckpt", *args], capture_output=True, text=True,
                           timeout=120, cwd=run_dir)
 
 
@@ -259,7 +259,7 @@ def test_scancel_leaves_the_last_checkpoint_usable(cluster, tmp_path):
 
 def test_bench_sweep_job_array_writes_one_run_dir(cluster, tmp_path):
     run_dir = tmp_path / "sweep"
-    r = subprocess.run([sys.executable, "-m", "launcher.cli", "sbatch", "slurm.command=bench", "slurm.sweep_nodes=[1,2]",
+    r = subprocess.run([sys.executable, "-m", "tierzero.launcher.cli", "sbatch", "slurm.command=bench", "slurm.sweep_nodes=[1,2]",
                         "slurm.ntasks_per_node=2", "slurm.cpus_per_task=1", TWO_BY_TWO[-1], "bench.ops=[all_reduce]",
                         "bench.sizes=1K:16K", "bench.iters=3", "bench.warmup=1", "run.name=sweep",
                         f"run.dir={run_dir}", "--submit", "--quiet"], capture_output=True, text=True,
@@ -275,7 +275,7 @@ def test_bench_sweep_job_array_writes_one_run_dir(cluster, tmp_path):
     print(f"job array {job}: {len(rows)} rows from 1 and 2 nodes in {run_dir}")
 
     # `tierzero report` merges the array's runs: busbw at the largest size, by node count
-    r = subprocess.run([sys.executable, "-m", "launcher.cli", "report", str(run_dir)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "tierzero.launcher.cli", "report", str(run_dir)], capture_output=True, text=True,
                        env=cluster.env, timeout=120)
     assert r.returncode == 0, r.stderr
     header, line = [ln for ln in r.stdout.splitlines() if ln.strip().startswith(("op ", "all_reduce"))]

@@ -29,7 +29,7 @@ def _env(**extra):
 
 
 def _run(args, cwd, expect=0, **env):
-    r = subprocess.run([sys.executable, "-m", "launcher.cli", "run", *SMALL, *args], cwd=cwd, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "tierzero.launcher.cli", "run", *SMALL, *args], cwd=cwd, capture_output=True,
                        text=True, env=_env(**env), timeout=300)
     assert r.returncode == expect, f"{args} -> {r.returncode}:\n{r.stdout[-2500:]}\n{r.stderr[-2500:]}"
     return r
@@ -76,7 +76,7 @@ def test_a_killed_rank_restarts_from_the_newest_checkpoint(tmp_path, clean):
         assert lineage[step] == clean[step], (step, lineage[step], clean[step])
 
     # the report: the restart, its cause, and what it cost
-    from telemetry.report import write_report
+    from tierzero.telemetry.report import write_report
 
     text = write_report(run_dir)
     logged = max([r["step"] for r in _table(run_dir, "steps") if r["attempt"] == 0] + [error["step"]])
@@ -126,7 +126,7 @@ def test_nonfinite_stop_and_too_many_in_a_row(tmp_path):
 
 
 def test_find_hang_names_the_rank_furthest_behind():
-    from launcher.supervisor import find_hang
+    from tierzero.launcher.supervisor import find_hang
 
     now = 1000.0
     moving = {0: (7, "micro 1", now - 1), 1: (7, "step", now - 50)}
@@ -155,7 +155,7 @@ def test_a_rank_that_sleeps_forever_is_detected_in_time(tmp_path):
 # ---- signals ------------------------------------------------------------------------------
 
 def _start(args, cwd, **env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", *SMALL, *args], cwd=cwd,
+    return subprocess.Popen([sys.executable, "-m", "tierzero.launcher.cli", "run", *SMALL, *args], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**env))
 
 
@@ -190,13 +190,13 @@ def _kill_rank_at(sup: subprocess.Popen, run_dir: Path, rank: int, step: int):
 
 
 def _committed(run_dir: Path) -> list:
-    from checkpoint.store import CheckpointStore
+    from tierzero.checkpoint.store import CheckpointStore
 
     return [s for s, ok in CheckpointStore(str(run_dir / "checkpoints")).steps() if ok]
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_75_then_resumes(tmp_path, clean):
-    from launcher.signals import EXIT_REQUEUE
+    from tierzero.launcher.signals import EXIT_REQUEUE
 
     run_dir = tmp_path / "run"
     # every_steps=0: the only checkpoint there can be is the one the signal asks for
@@ -224,7 +224,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_75_then_resumes(tmp_pat
     assert sorted(lineage) == list(range(1, 31))
     for step in range(1, 31):
         assert lineage[step] == clean[step], (step, lineage[step], clean[step])
-    from telemetry.report import write_report
+    from tierzero.telemetry.report import write_report
 
     text = write_report(run_dir)
     assert "stopped by a signal: 1" in text
@@ -254,7 +254,7 @@ def test_a_second_ctrl_c_exits_at_once_and_keeps_the_committed_checkpoint(tmp_pa
     assert elapsed < 5, f"the second Ctrl-C took {elapsed:.1f} s"
     assert "second stop signal (SIGINT): exiting at once" in err
     assert _committed(run_dir) == [5]
-    r = subprocess.run([sys.executable, "-m", "launcher.cli", "ckpt", "verify", str(run_dir / "checkpoints" / "step-00000005")],
+    r = subprocess.run([sys.executable, "-m", "tierzero.launcher.cli", "ckpt", "verify", str(run_dir / "checkpoints" / "step-00000005")],
                        capture_output=True, text=True, env=_env(), timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -285,13 +285,13 @@ def test_a_supervisor_killed_with_sigkill_leaves_no_rank_behind(tmp_path):
 
 def _scheduled_ranks(args, cwd, nproc=2, **env):
     """Start the ranks the way torchrun or srun would (no local supervisor)."""
-    from launcher.rank import free_port
+    from tierzero.launcher.rank import free_port
 
     port = free_port()
     procs = []
     for rank in range(nproc):
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "launcher.cli", "run", *SMALL, *args], cwd=cwd, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "tierzero.launcher.cli", "run", *SMALL, *args], cwd=cwd, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True,
             env=_env(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env)))
@@ -311,7 +311,7 @@ def _finish(procs, timeout_s=120):
 
 
 def test_under_a_scheduler_the_requeue_signal_to_one_rank_stops_every_rank_after_a_checkpoint(tmp_path):
-    from launcher.signals import EXIT_REQUEUE
+    from tierzero.launcher.signals import EXIT_REQUEUE
 
     run_dir = tmp_path / "run"
     procs = _scheduled_ranks(["train.steps=200", f"run.dir={run_dir}"], tmp_path)
@@ -359,8 +359,8 @@ def test_chaos_kill_9_a_random_rank_at_a_random_step(tmp_path, clean, seed):
 
 
 def test_kill_9_during_an_async_checkpoint_write_never_uses_the_torn_checkpoint(tmp_path, clean):
-    from checkpoint.manifest import step_dirname
-    from checkpoint.store import shard_name
+    from tierzero.checkpoint.manifest import step_dirname
+    from tierzero.checkpoint.store import shard_name
 
     run_dir = tmp_path / "run"
     sup = _start(["train.steps=30", "checkpoint.every_steps=4", "checkpoint.async_save=true",

@@ -16,11 +16,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from telemetry.config import TelemetryConfig
-from telemetry.nodes import NodeSampler
-from telemetry.report import load_table, summarize, write_report
-from telemetry.schema import TABLES, table_path
-from telemetry.sink import TableWriter, Telemetry
+from tierzero.telemetry.config import TelemetryConfig
+from tierzero.telemetry.nodes import NodeSampler
+from tierzero.telemetry.report import load_table, summarize, write_report
+from tierzero.telemetry.schema import TABLES, table_path
+from tierzero.telemetry.sink import TableWriter, Telemetry
 
 REPO = Path(__file__).resolve().parents[1]
 UTC = datetime.timezone.utc
@@ -245,8 +245,8 @@ def test_node_sampler_survives_a_missing_nvml(monkeypatch):
 CRASHING_WRITER = textwrap.dedent(
     """
     import sys, time
-    from telemetry.schema import STEPS
-    from telemetry.sink import TableWriter
+    from tierzero.telemetry.schema import STEPS
+    from tierzero.telemetry.sink import TableWriter
     writer = TableWriter(sys.argv[1], "steps", STEPS, {"run": "crash", "attempt": 0, "rank": 0}, 0.2)
     print("ready", flush=True)
     step = 0

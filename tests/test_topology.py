@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from parallel.topology import (
+from tierzero.parallel.topology import (
     Level, Topology, TopologyConfig, concurrent_busbw_gbps, crossing_level, default_level_names, emulated_topology,
     peak_busbw_gbps, preset_topology,
 )
@@ -103,7 +103,7 @@ def test_per_op_figures_survive_json_and_drop_when_the_link_changes():
     import json
     from dataclasses import asdict
 
-    from parallel.topology import Level, Topology, with_bandwidths
+    from tierzero.parallel.topology import Level, Topology, with_bandwidths
 
     t = with_bandwidths(emulated_topology([2, 2]), [0.2, 0.05], source="measured",
                         op_bandwidths_gbps=[None, {"all_gather": 0.05, "all_reduce": 0.07}])

@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pytest
 from reference import single_process_run
 
-from launcher.config import load_config
+from tierzero.launcher.config import load_config
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def assert_close(got, want, rel=1e-5):
 def test_four_local_ranks_on_emulated_2x2_match_single_process(tmp_path):
     run_dir = tmp_path / "runs" / "eq4"
     args = [*SMALL, "launcher.nproc=4", "topology.emulate=[2,2]", "run.name=eq4"]
-    r = run_cli([sys.executable, "-m", "launcher.cli", "run", *args], tmp_path)
+    r = run_cli([sys.executable, "-m", "tierzero.launcher.cli", "run", *args], tmp_path)
     assert "done: 8 steps" in r.stdout and "entropy floor" in r.stdout
     by_rank = losses_by_rank(telemetry_steps(run_dir))
     assert sorted(by_rank) == [0, 1, 2, 3]
@@ -78,7 +78,7 @@ def test_four_local_ranks_on_emulated_2x2_match_single_process(tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_two_ranks_match_single_process(tmp_path):
     args = [*SMALL, "run.name=tr", "launcher.nproc=2"]
-    run_cli(["torchrun", "--standalone", "--nproc-per-node=2", "-m", "launcher.cli", "run", *args], tmp_path)
+    run_cli(["torchrun", "--standalone", "--nproc-per-node=2", "-m", "tierzero.launcher.cli", "run", *args], tmp_path)
     by_rank = losses_by_rank(telemetry_steps(tmp_path / "runs" / "tr"))
     assert sorted(by_rank) == [0, 1]
     assert_close(by_rank[0], reference_losses(args))
@@ -89,7 +89,7 @@ def test_mpirun_two_ranks_match_single_process(tmp_path):
     pytest.importorskip("mpi4py", reason="mpi4py is needed for the mpirun rendezvous")
     args = [*SMALL, "run.name=mpi", "launcher.nproc=2"]
     env_clean = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    cmd = ["mpirun", "-n", "2", sys.executable, "-m", "launcher.cli", "run", *args]
+    cmd = ["mpirun", "-n", "2", sys.executable, "-m", "tierzero.launcher.cli", "run", *args]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
                        env=dict(env_clean, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -108,7 +108,7 @@ def test_a_killed_rank_stops_the_group(tmp_path):
 
     args = [*SMALL, "run.name=kill", "launcher.nproc=2", "train.steps=100000", "launcher.max_restarts=0"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    sup = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", *args], cwd=tmp_path,
+    sup = subprocess.Popen([sys.executable, "-m", "tierzero.launcher.cli", "run", *args], cwd=tmp_path,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         steps_dir = tmp_path / "runs" / "kill" / "telemetry" / "steps"

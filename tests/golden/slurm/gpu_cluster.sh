@@ -57,7 +57,7 @@ forward() {
 trap forward USR2
 trap 'echo "tierzero: batch shell got SIGTERM; the job is ending (no requeue)"; terminated=1' TERM
 
-srun --kill-on-bad-exit=1 --nodes=4 --ntasks-per-node=8 --cpus-per-task=7 /ccs/proj/csc123/venv/bin/python -m launcher.cli run "$config" &
+srun --kill-on-bad-exit=1 --nodes=4 --ntasks-per-node=8 --cpus-per-task=7 /ccs/proj/csc123/venv/bin/python -m tierzero.launcher.cli run "$config" &
 step_pid=$!
 # a trap interrupts wait (status > 128) while the step runs on: wait until it is gone
 while kill -0 "$step_pid" 2>/dev/null; do wait "$step_pid"; done
