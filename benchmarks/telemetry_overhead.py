@@ -1,7 +1,8 @@
 """What does telemetry cost the training loop? Two measurements in one run.
 
-1. Direct: the time one `Telemetry.step(...)` call takes on the loop's thread, against the
-   median step time of the default recipe. This is the cost the loop pays per step.
+1. Direct: the time one `Telemetry.record("steps", ...)` call (schema check, coercion, buffer
+   append) takes on the loop's thread, against the median step time of the default recipe.
+   This is the cost the loop pays per step.
 2. A/B: the default recipe (1 rank, in this process) with telemetry off and on, interleaved
    `--repeats` times, flushing every second with the node sampler running (harsher than the
    10 s default). On a shared 2-core machine the A/B noise is larger than 1%, so it is a
@@ -68,7 +69,7 @@ def main() -> None:
                    tflops=0.01, mfu=0.01, mem_rss_bytes=1 << 28, gpu_mem_bytes=None)
         t0 = time.perf_counter()
         for i in range(n):
-            tel.step(step=i, **row)
+            tel.record("steps", step=i, **row)
         per_call_s = (time.perf_counter() - t0) / n
         t0 = time.perf_counter()
         tel.close()
@@ -83,7 +84,7 @@ def main() -> None:
     print(f"{'median step time, telemetry off':<38}{step_off * 1e3:>11.2f} ms")
     print(f"{'median step time, telemetry on':<38}{step_on * 1e3:>11.2f} ms")
     print(f"{'A/B ratio on/off':<38}{step_on / step_off:>14.4f}")
-    print(f"{'Telemetry.step() per call':<38}{per_call_s * 1e6:>11.1f} us")
+    print(f"{'Telemetry.record() per call':<38}{per_call_s * 1e6:>11.1f} us")
     print(f"{'direct cost / step time':<38}{per_call_s / step_off * 100:>13.3f} %")
     print(f"{'flush of {0} rows (background)'.format(n):<38}{flush_s * 1e3:>11.1f} ms")
 

@@ -12,6 +12,7 @@ from typing import Any
 _EXPORTS = {
     "TelemetryConfig": "tierzero.telemetry.config",
     "TABLES": "tierzero.telemetry.schema",
+    "DERIVED": "tierzero.telemetry.schema",
     "table_path": "tierzero.telemetry.schema",
     "telemetry_root": "tierzero.telemetry.schema",
     "TableWriter": "tierzero.telemetry.sink",

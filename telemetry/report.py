@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from tierzero.telemetry.schema import PARTITION, TABLES, telemetry_root
+from tierzero.telemetry import schema as telemetry_schema
+from tierzero.telemetry.schema import PARTITION, telemetry_root
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,10 @@ class RunSummary:
 
 def load_table(telemetry_root: str, table: str) -> pa.Table:
     """Every file of one table with run, attempt and rank columns; empty (with the schema) when there are none."""
-    if table not in TABLES:
-        raise ValueError(f"unknown telemetry table {table!r}; choose one of {sorted(TABLES)}")
-    schema = pa.schema(list(TABLES[table]) + list(PARTITION))
+    tables = telemetry_schema.TABLES  # at call time, so a table added to schema.TABLES is readable here too
+    if table not in tables:
+        raise ValueError(f"unknown telemetry table {table!r}; choose one of {sorted(tables)}")
+    schema = pa.schema(list(tables[table]) + list(PARTITION))
     fs, root = fsspec.core.url_to_fs(telemetry_root)
     path = f"{root.rstrip('/')}/{table}"
     if not fs.isdir(path):

@@ -1,5 +1,10 @@
 """The telemetry tables, their on-disk layout, and where a run's telemetry lives.
 
+A table is defined here and nowhere else: add its schema to TABLES (and, if some of its
+columns are computed when the caller leaves them out, a DERIVED entry), and
+`Telemetry.record("<table>", **row)` checks and writes it, and `load_table` reads it back,
+with no other change.
+
 Units live in column names. The partition keys run, attempt and rank are not columns
 inside the files: they live only in the Hive path
 `<root>/<table>/run=<run>/attempt=<attempt>/rank=<rank>/part-00000.parquet`, which every
@@ -10,7 +15,7 @@ columns.
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Any, Callable, Optional, Protocol
 
 import pyarrow as pa
 
@@ -117,6 +122,44 @@ EXPERTS = pa.schema(
 
 TABLES: dict[str, pa.Schema] = {"steps": STEPS, "events": EVENTS, "nodes": NODES, "comm": COMM,
                                 "collectives": COLLECTIVES, "experts": EXPERTS}
+
+
+class RowContext(Protocol):
+    """What a derivation may ask of the process recording the row (sink.Telemetry is one)."""
+
+    @property
+    def peak_tflops(self) -> float:
+        """This rank's device peak, the MFU denominator (may be measured on first use)."""
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the recording process."""
+
+
+Derivation = Callable[[dict, RowContext], Any]
+"""fn(row, context) -> the column's value, or None to leave it null."""
+
+
+def _step_rss_bytes(row: dict, context: RowContext) -> int:
+    return context.rss_bytes()
+
+
+def _step_tokens_per_s(row: dict, context: RowContext) -> Optional[float]:
+    tokens, step_time_s = row.get("tokens"), row.get("step_time_s")
+    return float(tokens) / float(step_time_s) if tokens is not None and step_time_s else None
+
+
+def _step_mfu(row: dict, context: RowContext) -> Optional[float]:
+    tflops = row.get("tflops")
+    return None if tflops is None else float(tflops) / context.peak_tflops
+
+
+DERIVED: dict[str, dict[str, Derivation]] = {
+    "steps": {"mem_rss_bytes": _step_rss_bytes, "tokens_per_s": _step_tokens_per_s, "mfu": _step_mfu},
+}
+"""Per table, the nullable columns Telemetry.record() computes, in this order, when a row leaves them None.
+
+Derivations run only when telemetry is enabled, after the row has passed the column check.
+"""
 
 PARTITION = pa.schema([("run", pa.string()), ("attempt", pa.int32()), ("rank", pa.int32())])
 """Types of the Hive partition keys, in path order."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import difflib
 import logging
 import os
 import re
@@ -20,9 +21,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tierzero.telemetry import schema as telemetry_schema
 from tierzero.telemetry.config import TelemetryConfig
 from tierzero.telemetry.nodes import NodeSampler
-from tierzero.telemetry.schema import TABLES, table_path
+from tierzero.telemetry.schema import table_path
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,45 @@ def _converter(type_: pa.DataType) -> Callable[[Any], Any]:
     return lambda value: value
 
 
+class _Columns:
+    """One table's columns, precomputed from its schema: checking a row is a set difference and a few look-ups."""
+
+    __slots__ = ("table", "schema", "_names", "_required", "_convert", "_has_time")
+
+    def __init__(self, table: str, schema: pa.Schema):
+        self.table = table
+        self.schema = schema
+        self._names = frozenset(schema.names)
+        self._required = tuple(f.name for f in schema if not f.nullable and f.name != "time")
+        self._convert = {f.name: _converter(f.type) for f in schema}
+        self._has_time = "time" in self._names
+
+    def check(self, row: dict) -> None:
+        """ValueError naming the table, the bad column(s) and the valid ones, for an unknown or missing column."""
+        unknown = row.keys() - self._names
+        if unknown:
+            hints = [f"{name!r} -> {close[0]!r}" for name in sorted(unknown)
+                     if (close := difflib.get_close_matches(name, self.schema.names, n=1))]
+            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+            raise ValueError(
+                f"unknown {self.table} column(s) {sorted(unknown)}{hint}; {self.table} columns are "
+                f"{self.schema.names} (telemetry/schema.py)"
+            )
+        missing = [name for name in self._required if row.get(name) is None]
+        if missing:
+            raise ValueError(
+                f"{self.table} row lacks required column(s) {missing}; give every one of {list(self._required)} "
+                f"(time is filled in); {self.table} columns are {self.schema.names}"
+            )
+
+    def coerce(self, row: dict) -> dict:
+        """A checked row converted to the column types, with `time` set to now when not given."""
+        converted = {k: (None if v is None else self._convert[k](v)) for k, v in row.items()}
+        if self._has_time and converted.get("time") is None:
+            converted["time"] = _now()
+        return converted
+
+
 class TableWriter:
     """Buffers rows of one table for one partition and flushes them as new Parquet files.
 
@@ -71,10 +112,7 @@ class TableWriter:
         self.dir = table_path(root_path, table, **partition)
         protocols = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
         self._direct_put = bool(_OBJECT_STORES.intersection(protocols))
-        self._names = frozenset(schema.names)
-        self._required = frozenset(f.name for f in schema if not f.nullable) - {"time"}
-        self._convert = {f.name: _converter(f.type) for f in schema}
-        self._has_time = "time" in self._names
+        self._columns = _Columns(table, schema)
         # Re-entrant: a signal handler may append or flush while the main thread holds a lock.
         self._rows_lock = threading.RLock()
         self._flush_lock = threading.RLock()
@@ -89,18 +127,15 @@ class TableWriter:
         atexit.register(self.close)
 
     def append(self, row: dict) -> None:
-        """Buffer one row (a list append under a lock; never touches storage)."""
+        """Check and buffer one row (a list append under a lock; never touches storage)."""
+        self._columns.check(row)
+        self._append_checked(row)
+
+    def _append_checked(self, row: dict) -> None:
+        # Telemetry.record() has checked the row already, before deriving columns.
         if self._closed:
             raise RuntimeError(f"append to the closed {self.table} writer of {self.dir}")
-        unknown = row.keys() - self._names
-        if unknown:
-            raise ValueError(f"unknown {self.table} column(s) {sorted(unknown)}; columns are {self.schema.names}")
-        missing = [name for name in self._required if row.get(name) is None]
-        if missing:
-            raise ValueError(f"{self.table} row lacks required column(s) {sorted(missing)}: {row}")
-        converted = {k: (None if v is None else self._convert[k](v)) for k, v in row.items()}
-        if self._has_time and converted.get("time") is None:
-            converted["time"] = _now()
+        converted = self._columns.coerce(row)
         with self._rows_lock:
             self._rows.append(converted)
 
@@ -167,12 +202,14 @@ class TableWriter:
 
 
 class Telemetry:
-    """One rank's telemetry: step rows, events, and (on one rank per node) node samples.
+    """One rank's telemetry: rows of any table in schema.TABLES, events, and (on one rank per node) node samples.
 
     `root` is the resolved telemetry root (see schema.telemetry_root). Rank -1 is the
-    launcher/supervisor. With cfg.enabled false every method is a no-op and nothing is
-    created. `peak_tflops` is the recipe's measured device peak, used when
-    telemetry.peak_tflops is unset; without either, the CPU matmul peak is measured once.
+    launcher/supervisor. With cfg.enabled false nothing is written or created, but record()
+    still checks every row, so a misspelt column fails in a run with telemetry off too.
+    `peak_tflops` is the recipe's measured device peak, used when telemetry.peak_tflops is
+    unset; without either, the CPU matmul peak is measured once, when first needed.
+    The tables and their derived columns are read from schema.py when this is constructed.
     """
 
     def __init__(
@@ -193,6 +230,8 @@ class Telemetry:
         self.rank = rank
         self.host = host
         self._peak_tflops = cfg.peak_tflops if cfg.peak_tflops is not None else peak_tflops
+        self._columns = {name: _Columns(name, schema) for name, schema in telemetry_schema.TABLES.items()}
+        self._derived = {name: tuple(derived.items()) for name, derived in telemetry_schema.DERIVED.items()}
         self._writers: dict[str, TableWriter] = {}
         self._writers_lock = threading.RLock()  # re-entrant for signal handlers
         self._sampler: Optional[NodeSampler] = None
@@ -214,49 +253,64 @@ class Telemetry:
             logger.debug("measured CPU matmul peak %.3f TFLOP/s for MFU", self._peak_tflops)
         return self._peak_tflops
 
-    def step(self, **columns: Any) -> None:
-        """Record one step row; time, mem_rss_bytes, tokens_per_s and mfu are derived when not given."""
-        if not self.cfg.enabled or self._dropped("step"):
-            return
-        row = dict(columns)
-        if row.get("mem_rss_bytes") is None:
-            row["mem_rss_bytes"] = self._rss_bytes()
-        tokens, step_time_s = row.get("tokens"), row.get("step_time_s")
-        if row.get("tokens_per_s") is None and tokens is not None and step_time_s:
-            row["tokens_per_s"] = float(tokens) / float(step_time_s)
-        if row.get("mfu") is None and row.get("tflops") is not None:
-            row["mfu"] = float(row["tflops"]) / self.peak_tflops
-        self._writer("steps").append(row)
+    def rss_bytes(self) -> int:
+        """Resident memory of this process (schema.DERIVED's steps.mem_rss_bytes asks for it)."""
+        if self._process is None:
+            import psutil
 
-    def comm(self, **columns: Any) -> None:
-        """Record one byte-ledger row (step, phase, level, op, bytes, time_s, calls)."""
-        if not self.cfg.enabled or self._dropped("comm"):
-            return
-        self._writer("comm").append(dict(columns))
+            self._process = psutil.Process()
+        return self._process.memory_info().rss
 
-    def expert(self, **columns: Any) -> None:
-        """Record one MoE routing row (schema.EXPERTS)."""
-        if not self.cfg.enabled or self._dropped("expert"):
-            return
-        self._writer("experts").append(dict(columns))
+    def record(self, table: str, /, **row: Any) -> None:
+        """Append one row to `table`, checked against schema.TABLES[table] now; never touches storage.
 
-    def collective(self, **columns: Any) -> None:
-        """Record one collective-benchmark row (schema.COLLECTIVES)."""
-        if not self.cfg.enabled or self._dropped("collective"):
+        An unknown table, a column the schema lacks, or a missing non-nullable column other
+        than `time` (filled in with now) is a ValueError naming the table and the valid
+        columns. Columns of schema.DERIVED[table] left None are then computed. Values may be
+        Python numbers, numpy scalars or 0-d tensors: they are coerced to the column type.
+        """
+        columns = self._columns.get(table)
+        if columns is None:
+            raise ValueError(
+                f"unknown telemetry table {table!r}; choose one of {sorted(self._columns)} "
+                "(a new table is added to TABLES in telemetry/schema.py)"
+            )
+        columns.check(row)
+        if not self.cfg.enabled or self._dropped(table):
             return
-        self._writer("collectives").append(dict(columns))
+        for column, derive in self._derived.get(table, ()):
+            if row.get(column) is None:
+                row[column] = derive(row, self)
+        self._writer(table)._append_checked(row)
 
     def event(self, kind: str, detail: str = "", step: Optional[int] = None, *, flush: Optional[bool] = None) -> None:
-        """Record one event; error and signal events (or flush=True) are written at once."""
-        if not self.cfg.enabled or self._dropped("event"):
-            return
-        writer = self._writer("events")
-        writer.append({"step": step, "kind": kind, "detail": detail, "host": self.host})
-        if flush or (flush is None and kind in _URGENT_EVENT_KINDS):
+        """Record one event row with this host; error and signal events (or flush=True) are written at once."""
+        self.record("events", step=step, kind=kind, detail=detail, host=self.host)
+        writer = self._writers.get("events")
+        if writer is not None and (flush or (flush is None and kind in _URGENT_EVENT_KINDS)):
             try:
                 writer.flush()
             except Exception:  # the caller is likely handling a failure already
                 logger.warning("could not write the %s event to %s", kind, writer.dir, exc_info=True)
+
+    # Deprecated one-line wrappers, kept until the callers in recipes/ and launcher/ move to
+    # record(); then they go. New code calls record("<table>", ...) directly.
+
+    def step(self, **columns: Any) -> None:
+        """Deprecated: record("steps", ...)."""
+        self.record("steps", **columns)
+
+    def comm(self, **columns: Any) -> None:
+        """Deprecated: record("comm", ...)."""
+        self.record("comm", **columns)
+
+    def expert(self, **columns: Any) -> None:
+        """Deprecated: record("experts", ...)."""
+        self.record("experts", **columns)
+
+    def collective(self, **columns: Any) -> None:
+        """Deprecated: record("collectives", ...)."""
+        self.record("collectives", **columns)
 
     def start_node_sampler(self) -> None:
         """Sample this node every telemetry.node_sample_every_s (call on one rank per node)."""
@@ -296,13 +350,6 @@ class Telemetry:
             writer = self._writers.get(table)
             if writer is None:
                 partition = {"run": self.run, "attempt": self.attempt, "rank": self.rank}
-                writer = TableWriter(self.root, table, TABLES[table], partition, self.cfg.flush_every_s)
+                writer = TableWriter(self.root, table, self._columns[table].schema, partition, self.cfg.flush_every_s)
                 self._writers[table] = writer
             return writer
-
-    def _rss_bytes(self) -> int:
-        if self._process is None:
-            import psutil
-
-            self._process = psutil.Process()
-        return self._process.memory_info().rss

@@ -13,13 +13,15 @@ import textwrap
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tierzero.telemetry import schema as telemetry_schema
 from tierzero.telemetry.config import TelemetryConfig
 from tierzero.telemetry.nodes import NodeSampler
 from tierzero.telemetry.report import load_table, summarize, write_report
-from tierzero.telemetry.schema import TABLES, table_path
+from tierzero.telemetry.schema import DERIVED, TABLES, TIME, table_path
 from tierzero.telemetry.sink import TableWriter, Telemetry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +125,132 @@ def test_append_rejects_unknown_and_missing_columns_and_coerces(tmp_path):
     assert row["time"] is not None
 
 
+def sample_value(field: pa.Field, i: int):
+    """A value of the field's type that Parquet gives back unchanged; row i differs from row j."""
+    if pa.types.is_timestamp(field.type):
+        return datetime.datetime(2024, 6, 1, 12, 0, i, tzinfo=UTC)
+    if pa.types.is_integer(field.type):
+        return 7 + i
+    if pa.types.is_floating(field.type):
+        return 0.5 + i
+    if pa.types.is_string(field.type):
+        return f"{field.name}-{i}"
+    raise AssertionError(f"no sample value for {field.name}: {field.type}; teach sample_value() this type")
+
+
+def record_and_read(root: str, table: str, rows: list[dict]) -> list[dict]:
+    with Telemetry(fast_cfg(), root, "r1", 0, 0, "h") as tel:
+        for row in rows:
+            tel.record(table, **row)
+    return load_table(root, table).to_pylist()
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_record_round_trips_every_table(tmp_path, table):
+    """Driven by the schema alone: a table added to TABLES is covered without editing this test."""
+    schema = TABLES[table]
+    full = {f.name: sample_value(f, 1) for f in schema}
+    required = {f.name: sample_value(f, 2) for f in schema if not f.nullable and f.name != "time"}
+    got_full, got_required = record_and_read(str(tmp_path), table, [full, required])
+    assert got_full == {**full, **PARTITION}
+    assert got_required["time"] is not None  # filled in by record()
+    for name in schema.names:
+        if name in required:
+            assert got_required[name] == required[name]
+        elif name != "time" and name not in DERIVED.get(table, {}):
+            assert got_required[name] is None, f"{table}.{name} was not given but reads back {got_required[name]!r}"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_record_rejects_unknown_table_unknown_column_and_missing_required(tmp_path, enabled):
+    root = tmp_path / "t"
+    with Telemetry(fast_cfg(enabled=enabled), str(root), "r1", 0, 0, "h") as tel:
+        with pytest.raises(ValueError) as e:
+            tel.record("step", step=1)
+        assert "unknown telemetry table 'step'" in str(e.value) and str(sorted(TABLES)) in str(e.value)
+
+        with pytest.raises(ValueError) as e:
+            tel.record("comm", step=1, phase="fwd", level="node", op="all_gather", bytes=1.0, time_s=0.1, calls=1,
+                       byte=2.0, colls=3)
+        message = str(e.value)
+        assert "unknown comm column(s) ['byte', 'colls']" in message
+        assert "'byte' -> 'bytes'" in message and "'colls' -> 'calls'" in message  # the likely fix
+        assert str(TABLES["comm"].names) in message  # every valid column
+
+        with pytest.raises(ValueError) as e:
+            tel.record("experts", step=1, layer=0, expert=2, tokens=5, dropped_fraction=0.0, aux_loss=None)
+        message = str(e.value)
+        assert "experts row lacks required column(s) ['aux_loss', 'z_loss', 'bias']" in message
+        assert str(TABLES["experts"].names) in message
+        # time is never required of the caller: record() fills it in.
+        assert "give every one of ['step', 'layer', 'expert', 'tokens', 'dropped_fraction', 'aux_loss', " in message
+
+        with pytest.raises(ValueError, match=r"events row lacks required column\(s\) \['kind'\]"):
+            tel.event(None)
+        with pytest.raises(TypeError):  # the table name is positional only, so no column can clash with it
+            tel.record(table="steps", step=1)
+    assert not (root / "comm").exists() and not (root / "experts").exists()  # a rejected row writes nothing
+
+
+def test_a_table_added_to_schema_py_needs_no_other_change(tmp_path, monkeypatch):
+    widgets = pa.schema(
+        [
+            pa.field("time", TIME, nullable=False),
+            pa.field("widget", pa.string(), nullable=False),
+            pa.field("count", pa.int64(), nullable=False),
+            pa.field("area_m2", pa.float64()),
+            pa.field("count_per_m2", pa.float64()),
+        ]
+    )
+
+    def count_per_m2(row, context):
+        return row["count"] / row["area_m2"] if row.get("area_m2") else None
+
+    monkeypatch.setattr(telemetry_schema, "TABLES", {**TABLES, "widgets": widgets})
+    monkeypatch.setattr(telemetry_schema, "DERIVED", {**DERIVED, "widgets": {"count_per_m2": count_per_m2}})
+    root = str(tmp_path)
+    with Telemetry(fast_cfg(), root, "r1", 0, 0, "h") as tel:
+        tel.record("widgets", widget="a", count=3, area_m2=1.5)
+        tel.record("widgets", widget="b", count=4.0)  # coerced to int64
+        with pytest.raises(ValueError, match=r"unknown widgets column\(s\) \['cont'\]"):
+            tel.record("widgets", widget="c", cont=1)
+        tel.record("steps", step=1)  # the existing tables still work
+    rows = load_table(root, "widgets").to_pylist()
+    assert [(r["widget"], r["count"], r["area_m2"], r["count_per_m2"]) for r in rows] == [
+        ("a", 3, 1.5, 2.0), ("b", 4, None, None),
+    ]
+    assert all(r["time"] is not None and (r["run"], r["attempt"], r["rank"]) == ("r1", 0, 0) for r in rows)
+    (path,) = Path(table_path(root, "widgets", "r1", 0, 0)).glob("*.parquet")
+    assert pq.read_table(path).schema.equals(widgets)
+    assert load_table(root, "steps").num_rows == 1
+
+
+def test_deprecated_wrappers_write_through_record(tmp_path):
+    # Kept until the callers in recipes/ and launcher/ move to record().
+    wrappers = {"steps": "step", "comm": "comm", "experts": "expert", "collectives": "collective"}
+    with Telemetry(fast_cfg(), str(tmp_path), "r1", 0, 0, "h") as tel:
+        for table, method in wrappers.items():
+            getattr(tel, method)(**SAMPLE_ROWS[table])
+        with pytest.raises(ValueError, match=r"unknown steps column\(s\) \['los'\]"):
+            tel.step(step=1, los=2.0)
+    for table in wrappers:
+        assert load_table(str(tmp_path), table).to_pylist() == [{**SAMPLE_ROWS[table], **PARTITION}]
+
+
+def test_error_events_are_written_at_once(tmp_path):
+    with Telemetry(fast_cfg(), str(tmp_path), "r1", 0, 0, "node-a") as tel:
+        tel.event("start")
+        tel.event("error", "boom", step=3)  # flushes the start event with it
+        (event_start, event_error) = load_table(str(tmp_path), "events").to_pylist()
+        tel.event("checkpoint", "step 4", step=4)
+        assert load_table(str(tmp_path), "events").num_rows == 2  # buffered until the next flush
+    assert (event_error["kind"], event_error["detail"], event_error["step"], event_error["host"]) == (
+        "error", "boom", 3, "node-a",
+    )
+    assert event_start["kind"] == "start" and event_start["step"] is None
+    assert load_table(str(tmp_path), "events").num_rows == 3
+
+
 def test_part_numbers_continue_after_existing_files(tmp_path):
     folder = Path(table_path(str(tmp_path), "events", "r1", 0, 0))
     folder.mkdir(parents=True)
@@ -144,7 +272,7 @@ def write_two_ranks_two_attempts(root: str, steps_per_attempt: int = 6) -> None:
             with Telemetry(fast_cfg(), root, "r1", attempt, rank, f"host{rank}") as tel:
                 tel.event("start")
                 for step in range(steps_per_attempt):
-                    tel.step(step=step, loss=1.0 / (step + 1), tokens=128, step_time_s=0.5)
+                    tel.record("steps", step=step, loss=1.0 / (step + 1), tokens=128, step_time_s=0.5)
                     if step == 2:
                         tel.flush()  # more than one part per folder
 
@@ -185,7 +313,7 @@ def test_memory_url(tmp_path):
     root = "memory://tierzero-test/telemetry"
     with Telemetry(fast_cfg(), root, "mem", 0, -1, "launcher-host") as tel:
         tel.event("restart", "rank 1 died", step=7)
-        tel.step(step=1, loss=3.0)
+        tel.record("steps", step=1, loss=3.0)
     fs = fsspec.filesystem("memory")
     assert fs.ls("/tierzero-test/telemetry/events/run=mem/attempt=0/rank=-1", detail=False)
     (event,) = load_table(root, "events").to_pylist()
@@ -200,18 +328,32 @@ def test_disabled_telemetry_creates_nothing(tmp_path):
     tel = Telemetry(TelemetryConfig(enabled=False, flush_every_s=0.01), str(tmp_path / "t"), "r1", 0, 0, "h")
     tel.start_node_sampler()
     tel.event("start")
-    tel.step(step=1, loss=1.0)
+    tel.record("steps", step=1, loss=1.0)
+    with pytest.raises(ValueError, match=r"unknown steps column\(s\) \['los'\]"):
+        tel.record("steps", step=1, los=1.0)  # checked even with telemetry off
     tel.close()
     assert list(tmp_path.iterdir()) == []
 
 
-def test_step_derives_throughput_mfu_and_rss(tmp_path):
+def test_record_derives_step_throughput_mfu_and_rss(tmp_path):
+    given = dict(step=1, tokens=1000, step_time_s=0.5, tflops=10.0)
     with Telemetry(fast_cfg(peak_tflops=50.0), str(tmp_path), "r1", 0, 0, "h") as tel:
-        tel.step(step=1, tokens=1000, step_time_s=0.5, tflops=10.0)
-    (row,) = load_table(str(tmp_path), "steps").to_pylist()
+        tel.record("steps", **given)
+        tel.record("steps", step=2, tokens=1000, step_time_s=0.5, tokens_per_s=7.0, mfu=0.5, mem_rss_bytes=3)
+    assert given == dict(step=1, tokens=1000, step_time_s=0.5, tflops=10.0)  # the caller's dict is untouched
+    row, explicit = load_table(str(tmp_path), "steps").to_pylist()
     assert row["tokens_per_s"] == 2000.0
     assert row["mfu"] == pytest.approx(0.2)
     assert row["mem_rss_bytes"] > 0
+    assert (explicit["tokens_per_s"], explicit["mfu"], explicit["mem_rss_bytes"]) == (7.0, 0.5, 3)  # given wins
+
+
+def test_derived_columns_are_nullable_columns_of_their_table():
+    # record() checks the caller's row before deriving, so a derived column must be allowed to be absent.
+    for table, derived in DERIVED.items():
+        assert table in TABLES, f"DERIVED names unknown table {table!r}"
+        for column in derived:
+            assert TABLES[table].field(column).nullable, f"{table}.{column} is derived but not nullable"
 
 
 def test_node_sampler_rows(tmp_path):
@@ -298,7 +440,7 @@ def synthetic_run(run_dir: Path) -> list[dict]:
                         step_time_s=0.1 * step + attempt, tokens_per_s=1000.0 * step + 10 * rank + attempt,
                         mfu=0.01 * step + 0.001 * rank,
                     )
-                    tel.step(**row)
+                    tel.record("steps", **row)
                     rows.append({**row, "attempt": attempt, "rank": rank})
                 if attempt == 0 and rank == 1:
                     tel.event("error", "killed", step=6)
@@ -338,7 +480,7 @@ def test_report_numbers_match_the_written_rows(tmp_path):
 def test_report_reads_telemetry_dir_from_config_yaml(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     with Telemetry(fast_cfg(), str(elsewhere), "r1", 0, 0, "h") as tel:
-        tel.step(step=3, loss=1.5)
+        tel.record("steps", step=3, loss=1.5)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(f"run:\n  name: r1\ntelemetry:\n  dir: {elsewhere}\n  enabled: true\n")
