@@ -1,6 +1,8 @@
 """The two ways to run a collective: torch.distributed (the job's gloo/nccl process group)
 and MPI (mpi4py on host numpy buffers). Each gives the runner the same small surface:
 global barrier and gather, one group handle per scope, and a Case per (op, placement, size).
+A backend builds the buffers the same way for every collective (ops.Collective.elements)
+and asks the collective's record for the call.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from typing import Any, Callable, List, Optional
 
 import numpy as np
 
-from tierzero.collectives_bench.formulas import CHUNKED, pattern
+from tierzero.collectives_bench.formulas import pattern
+from tierzero.collectives_bench.ops import Op, collective
 from tierzero.collectives_bench.scopes import Scope
 
 SENTINEL = 99.0
@@ -56,9 +59,18 @@ class Case:
         return self._to_numpy(self.recv)
 
 
-def _split(count: int, n: int, r: int, op: str):
-    c = count // n if op in CHUNKED else count
-    return c, slice(r * c, (r + 1) * c)
+def build_buffers(empty: Callable[[int], Any], in_len: int, out_len: int, in_place: bool, chunk: int):
+    """(send, recv) of in_len and out_len elements. In place, one is a view of the other: the
+    same buffer when the lengths agree, else the smaller is chunk `chunk` of the larger."""
+    if not in_place:
+        return empty(in_len), empty(out_len)
+    if in_len == out_len:
+        buf = empty(in_len)
+        return buf, buf
+    small = min(in_len, out_len)
+    big = empty(max(in_len, out_len))
+    view = big[chunk * small:(chunk + 1) * small]
+    return (big, view) if in_len > out_len else (view, big)
 
 
 class TorchBackend:
@@ -68,9 +80,6 @@ class TorchBackend:
         import torch.distributed as dist
 
         self.torch, self.dist, self.device = torch, dist, device
-        # torch 2.13 renamed the tensor forms; older releases (>= 2.3) have only the old names
-        self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        self._reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.name = dist.get_backend()  # gloo / nccl: what the rows record
 
@@ -101,48 +110,19 @@ class TorchBackend:
             pg, _ = self.dist.new_subgroups_by_enumeration([list(g) for g in scope.groups])
         return Group(pg, ranks, ranks.index(self.rank), gid)
 
-    def case(self, op: str, placement: str, count: int, dtype: str, g: Group) -> Case:
-        torch, dist = self.torch, self.dist
+    def case(self, op: Op, placement: str, count: int, dtype: str, g: Group) -> Case:
+        """`op` is a collective's name or its record; `count` the elements of the whole buffer S."""
+        torch, coll = self.torch, collective(op)
         tdtype = getattr(torch, dtype)
-        n, r, pg = g.size, g.index, g.handle
-        c, mine = _split(count, n, r, op)
-
-        def empty(k):
-            return torch.empty(k, dtype=tdtype, device=self.device)
-
-        if op in ("all_reduce", "broadcast", "reduce"):
-            send = recv = empty(count)
-            call = {
-                "all_reduce": lambda: dist.all_reduce(recv, group=pg),
-                "broadcast": lambda: dist.broadcast(recv, src=g.ranks[0], group=pg),
-                "reduce": lambda: dist.reduce(recv, dst=g.ranks[0], group=pg),
-            }[op]
-        elif op == "reduce_scatter":
-            send = empty(count)
-            recv = send[mine] if placement == "in" else empty(c)
-            call = lambda: self._reduce_scatter(recv, send, group=pg)  # noqa: E731
-        elif op == "all_gather":
-            recv = empty(count)
-            send = recv[mine] if placement == "in" else empty(c)
-            call = lambda: self._all_gather(recv, send, group=pg)  # noqa: E731
-        elif op == "all_to_all":
-            send, recv = empty(count), empty(count)
-            call = lambda: dist.all_to_all_single(recv, send, group=pg)  # noqa: E731
-        elif op == "sendrecv":
-            send, recv = empty(count), empty(count)
-            p2p = [dist.P2POp(dist.isend, send, g.ranks[(r + 1) % n], pg),
-                   dist.P2POp(dist.irecv, recv, g.ranks[(r - 1) % n], pg)]
-
-            def call():
-                for work in dist.batch_isend_irecv(p2p):
-                    work.wait()
-        else:
-            raise ValueError(f"unknown collective {op!r}")
+        in_len, out_len = coll.elements(count, g.size)
+        send, recv = build_buffers(lambda k: torch.empty(k, dtype=tdtype, device=self.device), in_len, out_len,
+                                   placement == "in", g.index)
+        call = coll.torch_call(self.dist, send, recv, g, placement == "in")
 
         def write(t, values):
             t.copy_(torch.from_numpy(values).to(tdtype))
 
-        return Case(send, recv, call, lambda t: t.float().cpu().numpy(), write, r)
+        return Case(send, recv, call, lambda t: t.float().cpu().numpy(), write, g.index)
 
 
 class MpiBackend:
@@ -176,54 +156,16 @@ class MpiBackend:
         sub = self.comm.Split(color=gid, key=ranks.index(self.rank))
         return Group(sub, ranks, ranks.index(self.rank), gid)
 
-    def case(self, op: str, placement: str, count: int, dtype: str, g: Group) -> Case:
-        MPI, comm = self.MPI, g.handle
-        n, r = g.size, g.index
-        c, mine = _split(count, n, r, op)
+    def case(self, op: Op, placement: str, count: int, dtype: str, g: Group) -> Case:
+        """As TorchBackend.case, on numpy float32 buffers."""
         assert dtype == "float32", "config validation keeps the MPI backend to float32"
-
-        def empty(k):
-            return np.empty(k, dtype=np.float32)
-
-        if op == "all_reduce":
-            send = recv = empty(count)
-            call = lambda: comm.Allreduce(MPI.IN_PLACE, recv, op=MPI.SUM)  # noqa: E731
-        elif op == "broadcast":
-            send = recv = empty(count)
-            call = lambda: comm.Bcast(recv, root=0)  # noqa: E731
-        elif op == "reduce":
-            send = recv = empty(count)
-            if r == 0:
-                call = lambda: comm.Reduce(MPI.IN_PLACE, recv, op=MPI.SUM, root=0)  # noqa: E731
-            else:
-                call = lambda: comm.Reduce(recv, None, op=MPI.SUM, root=0)  # noqa: E731
-        elif op == "reduce_scatter":
-            send = empty(count)
-            if placement == "in":
-                # MPI's in-place reduce-scatter leaves the result at the front of the buffer
-                recv = send[:c]
-                call = lambda: comm.Reduce_scatter_block(MPI.IN_PLACE, send, op=MPI.SUM)  # noqa: E731
-            else:
-                recv = empty(c)
-                call = lambda: comm.Reduce_scatter_block(send, recv, op=MPI.SUM)  # noqa: E731
-        elif op == "all_gather":
-            recv = empty(count)
-            if placement == "in":
-                send = recv[mine]
-                call = lambda: comm.Allgather(MPI.IN_PLACE, recv)  # noqa: E731
-            else:
-                send = empty(c)
-                call = lambda: comm.Allgather(send, recv)  # noqa: E731
-        elif op == "all_to_all":
-            send, recv = empty(count), empty(count)
-            call = lambda: comm.Alltoall(send, recv)  # noqa: E731
-        elif op == "sendrecv":
-            send, recv = empty(count), empty(count)
-            call = lambda: comm.Sendrecv(send, dest=(r + 1) % n, recvbuf=recv, source=(r - 1) % n)  # noqa: E731
-        else:
-            raise ValueError(f"unknown collective {op!r}")
+        coll = collective(op)
+        in_len, out_len = coll.elements(count, g.size)
+        send, recv = build_buffers(lambda k: np.empty(k, dtype=np.float32), in_len, out_len, placement == "in",
+                                   0 if coll.mpi_in_place_at_front else g.index)
+        call = coll.mpi_call(self.MPI, send, recv, g, placement == "in")
 
         def write(a, values):
             a[:] = values
 
-        return Case(send, recv, call, lambda a: np.asarray(a, dtype=np.float64), write, r)
+        return Case(send, recv, call, lambda a: np.asarray(a, dtype=np.float64), write, g.index)

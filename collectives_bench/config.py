@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Mapping
 
-OPS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "all_to_all", "reduce", "sendrecv")
+from tierzero.collectives_bench.ops import COLLECTIVES, Collective
+
+OPS = tuple(COLLECTIVES)
+"""Every collective's name, in nccl-tests' order (the records of ops.py)."""
 DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("torch", "mpi")
 _SCOPE = re.compile(r"^(global|auto|(level|cross):[A-Za-z0-9_.-]+)$")
@@ -15,7 +18,7 @@ _SCOPE = re.compile(r"^(global|auto|(level|cross):[A-Za-z0-9_.-]+)$")
 @dataclass
 class BenchConfig:
     ops: List[str] = field(default_factory=lambda: list(OPS))
-    """Collectives to time: all_reduce, reduce_scatter, all_gather, broadcast, all_to_all, reduce, sendrecv."""
+    """Collectives to time, by name; default: all of them, in nccl-tests' order (an unknown name lists them)."""
     sizes: str = "auto"
     """Message sizes MIN:MAX (doubling; MIN:MAX:F multiplies by F) or a list 1M,8M; auto = 1K:16M on CPU, 1K:1G on GPU (capped to 1/8 of its memory)."""
     dtypes: List[str] = field(default_factory=lambda: ["float32"])
@@ -33,13 +36,15 @@ class BenchConfig:
     slow_fraction: float = 0.75
     """A group whose busbw is below this fraction of its peers' median is flagged (slow link or bad node)."""
 
-    def errors(self) -> List[str]:
+    def errors(self, collectives: Mapping[str, Collective] = COLLECTIVES) -> List[str]:
+        """Every problem of this section, each naming its key; `collectives` is the registry the ops must be in."""
         from tierzero.collectives_bench.sizes import SizeError, parse_sizes
 
         errs = []
-        bad_ops = [o for o in self.ops if o not in OPS]
+        bad_ops = [o for o in self.ops if o not in collectives]
         if bad_ops or not self.ops:
-            errs.append(f"bench.ops={list(self.ops)}: {bad_ops or 'empty'} not known; choose from {list(OPS)}")
+            errs.append(f"bench.ops={list(self.ops)}: {bad_ops or 'empty'} not known; "
+                        f"choose from {list(collectives)}")
         bad_types = [d for d in self.dtypes if d not in DTYPES]
         if bad_types or not self.dtypes:
             errs.append(f"bench.dtypes={list(self.dtypes)}: {bad_types or 'empty'} not known; choose from {list(DTYPES)}")

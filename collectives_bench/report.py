@@ -11,7 +11,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from tierzero.collectives_bench.formulas import PLACEMENTS, REDOP, ROOTED, algbw_gbps, busbw_gbps
+from tierzero.collectives_bench.formulas import algbw_gbps, busbw_gbps
+from tierzero.collectives_bench.ops import Op, collective
 from tierzero.collectives_bench.sizes import format_size
 
 TYPE_NAMES = {"float32": "float", "bfloat16": "bfloat16", "float16": "half"}
@@ -58,23 +59,28 @@ class Line:
     size_bytes: int
     count: int
     nranks: int
+    redop: str
+    """nccl-tests' redop column: the reduction, or none."""
+    root: int
+    """nccl-tests' root column: the root's group position, or -1."""
     cells: Dict[str, Tuple[float, float, float, float, float, int]] = field(default_factory=dict)
     """placement -> (avg, min, max time in us, algbw, busbw, wrong)."""
 
 
-def rows_for(op: str, scope: str, groups: Sequence[Sequence[int]], placement: str, backend: str, dtype: str,
+def rows_for(op: Op, scope: str, groups: Sequence[Sequence[int]], placement: str, backend: str, dtype: str,
              size_bytes: int, count: int, cells: Sequence[Cell], host_labels: Sequence[str],
              peak_gbps: Optional[float]) -> List[Row]:
     """Time per group = the mean over its ranks (as nccl-tests averages over ranks)."""
+    coll = collective(op)
     rows = []
     for gid, ranks in enumerate(groups):
         mine = [c for c in cells if c.group_id == gid]
         times = [c.time_s for c in mine]
         avg = statistics.fmean(times)
         n = len(ranks)
-        bus = busbw_gbps(op, n, size_bytes, avg)
+        bus = busbw_gbps(coll, n, size_bytes, avg)
         rows.append(Row(
-            op=op, scope=scope, group=gid, ranks=",".join(map(str, ranks)), placement=placement,
+            op=coll.name, scope=scope, group=gid, ranks=",".join(map(str, ranks)), placement=placement,
             backend=backend, dtype=dtype, size_bytes=size_bytes, count=count, nranks=n, time_us=avg * 1e6,
             time_min_us=min(times) * 1e6, time_max_us=max(times) * 1e6,
             algbw_gbps=algbw_gbps(size_bytes, avg), busbw_gbps=bus, wrong=sum(c.wrong for c in mine),
@@ -84,7 +90,7 @@ def rows_for(op: str, scope: str, groups: Sequence[Sequence[int]], placement: st
     return rows
 
 
-def pooled(op: str, placement: str, size_bytes: int, nranks: int, cells: Sequence[Cell]):
+def pooled(op: Op, placement: str, size_bytes: int, nranks: int, cells: Sequence[Cell]):
     times = [c.time_s for c in cells]
     avg = statistics.fmean(times)
     return (avg * 1e6, min(times) * 1e6, max(times) * 1e6, algbw_gbps(size_bytes, avg),
@@ -116,9 +122,8 @@ def _cell(values) -> str:
 
 
 def format_line(line: Line) -> str:
-    root = "0" if line.op in ROOTED else "-1"
     left = (f"{line.op:<15}{line.scope:<15}{line.size_bytes:>12d}{line.count:>12d}"
-            f"{TYPE_NAMES[line.dtype]:>10}{REDOP.get(line.op, 'none'):>7}{root:>6}")
+            f"{TYPE_NAMES[line.dtype]:>10}{line.redop:>7}{line.root:>6d}")
     return f"  {left}  {_cell(line.cells.get('out'))}  {_cell(line.cells.get('in'))}"
 
 
@@ -154,7 +159,7 @@ def compare_lines(rows: Sequence[Row], slow_fraction: float, peak_note: str) -> 
         mine = [r for r in rows if (r.op, r.scope, r.dtype) == (op, scope, dtype)]
         top = max(r.size_bytes for r in mine)
         # the out-of-place rows when the op has them (the placement nccl-tests leads with)
-        placement = PLACEMENTS[op][0]
+        placement = "out" if any(r.placement == "out" for r in mine) else "in"
         at_top = [r for r in mine if r.size_bytes == top and r.placement == placement]
         buses = [r.busbw_gbps for r in at_top]
         mean_bus = statistics.fmean(buses)

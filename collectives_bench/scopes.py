@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+from tierzero.collectives_bench.ops import Op, collective
 from tierzero.parallel.topology import Topology, peak_busbw_gbps
 
 
@@ -88,7 +89,8 @@ def resolve_scopes(names: Sequence[str], topo: Topology) -> List[Scope]:
     return [build_scope(n, topo) for n in wanted]
 
 
-def peak_gbps(scope: Scope, topo: Topology, op: str) -> Optional[float]:
+def peak_gbps(scope: Scope, topo: Topology, op: Op) -> Optional[float]:
     """The busbw this scope can reach by the topology's link figures, all its groups at
-    once (parallel.topology.peak_busbw_gbps); None when a bandwidth it needs is unknown."""
-    return peak_busbw_gbps(topo, scope.groups, "all_to_all" if op == "all_to_all" else "ring")
+    once, with the collective's link pattern (parallel.topology.peak_busbw_gbps); None when
+    a bandwidth it needs is unknown."""
+    return peak_busbw_gbps(topo, scope.groups, collective(op).link)

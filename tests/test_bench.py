@@ -10,6 +10,8 @@ that the rows' bandwidths follow from their own sizes and times.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import shutil
@@ -21,9 +23,11 @@ import numpy as np
 import pytest
 
 from tierzero.collectives_bench.config import BACKENDS, DTYPES, OPS, BenchConfig
-from tierzero.collectives_bench.formulas import (CHUNKED, PLACEMENTS, algbw_gbps, bus_factor, busbw_gbps, count_wrong,
-                                        element_count, expected, input_spec, pattern)
-from tierzero.collectives_bench.report import Cell, compare_lines, rows_for
+from tierzero.collectives_bench.formulas import (PLACEMENTS, algbw_gbps, bus_factor, busbw_gbps, count_wrong,
+                                                 element_count, expected, input_spec, pattern)
+from tierzero.collectives_bench.ops import (COLLECTIVES, Collective, collective, registry, spread_factor,
+                                            whole_to_chunk)
+from tierzero.collectives_bench.report import Cell, Line, compare_lines, format_line, rows_for
 from tierzero.collectives_bench.scopes import ScopeError, peak_gbps, resolve_scopes
 from tierzero.collectives_bench.sizes import SizeError, default_sizes, parse_sizes
 from tierzero.parallel.topology import emulated_topology, peak_busbw_gbps
@@ -34,7 +38,39 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST = ["bench.iters=2", "bench.warmup=1"]
 
 
+# ---- a toy extra collective: what adding one takes ------------------------------------------
+# One record, defined here and never registered in ops.py: the tests below hand a copy of the
+# registry with it added to config validation, the formulas and a real sweep on gloo ranks.
+
+def _scatter_torch(dist, send, recv, g, in_place):
+    chunks = list(send.chunk(g.size)) if g.index == 0 else None
+    return lambda: dist.scatter(recv, chunks, src=g.ranks[0], group=g.handle)
+
+
+def _scatter_mpi(MPI, send, recv, g, in_place):
+    if g.index == 0:
+        return lambda: g.handle.Scatter(send, MPI.IN_PLACE if in_place else recv, root=0)
+    return lambda: g.handle.Scatter(None, recv, root=0)
+
+
+TOY = Collective(
+    "scatter", ("out", "in"), spread_factor, chunked=True, elements=whole_to_chunk,
+    expected=lambda x, s, n, r: x(0, r * (s // n), s // n),  # rank r gets chunk r of the root's buffer
+    torch_call=_scatter_torch, mpi_call=_scatter_mpi, rooted=True,
+)
+WITH_TOY = {**COLLECTIVES, TOY.name: TOY}
+
+
 # ---- busbw: nccl-tests' definitions ------------------------------------------------------
+
+NCCL_TESTS_FACTORS = {
+    "all_reduce": lambda n: 2.0 * (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n, "all_gather": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
+    "broadcast": lambda n: 1.0, "reduce": lambda n: 1.0, "sendrecv": lambda n: 1.0,
+    "scatter": lambda n: (n - 1) / n,
+}
+"""busBw / algBw per nccl-tests source file (src/*.cu, <Op>GetBw): see nccl_tests_bw."""
+
 
 def nccl_tests_bw(op: str, nranks: int, size_bytes: float, sec: float):
     """(algBw, busBw) in GB/s as nccl-tests computes them (src/*.cu, <Op>GetBw), restated
@@ -44,36 +80,87 @@ def nccl_tests_bw(op: str, nranks: int, size_bytes: float, sec: float):
       (count per rank, so count*nranks*typesize = the whole buffer S), factor (n-1)/n.
     - broadcast.cu, reduce.cu: baseBw = count*typesize/sec, factor 1.
     - sendrecv.cu: baseBw = count*typesize/sec, factor 1.
+    - scatter.cu ScatterGetBw: baseBw = count*nranks*typesize/sec, factor (n-1)/n.
     """
-    n = nranks
     base = size_bytes / 1.0e9 / sec
-    factor = {"all_reduce": 2.0 * (n - 1) / n,
-              "reduce_scatter": (n - 1) / n, "all_gather": (n - 1) / n, "all_to_all": (n - 1) / n,
-              "broadcast": 1.0, "reduce": 1.0, "sendrecv": 1.0}[op]
+    factor = NCCL_TESTS_FACTORS[op](nranks)
     return base, base * factor, factor
 
 
 @pytest.mark.parametrize("n", NS)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", list(WITH_TOY))
 def test_busbw_matches_nccl_tests(op, n):
     size, sec = 3 * 2**20, 1.7e-3
     alg, bus, factor = nccl_tests_bw(op, n, size, sec)
-    assert bus_factor(op, n) == pytest.approx(factor, rel=1e-15)
+    record = WITH_TOY[op]
+    assert bus_factor(record, n) == pytest.approx(factor, rel=1e-15)
     assert algbw_gbps(size, sec) == pytest.approx(alg, rel=1e-12)
-    assert busbw_gbps(op, n, size, sec) == pytest.approx(bus, rel=1e-12)
+    assert busbw_gbps(record, n, size, sec) == pytest.approx(bus, rel=1e-12)
+    if op in COLLECTIVES:  # registered ones by name too
+        assert bus_factor(op, n) == pytest.approx(factor, rel=1e-15)
+        assert busbw_gbps(op, n, size, sec) == pytest.approx(bus, rel=1e-12)
+
+
+def test_every_collective_has_a_nccl_tests_row():
+    assert set(COLLECTIVES) <= set(NCCL_TESTS_FACTORS)
 
 
 def test_bus_factor_rejects_an_unknown_op():
     with pytest.raises(ValueError, match="allreduce"):
         bus_factor("allreduce", 4)
+    with pytest.raises(ValueError, match="scatter"):  # the toy is in no registry but WITH_TOY
+        bus_factor("scatter", 4)
+
+
+# ---- the registry --------------------------------------------------------------------------
+
+def test_registry_is_in_nccl_tests_order():
+    assert tuple(COLLECTIVES) == OPS == ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "all_to_all",
+                                         "reduce", "sendrecv")
+    assert all(name == c.name for name, c in COLLECTIVES.items())
+    assert PLACEMENTS == {name: c.placements for name, c in COLLECTIVES.items()}
+    assert collective("all_gather") is COLLECTIVES["all_gather"] and collective(TOY) is TOY
+    assert collective("scatter", WITH_TOY) is TOY
+    with pytest.raises(TypeError):
+        COLLECTIVES["scatter"] = TOY  # read-only: a test adds a collective to a copy
+
+
+def test_a_record_is_checked():
+    with pytest.raises(ValueError, match="placements"):
+        dataclasses.replace(TOY, placements=("in", "out"))
+    with pytest.raises(ValueError, match="link"):
+        dataclasses.replace(TOY, link="tree")
+    with pytest.raises(ValueError, match="share a name"):
+        registry(TOY, COLLECTIVES["all_reduce"], TOY)
+
+
+def test_no_module_branches_on_a_collective_name():
+    """Every per-collective fact lives in ops.py: outside it no code (docstrings aside) names
+    a collective. probe.py is the exception: it times the training engine's own calls
+    (parallel.ledger) for the three ops a partition plan issues, not the bench's records."""
+    import ast
+
+    names = set(WITH_TOY)
+    found = []
+    for path in sorted((ROOT / "collectives_bench").glob("*.py")):
+        if path.name in ("ops.py", "probe.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.value) for node in ast.walk(tree)
+                      if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+        found += [f"{path.name}:{node.lineno} {node.value!r}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings]
+    assert not found, found
 
 
 # ---- expected values vs a direct numpy simulation -------------------------------------------
 
-def simulate(op: str, count: int, n: int):
-    """Every rank's output after `op`, computed from the inputs by the collective's definition."""
-    in_len, _ = input_spec(op, count, n)
-    inputs = [pattern(k, 0, in_len) for k in range(n)]
+def simulate(op: str, count: int, n: int, inputs=None):
+    """Every rank's output after `op`, computed from the inputs (default: the pattern) by the
+    collective's definition."""
+    if inputs is None:
+        in_len, _ = input_spec(WITH_TOY[op], count, n)
+        inputs = [pattern(k, 0, in_len) for k in range(n)]
     c = count // n
     if op == "all_reduce":
         return [np.sum(inputs, axis=0) for _ in range(n)]
@@ -91,18 +178,23 @@ def simulate(op: str, count: int, n: int):
         return [chunks[:, r, :].reshape(-1) for r in range(n)]
     if op == "sendrecv":  # a ring shift: r sends to r+1, receives from r-1
         return [inputs[(r - 1) % n].copy() for r in range(n)]
+    if op == "scatter":  # the toy: root 0's buffer, chunk r to rank r
+        return [inputs[0][r * c:(r + 1) * c].copy() for r in range(n)]
     raise AssertionError(op)
 
 
-@pytest.mark.parametrize("n", (2, 3, 4))
-@pytest.mark.parametrize("op", OPS)
+COUNT = 4 * 3 * 5 * 7  # a multiple of every n in 2..7
+
+
+@pytest.mark.parametrize("n", (2, 3, 4, 5))
+@pytest.mark.parametrize("op", list(WITH_TOY))
 def test_expected_matches_a_numpy_simulation(op, n):
-    count = 12 * 7  # a multiple of 2, 3 and 4
-    assert element_count(op, count * 4, 4, n) == count
+    record, count = WITH_TOY[op], COUNT
+    assert element_count(record, count * 4, 4, n) == count
     sim = simulate(op, count, n)
-    _, out_len = input_spec(op, count, n)
+    _, out_len = input_spec(record, count, n)
     for r in range(n):
-        want = expected(op, count, n, r)
+        want = expected(record, count, n, r)
         if sim[r] is None:
             assert want is None
             continue
@@ -112,8 +204,25 @@ def test_expected_matches_a_numpy_simulation(op, n):
     assert not np.array_equal(pattern(0, 0, count), pattern(1, 0, count))
 
 
+@pytest.mark.parametrize("n", (2, 3, 4, 5))
+@pytest.mark.parametrize("op", list(WITH_TOY))
+def test_records_match_a_numpy_simulation_on_random_inputs(op, n):
+    """The record's definition, on inputs that are not the check pattern."""
+    record, count = WITH_TOY[op], COUNT
+    in_len, out_len = record.elements(count, n)
+    inputs = [np.random.default_rng(10 * n + k).integers(-1000, 1000, in_len).astype(np.float64) for k in range(n)]
+    sim = simulate(op, count, n, inputs)
+    for r in range(n):
+        got = record.expected(lambda k, start, length: inputs[k][start:start + length].copy(), count, n, r)
+        if sim[r] is None:
+            assert got is None
+            continue
+        assert got.shape == (out_len,)
+        np.testing.assert_array_equal(got, sim[r])
+
+
 def test_chunked_counts_are_multiples_of_n():
-    for op in CHUNKED:
+    for op in [c for c in WITH_TOY.values() if c.chunked]:
         for n in (3, 5, 7):
             count = element_count(op, 4096, 4, n)
             assert count % n == 0 and count <= 1024
@@ -244,6 +353,10 @@ def test_peak_busbw_on_2x2():
     assert peak_busbw_gbps(topo, s["global"].groups, "all_to_all") == pytest.approx(a2a, rel=1e-12)
     assert peak_gbps(s["global"], topo, "all_to_all") == pytest.approx(a2a, rel=1e-12)
     assert peak_gbps(s["global"], topo, "all_gather") == pytest.approx(0.125, rel=1e-12)
+    # the link pattern is the record's: every registered collective but all_to_all is a ring
+    for name, record in WITH_TOY.items():
+        want = a2a if name == "all_to_all" else 0.125
+        assert peak_gbps(s["global"], topo, record) == pytest.approx(want, rel=1e-12), name
 
 
 def test_peak_busbw_unknown_bandwidth_is_none():
@@ -280,6 +393,22 @@ def test_default_config_is_valid():
                        scopes=["global", "level:node", "cross:node"], sizes="1K:1M").errors() == []
 
 
+def _choices(err: str):
+    import ast
+
+    return ast.literal_eval(err[err.index("choose from ") + len("choose from "):])
+
+
+def test_config_lists_exactly_the_registry():
+    assert BenchConfig().ops == list(COLLECTIVES)
+    (err,) = BenchConfig(ops=[TOY.name]).errors()
+    assert _choices(err) == list(COLLECTIVES)
+    # a registry with one more record: its name is valid, and an unknown name lists it too
+    assert BenchConfig(ops=[TOY.name, "all_reduce"]).errors(WITH_TOY) == []
+    (err,) = BenchConfig(ops=["no_such_op"]).errors(WITH_TOY)
+    assert _choices(err) == list(WITH_TOY)
+
+
 # ---- rows and the slow-group flag ----------------------------------------------------------------
 
 def test_rows_pool_each_group_and_flag_a_slow_one():
@@ -299,6 +428,111 @@ def test_rows_pool_each_group_and_flag_a_slow_one():
     lines, flagged = compare_lines(rows, 0.75, "test")
     assert [r.group for r in flagged] == [2]
     assert any("SLOW" in ln and "4,5" in ln for ln in lines)
+
+
+def test_printed_line_shows_the_records_root_and_redop():
+    def line(record):
+        return format_line(Line(record.name, "global", "float32", 4096, 1024, 4, record.redop,
+                                0 if record.rooted else -1, {"in": (1.0, 1.0, 1.0, 4.0, 4.0, 0)}))
+
+    assert line(COLLECTIVES["reduce"]).split()[5:7] == ["sum", "0"]
+    assert line(COLLECTIVES["all_gather"]).split()[5:7] == ["none", "-1"]
+    assert line(TOY).split()[5:7] == ["none", "0"]
+
+
+@pytest.mark.parametrize("op", list(WITH_TOY))
+@pytest.mark.parametrize("n", (2, 3))
+def test_buffers_are_built_from_the_record(op, n):
+    """Out of place two buffers; in place one, or the smaller as a chunk of the larger."""
+    from tierzero.collectives_bench.backends import build_buffers
+
+    record, count = WITH_TOY[op], 6
+    in_len, out_len = record.elements(count, n)
+    for placement in record.placements:
+        for chunk in range(n):
+            send, recv = build_buffers(np.zeros, in_len, out_len, placement == "in", chunk)
+            assert (len(send), len(recv)) == (in_len, out_len)
+            assert np.shares_memory(send, recv) == (placement == "in")
+            if placement == "in" and in_len != out_len:
+                small, big = (recv, send) if in_len > out_len else (send, recv)
+                small[:] = 1
+                assert list(np.flatnonzero(big)) == list(range(chunk * len(small), (chunk + 1) * len(small)))
+
+
+# ---- the toy collective on real ranks ---------------------------------------------------------
+
+def _toy_sweeps(backend, topo, out: Path) -> None:
+    """Rank 0 writes the rows of a clean and a corrupted sweep of the toy (and all_gather, a
+    registered one, beside it) run with the registry copy WITH_TOY."""
+    from tierzero.collectives_bench.runner import run_sweep
+    from tierzero.collectives_bench.scopes import resolve_scopes
+
+    cfg = BenchConfig(ops=["scatter", "all_gather"], sizes="4K,16K", iters=2, warmup=1, scopes=["global"])
+    assert cfg.errors(WITH_TOY) == []
+    scopes = resolve_scopes(cfg.scopes, topo)
+    labels = ["h"] * topo.world_size
+    result = {}
+    for name, corrupt_op in (("clean", None), ("corrupt", "scatter")):
+        printed = []
+        sweep = run_sweep(backend, topo, cfg, scopes, parse_sizes(cfg.sizes), labels,
+                          emit=lambda line: printed.append(format_line(line)), corrupt_op=corrupt_op,
+                          collectives=WITH_TOY)
+        if backend.rank == 0:
+            compare_lines(sweep.rows, cfg.slow_fraction, "test")  # the report needs no lookup by name
+            result[name] = {"rows": [dataclasses.asdict(r) for r in sweep.rows], "printed": printed}
+    if backend.rank == 0:
+        out.write_text(json.dumps(result))
+
+
+def _toy_rank(rank: int, world: int, rdzv: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from tierzero.collectives_bench.backends import TorchBackend
+    from tierzero.parallel.topology import flat_topology
+
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    _toy_sweeps(TorchBackend("cpu"), flat_topology(world, 1), Path(out))
+    dist.destroy_process_group()
+
+
+def check_toy_sweeps(out: Path, backend: str) -> None:
+    result = json.loads(out.read_text())
+    sizes = parse_sizes("4K,16K")
+    for name, wrong in (("clean", 0), ("corrupt", 1)):
+        rows = result[name]["rows"]
+        toy = [r for r in rows if r["op"] == "scatter"]
+        assert {(r["size_bytes"], r["placement"]) for r in toy} == {(s, p) for s in sizes for p in TOY.placements}
+        assert {(r["nranks"], r["backend"]) for r in rows} == {(2, backend)}
+        # the fault hits only the toy: one element on the first rank of the one group
+        assert [r["wrong"] for r in toy] == [wrong] * len(toy), name
+        assert all(r["wrong"] == 0 for r in rows if r["op"] == "all_gather"), name
+        check_bandwidth_columns(rows)
+        scatter_lines = [ln for ln in result[name]["printed"] if ln.split()[0] == "scatter"]
+        assert len(scatter_lines) == len(sizes) and all(ln.split()[5:7] == ["none", "0"] for ln in scatter_lines)
+
+
+@pytest.mark.multiprocess
+def test_a_new_collective_is_one_record(tmp_path):
+    """TOY, in a copy of the registry and nowhere else, is validated, timed and checked by the
+    torch backend on 2 gloo ranks, and the corrupt_op fault is caught in it."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "toy.json"
+    mp.spawn(_toy_rank, args=(2, str(tmp_path / "rdzv"), str(out)), nprocs=2, join=True)
+    check_toy_sweeps(out, "gloo")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun (pip install mpich mpi4py)")
+def test_a_new_collective_under_mpirun(tmp_path):
+    pytest.importorskip("mpi4py", reason="the mpi backend times mpi4py collectives")
+    out = tmp_path / "toy.json"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; import test_bench as t; "
+            "from tierzero.collectives_bench.backends import MpiBackend; "
+            "from tierzero.parallel.topology import flat_topology; "
+            "t._toy_sweeps(MpiBackend(), flat_topology(2, 1), Path(sys.argv[2]))")
+    run_cmd(["mpirun", "-n", "2", sys.executable, "-c", code, str(Path(__file__).parent), str(out)], tmp_path)
+    check_toy_sweeps(out, "mpi")
 
 
 # ---- the CLI, end to end ----------------------------------------------------------------------
@@ -333,7 +567,7 @@ def check_bandwidth_columns(rows):
         alg, bus, _ = nccl_tests_bw(r["op"], r["nranks"], r["size_bytes"], r["time_us"] * 1e-6)
         assert r["algbw_gbps"] == pytest.approx(r["size_bytes"] / r["time_us"] / 1e3, rel=1e-9)
         assert r["busbw_gbps"] == pytest.approx(
-            r["size_bytes"] / r["time_us"] / 1e3 * bus_factor(r["op"], r["nranks"]), rel=1e-9)
+            r["size_bytes"] / r["time_us"] / 1e3 * bus_factor(WITH_TOY[r["op"]], r["nranks"]), rel=1e-9)
         assert (r["algbw_gbps"], r["busbw_gbps"]) == (pytest.approx(alg, rel=1e-9), pytest.approx(bus, rel=1e-9))
         assert r["time_min_us"] <= r["time_us"] <= r["time_max_us"]
         assert r["count"] * 4 == r["size_bytes"]  # float32
@@ -366,13 +600,14 @@ def test_every_op_on_four_local_ranks(tmp_path):
 
 @pytest.mark.multiprocess
 def test_a_corrupted_result_is_caught_in_every_scope(tmp_path):
-    from tierzero.collectives_bench.runner import FAULT_ENV
-    from tierzero.launcher.supervisor import EXIT_RESULTS_WRONG
+    from tierzero.launcher.exitcodes import Exit
+
+    FAULT_ENV = "TIERZERO_BENCH_FAULT"  # read by the launcher, which passes run_sweep(corrupt_op=...)
 
     run_dir = tmp_path / "run"
     r = tierzero(["bench", "bench.ops=[all_reduce,all_gather]", "bench.sizes=4K:8K", *FAST,
                   "topology.emulate=[2,2]", "launcher.nproc=4", f"run.dir={run_dir}"], tmp_path,
-                 expect=EXIT_RESULTS_WRONG, **{FAULT_ENV: "all_gather"})
+                 expect=Exit.WRONG_RESULTS, **{FAULT_ENV: "all_gather"})
     assert "FAILED" in r.stdout
     rows = bench_rows(run_dir)
     assert {row["scope"] for row in rows} == {"global", "level:node", "cross:node"}
@@ -441,8 +676,6 @@ def test_torchrun_two_ranks(tmp_path):
 
 @pytest.mark.multiprocess
 def test_probe_writes_measured_levels(tmp_path):
-    import json
-
     run_dir = tmp_path / "run"
     r = tierzero(["bench", "--probe", "topology.emulate=[2,2]", "launcher.nproc=4", f"run.dir={run_dir}"], tmp_path)
     assert "measured topology" in r.stdout
