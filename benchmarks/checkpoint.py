@@ -70,7 +70,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from tierzero.checkpoint.config import CheckpointConfig  # noqa: E402
 from tierzero.checkpoint.saver import Checkpointer  # noqa: E402
 from tierzero.checkpoint.store import COMMITTED, MANIFEST, CheckpointStore, Slice, _raw, shard_name  # noqa: E402
-from tierzero.parallel.plan import named_plan  # noqa: E402
+from tierzero.parallel.plans import named_plan  # noqa: E402
 from tierzero.parallel.topology import emulated_topology  # noqa: E402
 from tierzero.parallel.zero import ShardedEngine  # noqa: E402
 from tierzero.recipes.config import ModelConfig  # noqa: E402

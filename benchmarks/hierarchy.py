@@ -97,7 +97,7 @@ def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, 
                 level_bytes[row["level"]] = level_bytes.get(row["level"], 0.0) + row["bytes"] / len(warm)
                 if row["level"] == "cluster":
                     cluster_s += row["time_s"] / len(warm)
-    plan_line = next((ln for ln in r.stderr.splitlines() if "INFO recipes.train: plan " in ln), "")
+    plan_line = next((ln for ln in r.stderr.splitlines() if "recipes.trainer: plan " in ln), "")
     found = MEASURED.search(r.stderr)
     rate = UPDATE_RATE.search(r.stderr)
     return {"name": name, "engine": engine, "plan": plan, "extra": list(extra), "step_s": step_s,
@@ -123,7 +123,7 @@ def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int, u
 
     from tierzero.launcher.config import load_config
     from tierzero.launcher.discover import memory_budget_bytes
-    from tierzero.parallel.plan import resolve_plan
+    from tierzero.parallel.choose import resolve_plan
     from tierzero.parallel.topology import emulated_topology, with_bandwidths
     from tierzero.recipes.data import build_dataset
     from tierzero.recipes.model import build_model

@@ -196,7 +196,7 @@ def setup_deepspeed(rank: int, ep: int):
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     from tierzero.parallel.deepspeed_adapter import _skip_shm_comm_build, deepspeed_config
-    from tierzero.parallel.plan import named_plan
+    from tierzero.parallel.plans import named_plan
     from tierzero.parallel.topology import emulated_topology
 
     deepspeed.utils.logger.setLevel(logging.WARNING)

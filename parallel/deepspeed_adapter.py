@@ -34,8 +34,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tierzero.parallel.choose import Choice, restrict_choice
 from tierzero.parallel.engine import StepStats, param_groups
-from tierzero.parallel.plan import REPLICATED, Choice, PartitionPlan, PlanError, span, restrict_choice
+from tierzero.parallel.layout import span
+from tierzero.parallel.plans import REPLICATED, PartitionPlan, PlanError
 from tierzero.parallel.topology import Topology
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tierzero.parallel.choose import Choice, restrict_choice
 from tierzero.parallel.engine import StepStats, param_groups
-from tierzero.parallel.plan import Choice, PartitionPlan, PlanError, restrict_choice, span
+from tierzero.parallel.layout import span
+from tierzero.parallel.plans import PartitionPlan, PlanError
 from tierzero.parallel.topology import Topology
 
 

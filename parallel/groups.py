@@ -11,7 +11,8 @@ from typing import Dict, List, Tuple
 import torch.distributed as dist
 
 from tierzero.parallel.ledger import CommGroup
-from tierzero.parallel.plan import PartitionPlan, level_of_group, plan_groups
+from tierzero.parallel.layout import level_of_group, plan_groups
+from tierzero.parallel.plans import PartitionPlan
 from tierzero.parallel.topology import Topology
 
 ROLES = ("param", "bwd", "grad", "grad_up", "replicas", "optim", "param_down")

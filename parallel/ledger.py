@@ -1,6 +1,6 @@
 """The byte ledger: every collective the engine issues, counted as it is issued.
 
-Bytes use the same per-rank conventions as the cost model (parallel/plan.py), computed from
+Bytes use the same per-rank conventions as the cost model (parallel/cost.py), computed from
 the tensors actually passed to torch.distributed, so `measured == predicted` is a real check.
 """
 

@@ -124,19 +124,20 @@ class Topology:
         return "[" + ", ".join(parts) + "]"
 
 
-# Presets (BACKGROUND.md, "Hardware facts"). Bandwidths are per rank, GB/s, one direction,
+# Presets, from the vendors' published figures. Bandwidths are per rank, GB/s, one direction,
 # with every rank of a unit using the link at once (peak_busbw_gbps multiplies them back by
-# the ranks sharing an uplink). Frontier: 2 GCDs per MI250X package (~200 GB/s), 4 packages
-# per node (50-100 GB/s, the lower figure taken), 4 x 25 GB/s NICs per node shared by
-# 8 GCDs -> 12.5 GB/s per GCD (25 per package).
-# DGX H100: NVLink 900 GB/s bidirectional per GPU = 450 GB/s each way; one 400 Gb/s
-# NIC per GPU = 50 GB/s.
+# the ranks sharing an uplink). Frontier (OLCF Frontier User Guide, its compute-node and
+# system-interconnect sections): 2 GCDs per MI250X package joined by Infinity Fabric at
+# ~200 GB/s, 4 packages per node at 50-100 GB/s (the lower figure taken), 4 HPE Slingshot
+# NICs of 25 GB/s (200 Gb/s) per node shared by 8 GCDs -> 12.5 GB/s per GCD (25 per package).
+# DGX H100 (NVIDIA's H100 and DGX H100 datasheets): NVLink 900 GB/s bidirectional per GPU =
+# 450 GB/s each way; one 400 Gb/s ConnectX-7 NIC per GPU = 50 GB/s.
 PRESETS = {
     "frontier": (("package", 2, 200.0), ("node", 4, 50.0), ("cluster", None, 12.5)),
     "dgx-h100": (("node", 8, 450.0), ("cluster", None, 50.0)),
 }
 PRESET_MEMORY_GB = {"frontier": 64.0, "dgx-h100": 80.0}
-"""HBM per rank: one MI250X GCD, one H100 SXM."""
+"""HBM per rank: one MI250X GCD (64 of its 128 GB), one H100 SXM (same sources as PRESETS)."""
 
 
 def preset_topology(name: str, num_nodes: int) -> Topology:

@@ -31,11 +31,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tierzero.parallel.cost import Unit
 from tierzero.parallel.engine import StepStats
 from tierzero.parallel.groups import build_groups, build_partition
+from tierzero.parallel.layout import chunk_index, level_of_group, padded_numel, span
 from tierzero.parallel.ledger import ByteLedger, CommGroup
 from tierzero.parallel.moe import moe_layers, set_aux_grad_scale
-from tierzero.parallel.plan import PartitionPlan, Unit, chunk_index, level_of_group, padded_numel, span
+from tierzero.parallel.plans import PartitionPlan
 from tierzero.parallel.topology import Topology, expert_data_topology
 
 

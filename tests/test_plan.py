@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tierzero.parallel.plan import (
-    DEFAULT_BANDWIDTH_GBPS, REPLICATED, ParallelConfig, PlanError, Unit, candidate_plans, chunk_index, choose_plan,
-    level_of_group, named_plan, padded_numel, plan_groups, predict, resolve_plan, span, uniform_units,
-)
+from tierzero.parallel.choose import choose_plan, resolve_plan
+from tierzero.parallel.config import ENGINE_NAMES, ParallelConfig
+from tierzero.parallel.cost import DEFAULT_BANDWIDTH_GBPS, PlanInputs, Unit, predict, uniform_units
+from tierzero.parallel.layout import chunk_index, level_of_group, padded_numel, plan_groups, span
+from tierzero.parallel.plans import REPLICATED, PlanError, candidate_plans, named_plan
 from tierzero.parallel.topology import emulated_topology, preset_topology, with_bandwidths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -283,7 +284,7 @@ def test_unknown_bandwidths_default_and_time_follows_bytes_on_one_level():
 @pytest.mark.parametrize("sizes", TOPOLOGIES)
 def test_shards_nest_so_every_hop_is_one_collective(sizes):
     """For every plan: the chunks a group's members hold tile exactly the buffer region the
-    collective reads or fills (the layout argument of parallel/plan.py, checked)."""
+    collective reads or fills (the layout argument of parallel/layout.py, checked)."""
     topo = emulated_topology(sizes)
     w = topo.world_size
     for plan in candidate_plans(topo):
@@ -332,3 +333,125 @@ def test_plan_cli_is_fast_at_1024_ranks_and_prints_every_plan():
     planned_s, cpu_s = float(line.split()[0]), float(line.split("(")[1].split()[0])
     # CPU time, not wall: other processes on a loaded CI machine must not fail this
     assert cpu_s < 1.0, f"planning took {cpu_s} s of CPU ({planned_s} s wall, process {wall:.2f} s)"
+
+
+# ---- the planner's inputs (recipes.planning), computed once for `plan` and `run` ---------------
+
+def _recipe(*, dtype="float32", global_batch=32, experts=0, params=None):
+    """moe_tiny_cpu's sections (dense_tiny_cpu's with experts=0), as plain dataclasses."""
+    from tierzero.parallel.moe_config import MoEConfig
+    from tierzero.recipes.config import DataConfig, ModelConfig, TrainConfig
+
+    return dict(
+        train_cfg=TrainConfig(global_batch_size=global_batch, micro_batch_size=8, dtype=dtype),
+        model_cfg=ModelConfig(d_model=64, n_layers=2, n_heads=4, params=params),
+        data_cfg=DataConfig(kind="markov", seq_len=64, vocab_size=64, successors=4),
+        moe_cfg=MoEConfig(num_experts=experts, top_k=2, expert_hidden=64),
+    )
+
+
+def _trainers_model(train_cfg, model_cfg, data_cfg, moe_cfg):
+    """The model as recipes/train.py builds it: sized by the dataset, seeded, cast to train.dtype."""
+    import torch
+
+    from tierzero.recipes.data import build_dataset
+    from tierzero.recipes.model import build_model
+
+    dataset = build_dataset(data_cfg)
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(model_cfg, vocab_size=dataset.vocab_size, seq_len=dataset.seq_len, moe=moe_cfg)
+    return model.to(dtype=torch.bfloat16 if train_cfg.dtype == "bfloat16" else torch.float32)
+
+
+@pytest.mark.parametrize("dtype, nbytes", [("float32", 4), ("bfloat16", 2)])
+def test_planning_inputs_of_a_dense_recipe_are_the_trainers(dtype, nbytes):
+    import torch
+
+    from tierzero.parallel.zero import model_units
+    from tierzero.recipes.planning import planning_inputs
+
+    recipe = _recipe(dtype=dtype)
+    model = _trainers_model(**recipe)
+    planned = planning_inputs(**recipe, world_size=2)  # `plan`: the recipe's model on the meta device
+    trained = planning_inputs(**recipe, world_size=2, model=model)  # `run`: the model it trains
+    assert planned == trained
+    assert planned.units == tuple(model_units(model))
+    assert planned.dtype_bytes == nbytes == torch.finfo(next(model.parameters()).dtype).bits // 8
+    assert planned.grad_accum == 32 // (8 * 2)
+    assert planned.moe is None and planned.notes == ()
+    assert planned.model_summary == f"{sum(p.numel() for p in model.parameters()):,} params (the recipe's model)"
+    assert not any(u.expert for u in planned.units)
+
+
+def test_planning_inputs_of_an_moe_recipe_carry_the_experts_all_to_all():
+    from tierzero.parallel.cost import MoETraffic
+    from tierzero.parallel.zero import model_units
+    from tierzero.recipes.model import count_params
+    from tierzero.recipes.planning import planning_inputs
+
+    recipe = _recipe(experts=8)
+    model = _trainers_model(**recipe)
+    planned = planning_inputs(**recipe, ep=2, world_size=4)
+    assert planned == planning_inputs(**recipe, ep=2, world_size=4, model=model)
+    assert planned.units == tuple(model_units(model))
+    assert [u.name for u in planned.units if u.expert] == ["blocks.0.experts", "blocks.1.experts"]
+    assert planned.moe == MoETraffic(tokens_per_micro_step=8 * 64, d_model=64, top_k=2, num_layers=2)
+    assert planned.grad_accum == 1 and planned.dtype_bytes == 4
+    active = count_params(recipe["model_cfg"], 64, recipe["moe_cfg"], active=True)
+    assert planned.model_summary.endswith(f"; MoE 8 experts, top-2, {active:,} active, parallel.ep=2")
+
+
+def test_a_batch_that_does_not_split_plans_one_micro_step_and_says_so():
+    from tierzero.recipes.planning import planning_inputs
+
+    splits = planning_inputs(**_recipe(global_batch=48), world_size=3)
+    assert (splits.grad_accum, splits.notes) == (2, ())
+    odd = planning_inputs(**_recipe(global_batch=32), world_size=3)  # 32 over 8 x 3
+    assert odd.grad_accum == 1
+    (note,) = odd.notes
+    assert note == ("train.global_batch_size=32 does not split into train.micro_batch_size=8 x 3 ranks: planned "
+                    "with 1 micro-step per optimizer step (global batch 24); `tierzero run` needs e.g. "
+                    "train.global_batch_size=24")
+
+
+def test_a_model_known_by_its_size_is_equal_blocks_without_torch():
+    """model.params (planning a model too big to build here): uniform units, no expert traffic
+    (as `tierzero plan` has always planned it), and torch is never imported."""
+    from tierzero.recipes.planning import planning_inputs
+
+    recipe = _recipe(dtype="bfloat16", global_batch=1024, experts=8, params=20e9)
+    recipe["model_cfg"].n_layers = 44
+    inputs = planning_inputs(**recipe, world_size=1024)
+    assert inputs.units == tuple(uniform_units(20e9, 44))
+    assert (inputs.dtype_bytes, inputs.grad_accum, inputs.moe) == (2, 1, None)
+    assert inputs.model_summary == "2e+10 params (model.params, 44 equal blocks)"
+    code = ("import sys\n"
+            "from tierzero.recipes.config import ModelConfig, TrainConfig, DataConfig\n"
+            "from tierzero.recipes.planning import planning_inputs\n"
+            "i = planning_inputs(train_cfg=TrainConfig(), model_cfg=ModelConfig(params=1e9), data_cfg=DataConfig(),"
+            " world_size=4)\n"
+            "assert len(i.units) == 2, i.units\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_resolve_plan_takes_the_inputs_or_the_old_keywords_alike():
+    topo = preset_topology("dgx-h100", 2)
+    units = uniform_units(7e9, 32)
+    inputs = PlanInputs(units, dtype_bytes=2, grad_accum=4)
+    for cfg in (ParallelConfig(), ParallelConfig(plan="zero3"), ParallelConfig(plan="tiered")):
+        new = resolve_plan(cfg, topo, inputs, memory_budget_bytes=80e9)
+        old = resolve_plan(cfg, topo, units, dtype_bytes=2, grad_accum=4, memory_budget_bytes=80e9)
+        assert (new.plan, new.reason, new.cost.bytes, new.cost.memory) == (old.plan, old.reason, old.cost.bytes,
+                                                                            old.cost.memory)
+    with pytest.raises(TypeError):
+        resolve_plan(ParallelConfig(), topo, inputs, memory_budget_bytes=80e9, dtype_bytes=2)
+    with pytest.raises(TypeError):
+        resolve_plan(ParallelConfig(), topo, units, memory_budget_bytes=80e9)
+
+
+def test_the_engine_names_are_listed_when_one_is_unknown():
+    (msg,) = ParallelConfig(engine="megatron").errors()
+    assert "parallel.engine='megatron'" in msg and all(name in msg for name in ENGINE_NAMES)
+    assert ParallelConfig(engine="reference").errors() == []

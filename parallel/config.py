@@ -1,0 +1,56 @@
+"""Config section owned by the planner and the engines: `parallel.*`.
+
+Each field's docstring (the string literal under it) is what `tierzero config --describe`
+and docs/config.md show. Torch-free: the CLI composes and checks a config without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+PLAN_NAMES = ("auto", "ddp", "zero1", "zero2", "zero3", "hpz", "hsdp", "tiered")
+"""The values parallel.plan takes (parallel.plans.named_plan builds each but auto)."""
+ENGINE_NAMES = ("native", "deepspeed", "fsdp2", "reference")
+"""The values parallel.engine takes; a plain tuple until the engine registry replaces it."""
+
+
+@dataclass
+class ParallelConfig:
+    plan: str = "auto"
+    """Partition plan: auto, ddp, zero1, zero2, zero3, hpz, hsdp or tiered."""
+    levels: Optional[List[str]] = None
+    """Explicit [param, grad, optimizer] levels for plan=tiered, e.g. [package, node, cluster]; 'none' = replicated."""
+    secondary_level: Optional[str] = None
+    """hpz: level of the secondary parameter partition (default node)."""
+    hsdp_level: Optional[str] = None
+    """hsdp: level inside which everything is sharded (default node); replicated across it."""
+    memory_budget_gb: Optional[float] = None
+    """Memory per rank for parameters, gradients and optimizer states; default 80% of the device's (or of host RAM / ranks per node)."""
+    engine: str = "native"
+    """Engine executing the plan: native (every plan), deepspeed (ddp, zero1-3, hpz) or fsdp2 (zero2, zero3, hsdp)."""
+    ep: int = 1
+    """Expert-parallel size (MoE): experts split over ep consecutive ranks, the fastest level that holds them."""
+
+    def errors(self) -> List[str]:
+        errs = []
+        if self.plan not in PLAN_NAMES:
+            errs.append(f"parallel.plan={self.plan!r} is not a plan; choose one of {list(PLAN_NAMES)}.")
+        if self.engine not in ENGINE_NAMES:
+            errs.append(f"parallel.engine={self.engine!r} is not an engine; choose one of {list(ENGINE_NAMES)}.")
+        if self.levels is not None:
+            if self.plan not in ("tiered", "auto"):
+                errs.append(
+                    f"parallel.levels={list(self.levels)} is an explicit tiered assignment, but "
+                    f"parallel.plan={self.plan}; set parallel.plan=tiered (or drop parallel.levels)."
+                )
+            if len(self.levels) != 3:
+                errs.append(
+                    f"parallel.levels={list(self.levels)} needs exactly three level names "
+                    "[param, grad, optimizer], e.g. [package, node, cluster]."
+                )
+        if self.ep < 1:
+            errs.append(f"parallel.ep={self.ep} must be >= 1 (1 = every rank holds every expert)")
+        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
+            errs.append(f"parallel.memory_budget_gb={self.memory_budget_gb} must be > 0.")
+        return errs

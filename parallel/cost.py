@@ -1,0 +1,355 @@
+"""The cost model: bytes per level, memory per rank and predicted time of a plan per
+optimizer step (pure: no torch, no processes).
+
+Traffic accounting (per rank, bytes sent). The conventions of nccl-tests (doc/PERFORMANCE.md,
+"bus bandwidth"): a ring all-gather or reduce-scatter of S bytes (the whole gathered /
+scattered buffer) over n ranks moves S(n-1)/n; an all-reduce 2S(n-1)/n. A collective is
+charged to the outermost level its group spans (the slowest link it crosses), as the ZeRO++
+paper (Wang et al. 2023, arXiv 2306.10209) counts cross-node volume.
+
+Link contention (time). A collective's bytes move at the bus bandwidth that the link-load
+model of parallel.topology (peak_busbw_gbps / concurrent_busbw_gbps, the collective
+benchmark's model) gives *all* of its groups running at once: a flow a->b loads the uplink
+of a's unit at the outermost level where they differ, an uplink carries the level's per-rank
+figure x the ranks of the unit, split between the flows on it. So a global ring in rank
+order (zero3, hpz's forward) crosses each node link with one flow and gets the whole link,
+while the one-rank-per-node groups of hsdp's replicas or tiered's step all leave a node at
+once and get a rank's share. Collectives the engine has in flight together load the links
+together: in backward, block i-1's prefetched gather runs beside block i's reduce-scatter.
+Cost.time_s sums each collective's issue-to-completion time as the byte ledger does;
+Cost.comm_time_s counts a pair in flight together once (what auto minimises). Where the probe
+measured a level per operation (collectives_bench/probe.py), each collective uses its own op's
+figure: on gloo the same link moves an all-reduce's bytes faster than an all-gather's.
+
+The planner's inputs besides the plan and the topology (units, dtype, accumulation, MoE
+traffic) travel together as PlanInputs, computed once from the recipe by
+recipes.planning.planning_inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from tierzero.parallel.layout import level_of_group, padded_numel, same_position_groups, span
+from tierzero.parallel.plans import PartitionPlan
+from tierzero.parallel.topology import Topology, concurrent_busbw_gbps, expert_data_topology, with_bandwidths
+
+MASTER_BYTES = 4
+"""fp32 master weights; AdamW keeps two more fp32 moments."""
+OPTIM_BYTES_PER_PARAM = 12
+GRAD_ACC_BYTES = 4
+"""Gradients accumulate in fp32 across micro-steps."""
+DEFAULT_BANDWIDTH_GBPS = 10.0
+"""Used for a level whose bandwidth is unknown (not a preset, not measured)."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One flat parameter buffer: a transformer block, or the embedding/head ("outer")."""
+    name: str
+    numel: int
+    fwd_gathers: int = 1
+    bwd_gathers: int = 1
+    """The outer unit stays gathered from forward into the head's backward: 0."""
+    expert: bool = False
+    """Routed-expert weights of one MoE layer (all experts): split by expert across the
+    expert-parallel group, then partitioned by the plan over the ranks holding the same experts."""
+
+
+@dataclass
+class Cost:
+    plan: PartitionPlan
+    bytes: Dict[Tuple[str, str, str], float] = field(default_factory=dict)
+    """(phase, level name, op) -> bytes this rank sends per optimizer step."""
+    memory: Dict[str, float] = field(default_factory=dict)
+    """params, secondary, grads, optimizer, buffers -> bytes per rank."""
+    time_s: Dict[Tuple[str, str, str], float] = field(default_factory=dict)
+    """(phase, level, op) -> predicted seconds per optimizer step from issue to completion of
+    those collectives (what the byte ledger's time_s measures: two collectives in flight at
+    once each count their whole duration)."""
+    comm_time_s: float = 0.0
+    """Predicted seconds per optimizer step this rank communicates (collectives in flight at
+    once counted once)."""
+    update_s: float = 0.0
+    """Predicted seconds of this rank's optimizer update (its optimizer shard at the measured
+    rate, Topology.update_gelems_per_s; 0 when the rate is not measured)."""
+    fits: bool = True
+    expert_memory: float = 0.0
+    """Bytes per rank of the routed experts' states (included in `memory`)."""
+
+    def bytes_by_level(self) -> Dict[str, float]:
+        return _by_level(self.bytes)
+
+    def time_by_level(self) -> Dict[str, float]:
+        """Predicted collective seconds per level (issue to completion, as the ledger sums them)."""
+        return _by_level(self.time_s)
+
+    @property
+    def memory_total(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def predicted_s(self) -> float:
+        """What auto minimises: communication plus the optimizer update, the parts of a step
+        that differ between plans (forward and backward compute the same on every plan)."""
+        return self.comm_time_s + self.update_s
+
+
+def _by_level(per_key: Dict[Tuple[str, str, str], float]) -> Dict[str, float]:
+    out: Dict[str, float] = {}
+    for (_, level, _), v in per_key.items():
+        out[level] = out.get(level, 0.0) + v
+    return out
+
+
+def _ring(n: int) -> float:
+    return (n - 1) / n
+
+
+@dataclass(frozen=True)
+class MoETraffic:
+    """What the cost model needs to charge the experts' all-to-all (uniform routing assumed)."""
+    tokens_per_micro_step: int
+    """Tokens one rank routes per micro-step (micro batch x sequence length)."""
+    d_model: int
+    top_k: int
+    num_layers: int
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What the planner needs from the recipe besides the topology and `parallel.*`: computed
+    once (recipes.planning.planning_inputs) for `tierzero plan` and `tierzero run` alike."""
+    units: Tuple[Unit, ...]
+    """The model's flat buffers as the engine cuts them, or equal blocks when only its size is known."""
+    dtype_bytes: int
+    """Bytes per parameter and activation element of the compute dtype: 2 for bfloat16, 4 for float32."""
+    grad_accum: int
+    """Micro-steps per optimizer step."""
+    moe: Optional[MoETraffic] = None
+    """The experts' all-to-all (None: a dense model, or one known only by its size)."""
+    model_summary: str = ""
+    """What the units describe, for a person, e.g. "2e+10 params (model.params, 44 equal blocks)"."""
+    notes: Tuple[str, ...] = ()
+    """What the inputs had to assume, for a person (e.g. a batch that does not split over the ranks)."""
+
+    def __post_init__(self):
+        # lists would make the frozen value unhashable
+        object.__setattr__(self, "units", tuple(self.units))
+        object.__setattr__(self, "notes", tuple(self.notes))
+
+
+def predict(
+    plan: PartitionPlan,
+    topo: Topology,
+    units: Sequence[Unit],
+    *,
+    dtype_bytes: int,
+    grad_accum: int,
+    memory_budget_bytes: Optional[float] = None,
+    ep: int = 1,
+    moe: Optional[MoETraffic] = None,
+) -> Cost:
+    """Bytes per level per optimizer step, memory per rank and predicted communication time.
+
+    Mirrors exactly what parallel.zero.ShardedEngine issues, so a test can demand
+    measured == predicted. Expert units (all experts of a layer) are split by expert over
+    the ep ranks of an expert-parallel group and partitioned by the same plan over the
+    expert-data-parallel topology (parallel.topology.expert_data_topology); their
+    all-to-all, which depends on the routing, is charged for uniform routing.
+
+    Time (see "Link contention" in the module docstring): each collective moves its bytes at
+    the bus bandwidth the link-load model (parallel.topology.concurrent_busbw_gbps) gives all
+    of its groups at once, beside what the engine has in flight with it."""
+    cost = Cost(plan)
+    links = _link_topology(topo)
+    add = _charger(cost)
+    dense = [u for u in units if not u.expert]
+    memory, largest = _domain_traffic(add, plan, topo, dense, links, stride=1, dtype_bytes=dtype_bytes,
+                                      grad_accum=grad_accum)
+    experts = [Unit(u.name, u.numel // ep, u.fwd_gathers, u.bwd_gathers, expert=True) for u in units if u.expert]
+    if experts:
+        mem_e, largest_e = _expert_traffic(add, plan, topo, experts, links, ep=ep, moe=moe, dtype_bytes=dtype_bytes,
+                                           grad_accum=grad_accum)
+        memory = {k: memory[k] + mem_e[k] for k in memory}
+        cost.expert_memory = sum(mem_e.values())
+        largest += largest_e  # a block's dense and expert buffers are gathered together
+    # a gathered unit and the prefetched next one
+    memory["buffers"] = 2 * largest * dtype_bytes if span(topo, plan.param_level) > 1 else 0.0
+    cost.memory = memory
+    if topo.update_gelems_per_s:
+        cost.update_s = memory["optimizer"] / OPTIM_BYTES_PER_PARAM / (topo.update_gelems_per_s * 1e9)
+    if memory_budget_bytes is not None:
+        cost.fits = cost.memory_total <= memory_budget_bytes
+    return cost
+
+
+def _charger(cost: Cost):
+    """The `add` every traffic function charges a collective with: its bytes, its duration, and
+    (wall_s, when it runs beside another already charged) what it adds to the rank's time on
+    the network."""
+
+    def add(phase: str, level: str, op: str, nbytes: float, seconds: float = 0.0, wall_s: Optional[float] = None
+            ) -> None:
+        if nbytes:
+            key = (phase, level, op)
+            cost.bytes[key] = cost.bytes.get(key, 0.0) + nbytes
+            cost.time_s[key] = cost.time_s.get(key, 0.0) + seconds
+            cost.comm_time_s += seconds if wall_s is None else wall_s
+
+    return add
+
+
+def _alone_bps(links: Topology, outer: int, inner: int, op: str, pattern: str = "ring") -> float:
+    """Bus bandwidth, bytes/s, of the groups (outer, inner) running `op` by themselves."""
+    return _busbw(links, ((outer, inner, pattern, op),))[0] * 1e9
+
+
+def _expert_traffic(add, plan: PartitionPlan, topo: Topology, experts: Sequence[Unit], links: Topology, *, ep: int,
+                    moe: Optional[MoETraffic], dtype_bytes: int, grad_accum: int):
+    """The routed experts (each unit already cut to one expert-parallel rank's share): the plan
+    over the expert-data-parallel topology, the expert part of the grad norm across the ep
+    group, and the dispatch/combine all-to-all. Returns their memory per rank and largest unit."""
+    sub = expert_data_topology(topo, ep)
+    memory, largest = _domain_traffic(add, plan, sub, experts, links, stride=ep, dtype_bytes=dtype_bytes,
+                                      grad_accum=grad_accum)
+    if ep > 1:
+        ep_level = topo.levels[level_of_group(topo, range(0, ep))].name
+        nbytes = 2 * GRAD_ACC_BYTES * _ring(ep)  # expert part of the norm
+        add("step", ep_level, "all_reduce", nbytes, nbytes / _alone_bps(links, ep, 1, "all_reduce"))
+        if moe is not None:
+            per_call = moe.tokens_per_micro_step * moe.top_k * moe.d_model * dtype_bytes * _ring(ep)
+            a2a = 2 * grad_accum * moe.num_layers * per_call  # dispatch + combine; their gradients in bwd
+            rate = _alone_bps(links, ep, 1, "all_to_all", "all_to_all")
+            add("fwd", ep_level, "all_to_all", a2a, a2a / rate)
+            add("bwd", ep_level, "all_to_all", a2a, a2a / rate)
+    return memory, largest
+
+
+def _link_topology(topo: Topology) -> Topology:
+    """The topology the time model uses: unknown bandwidths at DEFAULT_BANDWIDTH_GBPS."""
+    return with_bandwidths(topo, [lv.bandwidth_gbps or DEFAULT_BANDWIDTH_GBPS for lv in topo.levels])
+
+
+@functools.lru_cache(maxsize=1024)
+def _busbw(links: Topology, collectives: Tuple[Tuple[int, int, str, str], ...]) -> Tuple[float, ...]:
+    """GB/s each collective reaches with all of them in flight at once. A collective is
+    (outer, inner, pattern, op): every group "inside each `outer` consecutive ranks, those
+    sharing their position mod `inner`" at once -- the shape of every group a plan issues --
+    running `op` (a level's measured figure for that op, where it has one). Cached: auto asks
+    for the same few shapes for every candidate plan."""
+    w = links.world_size
+    rates = concurrent_busbw_gbps(links, [(same_position_groups(w, o, i), pat, op) for o, i, pat, op in collectives])
+    assert all(r is not None for r in rates), f"{collectives} move nothing on {links.describe()}"
+    return tuple(rates)
+
+
+def _side_by_side(a: float, a_alone: float, a_shared: float, b: float, b_alone: float, b_shared: float):
+    """Durations of two transfers (bytes, bytes/s alone, bytes/s while both run) started
+    together: both at their shared rate until the first ends, then the other alone."""
+    t_a, t_b = a / a_shared, b / b_shared
+    if t_a <= t_b:
+        return t_a, t_a + (b - t_a * b_shared) / b_alone
+    return t_b + (a - t_b * a_shared) / a_alone, t_b
+
+
+KIND_OP = dict(p="all_gather", b="all_gather", down="all_gather", g="reduce_scatter", up="reduce_scatter",
+               rep="all_reduce", o="all_reduce")
+"""The operation each kind of group runs (its measured figure, where the probe has one)."""
+
+
+def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Unit], links: Topology, *,
+                    stride: int, dtype_bytes: int, grad_accum: int):
+    """Charge one domain's units (the world's dense units, or the expert units over the
+    expert-data-parallel topology, whose rank q is world rank q * stride + e for each of the
+    `stride` expert positions e); returns its memory per rank and its largest unit."""
+    w = topo.world_size
+    names = topo.names
+    s_p, s_b, s_g, s_o = (span(topo, lv) for lv in (plan.param_level, plan.bwd_level, plan.grad_level, plan.optim_level))
+    n_rep = w // s_o
+    # the outermost level each kind of group spans (rank 0's group stands for all: symmetry)
+    lv_p, lv_b, lv_g, lv_o, lv_up, lv_down, lv_rep = (
+        names[level_of_group(topo, r)] for r in (range(0, s_p), range(0, s_b), range(0, s_g), range(0, s_o),
+                                                  range(0, s_o, s_g), range(0, s_o, s_p), range(0, w, s_o)))
+    # each kind of group as (outer, inner) on the world's ranks (plan_groups' shapes; the
+    # expert domain's rank q is world rank q * stride + e, so its shapes stretch by stride)
+    shape = {k: (o * stride, i * stride) for k, (o, i) in dict(
+        p=(s_p, 1), b=(s_b, 1), g=(s_g, 1), up=(s_o, s_g), rep=(w, s_o), down=(s_o, s_p), o=(s_o, 1)).items()}
+
+    rates: Dict[Tuple[str, ...], Tuple[float, ...]] = {}
+
+    def rate(*kinds: str) -> Tuple[float, ...]:
+        """bytes/s of each kind of collective with all the named ones in flight at once."""
+        if kinds not in rates:
+            rates[kinds] = tuple(r * 1e9 for r in _busbw(links, tuple((*shape[k], "ring", KIND_OP[k]) for k in kinds)))
+        return rates[kinds]
+
+    total = 0
+    largest = 0
+    blocks = []  # (bwd gather bytes, reduce-scatter bytes) per micro-step of each unit, in order
+    for u in units:
+        n = padded_numel(u.numel, w)
+        total += n
+        largest = max(largest, n)
+        if s_p > 1:
+            nbytes = grad_accum * u.fwd_gathers * n * dtype_bytes * _ring(s_p)
+            add("fwd", lv_p, "all_gather", nbytes, nbytes / rate("p")[0])
+        blocks.append((u.bwd_gathers * n * dtype_bytes * _ring(s_b) if s_b > 1 else 0.0,
+                       n * dtype_bytes * _ring(s_g) if s_g > 1 else 0.0))
+        if s_o > s_g:
+            nbytes = n / s_g * GRAD_ACC_BYTES * _ring(s_o // s_g)
+            add("step", lv_up, "reduce_scatter", nbytes, nbytes / rate("up")[0])
+        if n_rep > 1:
+            nbytes = 2 * n / s_o * GRAD_ACC_BYTES * _ring(n_rep)
+            add("step", lv_rep, "all_reduce", nbytes, nbytes / rate("rep")[0])
+        if s_o > s_p:
+            nbytes = n / s_p * dtype_bytes * _ring(s_o // s_p)
+            add("step", lv_down, "all_gather", nbytes, nbytes / rate("down")[0])
+    _backward(add, blocks, lv_b, lv_g, rate, grad_accum)
+    if units and s_o > 1:  # the squared grad norm, one fp32 scalar per unit, summed in one all-reduce
+        nbytes = 2 * GRAD_ACC_BYTES * _ring(s_o)
+        add("step", lv_o, "all_reduce", nbytes, nbytes / rate("o")[0])
+    memory = {
+        "params": total * dtype_bytes / s_p,
+        "secondary": total * dtype_bytes / s_b if plan.secondary_level is not None else 0.0,
+        "grads": total * GRAD_ACC_BYTES / s_g,
+        "optimizer": total * OPTIM_BYTES_PER_PARAM / s_o,
+    }
+    return memory, largest
+
+
+def _backward(add, blocks: Sequence[Tuple[float, float]], lv_b: str, lv_g: str, rate, grad_accum: int) -> None:
+    """The backward schedule of parallel.zero.ShardedEngine.micro_step: blocks in reverse; while
+    block i computes and reduce-scatters its gradient, block i-1's gather is already in flight
+    (prefetch), so the two share whatever links both cross. Units without a backward gather
+    (the outer unit) reduce-scatter last, alone."""
+    gathers = [i for i, (ag, _) in enumerate(blocks) if ag]
+    paired = {}  # reduce-scatter of block i -> the gather in flight beside it
+    for prev, cur in zip(gathers, gathers[1:]):
+        if blocks[cur][1]:
+            paired[cur] = prev
+    pair_rates = rate("b", "g") if paired else None
+    rs_alone = rate("g")[0] if any(rs for _, rs in blocks) else None
+    ag_alone = rate("b")[0] if gathers else None
+    overlapped = set(paired.values())
+    for i, (ag, rs) in enumerate(blocks):
+        if ag and i not in overlapped:
+            add("bwd", lv_b, "all_gather", grad_accum * ag, grad_accum * ag / ag_alone)
+        if rs and i not in paired:
+            add("bwd", lv_g, "reduce_scatter", grad_accum * rs, grad_accum * rs / rs_alone)
+    for cur, prev in paired.items():
+        ag, rs = blocks[prev][0], blocks[cur][1]
+        t_ag, t_rs = _side_by_side(ag, ag_alone, pair_rates[0], rs, rs_alone, pair_rates[1])
+        # side by side on the wire: the rank waits for the longer of the two, once
+        add("bwd", lv_b, "all_gather", grad_accum * ag, grad_accum * t_ag, wall_s=0.0)
+        add("bwd", lv_g, "reduce_scatter", grad_accum * rs, grad_accum * t_rs, wall_s=grad_accum * max(t_ag, t_rs))
+
+
+def uniform_units(num_params: float, num_blocks: int) -> List[Unit]:
+    """A model known only by its size: equal blocks, each gathered for forward and backward."""
+    num_blocks = max(1, num_blocks)
+    per = int(math.ceil(num_params / num_blocks))
+    return [Unit(f"block{i}", per) for i in range(num_blocks)]

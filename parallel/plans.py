@@ -1,0 +1,127 @@
+"""Partition plans and their names (pure: no torch, no processes).
+
+A plan names, for each training state, the topology level it is sharded over:
+
+    param_level      the persistent working copy of the parameters; a block's forward
+                     (and, without a secondary level, backward) all-gathers inside it
+    secondary_level  ZeRO++ hpZ: the backward all-gather comes from a secondary shard at
+                     this (faster) level, cut from the forward gather at no extra traffic
+    grad_level       gradients are reduce-scattered inside it every micro-step
+    optim_level      fp32 master weights and AdamW moments are sharded inside it
+
+Levels are indices into Topology.levels (0 = innermost); REPLICATED (-1) means "a group of
+one rank". param <= grad <= optim must hold. States are replicated across the units of the
+optimizer level (HSDP / MiCS), so gradients are all-reduced across those replicas once per
+optimizer step.
+
+How a plan lays its shards out and which groups it talks over: parallel.layout. What it
+costs: parallel.cost. Which one a run uses: parallel.choose.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import List, Optional
+
+from tierzero.parallel.config import PLAN_NAMES, ParallelConfig
+from tierzero.parallel.topology import Topology
+
+REPLICATED = -1
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    name: str
+    param_level: int
+    grad_level: int
+    optim_level: int
+    secondary_level: Optional[int] = None
+
+    def describe(self, topo: Topology) -> str:
+        def nm(level):
+            return "rep" if level == REPLICATED else topo.levels[level].name
+
+        parts = [f"P={nm(self.param_level)}"]
+        if self.secondary_level is not None:
+            parts.append(f"S={nm(self.secondary_level)}")
+        parts += [f"G={nm(self.grad_level)}", f"O={nm(self.optim_level)}"]
+        return f"{self.name}({','.join(parts)})"
+
+    @property
+    def bwd_level(self) -> int:
+        return self.param_level if self.secondary_level is None else self.secondary_level
+
+
+class PlanError(ValueError):
+    pass
+
+
+def _level_by_name(topo: Topology, name: str, key: str) -> int:
+    if name in ("none", "replicated", "rep"):
+        return REPLICATED
+    if name not in topo.names:
+        raise PlanError(
+            f"{key}={name!r} is not a level of this topology {list(topo.names)}; "
+            f"use one of them or 'none' (replicated)."
+        )
+    return topo.level_index(name)
+
+
+def _node_level(topo: Topology) -> int:
+    return topo.level_index("node") if "node" in topo.names else 0
+
+
+def named_plan(name: str, topo: Topology, cfg: Optional[ParallelConfig] = None) -> PartitionPlan:
+    cfg = cfg or ParallelConfig()
+    c = len(topo.levels) - 1
+    node = _node_level(topo)
+    if name == "ddp":
+        return PartitionPlan("ddp", REPLICATED, REPLICATED, REPLICATED)
+    if name == "zero1":
+        return PartitionPlan("zero1", REPLICATED, REPLICATED, c)
+    if name == "zero2":
+        return PartitionPlan("zero2", REPLICATED, c, c)
+    if name == "zero3":
+        return PartitionPlan("zero3", c, c, c)
+    if name == "hpz":
+        sec = _level_by_name(topo, cfg.secondary_level, "parallel.secondary_level") if cfg.secondary_level else node
+        if sec >= c:
+            raise PlanError(
+                f"parallel.secondary_level={topo.levels[sec].name if sec >= 0 else 'none'} must be a level "
+                f"inside the cluster for hpz (one of {list(topo.names[:-1])})."
+            )
+        return PartitionPlan("hpz", c, c, c, secondary_level=sec)
+    if name == "hsdp":
+        lv = _level_by_name(topo, cfg.hsdp_level, "parallel.hsdp_level") if cfg.hsdp_level else node
+        return PartitionPlan("hsdp", lv, lv, lv)
+    if name == "tiered":
+        if cfg.levels:
+            p, g, o = (_level_by_name(topo, n, "parallel.levels") for n in cfg.levels)
+            if not p <= g <= o:
+                raise PlanError(
+                    f"parallel.levels={list(cfg.levels)} breaks param <= grad <= optimizer: a state cannot be "
+                    f"sharded over a wider group than the state derived from it. Order them innermost first, "
+                    f"e.g. {[topo.names[0], topo.names[node], topo.names[c]]}."
+                )
+            return PartitionPlan("tiered", p, g, o)
+        return PartitionPlan("tiered", 0, node, c)
+    raise PlanError(f"parallel.plan={name!r} is not a plan; choose one of {list(PLAN_NAMES)}.")
+
+
+def candidate_plans(topo: Topology, cfg: Optional[ParallelConfig] = None) -> List[PartitionPlan]:
+    """The named plans plus every assignment param <= grad <= optimizer (what auto searches)."""
+    named = [named_plan(n, topo, cfg) for n in PLAN_NAMES if n != "auto"]
+    seen = {(p.param_level, p.secondary_level, p.grad_level, p.optim_level) for p in named}
+    levels = [REPLICATED] + list(range(len(topo.levels)))
+    out = list(named)
+    for p, g, o in itertools.combinations_with_replacement(levels, 3):
+        if (p, None, g, o) not in seen:
+            out.append(PartitionPlan("tiered", p, g, o))
+            seen.add((p, None, g, o))
+    for sec in range(len(topo.levels) - 1):  # hpz-style secondary under any wider param level
+        for p, g, o in itertools.combinations_with_replacement(range(sec + 1, len(topo.levels)), 3):
+            if (p, sec, g, o) not in seen:
+                out.append(PartitionPlan("hpz" if (p, g, o) == (len(topo.levels) - 1,) * 3 else "tiered", p, g, o, sec))
+                seen.add((p, sec, g, o))
+    return out

@@ -1,0 +1,101 @@
+"""The planner's inputs from a recipe, computed once for `tierzero plan` and `tierzero run`.
+
+Besides the topology and `parallel.*`, the planner needs four things from the recipe: the
+units the engine cuts the model into, the compute dtype's bytes, the micro-steps per
+optimizer step and the experts' all-to-all traffic (parallel.cost.PlanInputs). `run` has
+the model it trains; `plan` builds the recipe's model on the meta device, or knows only a
+size (model.params) and plans equal blocks. Torch is imported only where a model is built
+or measured, so planning a model known by its size stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Tuple
+
+from tierzero.parallel.cost import MoETraffic, PlanInputs, uniform_units
+from tierzero.parallel.moe_config import MoEConfig
+from tierzero.recipes.config import DataConfig, ModelConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from tierzero.recipes.model import Transformer
+
+
+def planning_inputs(
+    *,
+    train_cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    moe_cfg: Optional[MoEConfig] = None,
+    ep: int = 1,
+    world_size: int,
+    model: Optional[Transformer] = None,
+) -> PlanInputs:
+    """What the planner needs to know about this recipe on `world_size` ranks.
+
+    `model`: the model the run trains (the trainer's; its units are what the engine shards).
+    Without it, a model given only by its size (model.params) is planned as model.n_layers
+    equal blocks with no expert traffic, and otherwise the recipe's model is built on the
+    meta device. `ep` (parallel.ep) only enters the model summary."""
+    grad_accum, notes = _grad_accum(train_cfg, world_size)
+    if model is None and model_cfg.params:
+        summary = f"{model_cfg.params:.4g} params (model.params, {model_cfg.n_layers} equal blocks)"
+        return PlanInputs(tuple(uniform_units(model_cfg.params, model_cfg.n_layers)), dtype_bytes(train_cfg),
+                          grad_accum, None, summary, notes)
+    from tierzero.parallel.zero import model_units
+
+    if model is None:
+        model = _meta_model(model_cfg, data_cfg, moe_cfg)
+    units = tuple(model_units(model))
+    # data.seq_len is the dataset's and the model's sequence length (recipes.data.build_dataset)
+    moe = moe_traffic(train_cfg, model_cfg, moe_cfg, data_cfg.seq_len)
+    summary = f"{sum(u.numel for u in units):,} params (the recipe's model)"
+    if moe is not None:
+        from tierzero.recipes.model import count_params
+
+        active = count_params(model_cfg, model.vocab_size, moe_cfg, active=True)
+        summary += f"; MoE {moe_cfg.num_experts} experts, top-{moe_cfg.top_k}, {active:,} active, parallel.ep={ep}"
+    return PlanInputs(units, dtype_bytes(train_cfg), grad_accum, moe, summary, notes)
+
+
+def dtype_bytes(train_cfg: TrainConfig) -> int:
+    """Bytes of train.dtype: torch.finfo(recipes.train.dtype_of(train_cfg)).bits // 8 for the
+    two dtypes train.dtype allows, without importing torch."""
+    return 2 if train_cfg.dtype == "bfloat16" else 4
+
+
+def moe_traffic(train_cfg: TrainConfig, model_cfg: ModelConfig, moe_cfg: Optional[MoEConfig],
+                seq_len: int) -> Optional[MoETraffic]:
+    """The experts' all-to-all as the cost model charges it; None for a dense model."""
+    if moe_cfg is None or not moe_cfg.num_experts:
+        return None
+    return MoETraffic(tokens_per_micro_step=train_cfg.micro_batch_size * seq_len, d_model=model_cfg.d_model,
+                      top_k=moe_cfg.top_k, num_layers=model_cfg.n_layers)
+
+
+def _grad_accum(train_cfg: TrainConfig, world_size: int) -> Tuple[int, Tuple[str, ...]]:
+    """global batch / (micro batch x ranks), and a note when it does not divide: `run` refuses
+    that batch (launcher.config.check_world), `plan` plans one micro-step per optimizer step."""
+    per_pass = train_cfg.micro_batch_size * world_size
+    if train_cfg.global_batch_size % per_pass == 0:
+        return train_cfg.global_batch_size // per_pass, ()
+    # e.g. a laptop recipe planned for a 48-node preset
+    return 1, (f"train.global_batch_size={train_cfg.global_batch_size} does not split into train.micro_batch_size="
+               f"{train_cfg.micro_batch_size} x {world_size} ranks: planned with 1 micro-step per optimizer "
+               f"step (global batch {per_pass}); `tierzero run` needs e.g. train.global_batch_size={per_pass}",)
+
+
+def _meta_model(model_cfg: ModelConfig, data_cfg: DataConfig, moe_cfg: Optional[MoEConfig]) -> Transformer:
+    """The recipe's model on the meta device: its shapes without its memory."""
+    import torch
+
+    from tierzero.recipes.model import build_model
+
+    vocab, seq_len = data_cfg.vocab_size, data_cfg.seq_len
+    if not (data_cfg.kind == "markov" or data_cfg.vocab_size):
+        # a token file with data.vocab_size=0: its largest token decides (one pass over the file)
+        from tierzero.recipes.data import build_dataset
+
+        data = build_dataset(data_cfg)
+        vocab, seq_len = data.vocab_size, data.seq_len
+    with torch.device("meta"):
+        return build_model(model_cfg, vocab_size=vocab, seq_len=seq_len, moe=moe_cfg)
