@@ -2,7 +2,7 @@
 
 4 gloo ranks on this host (torch.multiprocessing spawn, rendezvous through a file in a
 temp dir, 1 torch thread per rank), a dense transformer (recipes.model.build_model, d_model
-512, 8 layers, 8 heads, vocab 50304: 51M parameters) in parallel.zero.ShardedEngine under a
+512, 8 layers, 8 heads, vocab 50304: 51M parameters) in parallel.engines.native.NativeEngine under a
 zero3 plan over emulated_topology([2, 2]), --train-steps AdamW steps on random tokens first
 (so the moments are not zeros). What a rank saves is its optimizer shard: fp32 master
 weights + exp_avg + exp_avg_sq, 12 bytes per parameter over the 4 ranks (~613 MB in all).
@@ -72,7 +72,8 @@ from tierzero.checkpoint.saver import Checkpointer  # noqa: E402
 from tierzero.checkpoint.store import COMMITTED, MANIFEST, CheckpointStore, Slice, _raw, shard_name  # noqa: E402
 from tierzero.parallel.plans import named_plan  # noqa: E402
 from tierzero.parallel.topology import emulated_topology  # noqa: E402
-from tierzero.parallel.zero import ShardedEngine  # noqa: E402
+from tierzero.parallel.engines import EngineSetup, Optim  # noqa: E402
+from tierzero.parallel.engines.native import NativeEngine  # noqa: E402
 from tierzero.recipes.config import ModelConfig  # noqa: E402
 from tierzero.recipes.model import build_model, count_params, loss_fn  # noqa: E402
 
@@ -98,16 +99,16 @@ class TimedCheckpointer(Checkpointer):
 
 # ---- helpers inside a rank -------------------------------------------------------------------
 
-def build_engine(rank: int, sizes) -> ShardedEngine:
+def build_engine(rank: int, sizes) -> NativeEngine:
     topo = emulated_topology(sizes)
     torch.manual_seed(SEED)
     model = build_model(ModelConfig(d_model=D_MODEL, n_layers=N_LAYERS, n_heads=N_HEADS), vocab_size=VOCAB,
                         seq_len=SEQ, moe=None)
-    return ShardedEngine(model, plan=named_plan("zero3", topo), topology=topo, rank=rank, loss_fn=loss_fn, lr=LR,
-                         weight_decay=0.1)
+    return NativeEngine(model, EngineSetup(plan=named_plan("zero3", topo), topology=topo, rank=rank, loss_fn=loss_fn,
+                                           optim=Optim(lr=LR, weight_decay=0.1)))
 
 
-def train_step(engine: ShardedEngine, rank: int, step: int) -> float:
+def train_step(engine: NativeEngine, rank: int, step: int) -> float:
     g = torch.Generator().manual_seed(1000 * step + rank)
     batch = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
     loss = engine.micro_step(batch[:, :-1], batch[:, 1:], scale=1.0)
@@ -151,7 +152,7 @@ def evict(folder: str) -> None:
             os.close(fd)
 
 
-def state_sums(engine: ShardedEngine) -> list:
+def state_sums(engine: NativeEngine) -> list:
     """float64 sums of the optimizer state over every rank (padding is zero in every layout)."""
     v = torch.zeros(4, dtype=torch.float64)
     for u in engine.units:

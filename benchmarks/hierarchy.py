@@ -125,10 +125,7 @@ def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int, u
     from tierzero.launcher.discover import memory_budget_bytes
     from tierzero.parallel.choose import resolve_plan
     from tierzero.parallel.topology import emulated_topology, with_bandwidths
-    from tierzero.recipes.data import build_dataset
-    from tierzero.recipes.model import build_model
-    from tierzero.parallel.zero import model_units
-    import torch
+    from tierzero.recipes.planning import planning_inputs
 
     cfg = load_config([], model_args(d_model) + [f"train.global_batch_size={4 * accum}", f"parallel.plan={plan}",
                                                  "topology.emulate=[2,2]", *extra])
@@ -137,11 +134,11 @@ def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int, u
     topo = with_bandwidths(emulated_topology([2, 2]), [f.get("all_gather") if f else None for f in figures],
                            op_bandwidths_gbps=figures)
     topo = dataclasses.replace(topo, update_gelems_per_s=update_rate)
-    data = build_dataset(cfg.data)
-    with torch.device("meta"):
-        units = model_units(build_model(cfg.model, vocab_size=data.vocab_size, seq_len=data.seq_len, moe=cfg.moe))
+    inputs = planning_inputs(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, moe_cfg=cfg.moe,
+                             ep=cfg.parallel.ep, world_size=topo.world_size)
+    assert inputs.grad_accum == accum, (inputs.grad_accum, accum)
     budget = memory_budget_bytes(cfg.parallel, topo, device="cpu", local_world_size=2)
-    choice = resolve_plan(cfg.parallel, topo, units, dtype_bytes=4, grad_accum=accum, memory_budget_bytes=budget)
+    choice = resolve_plan(cfg.parallel, topo, inputs, memory_budget_bytes=budget)
     return choice.plan.describe(topo), choice.cost.time_by_level().get("cluster", 0.0)
 
 

@@ -8,7 +8,7 @@ temp dir, 1 torch thread per rank), for each expert-parallel size in --ep:
                experts) and torch AdamW on every rank
     DeepSpeed  deepspeed.moe.layer.MoE (SwiGLU expert module of the same shapes) run by
                deepspeed.initialize with ZeRO stage 2 (the repo's zero2 mapping,
-               parallel/deepspeed_adapter.py) and the same torch AdamW
+               parallel/engines/deepspeed.py) and the same torch AdamW
 
 Both do a full training step per iteration: forward, loss (MSE to a fixed random target
 + 0.01 x the load-balance loss), backward, gradient reduction, AdamW step. Shapes: 8
@@ -195,7 +195,7 @@ def setup_deepspeed(rank: int, ep: int):
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    from tierzero.parallel.deepspeed_adapter import _skip_shm_comm_build, deepspeed_config
+    from tierzero.parallel.engines.deepspeed import _skip_shm_comm_build, deepspeed_config
     from tierzero.parallel.plans import named_plan
     from tierzero.parallel.topology import emulated_topology
 

@@ -25,7 +25,7 @@ import torch
 from tierzero.launcher.config import load_config
 from tierzero.parallel.context import DistContext
 from tierzero.parallel.topology import flat_topology
-from tierzero.recipes.train import train
+from tierzero.recipes.trainer import Recipe, train
 from tierzero.telemetry.config import TelemetryConfig
 from tierzero.telemetry.sink import Telemetry
 
@@ -38,8 +38,9 @@ def disabled_telemetry():
 def run_once(cfg, telemetry) -> float:
     ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device="cpu",
                       backend="none", topology=flat_topology(1, 1), host=platform.node())
-    result = train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx,
-                   telemetry=telemetry, peak_tflops=1.0, show_progress=False)
+    # the recipe's dense trunk (no MoE sections: one rank cannot hold parallel.ep=2)
+    result = train(Recipe(train=cfg.train, model=cfg.model, data=cfg.data), ctx, telemetry, peak_tflops=1.0,
+                   show_progress=False)
     return statistics.median(result.step_times_s[5:])
 
 

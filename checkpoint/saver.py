@@ -21,22 +21,6 @@ from tierzero.checkpoint.store import CheckpointError, CheckpointStore, ResumeEr
 
 log = logging.getLogger(__name__)
 
-FAULT_SLOW_SAVE_ENV = "TIERZERO_FAULT_SLOW_SAVE"
-"""Fault injection for drills (docs/fault-tolerance.md): `<step>:<seconds>` makes every rank
-pause that long after writing its data of that step and before reporting it, so a kill -9
-in the pause leaves a torn checkpoint."""
-
-
-def _slow_save_pause(step: int) -> Optional[Callable[[], None]]:
-    import os
-
-    text = os.environ.get(FAULT_SLOW_SAVE_ENV, "")
-    if ":" not in text:
-        return None
-    at, seconds = text.split(":", 1)
-    return (lambda: time.sleep(float(seconds))) if int(at) == step else None
-
-
 class Snapshot:
     """Set once a background save has copied the engine's state; the engine's next optimizer
     step waits on it (forward and backward do not change that state, so they overlap the copy)."""
@@ -64,8 +48,11 @@ class Resumed:
 
 class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, root: str, *, rank: int, world_size: int,
-                 event: Callable[..., None], commit_timeout_s: float = 600.0, attempt: int = 0):
+                 event: Callable[..., None], commit_timeout_s: float = 600.0, attempt: int = 0,
+                 before_report: Callable[[int], None] = lambda step: None):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.before_report = before_report
+        """Called with the step between writing this rank's data and reporting it (fault drills)."""
         self.attempt = attempt
         self._saves = 0
         self._buffers: List = []
@@ -142,7 +129,7 @@ class Checkpointer:
 
     def _write(self, step: int, slices: List[Slice], state: dict, token: str) -> None:
         try:
-            self.store.write_rank(step, self.rank, slices, token=token, before_report=_slow_save_pause(step))
+            self.store.write_rank(step, self.rank, slices, token=token, before_report=lambda: self.before_report(step))
             if self.rank == 0:
                 self.store.commit(step, self.world_size, state, timeout_s=self.commit_timeout_s, token=token)
                 deleted = self.store.prune(self.cfg.keep, self.cfg.keep_every)

@@ -5,10 +5,11 @@ Level k is measured with groups of ranks that differ only in their level-k coord
 all at once, so every link of that level is loaded as training loads it. Each of the three
 operations a plan issues is measured on its own, the way the native engine issues it
 (parallel.ledger: gloo's list all_gather, the send/recv ring reduce-scatter on CPU, gloo's
-all_reduce), because on the same link they can reach different rates: on the shaped
-1 Gbit/s link of benchmarks/hierarchy.py gloo's all_reduce moved its bytes ~1.4x faster than
-its all_gather of two ranks (a few % since the engine sends each direction of a two-rank
-exchange on its own process group: parallel.ledger.CommGroup.pg_back). The figure kept per op is the per-rank bandwidth that makes
+all_reduce), because on the same link they can reach different rates: on the shaped link of
+benchmarks/hierarchy.py gloo's all_reduce moved its bytes faster than its all_gather of two
+ranks, a gap that mostly closed once the engine sent each direction of a two-rank exchange on
+its own process group (parallel.ledger.CommGroup.pg_back; measured: docs/benchmarks.md,
+Figures behind design choices). The figure kept per op is the per-rank bandwidth that makes
 parallel.topology.peak_busbw_gbps predict the busbw measured (the median over the groups);
 the level's general figure is the all_gather one.
 """
@@ -30,7 +31,7 @@ from tierzero.parallel.topology import Topology, peak_busbw_gbps, with_bandwidth
 log = logging.getLogger(__name__)
 PROBE_SIZES = (1 << 20, 4 << 20, 16 << 20, 64 << 20)
 PROBE_OPS = ("all_gather", "reduce_scatter", "all_reduce")
-"""The operations a partition plan issues (parallel.plan.KIND_OP); all_gather first: it is
+"""The operations a partition plan issues (parallel.cost.KIND_OP); all_gather first: it is
 the level's general figure."""
 ENOUGH_S = 0.25
 """Stop growing the message once one call takes this long: long enough to hide latency."""
@@ -121,19 +122,20 @@ def measure_level(backend, topo: Topology, k: int, iters: int = 3) -> Optional[D
 
 
 UPDATE_NUMEL = 1 << 22
-"""Parameters in the update probe's shard (4M: 80 MB of fp32 state per rank, ~0.1 s on a CPU core)."""
+"""Parameters in the update probe's shard (4M: 80 MB of fp32 state per rank), long enough to
+time and short enough for start-up (measured: docs/benchmarks.md, Figures behind design choices)."""
 
 
 def measure_update_rate(backend, iters: int = 3) -> Optional[float]:
     """10^9 parameters/s of the native engine's per-parameter optimizer work (the gradient's
-    squared norm, parallel.zero.adamw_update_, zeroing the gradient, the cast down), every
+    squared norm, parallel.engines.native.adamw_update_, zeroing the gradient, the cast down), every
     rank at once so that ranks sharing cores or memory bandwidth slow each other as in
     training; the slowest rank's rate (the step waits for it). None with MPI (no engine)."""
     if not isinstance(backend, TorchBackend):
         return None
     import torch
 
-    from tierzero.parallel.zero import adamw_update_
+    from tierzero.parallel.engines.native import adamw_update_
 
     n, device = UPDATE_NUMEL, backend.device
     master, grad = torch.zeros(n, device=device), torch.full((n,), 1e-3, device=device)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from tierzero.launcher.config import (ConfigError, check_world, describe_keys, load_config, resolve_paths, to_yaml,
-                             write_resolved)
+from tierzero.launcher.config import ConfigError, check_world, describe_keys, load_config, to_yaml
+from tierzero.launcher.exitcodes import Exit, killed_by
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("tierzero")
 
 
@@ -45,52 +45,23 @@ def _setup_logging(rank: int) -> None:
 
 # ---- subcommands ---------------------------------------------------------------------
 
-def cmd_run(args) -> int:
-    from tierzero.launcher.discover import TopologyMismatch, build_topology
+def _launch(args, program: str) -> int:
     from tierzero.launcher.modes import detect_launch
-    from tierzero.launcher.rank import run_rank
-    from tierzero.launcher.supervisor import run_local
+    from tierzero.launcher.program import PROGRAMS, launch_program
 
     files, overrides = _split_args(args.items)
     launch = detect_launch(os.environ)
     _setup_logging(launch.rank)
     cfg = load_config(files, overrides)
-    if launch.mode != "local":
-        return run_rank(cfg, launch, os.environ)
-    problems = check_world(cfg, cfg.launcher.nproc)
-    try:
-        build_topology(cfg.topology, world_size=cfg.launcher.nproc, ranks_per_node=cfg.launcher.nproc, num_nodes=1,
-                               inter_node_gbit=cfg.launcher.inter_node_gbit)
-    except TopologyMismatch as e:
-        problems.append(str(e))
-    if problems:
-        raise ConfigError(problems)
-    resolve_paths(cfg)
-    run_dir = cfg.run_dir
-    config_path = write_resolved(cfg, run_dir)
-    print(f"tierzero run: {cfg.run.name} -> {run_dir} ({cfg.launcher.nproc} local ranks)", flush=True)
-    return run_local(cfg, config_path)
+    return launch_program(PROGRAMS[program], cfg, launch, os.environ)
+
+
+def cmd_run(args) -> int:
+    return _launch(args, "run")
 
 
 def cmd_bench(args) -> int:
-    from tierzero.launcher.bench import bench_rank, local_problems, write_bench_config
-    from tierzero.launcher.modes import detect_launch
-    from tierzero.launcher.supervisor import run_local
-
-    files, overrides = _split_args(args.items)
-    launch = detect_launch(os.environ)
-    _setup_logging(launch.rank)
-    cfg = load_config(files, overrides)
-    if launch.mode != "local":
-        return bench_rank(cfg, launch, os.environ, probe_only=args.probe)
-    problems = local_problems(cfg)
-    if problems:
-        raise ConfigError(problems)
-    resolve_paths(cfg)
-    config_path = write_bench_config(cfg)
-    what = "measuring link bandwidths" if args.probe else "collective sweep"
-    print(f"tierzero bench: {what}, {cfg.launcher.nproc} local ranks -> {config_path.parent}", flush=True)
-    return run_local(cfg, config_path, command=("bench", "--probe") if args.probe else ("bench",))
+    return _launch(args, "probe" if args.probe else "bench")
 
 
 def cmd_ckpt(args) -> int:
@@ -100,7 +71,7 @@ def cmd_ckpt(args) -> int:
         raise
     except Exception as e:  # credentials, network, permissions: say what and where, no traceback
         print(f"tierzero ckpt {args.action}: cannot read {args.path}: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+        return Exit.FAILURE
 
 
 def _ckpt(args) -> int:
@@ -112,32 +83,32 @@ def _ckpt(args) -> int:
         steps = store.steps()
         sizes = {s: store.fs.du(store.step_path(s)) for s, _ in steps}
         print("\n".join(list_lines(args.path, steps, sizes)))
-        return EXIT_OK
+        return Exit.OK
     store, path = open_step(args.path)
     if not store.fs.exists(path):
         print(f"tierzero ckpt {args.action}: {args.path} does not exist; `tierzero ckpt list DIR` shows the "
               "checkpoints of a folder", file=sys.stderr)
-        return EXIT_USAGE
+        return Exit.USAGE
     if args.action == "verify":
         manifest, problems = store.verify(path)
         if problems:
             for p in problems:
                 print(f"FAILED: {p}")
             print(f"tierzero ckpt verify: {len(problems)} problem(s) in {args.path}", file=sys.stderr)
-            return EXIT_FAILURE
+            return Exit.FAILURE
         pieces = sum(len(t.pieces) for t in manifest.tensors.values())
         nbytes = sum(t.nbytes for t in manifest.tensors.values())
         print(f"OK: {args.path}: step {manifest.step}, {len(manifest.tensors)} tensors, {pieces} pieces, "
               f"{nbytes / 1e6:.2f} MB, every checksum matches")
-        return EXIT_OK
+        return Exit.OK
     try:
         manifest = store.manifest(path)
     except CheckpointError as e:
         print(f"tierzero ckpt {args.action}: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+        return Exit.FAILURE
     if args.action == "inspect":
         print("\n".join(inspect_lines(args.path, manifest)))
-        return EXIT_OK
+        return Exit.OK
     from tierzero.checkpoint.export import consolidated, write_safetensors
 
     if not args.out or not args.out.endswith(".safetensors"):
@@ -146,10 +117,10 @@ def _ckpt(args) -> int:
         tensors = consolidated(manifest, store.reader(path, manifest))
     except CheckpointError as e:
         print(f"tierzero ckpt export: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+        return Exit.FAILURE
     nbytes = write_safetensors(args.out, tensors, {"format": "pt", "tierzero_step": manifest.step})
     print(f"wrote {args.out}: {len(tensors)} tensors, {nbytes / 1e6:.2f} MB (Hugging Face-style names, fp32)")
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_config(args) -> int:
@@ -157,17 +128,17 @@ def cmd_config(args) -> int:
         from tierzero.launcher.config import describe_markdown
 
         print(describe_markdown(), end="")
-        return EXIT_OK
+        return Exit.OK
     if args.describe:
         rows = describe_keys()
         width = max(len(r[0]) for r in rows)
         for key, tname, default, doc in rows:
             print(f"{key:<{width}}  {tname:<14} default {default!r:<12} {doc}")
-        return EXIT_OK
+        return Exit.OK
     files, overrides = _split_args(args.items)
     cfg = load_config(files, overrides)
     print(to_yaml(cfg), end="")
-    return EXIT_OK
+    return Exit.OK
 
 
 def _config_and_topology(args):
@@ -189,7 +160,7 @@ def _config_and_topology(args):
 
 def _measured_topology(cfg, launch):
     """topology.measure=true outside a run: spawn the local ranks and measure each level."""
-    from tierzero.launcher.bench import local_problems, run_probe_locally
+    from tierzero.launcher.program import measure_locally
 
     problems = []
     if cfg.topology.preset:
@@ -203,13 +174,9 @@ def _measured_topology(cfg, launch):
             "run the plan outside the job, or measure inside it with `tierzero bench --probe` / "
             "`tierzero run topology.measure=true`"
         )
-    problems += [p for p in local_problems(cfg) if "mpirun" not in p]
     if problems:
         raise ConfigError(problems)
-    try:
-        return run_probe_locally(cfg)
-    except RuntimeError as e:
-        raise ConfigError([str(e)]) from e
+    return measure_locally(cfg)
 
 
 def cmd_topo(args) -> int:
@@ -237,99 +204,77 @@ def cmd_topo(args) -> int:
         more = f" ... ({len(groups)} groups)" if len(groups) > 4 else ""
         bw = f"{lv.bandwidth_gbps:g}" if lv.bandwidth_gbps else "?"
         print(f"{lv.name:<10} {lv.size:>7} {topo.span(lv.name):>6} {bw:>8}  {shown}{more}")
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_plan(args) -> int:
     import time
 
     from tierzero.launcher.discover import memory_budget_bytes
-    from tierzero.parallel.plan import PLAN_NAMES, PlanError, named_plan, predict, resolve_plan, uniform_units
+    from tierzero.parallel.choose import resolve_plan
+    from tierzero.parallel.engines import ENGINES
+    from tierzero.parallel.plans import PlanError
+    from tierzero.recipes.planning import planning_inputs
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     cfg, _, topo = _config_and_topology(args)
     problems = check_world(cfg, topo.world_size, batch=False)
     if problems:
         raise ConfigError(problems)
-    per_pass = cfg.train.micro_batch_size * topo.world_size
-    accum = cfg.train.global_batch_size // per_pass
-    if cfg.train.global_batch_size % per_pass:
-        # e.g. a laptop recipe planned for a 48-node preset: plan one micro-step per optimizer step
-        accum = 1
-        print(f"# train.global_batch_size={cfg.train.global_batch_size} does not split into train.micro_batch_size="
-              f"{cfg.train.micro_batch_size} x {topo.world_size} ranks: planned with 1 micro-step per optimizer "
-              f"step (global batch {per_pass}); `tierzero run` needs e.g. train.global_batch_size={per_pass}")
-    dtype_bytes = 2 if cfg.train.dtype == "bfloat16" else 4
-    moe = None
-    if cfg.model.params:
-        units = uniform_units(cfg.model.params, cfg.model.n_layers)
-        size_note = f"{cfg.model.params:.4g} params (model.params, {cfg.model.n_layers} equal blocks)"
-    else:
-        import torch
-
-        from tierzero.parallel.zero import model_units
-        from tierzero.recipes.model import build_model, count_params
-        from tierzero.recipes.train import moe_traffic
-
-        if cfg.data.kind == "markov" or cfg.data.vocab_size:
-            vocab, seq_len = cfg.data.vocab_size, cfg.data.seq_len
-        else:
-            from tierzero.recipes.data import build_dataset
-
-            data = build_dataset(cfg.data)
-            vocab, seq_len = data.vocab_size, data.seq_len
-        with torch.device("meta"):
-            units = model_units(build_model(cfg.model, vocab_size=vocab, seq_len=seq_len, moe=cfg.moe))
-        moe = moe_traffic(cfg.train, cfg.model, cfg.moe, seq_len)
-        size_note = f"{sum(u.numel for u in units):,} params (the recipe's model)"
-        if moe is not None:
-            active = count_params(cfg.model, vocab, cfg.moe, active=True)
-            size_note += (f"; MoE {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, {active:,} active, "
-                          f"parallel.ep={cfg.parallel.ep}")
+    inputs = planning_inputs(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, moe_cfg=cfg.moe,
+                             ep=cfg.parallel.ep, world_size=topo.world_size)
     budget = memory_budget_bytes(cfg.parallel, topo, device="cpu", local_world_size=topo.ranks_per_node)
-    try:
-        chosen = resolve_plan(cfg.parallel, topo, units, dtype_bytes=dtype_bytes, grad_accum=accum,
-                              memory_budget_bytes=budget, moe=moe)
+    try:  # the plan `tierzero run` would use: auto narrowed to what the engine runs
+        chosen = ENGINES[cfg.parallel.engine].restrict(
+            resolve_plan(cfg.parallel, topo, inputs, memory_budget_bytes=budget), topo)
     except PlanError as e:
         raise ConfigError([str(e)]) from e
-    rows = [predict(named_plan(n, topo, cfg.parallel), topo, units, dtype_bytes=dtype_bytes, grad_accum=accum,
-                    memory_budget_bytes=budget, ep=cfg.parallel.ep, moe=moe) for n in PLAN_NAMES if n != "auto"]
+    for line in _plan_table(cfg, topo, inputs, budget, chosen):
+        print(line)
+    print(f"# planned in {time.perf_counter() - t0:.3f} s ({time.process_time() - cpu0:.3f} s CPU)")
+    return Exit.OK
+
+
+def _plan_table(cfg, topo, inputs, budget: float, chosen) -> List[str]:
+    """`tierzero plan`'s lines: a header, one row per named plan (and auto's pick), the choice."""
+    from tierzero.parallel.cost import DEFAULT_BANDWIDTH_GBPS, predict
+    from tierzero.parallel.plans import named_plans
+
+    rows = [predict(plan, topo, inputs.units, dtype_bytes=inputs.dtype_bytes, grad_accum=inputs.grad_accum,
+                    memory_budget_bytes=budget, ep=cfg.parallel.ep, moe=inputs.moe)
+            for plan in named_plans(topo, cfg.parallel)]
     if all(r.plan != chosen.plan for r in rows):
         rows.append(chosen.cost)
-    print(f"# tierzero plan | {topo.world_size} ranks | topology {topo.describe()} ({topo.source})")
-    if topo.update_gelems_per_s:
-        print(f"# optimizer update measured at {topo.update_gelems_per_s:.3g}e9 params/s per rank (every rank at "
-              "once): 'update s' is this rank's optimizer shard at that rate; auto minimises comm s + update s")
-    print(f"# model {size_note} | {cfg.train.dtype} | grad accum {accum} | "
-          f"memory budget {budget / 1e9:.3g} GB/rank | bytes are sent per rank per optimizer step")
+    moe, with_update = inputs.moe is not None, bool(topo.update_gelems_per_s)
+    out = [f"# {note}" for note in inputs.notes]
+    out.append(f"# tierzero plan | {topo.world_size} ranks | topology {topo.describe()} ({topo.source})")
+    if with_update:
+        out.append(f"# optimizer update measured at {topo.update_gelems_per_s:.3g}e9 params/s per rank (every rank "
+                   "at once): 'update s' is this rank's optimizer shard at that rate; auto minimises comm s + update s")
+    out.append(f"# model {inputs.model_summary} | {cfg.train.dtype} | grad accum {inputs.grad_accum} | "
+               f"memory budget {budget / 1e9:.3g} GB/rank | bytes are sent per rank per optimizer step")
     label_w = max(len(r.plan.describe(topo)) for r in rows) + 2
     head = f"{'plan':<{label_w}}{'mem/rank GB':>12}" + "".join(f"{lv.name + ' GB':>13}" for lv in topo.levels)
-    if moe is not None:
-        head += f"{'experts GB':>11}{'a2a GB':>9}"
-    with_update = bool(topo.update_gelems_per_s)
-    print(head + f"{'comm s':>10}" + (f"{'update s':>10}" if with_update else "") + "  fits")
+    head += f"{'experts GB':>11}{'a2a GB':>9}" if moe else ""
+    out.append(head + f"{'comm s':>10}" + (f"{'update s':>10}" if with_update else "") + "  fits")
     for r in rows:
         by_level = r.bytes_by_level()
         cells = "".join(f"{by_level.get(lv.name, 0.0) / 1e9:>13.4g}" for lv in topo.levels)
-        if moe is not None:
+        if moe:
             a2a = sum(b for (_, _, op), b in r.bytes.items() if op == "all_to_all")
             cells += f"{r.expert_memory / 1e9:>11.4g}{a2a / 1e9:>9.4g}"
-        mark = " <- auto" if r.plan == chosen.plan else ""
         update = f"{r.update_s:>10.4g}" if with_update else ""
-        print(f"{r.plan.describe(topo):<{label_w}}{r.memory_total / 1e9:>12.4g}{cells}{r.comm_time_s:>10.4g}{update}  "
-              f"{'yes' if r.fits else 'NO'}{mark}")
-    if moe is not None:
-        print("# experts GB = the routed experts' share of mem/rank; a2a GB = the experts' all-to-all per step "
-              "(uniform routing), included in the level columns")
+        out.append(f"{r.plan.describe(topo):<{label_w}}{r.memory_total / 1e9:>12.4g}{cells}{r.comm_time_s:>10.4g}"
+                   f"{update}  {'yes' if r.fits else 'NO'}{' <- auto' if r.plan == chosen.plan else ''}")
+    if moe:
+        out.append("# experts GB = the routed experts' share of mem/rank; a2a GB = the experts' all-to-all per step "
+                   "(uniform routing), included in the level columns")
     unknown = [lv.name for lv in topo.levels if not lv.bandwidth_gbps]
     if unknown:
-        from tierzero.parallel.plan import DEFAULT_BANDWIDTH_GBPS
-
-        print(f"# bandwidth of {', '.join(unknown)} unknown: {DEFAULT_BANDWIDTH_GBPS:g} GB/s assumed "
-              "(set topology.bandwidths_gbps or use a preset)")
-    print(f"{'auto' if cfg.parallel.plan == 'auto' else 'chosen'}: {chosen.plan.describe(topo)} -- {chosen.reason}")
-    print(f"# planned in {time.perf_counter() - t0:.3f} s ({time.process_time() - cpu0:.3f} s CPU)")
-    return EXIT_OK
+        out.append(f"# bandwidth of {', '.join(unknown)} unknown: {DEFAULT_BANDWIDTH_GBPS:g} GB/s assumed "
+                   "(set topology.bandwidths_gbps or use a preset)")
+    out.append(f"{'auto' if cfg.parallel.plan == 'auto' else 'chosen'}: {chosen.plan.describe(topo)} -- {chosen.reason}")
+    return out
 
 
 def cmd_report(args) -> int:
@@ -339,13 +284,13 @@ def cmd_report(args) -> int:
         text = write_report(Path(args.run_dir))
     except ValueError as e:  # missing run dir or telemetry: the user's to fix
         print(f"tierzero report: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return Exit.USAGE
     print(text, end="" if text.endswith("\n") else "\n")
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_sbatch(args) -> int:
-    from tierzero.launcher.signals import EXIT_REQUEUE
+    from tierzero.launcher.rundir import RunPaths, resolved, write_atomic
     from tierzero.slurm.sbatch import ScriptSpec, SbatchError, render_sbatch
     from tierzero.slurm.submit import SubmitError, submit
 
@@ -356,35 +301,31 @@ def cmd_sbatch(args) -> int:
     if slurm.command == "run":
         problems += [p + f" (the job has slurm.nodes={slurm.nodes} x {slurm.ranks_per_node()} ranks)"
                      for p in check_world(cfg, slurm.nodes * slurm.ranks_per_node())]
-    resolve_paths(cfg)
-    run_dir = cfg.run_dir
-    config_dir = run_dir if slurm.command == "run" else run_dir / "bench"
-    spec = ScriptSpec(run_name=cfg.run.name, run_dir=str(run_dir), config_path=str(config_dir / "config.yaml"),
-                      exit_requeue=EXIT_REQUEUE, requeue_signal=cfg.launcher.requeue_signal)
+    paths = RunPaths.of(cfg)
+    config_path = paths.config if slurm.command == "run" else paths.bench_config
+    spec = ScriptSpec(run_name=cfg.run.name, run_dir=str(paths.run_dir), config_path=str(config_path),
+                      exit_requeue=int(Exit.REQUEUE), requeue_signal=cfg.launcher.requeue_signal)
     try:
         text = render_sbatch(slurm, spec)
     except SbatchError as e:
         problems += e.problems
     if problems:  # all of them at once, before anything is written
         raise ConfigError(problems)
-    write_resolved(cfg, config_dir)
-    script = run_dir / ("sbatch.sh" if slurm.command == "run" else "sbatch-bench.sh")
-    tmp = script.with_name(f".{script.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, script)
+    write_atomic(config_path, to_yaml(resolved(cfg, paths)))
+    script = write_atomic(paths.sbatch(slurm.command), text)
     if not args.quiet:
         print(text, end="")
     print(f"tierzero sbatch: wrote {script}", file=sys.stderr)
     if not args.submit:
         print(f"tierzero sbatch: submit with `sbatch {script}` or `tierzero sbatch --submit ...`", file=sys.stderr)
-        return EXIT_OK
+        return Exit.OK
     try:
         job_id = submit(script)
     except SubmitError as e:
         print(f"tierzero sbatch: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+        return Exit.FAILURE
     print(f"submitted job {job_id}", flush=True)
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_slurm(args) -> int:
@@ -399,16 +340,16 @@ def cmd_slurm(args) -> int:
             lines = cluster_status(args.dir)
     except ClusterError as e:
         print(f"tierzero slurm {args.action}: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+        return Exit.FAILURE
     print("\n".join(lines))
     if args.action != "down" and (Path(args.dir) / "slurm.conf").is_file():
         print(f"export SLURM_CONF={(Path(args.dir) / 'slurm.conf').resolve()}")
-    return EXIT_OK
+    return Exit.OK
 
 
 # ---- parser --------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # long: a declarative table, one block per subcommand
     fmt = argparse.RawDescriptionHelpFormatter
     p = _Parser(
         prog="tierzero",
@@ -563,23 +504,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _split_args(unknown)  # raises the usage error that shows the key=value form
         if not getattr(args, "command", None):
             parser.print_help()
-            return EXIT_USAGE
+            return Exit.USAGE
         return args.func(args)
     except UsageError as e:
         print(str(e), file=sys.stderr)
-        return EXIT_USAGE
+        return Exit.USAGE
     except ConfigError as e:
         print("tierzero: config error:", file=sys.stderr)
         for problem in e.problems:
             print(f"  - {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        return Exit.USAGE
     except KeyboardInterrupt:
         print("tierzero: interrupted", file=sys.stderr)
-        return 130
+        return killed_by(signal.SIGINT)
     except BrokenPipeError:
         # output piped into `head` and the like: stop quietly (Python docs, "Note on SIGPIPE")
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_FAILURE
+        return Exit.FAILURE
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import functools
 import dataclasses
 import difflib
 import inspect
-import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -25,8 +24,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from tierzero.checkpoint.config import CheckpointConfig
 from tierzero.collectives_bench.config import BenchConfig
+from tierzero.parallel.engines import engine_errors
 from tierzero.parallel.moe_config import MoEConfig
-from tierzero.parallel.plan import ParallelConfig
+from tierzero.parallel.config import ParallelConfig
 from tierzero.parallel.topology import TopologyConfig
 from tierzero.recipes.config import DataConfig, ModelConfig, TrainConfig, data_errors, model_errors, train_errors
 from tierzero.slurm.config import SlurmConfig
@@ -119,10 +119,6 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
 
 
 class ConfigError(ValueError):
@@ -257,56 +253,15 @@ def load_config(
     paths = [resolve_config_path(f) for f in files]
     if not paths and use_default_recipe:
         paths = [DEFAULT_RECIPE]
-
     for path in paths:
-        if not path.is_file():
-            problems.append(
-                f"Config file {str(path)!r} not found. Give a YAML file path or a recipe name from "
-                f"{RECIPE_DIR} (e.g. {DEFAULT_RECIPE.stem})."
-            )
-            continue
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problems.append(
-                f"Config file {str(path)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}. "
-                "Fix the file (indentation, a missing ':' or an unclosed bracket are the usual causes)."
-            )
-            continue
-        if data is None:
-            continue
-        if not isinstance(data, dict):
-            problems.append(
-                f"Config file {str(path)!r} must hold a mapping of sections (run:, train:, ...), "
-                f"not a {type(data).__name__}."
-            )
-            continue
-        for key, value in _flatten(data):
+        for key, value in _file_items(path, problems):
             merged, err = _merge_one(merged, key, value, where=f"in {path}")
-            if err:
-                problems.append(err)
-
+            problems += [err] if err else []
     for item in overrides:
-        if "=" not in item or item.startswith("="):
-            problems.append(
-                f"Override {item!r} is not key=value; write e.g. train.steps=100 "
-                "(no spaces around '=')."
-            )
-            continue
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        if _key_type(key.strip()) in ("str", "str | null") and value is not None and not _quoted(raw):
-            # keep a string key's text as typed: YAML would read slurm.time=10:00 as the number 600
-            value = raw
-        merged, err = _merge_one(merged, key.strip(), value, where="on the command line")
-        if err:
-            problems.append(err)
-
+        parsed = _override(item, problems)
+        if parsed is not None:
+            merged, err = _merge_one(merged, *parsed, where="on the command line")
+            problems += [err] if err else []
     if problems:
         raise ConfigError(problems)
     cfg: RunConfig = OmegaConf.to_object(merged)
@@ -314,6 +269,46 @@ def load_config(
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _file_items(path: Path, problems: List[str]):
+    """The (dotted key, value) pairs of one YAML file; what is wrong with it goes to `problems`."""
+    if not path.is_file():
+        problems.append(f"Config file {str(path)!r} not found. Give a YAML file path or a recipe name from "
+                        f"{RECIPE_DIR} (e.g. {DEFAULT_RECIPE.stem}).")
+        return []
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problems.append(f"Config file {str(path)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}. "
+                        "Fix the file (indentation, a missing ':' or an unclosed bracket are the usual causes).")
+        return []
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        problems.append(f"Config file {str(path)!r} must hold a mapping of sections (run:, train:, ...), "
+                        f"not a {type(data).__name__}.")
+        return []
+    return list(_flatten(data))
+
+
+def _override(item: str, problems: List[str]):
+    """`key=value` from the command line -> (key, value), or None (the problem goes to `problems`)."""
+    if "=" not in item or item.startswith("="):
+        problems.append(f"Override {item!r} is not key=value; write e.g. train.steps=100 (no spaces around '=').")
+        return None
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if _key_type(key) in ("str", "str | null") and value is not None and not _quoted(raw):
+        # keep a string key's text as typed: YAML would read slurm.time=10:00 as the number 600
+        value = raw
+    return key, value
 
 
 def _quoted(raw: str) -> bool:
@@ -363,6 +358,7 @@ def validate(cfg: RunConfig) -> List[str]:
     errs += model_errors(cfg.model)
     errs += cfg.moe.errors()
     errs += moe_parallel_errors(cfg)
+    errs += engine_errors(parallel=cfg.parallel, moe=cfg.moe, checkpoint=cfg.checkpoint, train=cfg.train)
     errs += data_errors(cfg.data)
     emulate = cfg.topology.emulate
     if emulate and not errs:
@@ -388,9 +384,6 @@ def moe_parallel_errors(cfg: RunConfig) -> List[str]:
         errs.append(f"moe.num_experts={experts} is not divisible by parallel.ep={ep}: every expert-parallel rank "
                     f"holds the same number of experts; pick parallel.ep from "
                     f"{[d for d in range(1, experts + 1) if experts % d == 0]}")
-    if experts and cfg.parallel.engine != "native":
-        errs.append(f"parallel.engine={cfg.parallel.engine} cannot run tierzero's MoE layer (moe.num_experts={experts}); "
-                    "use parallel.engine=native")
     return errs
 
 
@@ -417,28 +410,5 @@ def check_world(cfg: RunConfig, world_size: int, *, batch: bool = True) -> List[
     return problems
 
 
-def resolve_paths(cfg: RunConfig) -> RunConfig:
-    """Make run.dir (and a local telemetry.dir) absolute, so the config.yaml written into
-    the run folder means the same from any working directory and on every rank."""
-    cfg.run.dir = str(cfg.run_dir.resolve())
-    for section in (cfg.telemetry, cfg.checkpoint):
-        if section.dir and "://" not in section.dir:
-            section.dir = str(Path(section.dir).resolve())
-    resume = cfg.checkpoint.resume
-    if resume not in ("auto", "none") and "://" not in resume:
-        cfg.checkpoint.resume = str(Path(resume).resolve())
-    return cfg
-
-
 def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def write_resolved(cfg: RunConfig, run_dir: Path) -> Path:
-    """Write <run.dir>/config.yaml atomically (temp file + rename)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, path)
-    return path

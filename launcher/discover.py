@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from tierzero.launcher.modes import Launch
-from tierzero.parallel.plan import ParallelConfig
+from tierzero.parallel.config import ParallelConfig
 from tierzero.parallel.topology import (Topology, TopologyConfig, emulated_topology, flat_topology, preset_topology,
                                with_bandwidths)
 

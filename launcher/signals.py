@@ -2,8 +2,8 @@
 
 SIGTERM, SIGINT and launcher.requeue_signal (SIGUSR2 by default; Slurm's pre-timeout
 signal, and not SIGUSR1, which NCCL takes) ask the rank to stop cleanly: it finishes the
-step it is in, the ranks agree (recipes/train.py folds the request into the step's loss
-all-reduce), a checkpoint is committed, and every rank exits with EXIT_REQUEUE.
+step it is in, the ranks agree (recipes/trainer.py folds the request into the step's loss
+all-reduce), a checkpoint is committed, and every rank exits with Exit.REQUEUE (75).
 
 A second stop signal exits at once. Python runs signal handlers only between bytecodes, so
 a rank blocked inside a collective would not see it; the C-level handler writes each signal
@@ -21,9 +21,7 @@ import threading
 import time
 from typing import Callable, Optional, Sequence
 
-EXIT_REQUEUE = 75
-"""Every rank stopped on a signal after committing a checkpoint: run again (requeue) to resume.
-75 is EX_TEMPFAIL in sysexits.h, "a temporary failure; the user is invited to retry"."""
+from tierzero.launcher.exitcodes import Exit, killed_by
 
 NEVER_CATCH = ("SIGKILL", "SIGSTOP")
 
@@ -90,11 +88,11 @@ class StopSignals:
                     self.first = name
                     if self.rank == 0 and not self.quiet:
                         print(f"tierzero: {name}: finishing the current step, then a checkpoint and exit "
-                              f"{EXIT_REQUEUE}; send it again to exit at once", file=sys.stderr, flush=True)
+                              f"{Exit.REQUEUE:d}; send it again to exit at once", file=sys.stderr, flush=True)
                 else:
                     print(f"tierzero: rank {self.rank}: second stop signal ({name}): exiting at once",
                           file=sys.stderr, flush=True)
-                    os._exit(128 + signum)
+                    os._exit(killed_by(signum))
 
     def requested(self) -> Optional[str]:
         return self.first
@@ -129,13 +127,14 @@ def stop_with_parent(parent_pid: int, signum: int = PARENT_DIED) -> bool:
 
 class Watchdog:
     """For a rank that no local supervisor watches (torchrun, srun, mpirun): when this rank
-    has not beaten for timeout_s, name the stalled rank(s) from every rank's heartbeat file
+    has not beaten for timeout_s, find the stalled rank(s) from every rank's heartbeat file
     (the run dir is shared between nodes on a cluster) and exit 1, so the scheduler tears the
     job down instead of waiting out the collective timeout."""
 
-    def __init__(self, heartbeat, *, timeout_s: float, describe: Callable[[float], Optional[str]],
-                 on_hang: Callable[[str], None], poll_s: float = 1.0):
-        self.heartbeat, self.timeout_s, self.describe = heartbeat, timeout_s, describe
+    def __init__(self, heartbeat, *, timeout_s: float, find: Callable[[float], Optional[object]],
+                 on_hang: Callable[[Optional[object], float], None], poll_s: float = 1.0):
+        """`find(now)` -> a launcher.rundir.Hang or None; `on_hang(hang or None, silent_s)` says why."""
+        self.heartbeat, self.timeout_s, self.find = heartbeat, timeout_s, find
         self.on_hang, self.poll_s = on_hang, poll_s
 
     def start(self) -> "Watchdog":
@@ -151,10 +150,8 @@ class Watchdog:
             now = time.time()
             if now - last <= self.timeout_s:
                 continue
-            text = self.describe(now)
-            if text is None:  # another rank beat recently: it may yet reach this one's collective
-                if now - last <= 2 * self.timeout_s:
-                    continue
-                text = f"hang: this rank made no progress for {now - last:.0f} s (launcher.hang_timeout_s)"
-            self.on_hang(text)
-            os._exit(1)
+            hang = self.find(now)
+            if hang is None and now - last <= 2 * self.timeout_s:
+                continue  # another rank beat recently: it may yet reach this one's collective
+            self.on_hang(hang, now - last)
+            os._exit(Exit.FAILURE)

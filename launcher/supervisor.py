@@ -1,50 +1,33 @@
-"""Plain `tierzero run`: spawn launcher.nproc local ranks and watch them.
+"""Plain `tierzero run` / `tierzero bench`: spawn launcher.nproc local ranks and watch them.
 
-Ranks rendezvous on loopback (a free port picked here). When one rank fails, the others
-are stopped at once, so a crash never leaves ranks blocked in a collective, and the group is
-started again from its newest committed checkpoint (launcher.max_restarts). A stop signal
-(SIGINT, SIGTERM, launcher.requeue_signal) is passed on to the ranks, which finish the step,
-checkpoint and exit EXIT_REQUEUE; a second one makes them exit at once.
-With launcher.isolate_network each emulated node's ranks run in their own network
-namespace (launcher/netns.py, docs/netns.md), torn down however the run ends.
+Ranks rendezvous on loopback (a free port picked here) and learn who they are from the
+supervised-rank variables (launcher/envvars.py). When one rank fails, the others are stopped at
+once, so a crash never leaves ranks blocked in a collective, and a training group is started
+again from its newest committed checkpoint (launcher.max_restarts). A stop signal (SIGINT,
+SIGTERM, launcher.requeue_signal) is passed on to the ranks, which finish the step, checkpoint
+and exit Exit.REQUEUE; a second one makes them exit at once. With launcher.isolate_network each
+emulated node's ranks run in their own network namespace (launcher/netns.py, docs/netns.md),
+torn down however the run ends.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import os
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from tierzero.launcher.config import ConfigError, RunConfig
-from tierzero.launcher.rank import free_port
-
-log = logging.getLogger(__name__)
-_ATTEMPT_RE = re.compile(r"^attempt=(\d+)$")
-
-
-def next_attempt(telemetry_root: str, run_name: str) -> int:
-    """Each launch of the same run dir is a new attempt: one past the highest recorded."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(telemetry_root)
-    seen = [-1]
-    for table in ("events", "steps"):
-        base = f"{path}/{table}/run={run_name}"
-        try:
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)]
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        seen += [int(m.group(1)) for m in map(_ATTEMPT_RE.match, names) if m]
-    return max(seen) + 1
+from tierzero.launcher.envvars import SupervisedRank
+from tierzero.launcher.exitcodes import VERDICTS, Exit, killed_by
+from tierzero.launcher.rundir import RunPaths, clear_heartbeats, find_hang, next_attempt, read_heartbeats
+from tierzero.launcher.signals import signal_number
+from tierzero.launcher.world import free_port
 
 
 def _stop(procs: List[subprocess.Popen], grace_s: float = 5.0) -> None:
@@ -154,40 +137,28 @@ def isolation_errors(cfg: RunConfig) -> List[str]:
     return netns.isolation_problems(cfg.launcher.inter_node_gbit)
 
 
-from tierzero.launcher.signals import EXIT_REQUEUE, signal_number  # noqa: E402  (next to the other exit codes)
-
-EXIT_RESULTS_WRONG = 3
-"""A rank's verdict, not a crash: `tierzero bench` found wrong results (every rank exits with it)."""
-EXIT_USAGE = 2
-"""Every rank found the same user error (a checkpoint.resume or init_from that cannot load) and said why."""
-VERDICTS = (EXIT_USAGE, EXIT_RESULTS_WRONG, EXIT_REQUEUE)
-
-
-def run_local(cfg: RunConfig, config_path: Path, command: Sequence[str] = ("run",)) -> int:
-    """Spawn launcher.nproc ranks running `tierzero <command...> <config_path>` and watch them."""
+def run_local(cfg: RunConfig, paths: RunPaths, config_path: Path, argv: Sequence[str], *, restart: bool) -> int:
+    """Spawn launcher.nproc ranks running `tierzero <argv...> <config_path>` and watch them;
+    `restart`: start a failed group again from its newest checkpoint (training)."""
     if not cfg.launcher.isolate_network:
-        return _supervise(cfg, config_path, network=None, command=command)
+        return _supervise(cfg, paths, config_path, argv, restart=restart, network=None)
     from tierzero.launcher import netns
 
-    problems = isolation_errors(cfg)
-    if problems:
-        raise ConfigError(problems)
-    state_path = cfg.run_dir / ".netns.json"
-    num_nodes = cfg.topology.emulate[-1]
+    # isolation_errors(cfg) was asked before anything was written (launcher/program.py)
     with _interrupts_raise() as guard:
         try:
             try:
-                netns.cleanup_stale(state_path)
+                netns.cleanup_stale(paths.netns_state)
             except netns.NetworkError as e:
                 raise ConfigError([
-                    f"{state_path} records an emulated network of an earlier run that is still there and "
+                    f"{paths.netns_state} records an emulated network of an earlier run that is still there and "
                     f"could not be removed: {e}. Remove it with `ip netns delete <name>` (see `ip netns list`)."
                 ]) from e
             try:
-                with netns.EmulatedNetwork(num_nodes, cfg.launcher.inter_node_gbit, tag=f"tz{os.getpid()}",
-                                           state_path=state_path) as net:
+                with netns.EmulatedNetwork(cfg.topology.emulate[-1], cfg.launcher.inter_node_gbit,
+                                           tag=f"tz{os.getpid()}", state_path=paths.netns_state) as net:
                     try:
-                        return _supervise(cfg, config_path, network=net, command=command)
+                        return _supervise(cfg, paths, config_path, argv, restart=restart, network=net)
                     finally:
                         guard.disarm()
             except netns.NetworkSetupError as e:
@@ -200,18 +171,19 @@ def run_local(cfg: RunConfig, config_path: Path, command: Sequence[str] = ("run"
         except Interrupted as e:  # before the ranks were watched
             print(f"tierzero: interrupted by {signal.Signals(e.signum).name}; emulated network removed",
                   file=sys.stderr)
-            return 128 + e.signum
+            return killed_by(e.signum)
 
 
-def _supervise(cfg: RunConfig, config_path: Path, network=None, command: Sequence[str] = ("run",)) -> int:
-    """Run attempts until one ends: a rank that fails stops the group, and a training run is
-    started again (from its newest committed checkpoint: checkpoint.resume=auto) up to
+def _supervise(cfg: RunConfig, paths: RunPaths, config_path: Path, argv: Sequence[str], *, restart: bool,
+               network) -> int:
+    """Run attempts until one ends: a rank that fails stops the group, and (with `restart`) the
+    group is started again, from its newest committed checkpoint (checkpoint.resume=auto), up to
     launcher.max_restarts times within launcher.restart_window_s."""
     restarts: List[float] = []
     cause = None
     while True:
-        code, failure = _attempt(cfg, config_path, network, command, after=cause)
-        if failure is None or command[0] != "run" or code == EXIT_REQUEUE:
+        code, failure = _Attempt(cfg, paths, config_path, argv, network).run(after=cause)
+        if failure is None or not restart:
             return code
         now = time.monotonic()
         restarts = [t for t in restarts if now - t < cfg.launcher.restart_window_s]
@@ -227,166 +199,143 @@ def _supervise(cfg: RunConfig, config_path: Path, network=None, command: Sequenc
               "committed checkpoint", file=sys.stderr, flush=True)
 
 
-def last_progress(run_dir: Path, nproc: int) -> dict:
-    """rank -> (step, phase) from the ranks' heartbeat files (recipes.train writes them)."""
-    out = {}
-    for r in range(nproc):
+class _Attempt:
+    """Spawn and watch the ranks once. With `network` (an EmulatedNetwork that is up), rank r
+    runs inside the namespace of emulated node r // ranks_per_node."""
+
+    def __init__(self, cfg: RunConfig, paths: RunPaths, config_path: Path, argv: Sequence[str], network):
+        from tierzero.telemetry.sink import Telemetry
+
+        self.cfg, self.paths, self.network = cfg, paths, network
+        self.nproc = cfg.launcher.nproc
+        self.cmd = [sys.executable, "-m", "tierzero.launcher.cli", *argv, str(config_path)]
+        self.attempt = next_attempt(paths.telemetry, cfg.run.name)
+        self.events = Telemetry(cfg.telemetry, root=paths.telemetry, run=cfg.run.name, attempt=self.attempt,
+                                rank=-1, host=os.uname().nodename)
+        self.procs: List[subprocess.Popen] = []
+        self.forwarded: List[int] = []
+        self.t0 = time.monotonic()
+
+    def run(self, after: Optional[str] = None) -> Tuple[int, Optional[str]]:
+        """-> (exit code, what failed -- None when nothing did, or when it was asked to stop)."""
+        detail = f"supervisor: spawning {self.nproc} local ranks (attempt {self.attempt})"
+        if self.network is not None:
+            detail += f"; isolated: {self.network.describe()}"
+        self.events.event("start", detail=detail)
+        if after:
+            self.events.event("restart", detail=f"attempt {self.attempt} after {after}")
+        clear_heartbeats(self.paths.heartbeats)  # the previous attempt's
+        stop_signals = (signal.SIGINT, signal.SIGTERM, signal_number(self.cfg.launcher.requeue_signal))
+        with _Received(stop_signals) as received, _stopped_on_error(self.procs):
+            self.spawn()
+            outcome = self.watch(received)
         try:
-            data = json.loads((run_dir / ".heartbeat" / f"rank-{r}.json").read_text())
-            out[r] = (int(data["step"]), str(data["phase"]), float(data["time"]))
-        except (OSError, ValueError, KeyError):
-            continue
-    return out
+            return self.conclude(*outcome)
+        finally:
+            self.events.close()
 
-
-def _phase_order(phase: str) -> int:
-    if phase.startswith("micro "):
-        return 1 + int(phase.split()[1])
-    return {"step": 0, "optimizer": 10_000, "checkpoint": 10_001}.get(phase, 0)
-
-
-def find_hang(progress: dict, timeout_s: float, now: float) -> Optional[str]:
-    """None while some rank moved within timeout_s; else a sentence naming the stalled
-    rank(s) -- the ones furthest behind (step, then phase, then the oldest beat) -- with
-    their last step and phase, and where the others wait."""
-    if not progress or now - max(t for _, _, t in progress.values()) <= timeout_s:
-        return None
-    key = {r: (step, _phase_order(phase)) for r, (step, phase, _) in progress.items()}
-    behind = min(key.values())
-    stalled = [r for r in progress if key[r] == behind]
-    if len(stalled) == len(progress):  # all at the same point: the one that stopped beating first
-        oldest = min(t for _, _, t in progress.values())
-        stalled = [r for r, (_, _, t) in progress.items() if t - oldest < 0.5]
-    def where(r):
-        step, phase, t = progress[r]
-        return f"rank {r} at step {step} ({phase}), silent for {now - t:.0f} s"
-    others = [r for r in sorted(progress) if r not in stalled]
-    text = f"hang: no rank progressed for {timeout_s:g} s (launcher.hang_timeout_s); stalled: " + \
-        "; ".join(where(r) for r in sorted(stalled))
-    if others:
-        text += "; waiting for them: " + "; ".join(where(r) for r in others)
-    return text
-
-
-def _attempt(cfg: RunConfig, config_path: Path, network, command: Sequence[str], after: Optional[str] = None):
-    """Spawn and watch the ranks once -> (exit code, failure description or None); with
-    `network` (an EmulatedNetwork that is up), rank r runs inside the namespace of emulated
-    node r // ranks_per_node."""
-    from tierzero.telemetry.sink import Telemetry
-
-    nproc = cfg.launcher.nproc
-    telemetry_root = cfg.telemetry.dir or str(cfg.run_dir / "telemetry")
-    attempt = next_attempt(telemetry_root, cfg.run.name)
-    port = free_port()
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    base_env = dict(os.environ)
-    base_env.update(
-        WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port), TIERZERO_SUPERVISED="1", TIERZERO_ATTEMPT=str(attempt),
-        TIERZERO_SUPERVISOR_PID=str(os.getpid()),
-        OMP_NUM_THREADS=str(max(1, cpus // nproc)), GROUP_RANK="0",
-    )
-    events = Telemetry(cfg.telemetry, root=telemetry_root, run=cfg.run.name, attempt=attempt,
-                       rank=-1, host=os.uname().nodename)
-    detail = f"supervisor: spawning {nproc} local ranks (attempt {attempt})"
-    if network is not None:
-        detail += f"; isolated: {network.describe()}"
-    events.event("start", detail=detail)
-    if after:
-        events.event("restart", detail=f"attempt {attempt} after {after}")
-    for old in (cfg.run_dir / ".heartbeat").glob("rank-*.json"):  # the previous attempt's
-        old.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "tierzero.launcher.cli", *command, str(config_path)]
-    ranks_per_node = nproc // len(network.namespaces) if network is not None else nproc
-    t0 = time.monotonic()
-    procs: List[subprocess.Popen] = []
-    failed: Optional[tuple] = None
-    stop_signals = (signal.SIGINT, signal.SIGTERM, signal_number(cfg.launcher.requeue_signal))
-    with _Received(stop_signals) as received, _stopped_on_error(procs):
-        for rank in range(nproc):
-            env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
-            argv = cmd
-            if network is not None:
-                # LOCAL_WORLD_SIZE stays nproc: all ranks still share this host's cores.
-                node = rank // ranks_per_node
-                ifname = network.ifname(node)
-                env.update(MASTER_ADDR=network.node_addr(0), GROUP_RANK=str(node),
-                           GLOO_SOCKET_IFNAME=ifname, NCCL_SOCKET_IFNAME=ifname)
-                argv = network.wrap(node, cmd)
+    def spawn(self) -> None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        port = free_port()
+        ranks_per_node = self.nproc // len(self.network.namespaces) if self.network is not None else self.nproc
+        for rank in range(self.nproc):
+            node = rank // ranks_per_node
+            addr = self.network.node_addr(0) if self.network is not None else "127.0.0.1"
+            # local_world_size stays nproc with isolated nodes too: all ranks share this host's cores
+            who = SupervisedRank(rank=rank, world_size=self.nproc, local_rank=rank, local_world_size=self.nproc,
+                                 node_rank=node, master_addr=addr, master_port=port, attempt=self.attempt,
+                                 supervisor_pid=os.getpid())
+            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cpus // self.nproc)), **who.to_env())
+            argv = self.cmd
+            if self.network is not None:
+                ifname = self.network.ifname(node)
+                env.update(GLOO_SOCKET_IFNAME=ifname, NCCL_SOCKET_IFNAME=ifname)
+                argv = self.network.wrap(node, self.cmd)
             # Own session: a Ctrl-C in the terminal reaches the supervisor only, which passes it
             # on once; the ranks counting it twice would make them exit without a checkpoint.
-            procs.append(subprocess.Popen(argv, env=env, start_new_session=True))
+            self.procs.append(subprocess.Popen(argv, env=env, start_new_session=True))
+
+    def watch(self, received: _Received):
+        """Until every rank ended, one failed, or a hang: ("done", codes), ("failed", (rank, code)),
+        ("hang", Hang)."""
         next_hang_check = time.monotonic() + 1.0
-        forwarded: List[int] = []
         kill_at = None
+        hang_timeout_s = self.cfg.launcher.hang_timeout_s
         while True:
             for signum in received.take():
-                forwarded.append(signum)
-                name = signal.Signals(signum).name
-                for p in procs:
-                    if p.poll() is None:
-                        p.send_signal(signum)
-                if len(forwarded) == 1:
-                    events.event("signal", detail=f"{name}: asked the ranks to finish the step, checkpoint and "
-                                 f"exit {EXIT_REQUEUE}", flush=True)
-                    print(f"tierzero: {name}: the ranks finish the current step, checkpoint and stop; send it "
-                          "again to stop at once", file=sys.stderr, flush=True)
-                else:
-                    events.event("signal", detail=f"second stop signal ({name}): ranks exit at once", flush=True)
-                    kill_at = time.monotonic() + 10.0
-            codes = [p.poll() for p in procs]
+                kill_at = self.forward(signum) or kill_at
+            codes = [p.poll() for p in self.procs]
             if kill_at is not None and time.monotonic() > kill_at:
-                _stop(procs, grace_s=0.0)
-                codes = [p.poll() for p in procs]
+                _stop(self.procs, grace_s=0.0)
+                codes = [p.poll() for p in self.procs]
             bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, *VERDICTS)]
-            if bad and not forwarded:
-                failed = bad[0]
-                break
+            if bad and not self.forwarded:
+                return "failed", bad[0]
             if all(c is not None for c in codes):
-                break
-            if cfg.launcher.hang_timeout_s and time.monotonic() >= next_hang_check:
+                return "done", codes
+            if hang_timeout_s and time.monotonic() >= next_hang_check:
                 next_hang_check = time.monotonic() + 1.0
-                hang = find_hang(last_progress(cfg.run_dir, nproc), cfg.launcher.hang_timeout_s, time.time())
-                if hang:
-                    _stop(procs)
-                    events.event("hang", detail=hang, step=None, flush=True)
-                    events.close()
-                    print(f"tierzero: {hang}; stopped every rank", file=sys.stderr, flush=True)
-                    return 1, (None if forwarded else f"{hang} in attempt {attempt}")
+                hang = find_hang(read_heartbeats(self.paths.heartbeats, self.nproc), hang_timeout_s, time.time())
+                if hang is not None:
+                    return "hang", hang
             time.sleep(0.1)
-    if forwarded and any(c != 0 for c in codes):
-        # Stopped on request: never restarted, whatever the ranks' codes.
-        code = EXIT_REQUEUE if all(c == EXIT_REQUEUE for c in codes) else 128 + forwarded[-1]
-        progress = last_progress(cfg.run_dir, nproc)
-        step = min((s for s, _, _ in progress.values()), default=None)
-        if code == EXIT_REQUEUE:
-            detail = (f"all {nproc} ranks stopped after step {step} with a committed checkpoint; exit "
-                      f"{EXIT_REQUEUE}: run again with the same run.dir to resume")
+
+    def forward(self, signum: int) -> Optional[float]:
+        """Pass a stop signal on to the ranks; the second one gives them 10 s to exit."""
+        self.forwarded.append(signum)
+        name = signal.Signals(signum).name
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+        if len(self.forwarded) == 1:
+            self.events.event("signal", detail=f"{name}: asked the ranks to finish the step, checkpoint and "
+                              f"exit {Exit.REQUEUE:d}", flush=True)
+            print(f"tierzero: {name}: the ranks finish the current step, checkpoint and stop; send it again to "
+                  "stop at once", file=sys.stderr, flush=True)
+            return None
+        self.events.event("signal", detail=f"second stop signal ({name}): ranks exit at once", flush=True)
+        return time.monotonic() + 10.0
+
+    def conclude(self, how: str, what) -> Tuple[int, Optional[str]]:
+        if how == "hang":
+            _stop(self.procs)
+            self.events.event("hang", detail=what.describe(), step=None, flush=True)
+            print(f"tierzero: {what.describe()}; stopped every rank", file=sys.stderr, flush=True)
+            return Exit.FAILURE, (None if self.forwarded else f"{what.describe()} in attempt {self.attempt}")
+        if how == "failed":
+            return self.failed(*what)
+        codes = what
+        if self.forwarded and any(c != 0 for c in codes):
+            return self.stopped(codes), None
+        verdict = next((c for c in VERDICTS if c in codes), None)
+        if verdict is not None:
+            self.events.event("error", detail=f"ranks exited with {verdict:d}: " + (
+                "wrong results" if verdict == Exit.WRONG_RESULTS else "a user error (see the message above)"))
+            return verdict, None
+        self.events.event("end", detail=f"all {self.nproc} ranks finished in {time.monotonic() - self.t0:.1f} s")
+        print(f"tierzero: {self.nproc} ranks finished in {time.monotonic() - self.t0:.1f} s", flush=True)
+        return Exit.OK, None
+
+    def failed(self, rank: int, code: int) -> Tuple[int, str]:
+        _stop(self.procs)
+        beat = read_heartbeats(self.paths.heartbeats, self.nproc).get(rank)
+        where = f" at step {beat.step} ({beat.phase})" if beat else ""
+        detail = f"rank {rank} failed ({describe_exit(code)}){where}; stopped the other {self.nproc - 1} ranks"
+        self.events.event("error", detail=detail, step=beat.step if beat else None)
+        print(f"tierzero: {detail}. Its output above says why; telemetry is in {self.paths.telemetry}.",
+              file=sys.stderr)
+        return Exit.FAILURE, f"rank {rank} failed ({describe_exit(code)}){where} in attempt {self.attempt}"
+
+    def stopped(self, codes: List[int]) -> int:
+        """Stopped on request: never restarted, whatever the ranks' codes."""
+        code = Exit.REQUEUE if all(c == Exit.REQUEUE for c in codes) else killed_by(self.forwarded[-1])
+        step = min((b.step for b in read_heartbeats(self.paths.heartbeats, self.nproc).values()), default=None)
+        if code == Exit.REQUEUE:
+            detail = (f"all {self.nproc} ranks stopped after step {step} with a committed checkpoint; exit "
+                      f"{Exit.REQUEUE:d}: run again with the same run.dir to resume")
         else:
             # a second signal, or one that came before the ranks could handle it (still starting)
             detail = f"all ranks stopped, without a new checkpoint ({', '.join(describe_exit(c) for c in codes)})"
-        events.event("end", detail=detail, step=step)
-        events.close()
+        self.events.event("end", detail=detail, step=step)
         print(f"tierzero: {detail}", file=sys.stderr, flush=True)
-        return code, None
-    if failed:
-        _stop(procs)
-        rank, code = failed
-        progress = last_progress(cfg.run_dir, nproc).get(rank)
-        where = f" at step {progress[0]} ({progress[1]})" if progress else ""
-        detail = f"rank {rank} failed ({describe_exit(code)}){where}; stopped the other {nproc - 1} ranks"
-        events.event("error", detail=detail, step=progress[0] if progress else None)
-        events.close()
-        print(f"tierzero: {detail}. Its output above says why; telemetry is in {telemetry_root}.",
-              file=sys.stderr)
-        return 1, f"rank {rank} failed ({describe_exit(code)}){where} in attempt {attempt}"
-    verdict = next((c for c in VERDICTS if c in codes), None)
-    if verdict is not None:
-        events.event("error", detail=f"ranks exited with {verdict}: " +
-                     ("wrong results" if verdict == EXIT_RESULTS_WRONG else "a user error (see the message above)"))
-        events.close()
-        return verdict, None
-    events.event("end", detail=f"all {nproc} ranks finished in {time.monotonic() - t0:.1f} s")
-    events.close()
-    print(f"tierzero: {nproc} ranks finished in {time.monotonic() - t0:.1f} s", flush=True)
-    return 0, None
+        return code

@@ -10,11 +10,11 @@ runs only some plans narrows auto's choice with restrict_choice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
-from tierzero.parallel.config import PLAN_NAMES, ParallelConfig
+from tierzero.parallel.config import ParallelConfig
 from tierzero.parallel.cost import Cost, MoETraffic, PlanInputs, Unit, predict
-from tierzero.parallel.plans import PartitionPlan, PlanError, candidate_plans, named_plan
+from tierzero.parallel.plans import PartitionPlan, PlanError, candidate_plans, named_plan, named_plans
 from tierzero.parallel.topology import Topology, expert_data_topology
 
 
@@ -89,34 +89,26 @@ def _gb(nbytes: Optional[float]) -> str:
 
 def restrict_choice(choice: Choice, topo: Topology, can_run, engine_label: str) -> Choice:
     """auto on an engine that runs only some plans: the fastest fitting plan it can run
-    (auto's ranking, choose_plan, applied to that subset). A named plan is left alone: the
-    engine refuses it with its own message."""
-    fitting = [c for c in choice.costs if c.fits and can_run(c.plan)]
-    if not fitting or choice.plan in [c.plan for c in fitting]:
+    (auto's ranking, choose_plan, applied to that subset, and its reason naming only plans of
+    that subset). A named plan is left alone: the engine refuses it with its own message."""
+    fitting_all = [c for c in choice.costs if c.fits]
+    fitting = [c for c in fitting_all if can_run(c.plan)]
+    if not fitting or len(fitting) == len(fitting_all):
         return choice
     best = _fastest(fitting)
-    reason = (f"{_time_words(best)}, among the "
-              f"{len(fitting)} fitting plans {engine_label} can run (auto's overall pick, "
-              f"{choice.plan.describe(topo)}, needs parallel.engine=native)")
+    others = sorted((c for c in fitting if c is not best), key=lambda c: c.predicted_s)
+    reason = (_time_words(best)
+              + (f" (next: {others[0].plan.describe(topo)} at {others[0].predicted_s * 1e3:.3g} ms)" if others else "")
+              + f", among the {len(fitting)} of {len(fitting_all)} fitting plans parallel.engine={engine_label} can run")
+    if not can_run(choice.plan):
+        reason += f" (auto's overall pick, {choice.plan.describe(topo)}, needs parallel.engine=native)"
     return Choice(best.plan, best, reason, choice.costs)
 
 
-def resolve_plan(
-    cfg: ParallelConfig,
-    topo: Topology,
-    inputs: Union[PlanInputs, Sequence[Unit]],
-    *,
-    memory_budget_bytes: Optional[float],
-    dtype_bytes: Optional[int] = None,
-    grad_accum: Optional[int] = None,
-    moe: Optional[MoETraffic] = None,
-) -> Choice:
+def resolve_plan(cfg: ParallelConfig, topo: Topology, inputs: PlanInputs, *,
+                 memory_budget_bytes: Optional[float]) -> Choice:
     """The plan a run uses for these inputs (recipes.planning.planning_inputs): the named one
-    (checked against memory) or auto's choice.
-
-    The older form -- units with dtype_bytes=, grad_accum= (and moe=) -- is accepted until its
-    callers (`tierzero plan`, the trainer, benchmarks/hierarchy.py) pass a PlanInputs."""
-    inputs = _as_inputs(inputs, dtype_bytes=dtype_bytes, grad_accum=grad_accum, moe=moe)
+    (checked against memory) or auto's choice."""
     units = inputs.units
     if any(u.expert for u in units):
         try:
@@ -130,10 +122,10 @@ def resolve_plan(
     cost = _predict_named(plan, cfg, topo, inputs, memory_budget_bytes)
     if not cost.fits:
         fitting = []
-        for name in PLAN_NAMES[1:]:
-            other = _predict_named(named_plan(name, topo, cfg), cfg, topo, inputs, memory_budget_bytes)
+        for named in named_plans(topo, cfg):
+            other = _predict_named(named, cfg, topo, inputs, memory_budget_bytes)
             if other.fits:
-                fitting.append(f"{name} ({_gb(other.memory_total)} GB)")
+                fitting.append(f"{named.name} ({_gb(other.memory_total)} GB)")
         raise PlanError(
             f"parallel.plan={cfg.plan} needs {_gb(cost.memory_total)} GB per rank for parameters, gradients and "
             f"optimizer states, more than parallel.memory_budget_gb={_gb(memory_budget_bytes)}. Plans that fit: "
@@ -147,15 +139,3 @@ def _predict_named(plan: PartitionPlan, cfg: ParallelConfig, topo: Topology, inp
                    memory_budget_bytes: Optional[float]) -> Cost:
     return predict(plan, topo, inputs.units, dtype_bytes=inputs.dtype_bytes, grad_accum=inputs.grad_accum,
                    memory_budget_bytes=memory_budget_bytes, ep=cfg.ep, moe=inputs.moe)
-
-
-def _as_inputs(inputs: Union[PlanInputs, Sequence[Unit]], *, dtype_bytes: Optional[int], grad_accum: Optional[int],
-               moe: Optional[MoETraffic]) -> PlanInputs:
-    """resolve_plan's two forms as one PlanInputs (mixing them is a caller's bug)."""
-    if isinstance(inputs, PlanInputs):
-        if dtype_bytes is not None or grad_accum is not None or moe is not None:
-            raise TypeError("resolve_plan: a PlanInputs carries dtype_bytes, grad_accum and moe; do not pass them too")
-        return inputs
-    if dtype_bytes is None or grad_accum is None:
-        raise TypeError("resolve_plan(cfg, topo, units, ...) needs dtype_bytes= and grad_accum= (or a PlanInputs)")
-    return PlanInputs(tuple(inputs), dtype_bytes, grad_accum, moe)

@@ -155,7 +155,7 @@ def predict(
 ) -> Cost:
     """Bytes per level per optimizer step, memory per rank and predicted communication time.
 
-    Mirrors exactly what parallel.zero.ShardedEngine issues, so a test can demand
+    Mirrors exactly what parallel.engines.native.NativeEngine issues, so a test can demand
     measured == predicted. Expert units (all experts of a layer) are split by expert over
     the ep ranks of an expert-parallel group and partitioned by the same plan over the
     expert-data-parallel topology (parallel.topology.expert_data_topology); their
@@ -322,7 +322,7 @@ def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Un
 
 
 def _backward(add, blocks: Sequence[Tuple[float, float]], lv_b: str, lv_g: str, rate, grad_accum: int) -> None:
-    """The backward schedule of parallel.zero.ShardedEngine.micro_step: blocks in reverse; while
+    """The backward schedule of parallel.engines.native.NativeEngine.micro_step: blocks in reverse; while
     block i computes and reduce-scatters its gradient, block i-1's gather is already in flight
     (prefetch), so the two share whatever links both cross. Units without a backward gather
     (the outer unit) reduce-scatter last, alone."""

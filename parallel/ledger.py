@@ -24,9 +24,9 @@ class CommGroup:
     """Outermost topology level the group spans."""
     pg_back: Optional[dist.ProcessGroup] = None
     """A second process group over the same two ranks (gloo, groups of two): a ring's send
-    and receive go to the same peer there, and on one gloo pair they take turns (0.49 Gbit/s
-    each way on a 1 Gbit/s link, measured); with one direction on each group they overlap
-    (0.88)."""
+    and receive go to the same peer there, and on one gloo pair they take turns, so each
+    direction gets about half the link; with one direction on each group they overlap
+    (measured: docs/benchmarks.md, Figures behind design choices)."""
 
     @property
     def size(self) -> int:
@@ -147,8 +147,9 @@ class ByteLedger:
         n = group.size
         nbytes = sum(o.numel() for o in outputs) * shard.element_size() * (n - 1) / n
         if group.pg_back is not None and shard.device.type == "cpu":
-            # gloo's all_gather of two ranks sends and receives on one pair in turn (0.64 of the
-            # shaped link, measured; rings of three or more reach ~0.9)
+            # gloo's all_gather of two ranks sends and receives on one pair in turn, well below
+            # what rings of three or more reach on the same link (measured: docs/benchmarks.md,
+            # Figures behind design choices)
             call = lambda: _PairWork(outputs, shard, group)  # noqa: E731
         else:
             call = lambda: dist.all_gather(list(outputs), shard, group=group.pg, async_op=True)  # noqa: E731
@@ -162,8 +163,9 @@ class ByteLedger:
         n = group.size
         nbytes = sum(i.numel() for i in inputs) * output.element_size() * (n - 1) / n
         if output.device.type == "cpu":
-            # gloo's reduce_scatter took ~1.8x the time of an all-gather of the same size on a
-            # shaped link (benchmarks/hierarchy.py); a ring of send/recv moves exactly S(n-1)/n.
+            # gloo's reduce_scatter took much longer than an all-gather of the same size on a
+            # shaped link (measured: docs/benchmarks.md, Figures behind design choices); a ring
+            # of send/recv moves exactly S(n-1)/n.
             call = lambda: _RingWork(output, inputs, group)  # noqa: E731
         else:
             call = lambda: dist.reduce_scatter(output, list(inputs), group=group.pg, async_op=True)  # noqa: E731

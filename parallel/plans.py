@@ -85,6 +85,12 @@ def named_plan(name: str, topo: Topology, cfg: Optional[ParallelConfig] = None) 
     if name == "zero3":
         return PartitionPlan("zero3", c, c, c)
     if name == "hpz":
+        if c == 0:
+            raise PlanError(
+                f"parallel.plan=hpz keeps a secondary parameter copy inside a level faster than the cluster, but "
+                f"the topology {topo.describe()} has one level; use parallel.plan=zero3 (the same without the "
+                "copy), or describe the nodes (e.g. topology.emulate=[2,2])."
+            )
         sec = _level_by_name(topo, cfg.secondary_level, "parallel.secondary_level") if cfg.secondary_level else node
         if sec >= c:
             raise PlanError(
@@ -109,9 +115,14 @@ def named_plan(name: str, topo: Topology, cfg: Optional[ParallelConfig] = None) 
     raise PlanError(f"parallel.plan={name!r} is not a plan; choose one of {list(PLAN_NAMES)}.")
 
 
+def named_plans(topo: Topology, cfg: Optional[ParallelConfig] = None) -> List[PartitionPlan]:
+    """Every named plan this topology has: hpz needs a level inside the cluster for its copy."""
+    return [named_plan(n, topo, cfg) for n in PLAN_NAMES if n != "auto" and not (n == "hpz" and len(topo.levels) < 2)]
+
+
 def candidate_plans(topo: Topology, cfg: Optional[ParallelConfig] = None) -> List[PartitionPlan]:
     """The named plans plus every assignment param <= grad <= optimizer (what auto searches)."""
-    named = [named_plan(n, topo, cfg) for n in PLAN_NAMES if n != "auto"]
+    named = named_plans(topo, cfg)
     seen = {(p.param_level, p.secondary_level, p.grad_level, p.optim_level) for p in named}
     levels = [REPLICATED] + list(range(len(topo.levels)))
     out = list(named)

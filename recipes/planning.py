@@ -41,7 +41,7 @@ def planning_inputs(
         summary = f"{model_cfg.params:.4g} params (model.params, {model_cfg.n_layers} equal blocks)"
         return PlanInputs(tuple(uniform_units(model_cfg.params, model_cfg.n_layers)), dtype_bytes(train_cfg),
                           grad_accum, None, summary, notes)
-    from tierzero.parallel.zero import model_units
+    from tierzero.parallel.engines.native import model_units
 
     if model is None:
         model = _meta_model(model_cfg, data_cfg, moe_cfg)
@@ -58,7 +58,7 @@ def planning_inputs(
 
 
 def dtype_bytes(train_cfg: TrainConfig) -> int:
-    """Bytes of train.dtype: torch.finfo(recipes.train.dtype_of(train_cfg)).bits // 8 for the
+    """Bytes of train.dtype: torch.finfo(recipes.trainer.dtype_of(train_cfg)).bits // 8 for the
     two dtypes train.dtype allows, without importing torch."""
     return 2 if train_cfg.dtype == "bfloat16" else 4
 

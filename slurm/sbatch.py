@@ -4,8 +4,8 @@ The script starts one rank per Slurm task (`srun <program> run CONFIG`), rendezv
 first node of the allocation, and turns "the job is about to end" into "checkpoint and come
 back": Slurm sends the requeue signal to the batch shell (`--signal=B:USR2@margin`), the
 shell forwards it to the step, every rank finishes its step, commits a checkpoint and exits
-with the requeue code (75), and the shell requeues the job (`scontrol requeue`). The next
-attempt (SLURM_RESTART_COUNT + 1) resumes from that checkpoint. SIGUSR2 rather than USR1:
+with the requeue code (75), and the shell requeues the job (`scontrol requeue`). The requeued
+job (SLURM_RESTART_COUNT one higher; a new attempt in the telemetry) resumes from that checkpoint. SIGUSR2 rather than USR1:
 NCCL installs its own SIGUSR1 handler.
 
 Every config value that reaches the shell body is quoted with shlex.quote; values that reach
@@ -150,7 +150,7 @@ def script_problems(slurm: SlurmConfig, spec: ScriptSpec) -> List[str]:
     return list(dict.fromkeys(problems))
 
 
-def render_sbatch(slurm: SlurmConfig, spec: ScriptSpec) -> str:
+def render_sbatch(slurm: SlurmConfig, spec: ScriptSpec) -> str:  # long: the script template, top to bottom
     """The whole script. Raises SbatchError listing every value that cannot be rendered safely."""
     problems = script_problems(slurm, spec)
     if problems:

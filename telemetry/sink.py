@@ -293,25 +293,6 @@ class Telemetry:
             except Exception:  # the caller is likely handling a failure already
                 logger.warning("could not write the %s event to %s", kind, writer.dir, exc_info=True)
 
-    # Deprecated one-line wrappers, kept until the callers in recipes/ and launcher/ move to
-    # record(); then they go. New code calls record("<table>", ...) directly.
-
-    def step(self, **columns: Any) -> None:
-        """Deprecated: record("steps", ...)."""
-        self.record("steps", **columns)
-
-    def comm(self, **columns: Any) -> None:
-        """Deprecated: record("comm", ...)."""
-        self.record("comm", **columns)
-
-    def expert(self, **columns: Any) -> None:
-        """Deprecated: record("experts", ...)."""
-        self.record("experts", **columns)
-
-    def collective(self, **columns: Any) -> None:
-        """Deprecated: record("collectives", ...)."""
-        self.record("collectives", **columns)
-
     def start_node_sampler(self) -> None:
         """Sample this node every telemetry.node_sample_every_s (call on one rank per node)."""
         if not self.cfg.enabled or self._dropped("start_node_sampler") or self._sampler is not None:

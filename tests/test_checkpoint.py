@@ -19,7 +19,7 @@ import pytest
 from tierzero.checkpoint.export import hf_tensors, read_safetensors, tierzero_tensors, write_safetensors
 from tierzero.checkpoint.manifest import Manifest, ManifestError, Piece, TensorEntry, merge, reads_for, retained
 from tierzero.checkpoint.store import CheckpointError, CheckpointStore, Slice
-from tierzero.recipes.train import micro_batch_indices
+from tierzero.recipes.schedule import micro_batch_indices
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from tierzero.launcher.cli import main
-from tierzero.launcher.config import DEFAULT_RECIPE, ConfigError, describe_keys, load_config, write_resolved
+from tierzero.launcher.config import DEFAULT_RECIPE, ConfigError, describe_keys, load_config, to_yaml
+from tierzero.launcher.rundir import RunPaths, resolved, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,12 +32,12 @@ def test_default_recipe_is_used_without_files():
     cfg = load_config([], [])
     recipe = yaml.safe_load(DEFAULT_RECIPE.read_text())
     assert cfg.train.steps == recipe["train"]["steps"]
-    assert cfg.run_dir == Path("runs") / cfg.run.name
+    assert RunPaths.of(cfg).run_dir == (Path("runs") / cfg.run.name).resolve()
 
 
 def test_recipe_name_resolves(tmp_path):
     cfg = load_config(["dense_tiny_cpu"], ["run.dir=" + str(tmp_path / "r")])
-    assert cfg.run_dir == tmp_path / "r"
+    assert RunPaths.of(cfg).run_dir == tmp_path / "r"
 
 
 def test_lists_and_nulls_from_the_command_line():
@@ -46,7 +47,8 @@ def test_lists_and_nulls_from_the_command_line():
 
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config([], ["train.steps=7", "topology.emulate=[2,2]"])
-    path = write_resolved(cfg, tmp_path / "run")
+    cfg.run.dir = str(tmp_path / "run")
+    path = write_atomic(RunPaths.of(cfg).config, to_yaml(resolved(cfg, RunPaths.of(cfg))))
     again = load_config([str(path)], [])
     assert again == cfg
     assert not list((tmp_path / "run").glob(".*tmp"))

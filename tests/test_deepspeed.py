@@ -2,7 +2,7 @@
 ranks reproducing the single-process reference.
 
 The multi-process test runs DeepSpeed 0.19.8 on gloo ranks (rendezvous through a file in
-tmp_path) and compares with `train(..., reference_engine=True)` in one process, as
+tmp_path) and compares with the Trainer on `parallel.engine=reference` in one process, as
 tests/test_engine.py does for the native engine. It is skipped where deepspeed is not
 installed (docs/deepspeed.md has the install command).
 """
@@ -20,16 +20,20 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from reference import single_process_run
+from reference import Recorder, recipe, single_process_run
 
 from tierzero.launcher.config import load_config
+from tierzero.parallel.choose import choose_plan
+from tierzero.parallel.config import ParallelConfig
 from tierzero.parallel.context import DistContext
-from tierzero.parallel.deepspeed_adapter import (
-    BUCKET_NUMEL, deepspeed_can_run, deepspeed_config, restrict_auto_choice,
-)
-from tierzero.parallel.plan import ENGINES, ParallelConfig, PlanError, choose_plan, named_plan, uniform_units
+from tierzero.parallel.cost import uniform_units
+from tierzero.parallel.engines import ENGINES
+from tierzero.parallel.engines.deepspeed import BUCKET_NUMEL, deepspeed_config
+from tierzero.parallel.plans import PlanError, named_plan
 from tierzero.parallel.topology import emulated_topology
-from tierzero.recipes.train import train
+from tierzero.recipes.trainer import train
+
+DEEPSPEED = ENGINES["deepspeed"]
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -99,7 +103,7 @@ def test_config_batch_clip_dtype_and_no_optimizer_section():
 def test_plans_deepspeed_cannot_run_name_the_native_engine(sizes, name, kwargs):
     topo = emulated_topology(sizes)
     plan = named_plan(name, topo, ParallelConfig(**kwargs))
-    assert not deepspeed_can_run(plan, topo)
+    assert not DEEPSPEED.can_run(plan, topo)
     with pytest.raises(PlanError) as e:
         _config(name, topo, **kwargs)
     msg = str(e.value)
@@ -117,24 +121,25 @@ def test_auto_with_deepspeed_picks_a_plan_deepspeed_runs():
     units = uniform_units(50e6, 4)
     # a budget under replicated-parameter plans: auto's own pick shards inside the node
     choice = choose_plan(topo, units, dtype_bytes=4, grad_accum=2, memory_budget_bytes=0.5e9)
-    assert not deepspeed_can_run(choice.plan, topo), choice.plan  # else the test proves nothing
-    restricted = restrict_auto_choice(choice, topo)
-    assert deepspeed_can_run(restricted.plan, topo) and restricted.cost.fits
+    assert not DEEPSPEED.can_run(choice.plan, topo), choice.plan  # else the test proves nothing
+    restricted = DEEPSPEED.restrict(choice, topo)
+    assert DEEPSPEED.can_run(restricted.plan, topo) and restricted.cost.fits
     assert "parallel.engine=native" in restricted.reason
 
 
 def test_config_errors_come_before_deepspeed_is_imported():
-    """The adapter module and a refused plan never import deepspeed (heavy, and absent from
+    """The engine module and a refused plan never import deepspeed (heavy, and absent from
     environments that do not use it)."""
     code = (
         "import sys, torch\n"
-        "from tierzero.parallel.deepspeed_adapter import DeepSpeedEngine\n"
-        "from tierzero.parallel.plan import PlanError, named_plan\n"
+        "from tierzero.parallel.engines import EngineSetup, Optim\n"
+        "from tierzero.parallel.engines.deepspeed import DeepSpeedEngine\n"
+        "from tierzero.parallel.plans import PlanError, named_plan\n"
         "from tierzero.parallel.topology import emulated_topology\n"
         "topo = emulated_topology([2, 2])\n"
         "try:\n"
-        "    DeepSpeedEngine(torch.nn.Linear(2, 2), plan=named_plan('hsdp', topo), topology=topo, rank=0,\n"
-        "                    loss_fn=None, lr=1e-3, micro_batch_size=1, grad_accum=1)\n"
+        "    DeepSpeedEngine(torch.nn.Linear(2, 2), EngineSetup(plan=named_plan('hsdp', topo), topology=topo, rank=0,\n"
+        "                                                      optim=Optim(lr=1e-3), loss_fn=None))\n"
         "except PlanError:\n"
         "    pass\n"
         "else:\n"
@@ -159,25 +164,14 @@ BASE = ["moe.num_experts=0", "parallel.ep=1", "train.warmup_steps=3", "model.d_m
 RTOL = 1e-5
 
 
-class Recorder:
-    def step(self, **_):
-        return None
-
-    def event(self, *_, **__):
-        return None
-
-    def comm(self, **row):
-        raise AssertionError(f"DeepSpeedEngine.take_comm() is documented empty, got {row}")
-
-
 def _overrides(world: int):
     # grad accumulation 2: global = 2 x micro x world
     return [*BASE, f"train.global_batch_size={2 * MICRO * world}", f"train.micro_batch_size={MICRO}"]
 
 
 def _drive(engine, cfg, data, *, steps, rank, world):
-    """The training loop's calls (recipes/train.py), without the telemetry around them."""
-    from tierzero.recipes.train import micro_batch_indices
+    """The training loop's calls (recipes/trainer.py), without the telemetry around them."""
+    from tierzero.recipes.schedule import micro_batch_indices
 
     gb = cfg.train.global_batch_size
     for step in range(steps):
@@ -191,14 +185,15 @@ def _drive(engine, cfg, data, *, steps, rank, world):
 def _engine_checks(rank: int, world: int, topo, cfg) -> dict:
     """global_tensors() equals the native engine's after 2 steps (zero2: DeepSpeed's ZeRO-1/2
     optimizer, hpz: its ZeRO-3 one), and hpZ really keeps a secondary partition."""
-    from tierzero.parallel.deepspeed_adapter import DeepSpeedEngine
-    from tierzero.parallel.zero import ShardedEngine
+    from tierzero.parallel.engines import EngineSetup, Optim
+    from tierzero.parallel.engines.deepspeed import DeepSpeedEngine
+    from tierzero.parallel.engines.native import NativeEngine
     from tierzero.recipes.data import build_dataset
     from tierzero.recipes.model import build_model, loss_fn
 
     data = build_dataset(cfg.data)
-    optim = dict(lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=cfg.train.weight_decay,
-                 grad_clip=cfg.train.grad_clip, loss_fn=loss_fn)
+    optim = Optim(lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=cfg.train.weight_decay,
+                  grad_clip=cfg.train.grad_clip)
     out = {}
     for name in ("zero2", "hpz"):
         plan = named_plan(name, topo)
@@ -206,11 +201,9 @@ def _engine_checks(rank: int, world: int, topo, cfg) -> dict:
         for kind in ("native", "deepspeed"):
             torch.manual_seed(cfg.train.seed)
             model = build_model(cfg.model, vocab_size=data.vocab_size, seq_len=data.seq_len)
-            if kind == "native":
-                engine = ShardedEngine(model, plan=plan, topology=topo, rank=rank, **optim)
-            else:
-                engine = DeepSpeedEngine(model, plan=plan, topology=topo, rank=rank, local_rank=rank,
-                                         micro_batch_size=MICRO, grad_accum=2, **optim)
+            setup = EngineSetup(plan=plan, topology=topo, rank=rank, optim=optim, loss_fn=loss_fn, local_rank=rank,
+                                micro_batch_size=MICRO, grad_accum=2)
+            engine = (NativeEngine if kind == "native" else DeepSpeedEngine)(model, setup)
             _drive(engine, cfg, data, steps=2, rank=rank, world=world)
             tensors.append(engine.global_tensors())
         native, ds = tensors
@@ -235,7 +228,7 @@ def _engine_checks(rank: int, world: int, topo, cfg) -> dict:
 
 
 def _first_batch(data, cfg, rank, world):
-    from tierzero.recipes.train import micro_batch_indices
+    from tierzero.recipes.schedule import micro_batch_indices
 
     idx = micro_batch_indices(0, 0, dp_rank=rank, dp_size=world, micro_batch=MICRO,
                               global_batch=cfg.train.global_batch_size)
@@ -252,13 +245,14 @@ def _worker(rank: int, world: int, rdzv: str, out: str):
                       backend="gloo", topology=topo, host="test")
     results = {}
     for name in PLANS:
-        res = train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx, telemetry=Recorder(),
-                    parallel_cfg=ParallelConfig(plan=name, engine="deepspeed"), peak_tflops=1.0,
+        rec = Recorder()
+        res = train(recipe(cfg, parallel=ParallelConfig(plan=name, engine="deepspeed")), ctx, rec, peak_tflops=1.0,
                     show_progress=False)
+        assert not rec.comm_rows, f"DeepSpeedEngine.take_comm() is documented empty, got {rec.comm_rows[:1]}"
         results[name] = {"losses": res.losses, "grad_norms": res.grad_norms}
-    try:  # a plan DeepSpeed cannot run fails at engine construction, before any step
-        train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx, telemetry=Recorder(),
-              parallel_cfg=ParallelConfig(plan="hsdp", engine="deepspeed"), peak_tflops=1.0, show_progress=False)
+    try:  # a plan DeepSpeed cannot run fails before the engine is built, before any step
+        train(recipe(cfg, parallel=ParallelConfig(plan="hsdp", engine="deepspeed")), ctx, Recorder(), peak_tflops=1.0,
+              show_progress=False)
         results["hsdp_error"] = None
     except PlanError as e:
         results["hsdp_error"] = str(e)

@@ -2,7 +2,7 @@
 equals the cost model's prediction exactly.
 
 Ranks are real processes on gloo (rendezvous through a file in tmp_path). The reference is
-`train(..., reference_engine=True)` in one process: plain data parallelism with
+the Trainer with `parallel.engine=reference` in one process: plain data parallelism with
 torch.optim.AdamW, an implementation that shares nothing with the sharded engine.
 """
 
@@ -16,13 +16,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from reference import single_process_run
+from reference import Recorder, recipe, single_process_run
 
 from tierzero.launcher.config import load_config
+from tierzero.parallel.config import ParallelConfig
 from tierzero.parallel.context import DistContext
-from tierzero.parallel.plan import ParallelConfig, named_plan, predict
+from tierzero.parallel.cost import predict
+from tierzero.parallel.plans import named_plan
 from tierzero.parallel.topology import emulated_topology
-from tierzero.recipes.train import train
+from tierzero.recipes.trainer import train
 
 pytestmark = pytest.mark.multiprocess
 
@@ -46,22 +48,6 @@ PLANS_2x2x2 = [
 ]
 
 
-class Recorder:
-    """A telemetry sink that keeps the byte-ledger rows the training loop emits."""
-
-    def __init__(self):
-        self.rows = []
-
-    def step(self, **_):
-        return None
-
-    def event(self, *_, **__):
-        return None
-
-    def comm(self, **row):
-        self.rows.append(row)
-
-
 def _overrides(world: int, micro: int):
     # grad accumulation 2 on every layout: global = 2 x micro x world
     return [*BASE, f"train.global_batch_size={2 * micro * world}", f"train.micro_batch_size={micro}"]
@@ -78,13 +64,8 @@ def _worker(rank: int, world: int, sizes, rdzv: str, out: str, plans, micro: int
     for name, kwargs in plans:
         rec = Recorder()
         pcfg = ParallelConfig(plan=name.split("[")[0].split("@")[0], **kwargs)
-        res = train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx, telemetry=rec,
-                    parallel_cfg=pcfg, peak_tflops=1.0, show_progress=False)
-        measured = {}
-        for row in rec.rows:
-            key = f"{row['phase']}|{row['level']}|{row['op']}"
-            measured[key] = measured.get(key, 0.0) + row["bytes"]
-        results[name] = {"losses": res.losses, "measured": measured}
+        res = train(recipe(cfg, parallel=pcfg), ctx, rec, peak_tflops=1.0, show_progress=False)
+        results[name] = {"losses": res.losses, "measured": rec.ledger_bytes()}
     Path(f"{out}.{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
@@ -104,7 +85,7 @@ def _reference(world: int, micro: int):
 def _predicted(name, kwargs, sizes, world, micro, dtype_bytes=4):
     from tierzero.recipes.data import build_dataset
     from tierzero.recipes.model import build_model
-    from tierzero.parallel.zero import model_units
+    from tierzero.parallel.engines.native import model_units
 
     cfg = load_config([], _overrides(world, micro))
     topo = emulated_topology(sizes)

@@ -8,10 +8,10 @@ the same initial weights on the same global sample stream, twice per pair:
                                                            replicated across the 2 nodes)
 
 The FSDP2 side is written here from torch parts only: fully_shard per block then on the root,
-torch.optim.AdamW (foreach=False, parallel.engine.param_groups), recipes.train.lr_at,
+torch.optim.AdamW (foreach=False, parallel.engines.base.param_groups), recipes.schedule.lr_at,
 torch.nn.utils.clip_grad_norm_ on the DTensor gradients, loss * (1 / accum) per micro-step.
-The tierzero side is the real training loop, recipes.train.train(...); its ShardedEngine is
-captured on construction so the final fp32 master weights can be read (global_tensors()).
+The tierzero side is the real training loop, recipes.trainer.Trainer; its NativeEngine is
+captured as it is built so the final fp32 master weights can be read (global_tensors()).
 
 Compared, on every rank: the initial weights (bit-identical), the per-step global mean loss
 and global gradient norm (clipping acts on it), and the final parameters.
@@ -22,25 +22,26 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from reference import Recorder, recipe
 
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="PyTorch FSDP2 (fully_shard) is not available")
 if not hasattr(fsdp, "fully_shard"):
     pytest.skip(reason="this torch has no torch.distributed.fsdp.fully_shard (FSDP2)", allow_module_level=True)
 
 from tierzero.launcher.config import load_config  # noqa: E402
+from tierzero.parallel.config import ParallelConfig  # noqa: E402
 from tierzero.parallel.context import DistContext  # noqa: E402
-from tierzero.parallel.engine import param_groups  # noqa: E402
-from tierzero.parallel.plan import ParallelConfig  # noqa: E402
+from tierzero.parallel.engines.base import param_groups  # noqa: E402
 from tierzero.parallel.topology import emulated_topology  # noqa: E402
-from tierzero.recipes import train as train_mod  # noqa: E402
+from tierzero.recipes import schedule  # noqa: E402
 from tierzero.recipes.data import build_dataset  # noqa: E402
 from tierzero.recipes.model import build_model, loss_fn  # noqa: E402
+from tierzero.recipes.trainer import Trainer  # noqa: E402
 
 pytestmark = pytest.mark.multiprocess
 
@@ -108,7 +109,7 @@ def _train_fsdp2(cfg, rank: int, mesh_shape, mesh_names):
 
     t = cfg.train
     dataset = build_dataset(cfg.data)
-    torch.manual_seed(t.seed)  # exactly as recipes.train.train: seed, then build
+    torch.manual_seed(t.seed)  # exactly as the Trainer: seed, then build
     model = build_model(cfg.model, vocab_size=dataset.vocab_size, seq_len=dataset.seq_len)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -122,17 +123,17 @@ def _train_fsdp2(cfg, rank: int, mesh_shape, mesh_names):
                                   eps=1e-8, foreach=False)
 
     world = dist.get_world_size()
-    accum = train_mod.grad_accum_steps(t, world)
+    accum = schedule.grad_accum_steps(t, world)
     assert accum == ACCUM
     losses, norms = [], []
     for step in range(1, t.steps + 1):
-        lr = train_mod.lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps,
+        lr = schedule.lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps,
                              min_lr_ratio=t.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
         for micro in range(accum):
-            idx = train_mod.micro_batch_indices(step - 1, micro, dp_rank=rank, dp_size=world,
+            idx = schedule.micro_batch_indices(step - 1, micro, dp_rank=rank, dp_size=world,
                                                 micro_batch=t.micro_batch_size, global_batch=t.global_batch_size)
             batch = dataset.samples(idx)
             loss = loss_fn(model(batch[:, :-1]), batch[:, 1:])
@@ -151,31 +152,20 @@ def _train_fsdp2(cfg, rank: int, mesh_shape, mesh_names):
 
 
 def _train_tierzero(cfg, ctx, plan: str):
-    """The real training loop; the engine it builds is captured to read its master weights."""
+    """The real training loop; the initial weights are read as the engine is built, its master
+    weights after the run."""
     captured = {}
 
-    class CapturingEngine(train_mod.ShardedEngine):
-        def __init__(self, model, **kwargs):
+    class Capturing(Trainer):
+        def build_engine(self, model, memory_budget_bytes):
             captured["init"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-            super().__init__(model, **kwargs)
-            captured["engine"] = self
+            return super().build_engine(model, memory_budget_bytes)
 
-    class NullTelemetry:
-        def step(self, **_):
-            return None
-
-        def event(self, *_, **__):
-            return None
-
-        def comm(self, **_):
-            return None
-
-    with mock.patch.object(train_mod, "ShardedEngine", CapturingEngine):
-        res = train_mod.train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx,
-                              telemetry=NullTelemetry(), parallel_cfg=ParallelConfig(plan=plan),
-                              peak_tflops=1.0, show_progress=False)
-    engine = captured["engine"]
-    assert engine.plan.name == plan
+    trainer = Capturing(recipe(cfg, parallel=ParallelConfig(plan=plan)), ctx, Recorder(), peak_tflops=1.0,
+                        show_progress=False)
+    res = trainer.fit()
+    engine = trainer.engine
+    assert engine.name == "native" and engine.plan.name == plan
     final = {n: d["param"] for n, d in engine.global_tensors().items()}
     return captured["init"], res.losses, res.grad_norms, final, list(engine.groups["param"].ranks)
 

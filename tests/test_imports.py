@@ -147,7 +147,7 @@ def test_the_wheel_installs_one_top_level_name(tmp_path):
     assert "tierzero/recipes/configs/moe_tiny_cpu.yaml" in names
     deps = next(p for p in map(Path, sys.path) if (p / "omegaconf").is_dir())
     (Path(site) / "deps.pth").write_text(f"{deps}\n")
-    code = ("import sys, tierzero.launcher.cli as cli, tierzero.recipes.train; "
+    code = ("import sys, tierzero.launcher.cli as cli, tierzero.recipes.trainer; "
             "from tierzero.launcher.config import load_config; load_config([], []); "
             "bad = [m for m in ('launcher', 'parallel', 'recipes', 'checkpoint', 'telemetry', 'slurm', "
             "'collectives_bench') if m in sys.modules]; assert not bad, bad; "
@@ -157,3 +157,34 @@ def test_the_wheel_installs_one_top_level_name(tmp_path):
     for name in ("launcher", "parallel", "recipes"):
         r = subprocess.run([str(py), "-c", f"import {name}"], cwd=tmp_path, capture_output=True, text=True)
         assert r.returncode != 0, f"`import {name}` works in the fresh venv: something installs it top-level"
+
+
+MAX_FUNCTION_LINES = 60
+LONG_MARK = "# long:"
+
+
+def long_functions(path: Path):
+    """(line, name, length) of every function longer than MAX_FUNCTION_LINES whose `def` line
+    does not say why (`# long: <reason>`)."""
+    source = path.read_text()
+    lines = source.splitlines()
+    for node in ast.walk(ast.parse(source, filename=str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            header = lines[node.lineno - 1: node.body[0].lineno - 1]  # the signature, over several lines
+            if length > MAX_FUNCTION_LINES and not any(LONG_MARK in line for line in header):
+                yield node.lineno, node.name, length
+
+
+def test_functions_are_a_screen_long():
+    """A function a reader must scroll through says why beside its `def` (e.g. a declarative table)."""
+    bad = [f"{path.relative_to(ROOT)}:{line} {name} is {n} lines" for pkg in PACKAGES
+           for path in sorted((ROOT / pkg).rglob("*.py")) for line, name, n in long_functions(path)]
+    assert not bad, f"over {MAX_FUNCTION_LINES} lines without a '{LONG_MARK} <reason>' on the def line:\n" + "\n".join(bad)
+
+
+def test_length_checker_sees_a_long_function(tmp_path):
+    f = tmp_path / "x.py"
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    f.write_text(f"def long():\n{body}\n\ndef table():  {LONG_MARK} a table\n{body}\n")
+    assert [name for _, name, _ in long_functions(f)] == ["long"]

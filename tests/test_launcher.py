@@ -4,7 +4,8 @@ import pytest
 
 from tierzero.launcher.cli import main
 from tierzero.launcher.discover import TopologyMismatch, build_topology, probe_machine
-from tierzero.launcher.supervisor import describe_exit, next_attempt
+from tierzero.launcher.rundir import next_attempt
+from tierzero.launcher.supervisor import describe_exit
 from tierzero.parallel.topology import TopologyConfig
 from tierzero.telemetry.config import TelemetryConfig
 from tierzero.telemetry.sink import Telemetry

@@ -99,3 +99,37 @@ def test_bad_nodelist(bad):
 def test_tasks_per_node():
     assert expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
     assert expand_tasks_per_node("4") == [4]
+
+
+def test_a_supervised_rank_says_so():
+    """tierzero's supervisor tells each rank who it is in its own variables: the rank is
+    'supervised' (not a torchrun rank), with its attempt and its supervisor's pid."""
+    from tierzero.launcher.envvars import SupervisedRank
+
+    who = SupervisedRank(rank=3, world_size=4, local_rank=3, local_world_size=4, node_rank=1, master_addr="10.77.0.1",
+                         master_port=29511, attempt=2, supervisor_pid=4242)
+    env = who.to_env()
+    assert all(k.startswith("TIERZERO_") for k in env) and "RANK" not in env
+    launch = detect_launch(env)
+    assert (launch.mode, launch.supervised, launch.rank, launch.world_size, launch.node_rank) == \
+        ("supervised", True, 3, 4, 1)
+    assert (launch.master_addr, launch.master_port, launch.restart_count, launch.supervisor_pid) == \
+        ("10.77.0.1", 29511, 2, 4242)
+    # it wins over whatever launcher started the supervisor itself
+    assert detect_launch({**env, "RANK": "0", "WORLD_SIZE": "8"}).mode == "supervised"
+    assert not detect_launch({"RANK": "0", "WORLD_SIZE": "2"}).supervised
+    with pytest.raises(ValueError, match="TIERZERO_WORLD_SIZE"):
+        detect_launch({**env, "TIERZERO_WORLD_SIZE": "four"})
+
+
+def test_fault_variables_are_read_in_one_place():
+    from tierzero.launcher.envvars import FaultSpec, read_faults
+
+    assert read_faults({}) == FaultSpec() and not read_faults({}).any
+    spec = read_faults({"TIERZERO_FAULT_NAN_STEPS": "5, 9", "TIERZERO_FAULT_HANG": "1:4",
+                        "TIERZERO_FAULT_SLOW_STEP_S": "0.5", "TIERZERO_FAULT_SLOW_SAVE": "10:3.5",
+                        "TIERZERO_BENCH_FAULT": "all_gather"})
+    assert spec == FaultSpec(nan_steps=frozenset({5, 9}), hang=(1, 4), slow_step_s=0.5, slow_save=(10, 3.5),
+                             bench_corrupt_op="all_gather")
+    with pytest.raises(ValueError, match="TIERZERO_FAULT_HANG"):
+        read_faults({"TIERZERO_FAULT_HANG": "4"})

@@ -13,14 +13,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from reference import single_process_run
+from reference import Recorder, single_process_run
 
 from tierzero.launcher.config import ConfigError, load_config
+from tierzero.parallel.config import ParallelConfig
 from tierzero.parallel.context import DistContext
+from tierzero.parallel.cost import predict
 from tierzero.parallel.moe import (MoEConfig, MoEFeedForward, balance_loss, capacity, keep_mask, route, z_loss)
-from tierzero.parallel.plan import ParallelConfig, named_plan, predict
+from tierzero.parallel.plans import named_plan
 from tierzero.parallel.topology import emulated_topology, expert_data_topology
-from tierzero.recipes.train import train
+from tierzero.recipes.trainer import Recipe, train
 
 # ---- routing, pure -----------------------------------------------------------------------
 
@@ -186,23 +188,6 @@ LAYOUTS = [
 ]
 
 
-class Recorder:
-    def __init__(self):
-        self.comm_rows, self.expert_rows = [], []
-
-    def step(self, **_):
-        return None
-
-    def event(self, *_, **__):
-        return None
-
-    def comm(self, **row):
-        self.comm_rows.append(row)
-
-    def expert(self, **row):
-        self.expert_rows.append(row)
-
-
 def _worker(rank: int, world: int, rdzv: str, out: str, extra):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
@@ -213,12 +198,8 @@ def _worker(rank: int, world: int, rdzv: str, out: str, extra):
     for label, overrides in LAYOUTS:
         cfg = load_config([], [*BASE, *extra, *overrides])
         rec = Recorder()
-        res = train(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, ctx=ctx, telemetry=rec,
-                    parallel_cfg=cfg.parallel, peak_tflops=1.0, show_progress=False, moe_cfg=cfg.moe)
-        measured = {}
-        for row in rec.comm_rows:
-            key = f"{row['phase']}|{row['level']}|{row['op']}"
-            measured[key] = measured.get(key, 0.0) + row["bytes"]
+        res = train(Recipe.of(cfg), ctx, rec, peak_tflops=1.0, show_progress=False)
+        measured = rec.ledger_bytes()
         results[label] = {"losses": res.losses, "dropped": res.dropped_fraction, "measured": measured,
                           "tokens": [t.tolist() for t in res.expert_tokens], "expert_rows": len(rec.expert_rows)}
     Path(f"{out}.{rank}.json").write_text(json.dumps(results))
@@ -232,7 +213,7 @@ def _run(tmp_path, extra):
 
 
 def _predicted(overrides, extra):
-    from tierzero.parallel.zero import model_units
+    from tierzero.parallel.engines.native import model_units
     from tierzero.recipes.data import build_dataset
     from tierzero.recipes.model import build_model
 
@@ -294,9 +275,9 @@ def test_report_draws_the_expert_load_heatmap(tmp_path):
 
     tel = Telemetry(TelemetryConfig(), root=str(tmp_path / "telemetry"), run="r", attempt=0, rank=0, host="h")
     for step in (1, 2):
-        tel.step(step=step, loss=1.0, tokens=10, step_time_s=0.1)
+        tel.record("steps", step=step, loss=1.0, tokens=10, step_time_s=0.1)
         for e, tokens in enumerate([30, 10, 10, 10]):  # expert 0 takes half the tokens: 2x the mean
-            tel.expert(step=step, layer=0, expert=e, tokens=tokens, dropped_fraction=0.25, aux_loss=0.01,
+            tel.record("experts", step=step, layer=0, expert=e, tokens=tokens, dropped_fraction=0.25, aux_loss=0.01,
                        z_loss=1.0, bias=0.001 * e)
     tel.close()
     text = write_report(tmp_path)

@@ -331,9 +331,9 @@ def test_a_killed_rank_of_an_isolated_run_leaves_nothing(tmp_path):
         steps_dir = tmp_path / "runs" / "kill" / "telemetry" / "steps"
         children = _ranks_inside(sup, 2, lambda: bool(list(steps_dir.rglob("*.parquet"))))
         # `ip netns exec` execs the rank itself: the supervisor's child is the rank, in node 1's namespace
-        victim = sorted(children, key=lambda p: p.environ().get("RANK"))[1]
+        victim = sorted(children, key=lambda p: p.environ().get("TIERZERO_RANK"))[1]
         assert victim.environ()["GLOO_SOCKET_IFNAME"] == f"tz{sup.pid}n1"
-        assert victim.environ()["MASTER_ADDR"] == "10.77.0.1"
+        assert victim.environ()["TIERZERO_MASTER_ADDR"] == "10.77.0.1"
         victim.send_signal(signal.SIGKILL)
         out, err = sup.communicate(timeout=60)
     finally:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tierzero.parallel.choose import choose_plan, resolve_plan
-from tierzero.parallel.config import ENGINE_NAMES, ParallelConfig
+from tierzero.parallel.config import ParallelConfig
 from tierzero.parallel.cost import DEFAULT_BANDWIDTH_GBPS, PlanInputs, Unit, predict, uniform_units
 from tierzero.parallel.layout import chunk_index, level_of_group, padded_numel, plan_groups, span
 from tierzero.parallel.plans import REPLICATED, PlanError, candidate_plans, named_plan
@@ -80,7 +80,8 @@ def test_a_plan_that_does_not_fit_lists_the_ones_that_do():
     topo = preset_topology("dgx-h100", 4)
     units = uniform_units(7e9, 32)
     with pytest.raises(PlanError) as info:
-        resolve_plan(ParallelConfig(plan="ddp"), topo, units, dtype_bytes=2, grad_accum=1, memory_budget_bytes=80e9)
+        resolve_plan(ParallelConfig(plan="ddp"), topo, PlanInputs(tuple(units), dtype_bytes=2, grad_accum=1),
+                     memory_budget_bytes=80e9)
     msg = str(info.value)
     assert "parallel.plan=ddp" in msg and "zero3" in msg and "memory_budget_gb" in msg
     with pytest.raises(PlanError, match="no plan fits"):
@@ -153,7 +154,7 @@ def test_contention_scales_with_the_flows_per_node():
 
 
 def test_backward_gather_shares_the_link_with_the_reduce_scatter_beside_it():
-    """The engine gathers block i-1 while it reduce-scatters block i (parallel/zero.py). zero3 on
+    """The engine gathers block i-1 while it reduce-scatters block i (parallel/engines/native.py). zero3 on
     2x2, three equal blocks, r = 2B (one global ring alone): gather b2 alone (a/r), then two pairs
     that share r evenly (each of the four collectives 2a/r), then reduce-scatter b0 alone (a/r)."""
     topo = emulated_topology([2, 2], bandwidths_gbps=[10, B])
@@ -351,7 +352,7 @@ def _recipe(*, dtype="float32", global_batch=32, experts=0, params=None):
 
 
 def _trainers_model(train_cfg, model_cfg, data_cfg, moe_cfg):
-    """The model as recipes/train.py builds it: sized by the dataset, seeded, cast to train.dtype."""
+    """The model as the Trainer (recipes/trainer.py) builds it: sized by the dataset, seeded, cast to train.dtype."""
     import torch
 
     from tierzero.recipes.data import build_dataset
@@ -367,7 +368,7 @@ def _trainers_model(train_cfg, model_cfg, data_cfg, moe_cfg):
 def test_planning_inputs_of_a_dense_recipe_are_the_trainers(dtype, nbytes):
     import torch
 
-    from tierzero.parallel.zero import model_units
+    from tierzero.parallel.engines.native import model_units
     from tierzero.recipes.planning import planning_inputs
 
     recipe = _recipe(dtype=dtype)
@@ -385,7 +386,7 @@ def test_planning_inputs_of_a_dense_recipe_are_the_trainers(dtype, nbytes):
 
 def test_planning_inputs_of_an_moe_recipe_carry_the_experts_all_to_all():
     from tierzero.parallel.cost import MoETraffic
-    from tierzero.parallel.zero import model_units
+    from tierzero.parallel.engines.native import model_units
     from tierzero.recipes.model import count_params
     from tierzero.recipes.planning import planning_inputs
 
@@ -436,22 +437,12 @@ def test_a_model_known_by_its_size_is_equal_blocks_without_torch():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_resolve_plan_takes_the_inputs_or_the_old_keywords_alike():
-    topo = preset_topology("dgx-h100", 2)
-    units = uniform_units(7e9, 32)
-    inputs = PlanInputs(units, dtype_bytes=2, grad_accum=4)
-    for cfg in (ParallelConfig(), ParallelConfig(plan="zero3"), ParallelConfig(plan="tiered")):
-        new = resolve_plan(cfg, topo, inputs, memory_budget_bytes=80e9)
-        old = resolve_plan(cfg, topo, units, dtype_bytes=2, grad_accum=4, memory_budget_bytes=80e9)
-        assert (new.plan, new.reason, new.cost.bytes, new.cost.memory) == (old.plan, old.reason, old.cost.bytes,
-                                                                            old.cost.memory)
-    with pytest.raises(TypeError):
-        resolve_plan(ParallelConfig(), topo, inputs, memory_budget_bytes=80e9, dtype_bytes=2)
-    with pytest.raises(TypeError):
-        resolve_plan(ParallelConfig(), topo, units, memory_budget_bytes=80e9)
-
-
 def test_the_engine_names_are_listed_when_one_is_unknown():
-    (msg,) = ParallelConfig(engine="megatron").errors()
-    assert "parallel.engine='megatron'" in msg and all(name in msg for name in ENGINE_NAMES)
-    assert ParallelConfig(engine="reference").errors() == []
+    from tierzero.parallel.engines import ENGINES, engine_errors
+    from tierzero.recipes.config import TrainConfig
+
+    (msg,) = engine_errors(parallel=ParallelConfig(engine="megatron"), moe=None, checkpoint=None,
+                           train=TrainConfig())
+    assert "parallel.engine='megatron'" in msg and all(name in msg for name in ENGINES)
+    assert engine_errors(parallel=ParallelConfig(engine="reference"), moe=None, checkpoint=None,
+                         train=TrainConfig()) == []

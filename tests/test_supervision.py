@@ -1,7 +1,7 @@
 """Supervision: a killed rank restarts the group from the newest committed checkpoint and the
 run's lineage has every step with the uninterrupted run's losses; the non-finite guard skips,
 rolls back or stops. Real processes through the CLI; faults injected with SIGKILL and with
-TIERZERO_FAULT_NAN_STEPS (recipes/train.py)."""
+TIERZERO_FAULT_NAN_STEPS (launcher/faults.py)."""
 
 from __future__ import annotations
 
@@ -126,16 +126,22 @@ def test_nonfinite_stop_and_too_many_in_a_row(tmp_path):
 
 
 def test_find_hang_names_the_rank_furthest_behind():
-    from tierzero.launcher.supervisor import find_hang
+    from tierzero.launcher.rundir import Beat, find_hang
+
+    def beats(**by_rank):
+        return {int(r[1:]): Beat(int(r[1:]), step, phase, t) for r, (step, phase, t) in by_rank.items()}
 
     now = 1000.0
-    moving = {0: (7, "micro 1", now - 1), 1: (7, "step", now - 50)}
+    moving = beats(r0=(7, "micro 1", now - 1), r1=(7, "step", now - 50))
     assert find_hang(moving, 30, now) is None  # rank 0 beat a second ago: no hang yet
-    stuck = {0: (7, "micro 1", now - 40), 1: (7, "step", now - 50), 2: (7, "micro 0", now - 41)}
-    text = find_hang(stuck, 30, now)
+    stuck = beats(r0=(7, "micro 1", now - 40), r1=(7, "step", now - 50), r2=(7, "micro 0", now - 41))
+    hang = find_hang(stuck, 30, now)
+    assert [b.rank for b in hang.stalled] == [1] and [b.rank for b in hang.waiting] == [0, 2]
+    assert hang.names(1) and not hang.names(0)
+    text = hang.describe()
     assert "stalled: rank 1 at step 7 (step), silent for 50 s" in text and "waiting for them: rank 0" in text
-    same = {0: (3, "optimizer", now - 40), 1: (3, "optimizer", now - 45)}
-    assert "stalled: rank 1 at step 3 (optimizer)" in find_hang(same, 30, now)
+    same = beats(r0=(3, "optimizer", now - 40), r1=(3, "optimizer", now - 45))
+    assert "stalled: rank 1 at step 3 (optimizer)" in find_hang(same, 30, now).describe()
 
 
 def test_a_rank_that_sleeps_forever_is_detected_in_time(tmp_path):
@@ -196,7 +202,7 @@ def _committed(run_dir: Path) -> list:
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_75_then_resumes(tmp_path, clean):
-    from tierzero.launcher.signals import EXIT_REQUEUE
+    from tierzero.launcher.exitcodes import Exit
 
     run_dir = tmp_path / "run"
     # every_steps=0: the only checkpoint there can be is the one the signal asks for
@@ -209,7 +215,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_75_then_resumes(tmp_pat
     finally:
         if sup.poll() is None:
             sup.kill()
-    assert sup.returncode == EXIT_REQUEUE, err[-3000:]
+    assert sup.returncode == Exit.REQUEUE, err[-3000:]
     (stopped,) = _committed(run_dir)
     assert 8 <= stopped < 30
     assert f"all 2 ranks stopped after step {stopped} with a committed checkpoint; exit 75" in err
@@ -285,7 +291,7 @@ def test_a_supervisor_killed_with_sigkill_leaves_no_rank_behind(tmp_path):
 
 def _scheduled_ranks(args, cwd, nproc=2, **env):
     """Start the ranks the way torchrun or srun would (no local supervisor)."""
-    from tierzero.launcher.rank import free_port
+    from tierzero.launcher.world import free_port
 
     port = free_port()
     procs = []
@@ -311,14 +317,14 @@ def _finish(procs, timeout_s=120):
 
 
 def test_under_a_scheduler_the_requeue_signal_to_one_rank_stops_every_rank_after_a_checkpoint(tmp_path):
-    from tierzero.launcher.signals import EXIT_REQUEUE
+    from tierzero.launcher.exitcodes import Exit
 
     run_dir = tmp_path / "run"
     procs = _scheduled_ranks(["train.steps=200", f"run.dir={run_dir}"], tmp_path)
     _wait_for_step(procs[0], run_dir, 0, 6)
     procs[0].send_signal(signal.SIGUSR2)  # rank 1 never sees a signal: it learns from the step's all-reduce
     codes, outs = _finish(procs)
-    assert codes == [EXIT_REQUEUE, EXIT_REQUEUE], outs
+    assert codes == [Exit.REQUEUE, Exit.REQUEUE], outs
     (stopped,) = _committed(run_dir)
     assert f"SIGUSR2: stopped after step {stopped}; checkpoint of step {stopped} committed" in outs[0][1]
     assert {r["step"] for r in _table(run_dir, "steps") if r["step"] == stopped} == {stopped}

@@ -225,18 +225,6 @@ def test_a_table_added_to_schema_py_needs_no_other_change(tmp_path, monkeypatch)
     assert load_table(root, "steps").num_rows == 1
 
 
-def test_deprecated_wrappers_write_through_record(tmp_path):
-    # Kept until the callers in recipes/ and launcher/ move to record().
-    wrappers = {"steps": "step", "comm": "comm", "experts": "expert", "collectives": "collective"}
-    with Telemetry(fast_cfg(), str(tmp_path), "r1", 0, 0, "h") as tel:
-        for table, method in wrappers.items():
-            getattr(tel, method)(**SAMPLE_ROWS[table])
-        with pytest.raises(ValueError, match=r"unknown steps column\(s\) \['los'\]"):
-            tel.step(step=1, los=2.0)
-    for table in wrappers:
-        assert load_table(str(tmp_path), table).to_pylist() == [{**SAMPLE_ROWS[table], **PARTITION}]
-
-
 def test_error_events_are_written_at_once(tmp_path):
     with Telemetry(fast_cfg(), str(tmp_path), "r1", 0, 0, "node-a") as tel:
         tel.event("start")

@@ -1,7 +1,7 @@
 """Multi-process training equals a single process with the same global batch.
 
 The multi-rank side runs the real launch paths (tierzero's own supervisor, torchrun,
-mpirun with mpich) as subprocesses; the reference is `recipes.train.train` in this
+mpirun with mpich) as subprocesses; the reference is the Trainer (recipes/trainer.py) in this
 process with world size 1 and all accumulation local. Losses are read back from the
 Parquet telemetry the ranks wrote.
 """
@@ -118,7 +118,7 @@ def test_a_killed_rank_stops_the_group(tmp_path):
             time.sleep(0.2)
         children = psutil.Process(sup.pid).children()
         assert len(children) == 2
-        victim = sorted(children, key=lambda p: p.environ().get("RANK"))[1]
+        victim = sorted(children, key=lambda p: p.environ().get("TIERZERO_RANK"))[1]
         victim.send_signal(signal.SIGKILL)
         out, err = sup.communicate(timeout=60)
     finally:

@@ -1,4 +1,4 @@
-"""The native engine: executes any PartitionPlan with torch.distributed.
+"""The native engine (`parallel.engine=native`): executes any PartitionPlan with torch.distributed.
 
 The model is cut into units -- the "outer" parameters (embedding, final norm, head) and one
 unit per transformer block -- each backed by one flat buffer padded to a multiple of the
@@ -32,7 +32,8 @@ import torch.distributed as dist
 from torch import nn
 
 from tierzero.parallel.cost import Unit
-from tierzero.parallel.engine import StepStats
+from tierzero.parallel.engines import EngineSetup
+from tierzero.parallel.engines.base import CheckpointSlice, StepStats
 from tierzero.parallel.groups import build_groups, build_partition
 from tierzero.parallel.layout import chunk_index, level_of_group, padded_numel, span
 from tierzero.parallel.ledger import ByteLedger, CommGroup
@@ -107,7 +108,7 @@ class FlatUnit:
         self.exp_avg_sq = torch.zeros_like(self.master)
         decay = torch.zeros(self.N, dtype=torch.bool, device=device)
         for ent in entries:
-            if len(ent.shape) >= 2:  # norms are not decayed (parallel.engine.param_groups)
+            if len(ent.shape) >= 2:  # norms are not decayed (parallel.engines.base.param_groups)
                 decay[ent.offset: ent.offset + ent.numel] = True
         self.decay = decay[o].clone()
         self.gathered = True
@@ -192,7 +193,7 @@ class Domain:
         return self._position_cache[key]
 
 
-class ShardedEngine:
+class NativeEngine:
     """Executes a PartitionPlan; see the module docstring for the schedule."""
 
     name = "native"
@@ -200,26 +201,12 @@ class ShardedEngine:
     """A background checkpoint copies this engine's shards while the next forward/backward runs;
     step() waits on `snapshot_guard` (set by checkpoint.saver) before changing them."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        plan: PartitionPlan,
-        topology: Topology,
-        rank: int,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        lr: float,
-        betas=(0.9, 0.95),
-        weight_decay: float = 0.0,
-        grad_clip: float = 0.0,
-        eps: float = 1e-8,
-        device: str = "cpu",
-        ep: int = 1,
-    ):
+    def __init__(self, model: nn.Module, setup: EngineSetup):
+        plan, topology, rank, ep, o = setup.plan, setup.topology, setup.rank, setup.ep, setup.optim
         self.model, self.plan, self.topo, self.rank = model, plan, topology, rank
-        self.loss_fn = loss_fn
-        self.lr, self.betas, self.weight_decay, self.grad_clip, self.eps = lr, betas, weight_decay, grad_clip, eps
-        self.device = device
+        self.loss_fn = setup.loss_fn
+        self.lr, self.betas, self.weight_decay, self.grad_clip, self.eps = o.lr, o.betas, o.weight_decay, o.grad_clip, o.eps
+        self.device = device = setup.device
         self.world_size = topology.world_size
         self.dtype = next(model.parameters()).dtype
         self.ledger = ByteLedger()
@@ -441,10 +428,9 @@ class ShardedEngine:
                 base = (self.rank % self.ep) * ent.numel
             yield ent, lo - a, hi - lo, shape, base + lo - ent.offset
 
-    def checkpoint_slices(self) -> List[tuple]:
-        """(name, global shape, dtype, first element, host array) of what this rank saves: its
-        optimizer shard's master weights and AdamW moments (one replica saves), and on rank 0
-        the persistent buffers (MoE selection biases)."""
+    def checkpoint_slices(self) -> List[CheckpointSlice]:
+        """What this rank saves: its optimizer shard's master weights and AdamW moments (one
+        replica saves), and on rank 0 the persistent buffers (MoE selection biases)."""
         out = []
         for u in self.units:
             if u.domain.groups["replicas"].index(self.rank) != 0:
@@ -452,11 +438,11 @@ class ShardedEngine:
             for ent, at, n, shape, start in self._owned(u):
                 for key, prefix in STATE_KEYS:
                     data = getattr(u, key)[at:at + n].detach().cpu().numpy()  # a view on CPU: the saver copies
-                    out.append((f"{prefix}/{ent.name}", shape, "float32", start, data))
+                    out.append(CheckpointSlice(f"{prefix}/{ent.name}", shape, "float32", start, data))
         if self.rank == 0:
             for name, buf in persistent_buffers(self.model):
-                out.append((f"buffer/{name}", tuple(buf.shape), "float32", 0,
-                            buf.detach().float().cpu().numpy().reshape(-1).copy()))
+                out.append(CheckpointSlice(f"buffer/{name}", tuple(buf.shape), "float32", 0,
+                                           buf.detach().float().cpu().numpy().reshape(-1).copy()))
         return out
 
     def load_checkpoint(self, read: Callable[[str, int, int], "object"], step_count: int) -> None:

@@ -1,7 +1,8 @@
-"""DeepSpeed as an engine: the plans DeepSpeed's ZeRO can express, run by DeepSpeed itself.
+"""DeepSpeed as an engine (`parallel.engine=deepspeed`): the plans DeepSpeed's ZeRO can express,
+run by DeepSpeed itself.
 
 `parallel.engine=deepspeed` hands the resolved PartitionPlan to DeepSpeed instead of tierzero's
-ShardedEngine. It is there to cross-check the native engine against a well-known implementation
+native engine. It is there to cross-check the native engine against a well-known implementation
 and to run recipes where DeepSpeed is the site's standard.
 
 What maps (DeepSpeed shards a state either over every data-parallel rank or not at all):
@@ -16,8 +17,9 @@ What maps (DeepSpeed shards a state either over every data-parallel rank or not 
 
 The mapping goes by the plan's levels, not its name, so e.g. tiered[none,cluster,cluster] runs
 as stage 2. Every other shape -- hsdp, tiered's default, anything sharded inside a level below
-the cluster -- raises PlanError: DeepSpeed has no such partition (MiCS was its hsdp and was
-removed in 0.19.7), and parallel.engine=native runs them.
+the cluster -- is refused before launch (parallel.engines.deepspeed_stage, the registry's):
+DeepSpeed has no such partition (MiCS was its hsdp and was removed in 0.19.7), and
+parallel.engine=native runs them.
 
 deepspeed_config() is pure (no deepspeed import) so the mapping is tested without processes;
 deepspeed is imported inside DeepSpeedEngine only.
@@ -28,16 +30,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from tierzero.parallel.choose import Choice, restrict_choice
-from tierzero.parallel.engine import StepStats, param_groups
+from tierzero.parallel.engines import EngineSetup, deepspeed_stage
+from tierzero.parallel.engines.base import CheckpointSlice, StepStats, param_groups
 from tierzero.parallel.layout import span
-from tierzero.parallel.plans import REPLICATED, PartitionPlan, PlanError
+from tierzero.parallel.plans import PartitionPlan
 from tierzero.parallel.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -49,44 +51,6 @@ share one host's memory. Bucket boundaries do not change any element's sum, so n
 STEPS_PER_PRINT = 2**31 - 1
 """DeepSpeed prints its own progress every N steps; the training loop already reports them."""
 _SHM_OP = "deepspeed_shm_comm"
-
-
-def _stage(plan: PartitionPlan, topo: Topology) -> int:
-    """The ZeRO stage whose partition is exactly `plan`; PlanError if there is none."""
-    c = len(topo.levels) - 1
-    levels = (plan.param_level, plan.grad_level, plan.optim_level)
-    if all(lv in (REPLICATED, c) for lv in levels):
-        stage = {(REPLICATED,) * 3: 0, (REPLICATED, REPLICATED, c): 1,
-                 (REPLICATED, c, c): 2, (c, c, c): 3}.get(levels)
-        # hpZ is a secondary copy of ZeRO-3's parameter partition; DeepSpeed has it only there.
-        if stage is not None and (plan.secondary_level is None or (stage == 3 and plan.secondary_level < c)):
-            return stage
-    names = ", ".join(f"{lv.name}={span(topo, i)} ranks" for i, lv in enumerate(topo.levels))
-    inner = [lv for lv in levels if lv not in (REPLICATED, c)]
-    where = f"over the ranks of each '{topo.levels[min(inner)].name}' only" if inner else "in this combination"
-    raise PlanError(
-        f"parallel.plan={plan.name} is {plan.describe(topo)} on this topology ({names}), which "
-        f"parallel.engine=deepspeed cannot run: DeepSpeed's ZeRO stages shard a state over all "
-        f"{topo.world_size} ranks or not at all (stage 0: nothing, 1: optimizer, 2: + gradients, 3: + "
-        f"parameters, ZeRO++ hpZ: stage 3 with a secondary parameter copy inside a smaller level), so "
-        f"it cannot shard a state {where} (MiCS, DeepSpeed's hsdp, was removed in 0.19.7). Use "
-        f"parallel.engine=native, which runs this plan, or choose parallel.plan=ddp, zero1, zero2, "
-        f"zero3 or hpz for DeepSpeed."
-    )
-
-
-def deepspeed_can_run(plan: PartitionPlan, topo: Topology) -> bool:
-    try:
-        _stage(plan, topo)
-    except PlanError:
-        return False
-    return True
-
-
-def restrict_auto_choice(choice: Choice, topo: Topology) -> Choice:
-    """parallel.plan=auto with parallel.engine=deepspeed: auto's ranking applied to the plans
-    DeepSpeed can run."""
-    return restrict_choice(choice, topo, lambda plan: deepspeed_can_run(plan, topo), "DeepSpeed")
 
 
 def deepspeed_config(
@@ -106,7 +70,7 @@ def deepspeed_config(
     sets the learning rate itself every step."""
     if world_size != topo.world_size:
         raise ValueError(f"world_size={world_size} but the topology {topo.describe()} has {topo.world_size} ranks")
-    stage = _stage(plan, topo)
+    stage = deepspeed_stage(plan, topo)
     zero: Dict[str, object] = {
         "stage": stage,
         "overlap_comm": False,  # CPU ranks have no streams to overlap on; keeps the schedule simple
@@ -151,7 +115,8 @@ def _init_single_process_group() -> None:
 
 
 def _skip_shm_comm_build() -> None:
-    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce (60-75 s on first use).
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce, which takes most of a
+    minute on first use (measured: docs/benchmarks.md, Figures behind design choices).
 
     DeepSpeed's CPU comm backend builds the op whenever it is 'compatible', but only
     inference_all_reduce uses it; training goes through torch.distributed (gloo) either way.
@@ -165,35 +130,19 @@ def _skip_shm_comm_build() -> None:
 
 
 class DeepSpeedEngine:
-    """The engine interface of parallel.zero.ShardedEngine, run by deepspeed.initialize."""
+    """The engine contract (parallel/engines/base.py), run by deepspeed.initialize."""
 
     name = "deepspeed"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        plan: PartitionPlan,
-        topology: Topology,
-        rank: int,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        lr: float,
-        betas=(0.9, 0.95),
-        weight_decay: float = 0.0,
-        grad_clip: float = 0.0,
-        eps: float = 1e-8,
-        device: str = "cpu",
-        micro_batch_size: int,
-        grad_accum: int,
-        dtype: str = "float32",
-        local_rank: int = 0,
-    ):
+    def __init__(self, model: nn.Module, setup: EngineSetup):
+        plan, topology, o = setup.plan, setup.topology, setup.optim
         # the config first: a plan DeepSpeed cannot run fails here, before deepspeed is imported
-        self.config = deepspeed_config(plan, topology, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
-                                       world_size=topology.world_size, dtype=dtype, grad_clip=grad_clip)
+        self.config = deepspeed_config(plan, topology, micro_batch_size=setup.micro_batch_size,
+                                       grad_accum=setup.grad_accum, world_size=topology.world_size, dtype=setup.dtype,
+                                       grad_clip=o.grad_clip)
         self.stage = self.config["zero_optimization"]["stage"]
-        self.plan, self.topo, self.rank, self.loss_fn = plan, topology, rank, loss_fn
-        self.grad_accum, self.device = grad_accum, device
+        self.plan, self.topo, self.rank, self.loss_fn = plan, topology, setup.rank, setup.loss_fn
+        self.grad_accum, self.device = setup.grad_accum, setup.device
         self.world_size = topology.world_size
         self.step_count = 0
 
@@ -206,12 +155,13 @@ class DeepSpeedEngine:
             _init_single_process_group()
         assert dist.get_world_size() == self.world_size, "topology and process group disagree"
         # deepspeed.initialize asserts LOCAL_RANK is in the environment (set by torchrun and DeepSpeed's
-        # own launcher, not by every launch mode of tierzero's)
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        # own launcher; tierzero's supervisor tells its ranks TIERZERO_LOCAL_RANK instead, srun and
+        # mpirun their own variables)
+        os.environ.setdefault("LOCAL_RANK", str(setup.local_rank))
         _skip_shm_comm_build()
         # The same optimizer as the reference engine: torch AdamW, single-tensor path, no decay on
         # 1-D params. ZeRO hands it flat fp32 shards, on which AdamW is the same elementwise math.
-        self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
+        self.optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
                                            foreach=False)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.config)
         self.model = model
@@ -301,8 +251,8 @@ class DeepSpeedEngine:
             out[name] = entry
         return out
 
-    # ---- checkpoints (checkpoint/saver.py's engine interface) -------------------------------
-    def checkpoint_slices(self) -> List[tuple]:
+    # ---- checkpoints (the Checkpointable contract) -------------------------------------------
+    def checkpoint_slices(self) -> List[CheckpointSlice]:
         """The global tensors (gathered by DeepSpeed: a collective), each rank saving an equal
         contiguous share of every one; names and layout as the native engine's."""
         world, rank = self.world_size, self.rank
@@ -312,8 +262,8 @@ class DeepSpeedEngine:
                 flat = states[key].reshape(-1)
                 lo, hi = flat.numel() * rank // world, flat.numel() * (rank + 1) // world
                 if hi > lo:
-                    out.append((f"{prefix}/{name}", tuple(states[key].shape), "float32", lo,
-                                flat[lo:hi].cpu().numpy().copy()))
+                    out.append(CheckpointSlice(f"{prefix}/{name}", tuple(states[key].shape), "float32", lo,
+                                               flat[lo:hi].cpu().numpy().copy()))
         return out
 
     def load_checkpoint(self, read, step_count: int) -> None:

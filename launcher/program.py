@@ -1,0 +1,132 @@
+"""The programs tierzero launches (training, the collective sweep, the bandwidth probe), and the
+one launch path they share.
+
+Started by a scheduler (torchrun, srun, mpirun) or by tierzero's own supervisor, a process runs
+the program's rank body. Started by nothing (plain `tierzero run`), it checks what can be
+checked before any rank exists -- the world, the topology, what the engine can run, the
+emulated network -- writes the resolved config into the run folder, and spawns
+launcher.nproc supervised ranks (launcher/supervisor.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Mapping, Tuple
+
+from tierzero.launcher.config import ConfigError, RunConfig, check_world, to_yaml
+from tierzero.launcher.discover import TopologyMismatch, build_topology
+from tierzero.launcher.modes import Launch
+from tierzero.launcher.rundir import RunPaths, resolved, write_atomic
+from tierzero.launcher.supervisor import isolation_errors, run_local
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    argv: Tuple[str, ...]
+    """What a rank runs: `tierzero <argv...> <config.yaml>`."""
+    rank_main: str
+    """`module:function` of the rank body, (cfg, launch, env) -> exit code; imported when run."""
+    config_path: Callable[[RunPaths], Path]
+    """Where the resolved config is written (the ranks read it)."""
+    local_checks: Callable[[RunConfig], List[str]]
+    """Problems found before spawning local ranks (each a config error: exit 2, nothing written)."""
+    restart: bool
+    """A crashed group is started again from its newest checkpoint."""
+    announce: Callable[[RunConfig, RunPaths], str]
+
+    def rank_body(self) -> Callable[[RunConfig, Launch, Mapping[str, str]], int]:
+        module, _, function = self.rank_main.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+def _local_topology(cfg: RunConfig, problems: List[str]):
+    try:
+        return build_topology(cfg.topology, world_size=cfg.launcher.nproc, ranks_per_node=cfg.launcher.nproc,
+                              num_nodes=1, inter_node_gbit=cfg.launcher.inter_node_gbit)
+    except TopologyMismatch as e:
+        problems.append(str(e))
+        return None
+
+
+def _network_checks(cfg: RunConfig) -> List[str]:
+    return isolation_errors(cfg) if cfg.launcher.isolate_network else []
+
+
+def training_checks(cfg: RunConfig) -> List[str]:
+    """The world and the topology of launcher.nproc local ranks, and a named plan the engine
+    cannot run on it (what the engine cannot do regardless of the topology is already a config
+    error: parallel.engines.engine_errors)."""
+    from tierzero.parallel.engines import plan_errors
+
+    problems = check_world(cfg, cfg.launcher.nproc)
+    topo = _local_topology(cfg, problems)
+    if topo is not None:
+        problems += plan_errors(cfg.parallel, topo)
+    return problems + _network_checks(cfg)
+
+
+def bench_checks(cfg: RunConfig) -> List[str]:
+    from tierzero.launcher.bench import bench_checks as checks
+
+    return checks(cfg) + _network_checks(cfg)
+
+
+def probe_checks(cfg: RunConfig) -> List[str]:
+    from tierzero.launcher.bench import bench_checks as checks
+
+    return checks(cfg, spawning=False) + _network_checks(cfg)
+
+
+PROGRAMS = {p.name: p for p in (
+    Program("run", ("run",), "tierzero.launcher.rank:train_rank", lambda paths: paths.config, training_checks,
+            restart=True, announce=lambda cfg, paths: f"tierzero run: {cfg.run.name} -> {paths.run_dir} "
+                                                      f"({cfg.launcher.nproc} local ranks)"),
+    Program("bench", ("bench",), "tierzero.launcher.bench:bench_rank", lambda paths: paths.bench_config, bench_checks,
+            restart=False, announce=lambda cfg, paths: f"tierzero bench: collective sweep, {cfg.launcher.nproc} "
+                                                       f"local ranks -> {paths.bench}"),
+    Program("probe", ("bench", "--probe"), "tierzero.launcher.bench:probe_rank", lambda paths: paths.bench_config,
+            probe_checks, restart=False,
+            announce=lambda cfg, paths: f"tierzero bench: measuring link bandwidths, {cfg.launcher.nproc} local "
+                                        f"ranks -> {paths.bench}"),
+)}
+
+
+def launch_program(program: Program, cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
+    """Run `program`: as one rank of a job something else started, or as the supervisor of
+    launcher.nproc local ranks."""
+    if launch.mode != "local":
+        return program.rank_body()(cfg, launch, env)
+    problems = program.local_checks(cfg)
+    if problems:  # all of them at once, before anything is written
+        raise ConfigError(problems)
+    paths = RunPaths.of(cfg)
+    config_path = write_atomic(program.config_path(paths), to_yaml(resolved(cfg, paths)))
+    print(program.announce(cfg, paths), flush=True)
+    return run_local(cfg, paths, config_path, program.argv, restart=program.restart)
+
+
+def measure_locally(cfg: RunConfig):
+    """topology.measure=true outside a job (`tierzero plan`): spawn the probe's local ranks and
+    read back the topology they measured."""
+    from tierzero.parallel.topology import Level, Topology
+
+    probe = PROGRAMS["probe"]
+    problems = probe.local_checks(cfg)
+    if problems:
+        raise ConfigError(problems)
+    paths = RunPaths.of(cfg)
+    config_path = write_atomic(probe.config_path(paths), to_yaml(resolved(cfg, paths)))
+    paths.topology_json.unlink(missing_ok=True)  # the previous probe's: a failed one must not pass for new
+    print(f"tierzero: measuring link bandwidths with {cfg.launcher.nproc} local ranks ...", file=sys.stderr, flush=True)
+    code = run_local(cfg, paths, config_path, probe.argv, restart=False)
+    if code != 0 or not paths.topology_json.exists():
+        raise ConfigError([f"the bandwidth probe failed (exit {code}); its output is above"])
+    data = json.loads(paths.topology_json.read_text())
+    return Topology(tuple(Level(**lv) for lv in data["levels"]), source="measured",
+                    memory_per_rank_gb=data.get("memory_per_rank_gb"),
+                    update_gelems_per_s=data.get("update_gelems_per_s"))

@@ -1,0 +1,145 @@
+"""Joining the job, for every program's ranks (training, benchmark, probe): rendezvous, backend
+and device, the process group, then the run's files (config, attempt) agreed by all ranks."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Tuple
+
+from tierzero.launcher.config import ConfigError, RunConfig, check_world, to_yaml
+from tierzero.launcher.discover import TopologyMismatch, build_topology
+from tierzero.launcher.modes import Launch
+from tierzero.launcher.rundir import RunPaths, next_attempt, resolved, write_atomic
+from tierzero.parallel.topology import Topology
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def host_name(env: Mapping[str, str]) -> str:
+    """This rank's node: Slurm's name for it (emulated nodes share one hostname), else the host's."""
+    return env.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def mpi_rendezvous(launch: Launch) -> Launch:
+    """Under mpirun without MASTER_ADDR: rank 0 picks its address and a free port and
+    broadcasts them with mpi4py (imported here only: it initialises MPI on import)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    host = socket.gethostname()
+    hosts = comm.gather(host, root=0)
+    info = None
+    if comm.Get_rank() == 0:
+        try:
+            addr = socket.gethostbyname(host)
+        except OSError:
+            addr = "127.0.0.1"
+        if len(set(hosts)) == 1:  # all ranks on this host (mpirun -n N, one node): loopback always works
+            addr = "127.0.0.1"
+        info = (launch.master_addr or addr, launch.master_port or free_port())
+    addr, port = comm.bcast(info, root=0)
+    # nodes: ranks sharing a host form a node (mpich's MPI_LOCALNRANKS may be missing)
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_world, local_rank = local.Get_size(), local.Get_rank()
+    local.Free()
+    return replace(launch, master_addr=addr, master_port=port, local_rank=local_rank,
+                   local_world_size=local_world, num_nodes=max(1, launch.world_size // local_world),
+                   node_rank=launch.rank // local_world)
+
+
+def pick_backend(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise ConfigError(["launcher.backend=nccl needs CUDA GPUs and none is visible here; "
+                           "use launcher.backend=gloo (or auto) on CPU"])
+    return requested
+
+
+@dataclass(frozen=True)
+class Joined:
+    """What a rank knows once it has joined the job."""
+    launch: Launch
+    topology: Topology
+    backend: str
+    """torch.distributed backend in use (gloo / nccl), or 'none' without a process group."""
+    device: str
+
+
+def join(cfg: RunConfig, launch: Launch, *, init_torch: bool = True, training: bool = True) -> Joined:
+    """Rendezvous (mpi4py under mpirun), check the config against the world (`training`: the
+    batch split and parallel.ep too), build the topology, pick the backend and device, share
+    the host's cores, and init the process group."""
+    import torch
+    import torch.distributed as dist
+
+    if launch.mode == "mpi" and not (launch.master_addr and launch.master_port):
+        launch = mpi_rendezvous(launch)
+    problems = check_world(cfg, launch.world_size) if training else []
+    try:
+        topology = build_topology(cfg.topology, world_size=launch.world_size, ranks_per_node=launch.local_world_size,
+                                  num_nodes=launch.num_nodes, inter_node_gbit=cfg.launcher.inter_node_gbit)
+    except TopologyMismatch as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError(problems)
+
+    backend = pick_backend(cfg.launcher.backend)
+    # Ranks share the host's cores: give each its share so 4 ranks on 2 cores do not thrash.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cpus // max(1, launch.local_world_size)))
+    device = "cpu"
+    if backend == "nccl":
+        device = f"cuda:{launch.local_rank}"
+        torch.cuda.set_device(launch.local_rank)
+    if launch.world_size > 1 and init_torch:
+        os.environ["MASTER_ADDR"] = launch.master_addr or "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(launch.master_port)
+        dist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world_size,
+                                timeout=datetime.timedelta(seconds=cfg.launcher.timeout_s))
+    return Joined(launch, topology, backend if (launch.world_size > 1 and init_torch) else "none", device)
+
+
+def broadcast_object(joined: Joined, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank, through the torch process group (as is without one)."""
+    if joined.backend == "none":
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_files(cfg: RunConfig, launch: Launch, *, config_path: Callable[[RunPaths], Path],
+              broadcast: Callable[[Any], Any]) -> Tuple[RunPaths, int]:
+    """The run's paths and this launch's attempt, the same on every rank. Under a scheduler (no
+    local supervisor wrote them) rank 0 writes the resolved config and numbers the attempt from
+    the telemetry before anyone writes any (the others wait for its broadcast)."""
+    paths = RunPaths.of(cfg)
+    if launch.supervised:  # the supervisor wrote the config and numbered the attempt
+        return paths, launch.restart_count
+    attempt: Optional[int] = None
+    if launch.rank == 0:
+        write_atomic(config_path(paths), to_yaml(resolved(cfg, paths)))
+        attempt = next_attempt(paths.telemetry, cfg.run.name)
+    return paths, int(broadcast(attempt))
+
+
+def leave(joined: Joined) -> None:
+    """Every rank together: wait for the others, then tear the process group down."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

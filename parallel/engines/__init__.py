@@ -1,0 +1,212 @@
+"""The engines that execute a partition plan, and what each can run (pure: no torch here).
+
+    parallel.engine  module                          class            plans               MoE  checkpoints
+    native           parallel/engines/native.py      NativeEngine     every plan          yes  yes
+    deepspeed        parallel/engines/deepspeed.py   DeepSpeedEngine  ddp, zero1-3, hpz   no   yes (resume: ZeRO-1/2)
+    fsdp2            parallel/engines/fsdp2.py       FSDP2Engine      zero2, zero3, hsdp  no   no
+    reference        parallel/engines/reference.py   ReferenceEngine  ddp                 yes  no
+
+Every engine is built as `Engine(model, EngineSetup)` and keeps the contract of
+parallel/engines/base.py (Engine; Checkpointable where checkpoints are "yes"). The launcher asks
+`engine_errors` and `plan_errors` before any rank starts, so a capability problem is a config
+error (exit 2) and never a crash the supervisor would restart. To add an engine: a module here
+with its class and one EngineSpec in ENGINES (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from tierzero.parallel.choose import Choice, restrict_choice
+
+from tierzero.parallel.layout import span
+
+from tierzero.parallel.plans import REPLICATED, PartitionPlan, PlanError, named_plan
+from tierzero.parallel.topology import Topology
+
+
+@dataclass(frozen=True)
+class Optim:
+    """AdamW as every engine applies it (decoupled decay on matrices only, global-norm clipping)."""
+    lr: float
+    betas: Tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this; 0 = off."""
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """Everything an engine is built from besides the model."""
+    plan: PartitionPlan
+    topology: Topology
+    rank: int
+    optim: Optim
+    loss_fn: Callable[[Any, Any], Any]
+    local_rank: int = 0
+    device: str = "cpu"
+    ep: int = 1
+    """Expert-parallel size (MoE)."""
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    dtype: str = "float32"
+
+
+# ---- which plans each engine runs (pure; the engines use the same mappings) ------------------
+
+def deepspeed_stage(plan: PartitionPlan, topo: Topology) -> int:
+    """The ZeRO stage whose partition is exactly `plan`; PlanError if there is none."""
+    c = len(topo.levels) - 1
+    levels = (plan.param_level, plan.grad_level, plan.optim_level)
+    if all(lv in (REPLICATED, c) for lv in levels):
+        stage = {(REPLICATED,) * 3: 0, (REPLICATED, REPLICATED, c): 1,
+                 (REPLICATED, c, c): 2, (c, c, c): 3}.get(levels)
+        # hpZ is a secondary copy of ZeRO-3's parameter partition; DeepSpeed has it only there.
+        if stage is not None and (plan.secondary_level is None or (stage == 3 and plan.secondary_level < c)):
+            return stage
+    names = ", ".join(f"{lv.name}={span(topo, i)} ranks" for i, lv in enumerate(topo.levels))
+    inner = [lv for lv in levels if lv not in (REPLICATED, c)]
+    where = f"over the ranks of each '{topo.levels[min(inner)].name}' only" if inner else "in this combination"
+    raise PlanError(
+        f"parallel.plan={plan.name} is {plan.describe(topo)} on this topology ({names}), which "
+        f"parallel.engine=deepspeed cannot run: DeepSpeed's ZeRO stages shard a state over all "
+        f"{topo.world_size} ranks or not at all (stage 0: nothing, 1: optimizer, 2: + gradients, 3: + "
+        f"parameters, ZeRO++ hpZ: stage 3 with a secondary parameter copy inside a smaller level), so "
+        f"it cannot shard a state {where} (MiCS, DeepSpeed's hsdp, was removed in 0.19.7). Use "
+        f"parallel.engine=native, which runs this plan, or choose parallel.plan=ddp, zero1, zero2, "
+        f"zero3 or hpz for DeepSpeed."
+    )
+
+
+def fsdp2_mesh_shape(plan: PartitionPlan, topo: Topology):
+    """(mesh shape, dim names, reshard_after_forward) for a plan FSDP2 can run; PlanError otherwise.
+
+    zero3: 1-D mesh over all ranks, parameters resharded after forward; zero2: 1-D mesh, parameters
+    kept gathered between forward and backward; hsdp: 2-D mesh (replicate x shard), shard = the
+    ranks of one unit of the plan's level."""
+    c = len(topo.levels) - 1
+    levels = (plan.param_level, plan.grad_level, plan.optim_level)
+    if plan.secondary_level is None and levels == (c, c, c):
+        return (topo.world_size,), ("shard",), True
+    if plan.secondary_level is None and levels == (-1, c, c):
+        return (topo.world_size,), ("shard",), False
+    lv = plan.param_level
+    if plan.secondary_level is None and lv >= 0 and levels == (lv, lv, lv):
+        shard = span(topo, lv)
+        return (topo.world_size // shard, shard), ("replicate", "shard"), True
+    raise PlanError(
+        f"parallel.engine=fsdp2 cannot run {plan.describe(topo)}: FSDP2 shards parameters, gradients and "
+        "optimizer states over one group (zero3, zero2) or shards inside a level and replicates across it "
+        "(hsdp). Use parallel.engine=native, which runs every plan."
+    )
+
+
+def _reference_check(plan: PartitionPlan, topo: Topology) -> None:
+    if (plan.param_level, plan.grad_level, plan.optim_level, plan.secondary_level) != (REPLICATED,) * 3 + (None,):
+        raise PlanError(
+            f"parallel.engine=reference cannot run {plan.describe(topo)}: it is plain data parallelism with "
+            "torch.optim.AdamW (every state replicated, gradients all-reduced once per optimizer step), the "
+            "single-process reference the other engines are tested against. Use parallel.plan=ddp (or auto), "
+            "or parallel.engine=native for this plan.")
+
+
+def _any_plan(plan: PartitionPlan, topo: Topology) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    """The parallel.engine value, the module parallel/engines/<name>.py."""
+    cls: str
+    """The class in that module."""
+    plans: str
+    """The plans it runs, in words (messages, docs)."""
+    check_plan: Callable[[PartitionPlan, Topology], Any]
+    """Raises PlanError (naming the fix) for a plan the engine cannot run."""
+    moe: bool
+    """Runs tierzero's MoE layer (expert parallelism needs the native engine)."""
+    checkpoints: bool
+    """Saves and loads tierzero checkpoints (the Checkpointable contract)."""
+
+    def load(self) -> type:
+        """The engine class (imports the engine's module, and with it torch or deepspeed)."""
+        return getattr(importlib.import_module(f"tierzero.parallel.engines.{self.name}"), self.cls)
+
+    def can_run(self, plan: PartitionPlan, topo: Topology) -> bool:
+        try:
+            self.check_plan(plan, topo)
+        except PlanError:
+            return False
+        return True
+
+    def restrict(self, choice: Choice, topo: Topology) -> Choice:
+        """auto's choice narrowed to the plans this engine runs (auto's ranking over them); a
+        named plan it cannot run raises PlanError."""
+        choice = restrict_choice(choice, topo, lambda plan: self.can_run(plan, topo), self.name)
+        self.check_plan(choice.plan, topo)
+        return choice
+
+
+ENGINES: Dict[str, EngineSpec] = {spec.name: spec for spec in (
+    EngineSpec("native", "NativeEngine", "every plan", _any_plan, moe=True, checkpoints=True),
+    EngineSpec("deepspeed", "DeepSpeedEngine", "ddp, zero1, zero2, zero3, hpz",
+               lambda plan, topo: deepspeed_stage(plan, topo), moe=False, checkpoints=True),
+    EngineSpec("fsdp2", "FSDP2Engine", "zero2, zero3, hsdp", lambda plan, topo: fsdp2_mesh_shape(plan, topo),
+               moe=False, checkpoints=False),
+    EngineSpec("reference", "ReferenceEngine", "ddp", _reference_check, moe=True, checkpoints=False),
+)}
+
+
+def engine_errors(*, parallel, moe, checkpoint, train) -> List[str]:
+    """What the chosen engine cannot do that the config asks of it, and settings that need each
+    other (the config sections as keyword arguments; pure, no topology needed)."""
+    spec = ENGINES.get(parallel.engine)
+    if spec is None:
+        return [f"parallel.engine={parallel.engine!r} is not an engine; choose one of {list(ENGINES)}."]
+    errs = []
+    experts = moe.num_experts if moe is not None else 0
+    if experts and not spec.moe:
+        errs.append(f"parallel.engine={spec.name} cannot run tierzero's MoE layer (moe.num_experts={experts}); use "
+                    "parallel.engine=native, or moe.num_experts=0 for a dense model")
+    if experts and spec.name == "reference" and parallel.ep > 1:
+        errs.append(f"parallel.engine=reference replicates every expert on every rank, but parallel.ep={parallel.ep} "
+                    "splits them; use parallel.ep=1 with the reference, or parallel.engine=native")
+    wanted = _checkpoints_wanted(checkpoint)
+    if wanted and not spec.checkpoints:
+        errs.append(f"parallel.engine={spec.name} cannot save or load tierzero checkpoints, but {wanted}; use "
+                    "parallel.engine=native (which saves and resumes every plan), or drop the checkpoint setting "
+                    "(checkpoint.every_steps=0 checkpoint.resume=auto)")
+    if train.on_nonfinite == "rollback" and (checkpoint is None or checkpoint.every_steps < 1):
+        every = checkpoint.every_steps if checkpoint is not None else 0
+        errs.append(f"train.on_nonfinite=rollback reloads the newest checkpoint after a non-finite step, but "
+                    f"checkpoint.every_steps={every} saves none; set checkpoint.every_steps (e.g. 50), or "
+                    "train.on_nonfinite=skip")
+    return errs
+
+
+def _checkpoints_wanted(checkpoint) -> Optional[str]:
+    if checkpoint is None:
+        return None
+    asked = []
+    if checkpoint.every_steps > 0:
+        asked.append(f"checkpoint.every_steps={checkpoint.every_steps}")
+    if checkpoint.resume not in ("auto", "none"):
+        asked.append(f"checkpoint.resume={checkpoint.resume}")
+    return " and ".join(asked) + (" asks" if len(asked) == 1 else " ask") + " for them" if asked else None
+
+
+def plan_errors(parallel, topo: Topology) -> List[str]:
+    """A named plan the topology or the engine refuses (auto is narrowed to what the engine runs
+    when the plan is chosen); [] when it can run."""
+    spec = ENGINES.get(parallel.engine)
+    if spec is None or (parallel.plan == "auto" and not parallel.levels):
+        return []
+    try:
+        spec.check_plan(named_plan("tiered" if parallel.levels else parallel.plan, topo, parallel), topo)
+    except PlanError as e:
+        return [str(e)]
+    return []

@@ -1,0 +1,74 @@
+"""The contract between the training loop and an engine, and the pieces every engine shares.
+
+The loop (recipes/trainer.py) calls `micro_step(inputs, targets, scale=...)` per micro-batch,
+`step(lr)` once per optimizer step and `take_comm()` for the byte ledger's rows; checkpoints
+(checkpoint/saver.py) use the Checkpointable methods. Nothing else of an engine is reached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, NamedTuple, Protocol, Tuple, runtime_checkable
+
+import numpy as np
+from torch import nn
+
+
+@dataclass(frozen=True)
+class StepStats:
+    grad_norm: float
+    """Global gradient norm before clipping (the same on every rank)."""
+    skipped: bool = False
+    """The norm was NaN or inf: no parameter or optimizer state changed, gradients dropped."""
+
+
+class CheckpointSlice(NamedTuple):
+    """A part of a global tensor this rank saves: elements [start, start + data.size) of its
+    flattened form (checkpoint.store.Slice on disk)."""
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str
+    start: int
+    data: np.ndarray
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+
+    def micro_step(self, inputs, targets, *, scale: float) -> float:
+        """Forward and backward of one micro-batch, gradients of loss x scale accumulated; the
+        (unscaled) loss."""
+
+    def step(self, lr: float) -> StepStats:
+        """One optimizer step at learning rate `lr` over everything accumulated since the last."""
+
+    def take_comm(self) -> List[dict]:
+        """The byte ledger's rows since the last call (phase, level, op, bytes, time_s, calls);
+        [] for an engine whose collectives tierzero does not issue."""
+
+
+@runtime_checkable
+class Checkpointable(Engine, Protocol):
+    step_count: int
+    """Optimizer steps taken (AdamW's bias correction); a checkpoint records it."""
+
+    def checkpoint_slices(self) -> List[CheckpointSlice]:
+        """What this rank saves of the global tensors (model/<name>, optim.exp_avg/<name>, ...)."""
+
+    def load_checkpoint(self, read: Callable[[str, int, int], np.ndarray], step_count: int) -> None:
+        """Fill this rank's state from global tensors, `read(name, start, numel)`; local reads only."""
+
+    def after_load(self) -> None:
+        """Collectives that rebuild the working state once every rank has read (all ranks call it)."""
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
+    """Decay matrices only; norms (1-D) are not decayed (the usual AdamW practice)."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,73 @@
+"""PyTorch FSDP2 (`fully_shard`) as an engine (`parallel.engine=fsdp2`): the reference the native
+engine is measured and tested against.
+
+FSDP2 runs zero3 (1-D mesh, parameters resharded after forward), zero2 (1-D mesh, parameters
+kept gathered between forward and backward) and hsdp (2-D replicate x shard mesh);
+parallel.engines.fsdp2_mesh_shape maps a plan to its mesh and refuses the others.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tierzero.parallel.engines import EngineSetup, fsdp2_mesh_shape
+from tierzero.parallel.engines.base import StepStats, param_groups
+
+
+class FSDP2Engine:
+    name = "fsdp2"
+
+    def __init__(self, model: nn.Module, setup: EngineSetup):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        o = setup.optim
+        shape, names, reshard = fsdp2_mesh_shape(setup.plan, setup.topology)
+        self.mesh = init_device_mesh("cuda" if setup.device.startswith("cuda") else "cpu", shape, mesh_dim_names=names)
+        for block in model.blocks:
+            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard)
+        self.module, self.loss_fn, self.grad_clip = model, setup.loss_fn, o.grad_clip
+        self.params: List[torch.Tensor] = list(model.parameters())
+        self.optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
+                                           foreach=False)
+
+    def micro_step(self, inputs: torch.Tensor, targets: torch.Tensor, *, scale: float) -> float:
+        loss = self.loss_fn(self.module(inputs), targets)
+        (loss * scale).backward()
+        return loss.item()
+
+    def step(self, lr: float) -> StepStats:
+        from torch.distributed.tensor import DTensor
+
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(grad_norm=float(norm))
+
+    def take_comm(self) -> list:
+        """FSDP2's collectives are not in tierzero's byte ledger."""
+        return []
+
+    def global_tensors(self):
+        out = {}
+        for name, p in self.module.named_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+            state = self.optimizer.state.get(p, {})
+            entry = {"param": full.detach().float().clone()}
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    t = state[key]
+                    entry[key] = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().clone()
+            out[name] = entry
+        if dist.is_initialized():
+            dist.barrier()
+        return out
