@@ -119,10 +119,10 @@ class StopRequested(Exception):
     """A stop signal (SIGTERM, SIGINT, launcher.requeue_signal) reached a rank: every rank
     finished step `step` and committed a checkpoint of it; the run is to be started again."""
 
-    def __init__(self, signame: str, step: int, checkpoint: Optional[str], engine: str = "native"):
+    def __init__(self, signame: str, step: int, checkpoint: Optional[str]):
         self.signame, self.step, self.checkpoint = signame, step, checkpoint
         saved = f"checkpoint of step {step} committed ({checkpoint})" if checkpoint else \
-            f"no checkpoint (parallel.engine={engine} does not save them): a new run starts over"
+            "no checkpoint (this run saves none: its engine cannot): a new run starts over"
         super().__init__(f"{signame}: stopped after step {step}; {saved}")
 
 
@@ -344,7 +344,7 @@ class Trainer:
             # rank 0 commits inside its wait: no rank may exit before that (under srun
             # --kill-on-bad-exit the first rank out makes Slurm stop the others at once)
             dist.barrier()
-        raise StopRequested(signame, state.step, path, engine=self.recipe.parallel.engine)
+        raise StopRequested(signame, state.step, path)
 
     # ---- resume, state, words ------------------------------------------------------------------
     def resume(self) -> TrainState:
