@@ -147,7 +147,8 @@ def train_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
         tel.event("error", detail=f"{type(e).__name__}: {e}")
         raise
     finally:
-        tel.close()  # the stop handlers stay: a signal after the last step is ignored, not fatal
+        tel.close()
+    stops.ignore_from_now()  # a signal after the last step is ignored, not fatal (nor a reason to requeue)
     if launch.rank == 0:
         _say_done(result, paths)
     leave(joined)

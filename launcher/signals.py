@@ -97,6 +97,16 @@ class StopSignals:
     def requested(self) -> Optional[str]:
         return self.first
 
+    def ignore_from_now(self) -> None:
+        """Training is over: a stop signal that comes now (a scheduler's, racing the end) is
+        ignored for the rest of the process -- SIG_IGN, which, unlike a Python handler, the
+        interpreter keeps while it shuts down (it puts SIG_DFL back for those, and SIGUSR2's
+        default action would end a rank that finished its run as if it had failed)."""
+        if self._read_fd is None:
+            return
+        for s in self.signums:
+            signal.signal(s, signal.SIG_IGN)
+
     def uninstall(self) -> None:
         if self._read_fd is None:
             return

@@ -389,3 +389,23 @@ def test_kill_9_during_an_async_checkpoint_write_never_uses_the_torn_checkpoint(
     assert sorted(lineage) == list(range(1, 31))
     for step in range(1, 31):
         assert lineage[step] == clean[step], (step, lineage[step], clean[step])
+
+
+def test_a_stop_signal_after_the_last_step_does_not_fail_the_rank():
+    """A scheduler's signal racing the end of a run (Slurm's pre-timeout USR2 as the ranks shut
+    down) must not end a finished rank with 140: the sbatch script would requeue a finished job.
+    After ignore_from_now a barrage of the signal through interpreter shutdown leaves exit 0;
+    without it the second signal is 'exit at once' (and at shutdown Python restores SIG_DFL)."""
+    code = ("import signal, subprocess, sys, time\n"
+            "from tierzero.launcher.signals import StopSignals\n"
+            "stops = StopSignals([signal.SIGUSR2], quiet=True).install()\n"
+            "if sys.argv[1] == 'ignore':\n"
+            "    stops.ignore_from_now()\n"
+            # bounded: once this process is a zombie, kill still succeeds
+            "subprocess.Popen(['sh', '-c', 'i=0; while [ $i -lt 20000 ] && kill -USR2 $0 2>/dev/null; do i=$((i+1)); done',\n"
+            "                  str(__import__('os').getpid())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+            "time.sleep(0.3)\n")
+    done = subprocess.run([sys.executable, "-c", code, "ignore"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    raw = subprocess.run([sys.executable, "-c", code, "handle"], capture_output=True, text=True, timeout=60)
+    assert raw.returncode == 128 + signal.SIGUSR2, (raw.returncode, raw.stderr[-500:])  # the test can fail
