@@ -15,13 +15,16 @@ rank's (MAX all-reduce). Contenders alternate --repeats times (order rotated), m
    every rank, merges and writes manifest + COMMITTED) against each rank writing the same
    bytes (its slices concatenated beforehand, untimed) with open(path, 'wb').write().
    Ratio = plain / tierzero (throughput ratio). Twice: into the page cache (no fsync in
-   either), and with fsync in both (the plain file fsync'd before close; tierzero has no
-   fsync option, so every file it wrote -- shard, rank json, and on rank 0 manifest,
-   COMMITTED, LATEST -- is fsync'd right after save() returns, inside the timed region).
+   either; tierzero with checkpoint.fsync=false), and with fsync in both (the plain file
+   fsync'd before close; tierzero with checkpoint.fsync=true, its default: every file it
+   writes -- stamp, shard, rank json, and on rank 0 manifest, COMMITTED, LATEST -- fsync'd
+   before its rename, and the step folder and the folder holding it fsync'd before and
+   after COMMITTED). The fsync cost of tierzero alone is the ratio of its two medians.
 2. vs torch.distributed.checkpoint.save of the same tensors (each rank's slices as plain
    tensors under rank-unique keys, FileSystemWriter, one file per rank), page cache
    (sync_files=False) and fsync (sync_files=True, DCP's default: data files + metadata).
    Ratio = dcp / tierzero.
+   Everything below runs with checkpoint.fsync=false (page cache).
 3. async stall: Checkpointer.last_save_s with async_save=true (host copy + thread start:
    what the training loop waits for) against the synchronous page-cache save time of 1;
    each background save is waited for at once and must be committed (store.committed(),
@@ -41,7 +44,10 @@ rank's (MAX all-reduce). Contenders alternate --repeats times (order rotated), m
 Speed never fails the script: it exits non-zero only if something crashed, a save was not
 committed (or raised an `error` event), or a load did not restore the saved state.
 
-    python benchmarks/checkpoint.py [--repeats 3] [--train-steps 1] [--dir /tmp]
+--fsync-only runs part 1 alone, tierzero and the plain write (no DCP, async or loads), so
+many repeats of checkpoint.fsync=true against false fit in a few minutes.
+
+    python benchmarks/checkpoint.py [--repeats 3] [--train-steps 1] [--dir /tmp] [--fsync-only]
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from tierzero.checkpoint.config import CheckpointConfig  # noqa: E402
 from tierzero.checkpoint.saver import Checkpointer  # noqa: E402
-from tierzero.checkpoint.store import COMMITTED, MANIFEST, CheckpointStore, Slice, _raw, shard_name  # noqa: E402
+from tierzero.checkpoint.store import CheckpointStore, Slice, _raw  # noqa: E402
 from tierzero.parallel.plans import named_plan  # noqa: E402
 from tierzero.parallel.topology import emulated_topology  # noqa: E402
 from tierzero.parallel.engines import EngineSetup, Optim  # noqa: E402
@@ -132,15 +138,6 @@ def timed(fn) -> float:
     return slowest(time.perf_counter() - t0)
 
 
-def fsync_paths(paths) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def evict(folder: str) -> None:
     """Write back and drop this folder's pages from the page cache (no privileges needed)."""
     for name in os.listdir(folder):
@@ -164,23 +161,14 @@ def state_sums(engine: NativeEngine) -> list:
     return v.tolist()
 
 
-def tz_files(store: CheckpointStore, step: int, rank: int) -> list:
-    base = store.step_path(step)
-    import glob
-
-    files = [f"{base}/{shard_name(rank)}"] + glob.glob(f"{base}/rank-{rank:05d}*.json")
-    if rank == 0:
-        files += [f"{base}/{MANIFEST}", f"{base}/{COMMITTED}", f"{store.path}/LATEST"]
-    return files
-
-
 def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 # ---- the 4-rank run: saves ------------------------------------------------------------------
 
-def save_rank(rank: int, world: int, rdzv: str, work: str, out: str, repeats: int, train_steps: int) -> None:
+def save_rank(rank: int, world: int, rdzv: str, work: str, out: str, repeats: int, train_steps: int,
+              fsync_only: bool = False) -> None:
     import torch.distributed.checkpoint as dcp
 
     torch.set_num_threads(1)
@@ -237,13 +225,9 @@ def save_rank(rank: int, world: int, rdzv: str, work: str, out: str, repeats: in
 
     def run_tz(fsync: bool) -> float:
         root = fresh("tz")
-        ck = Checkpointer(CheckpointConfig(async_save=False, keep=1), root, rank=rank, world_size=world, event=event)
-
-        def go():
-            ck.save(step, engine, state)
-            if fsync:
-                fsync_paths(tz_files(ck.store, step, rank))
-        dt = timed(go)
+        ck = Checkpointer(CheckpointConfig(async_save=False, keep=1, fsync=fsync), root, rank=rank, world_size=world,
+                          event=event)
+        dt = timed(lambda: ck.save(step, engine, state))
         cleanup(root)
         return dt
 
@@ -269,7 +253,7 @@ def save_rank(rank: int, world: int, rdzv: str, work: str, out: str, repeats: in
         cleanup(folder)
         return dt
 
-    contenders = {"tierzero": run_tz, "plain": run_plain, "dcp": run_dcp}
+    contenders = {"tierzero": run_tz, "plain": run_plain, **({} if fsync_only else {"dcp": run_dcp})}
     names = list(contenders)
     for name in names:  # warm-up: imports, first-touch of the code paths
         contenders[name](False)
@@ -279,19 +263,31 @@ def save_rank(rank: int, world: int, rdzv: str, work: str, out: str, repeats: in
         record(metric="checkpoint_slices", contender="tierzero", variant="copy", rep=rep,
                seconds=timed(engine.checkpoint_slices))
 
-    for variant in ("cache", "fsync"):
-        for rep in range(repeats):
-            order = names[rep % len(names):] + names[:rep % len(names)]
-            for name in order:
-                dt = contenders[name](variant == "fsync")
-                record(metric="save", contender=name, variant=variant, rep=rep, seconds=dt)
-                if rank == 0:
-                    print(f"#   save {variant:<5} rep {rep} {name:<8} {dt:8.3f} s", flush=True)
+    if fsync_only:  # fsync off and on side by side in every repeat: their ratio is the figure
+        trials = [(v, rep) for rep in range(repeats) for v in (("cache", "fsync"), ("fsync", "cache"))[rep % 2]]
+    else:
+        trials = [(v, rep) for v in ("cache", "fsync") for rep in range(repeats)]
+    for variant, rep in trials:
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            dt = contenders[name](variant == "fsync")
+            record(metric="save", contender=name, variant=variant, rep=rep, seconds=dt)
+            if rank == 0:
+                print(f"#   save {variant:<5} rep {rep} {name:<8} {dt:8.3f} s", flush=True)
+    if fsync_only:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, errors)
+        info["errors"] = [e for part in gathered for e in part]
+        if rank == 0:
+            Path(out, "save.json").write_text(json.dumps({"rows": rows, "info": info}))
+        dist.barrier()
+        dist.destroy_process_group()
+        return
 
     # the synchronous save split up: host copy (above), write_rank on every rank, commit on rank 0
     for rep in range(repeats):
         root = fresh("parts")
-        store = CheckpointStore(root)
+        store = CheckpointStore(root, fsync=False)
         parts = [Slice(nm, tuple(shape), dt, start, data) for nm, shape, dt, start, data in engine.checkpoint_slices()]
         record(metric="write_rank", contender="tierzero", variant="cache", rep=rep,
                seconds=timed(lambda: store.write_rank(step, rank, parts)))
@@ -317,8 +313,8 @@ def save_rank(rank: int, world: int, rdzv: str, work: str, out: str, repeats: in
 
     for rep in range(repeats):
         root = fresh("async")
-        ck = TimedCheckpointer(CheckpointConfig(async_save=True, keep=1), root, rank=rank, world_size=world,
-                               event=event)
+        ck = TimedCheckpointer(CheckpointConfig(async_save=True, keep=1, fsync=False), root, rank=rank,
+                               world_size=world, event=event)
         dist.barrier()
         t0 = time.perf_counter()
         ck.save(step, engine, state)
@@ -335,8 +331,8 @@ def save_rank(rank: int, world: int, rdzv: str, work: str, out: str, repeats: in
         step = engine.step_count
         state = {**state, "step": step, "optimizer_steps": step}
         root = fresh("async")
-        ck = TimedCheckpointer(CheckpointConfig(async_save=True, keep=1), root, rank=rank, world_size=world,
-                               event=event)
+        ck = TimedCheckpointer(CheckpointConfig(async_save=True, keep=1, fsync=False), root, rank=rank,
+                               world_size=world, event=event)
         dist.barrier()
         t0 = time.perf_counter()
         ck.save(step, engine, state)
@@ -365,7 +361,8 @@ def save_rank(rank: int, world: int, rdzv: str, work: str, out: str, repeats: in
     step = engine.step_count
     state = {**state, "step": step, "optimizer_steps": step}
     src = f"{work}/source"
-    ck = Checkpointer(CheckpointConfig(async_save=False, keep=1), src, rank=rank, world_size=world, event=event)
+    ck = Checkpointer(CheckpointConfig(async_save=False, keep=1, fsync=False), src, rank=rank, world_size=world,
+                      event=event)
     ck.save(step, engine, state)
     dist.barrier()
     gathered = [None] * world
@@ -431,12 +428,35 @@ def med(rows, metric, contender, variant):
     return statistics.median(vals) if vals else float("nan")
 
 
+def fsync_report(rows, info, fs_line: str, args, elapsed: float) -> int:
+    """--fsync-only: what checkpoint.fsync costs a synchronous save, beside the plain write's own fsync cost."""
+    def reps(contender, variant):
+        return [r["seconds"] for r in sorted(rows, key=lambda r: r["rep"]) if r["metric"] == "save"
+                and r["contender"] == contender and r["variant"] == variant]
+    print(f"\n# checkpoint.fsync=true vs false | {platform.node()} | {os.cpu_count()} CPUs | torch {torch.__version__} "
+          f"| {date.today()}")
+    print(f"# filesystem: {fs_line}")
+    print(f"# saved per rank: {', '.join(f'{b / 1e6:.1f}' for b in info['bytes_per_rank'])} MB; "
+          f"{SAVE_WORLD} gloo ranks x 1 thread; synchronous Checkpointer.save, barrier to barrier, slowest rank")
+    print(f"# seconds = median of {args.repeats} alternating repeats; runtime {elapsed:.0f} s")
+    print(f"{'contender':<12}{'fsync off':>11}{'fsync on':>10}{'on/off':>8}  per-repeat on/off")
+    for name in ("tierzero", "plain"):
+        off, on = reps(name, "cache"), reps(name, "fsync")
+        ratios = " ".join(f"{a / b:.2f}" for a, b in zip(on, off))
+        print(f"{name:<12}{statistics.median(off):>11.3f}{statistics.median(on):>10.3f}"
+              f"{statistics.median(on) / statistics.median(off):>8.2f}  {ratios}")
+    print(f"# {'FAILED: ' + '; '.join(info['errors']) if info.get('errors') else 'OK'}")
+    return 1 if info.get("errors") else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--train-steps", type=int, default=1)
     ap.add_argument("--dir", default=None, help="where the temp dir goes (default: the system's temp dir)")
     ap.add_argument("--parquet", type=Path, default=ROOT / "runs" / "bench" / "checkpoint.parquet")
+    ap.add_argument("--fsync-only", action="store_true",
+                    help="only tierzero with checkpoint.fsync=true/false and the plain write, e.g. with --repeats 9")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -449,12 +469,14 @@ def main(argv=None) -> int:
         os.makedirs(work)
         print(f"# working dir {tmp}: {fs_line}", flush=True)
         t0 = time.perf_counter()
-        mp.spawn(save_rank, args=(SAVE_WORLD, f"{tmp}/rdzv-save", work, tmp, args.repeats, args.train_steps),
-                 nprocs=SAVE_WORLD, join=True)
+        mp.spawn(save_rank, args=(SAVE_WORLD, f"{tmp}/rdzv-save", work, tmp, args.repeats, args.train_steps,
+                                  args.fsync_only), nprocs=SAVE_WORLD, join=True)
         save_wall = time.perf_counter() - t0
         saved = json.loads(Path(tmp, "save.json").read_text())
         rows, info = saved["rows"], saved["info"]
         print(f"# save run: {save_wall:.0f} s", flush=True)
+        if args.fsync_only:
+            return fsync_report(rows, info, fs_line, args, time.perf_counter() - t_start)
 
         loads = []
         layouts = {"same": (SAVE_WORLD, SAVE_SIZES), "reshard": (RESHARD_WORLD, RESHARD_SIZES)}
@@ -511,6 +533,8 @@ def main(argv=None) -> int:
     for variant, label in (("cache", "sync_files=False, no fsync"), ("fsync", "sync_files=True, fsync in both")):
         tz, ref = med(rows, "save", "tierzero", variant), med(rows, "save", "dcp", variant)
         add(f"save vs DCP save ({label})", tz, ref, ref / tz, ">= 1.0 (dcp/tz)", ref / tz >= 1.0)
+    on, off = med(rows, "save", "tierzero", "fsync"), med(rows, "save", "tierzero", "cache")
+    add("checkpoint.fsync=true vs false (tierzero's own fsync cost)", on, off, on / off, "- (on/off)", True)
     stall, sync = med(rows, "async_stall_overlap", "tierzero", "cache"), med(rows, "save", "tierzero", "cache")
     add("async stall vs sync save (page cache; next step's fwd+bwd overlaps the copy)", stall, sync, stall / sync,
         "<= 0.10 (stall/sync)", stall / sync <= 0.10)
@@ -542,15 +566,22 @@ def main(argv=None) -> int:
           f"training step in flight: stall {m('async_stall_overlap'):.3f} s, background "
           f"{m('async_background_overlap'):.3f} s, the step {m('step_during_async_save'):.3f} s vs "
           f"{m('step_without_save'):.3f} s without a save")
+    def per_variant(metric, contender, variant):
+        return [[r["seconds"] for r in rows if r["metric"] == metric and r["contender"] == contender
+                 and r["variant"] == variant and r["rep"] == rep][0] for rep in range(args.repeats)]
+
     def per_rep(metric, num, den, variant):
         def at(contender, rep):
             return [r["seconds"] for r in rows if r["metric"] == metric and r["contender"] == contender
                     and r["variant"] == variant and r["rep"] == rep][0]
         return " ".join(f"{at(num, i) / at(den, i):.2f}" for i in range(args.repeats))
 
+    on_off = " ".join(f"{a / b:.2f}" for a, b in zip(per_variant("save", "tierzero", "fsync"),
+                                                   per_variant("save", "tierzero", "cache")))
     print(f"# per-repeat ratios: plain/tz {per_rep('save', 'plain', 'tierzero', 'cache')} (cache), "
-          f"{per_rep('save', 'plain', 'tierzero', 'fsync')} (fsync); dcp/tz {per_rep('save', 'dcp', 'tierzero', 'cache')}"
-          f" (cache), {per_rep('save', 'dcp', 'tierzero', 'fsync')} (fsync); reshard/same "
+          f"{per_rep('save', 'plain', 'tierzero', 'fsync')} (fsync); tz fsync on/off {on_off}; "
+          f"dcp/tz {per_rep('save', 'dcp', 'tierzero', 'cache')} (cache), {per_rep('save', 'dcp', 'tierzero', 'fsync')} "
+          "(fsync); reshard/same "
           f"{per_rep('load', 'reshard', 'same', 'cold')} (cold), {per_rep('load', 'reshard', 'same', 'warm')} (warm)")
     print(f"# seconds = slowest rank, barrier to barrier; median of {args.repeats} alternating repeats")
     print(f"{'metric':<58}{'tierzero':>10}{'reference':>11}{'ratio':>8}  {'target':<22}{'met':>4}")

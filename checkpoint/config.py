@@ -16,6 +16,8 @@ class CheckpointConfig:
     """Save every N optimizer steps (and after the last); 0 = never save."""
     async_save: bool = True
     """Copy the shards to host memory and write them in the background while training goes on."""
+    fsync: bool = True
+    """fsync a save's files and folders before COMMITTED counts (local and shared filesystems); false skips it."""
     resume: str = "auto"
     """auto (the newest committed checkpoint in checkpoint.dir, else start fresh), none, or a checkpoint path."""
     keep: int = 3

@@ -8,16 +8,22 @@ A checkpoint is a folder `step-<8 digits>/` holding
   plus the non-tensor state (step, data position, plan, topology, config, versions);
 - `COMMITTED`: written by rank 0 last, once every rank reported success. A folder without
   it is a torn save and is never loaded.
+- `.tierzero`: the stamp the store writes first into every step folder; retention deletes
+  only folders that carry it (or tierzero's COMMITTED marker) and nothing but tierzero's files.
 
-Nothing in a checkpoint is executed on load: JSON and raw bytes only.
+Nothing in a checkpoint is executed on load: JSON and raw bytes only. Nothing in it is
+trusted either: `validate` checks a manifest whole (names, dtypes, bounded shapes, pieces
+that tile every tensor exactly, plain file names, byte ranges inside the shard files, the
+step, the training state) before a byte of tensor data is read.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -25,6 +31,25 @@ FORMAT = "tierzero-checkpoint/1"
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": None, "int64": np.int64}
 """Element types a manifest may name (bfloat16 is stored as its raw 2-byte pattern)."""
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
+
+
+MAX_NUMEL = 2**40
+"""Elements one tensor may declare (4 TiB of fp32): above it a number is corrupt or hostile, not a model."""
+MAX_MANIFEST_BYTES = 2**30
+"""manifest.json is read whole; a bigger file is refused unread (a model with a million pieces needs ~150 MB)."""
+MAX_MARKER_BYTES = 4096
+"""COMMITTED is a one-line JSON object."""
+MAX_JSON_DEPTH = 32
+"""Nesting tierzero's JSON never comes near (a manifest is 5 deep); deeper is refused before json.loads recurses."""
+MANIFEST_NAME = "manifest.json"
+STAMP = ".tierzero"
+"""The first file the store writes into a step folder it creates: the proof retention asks for."""
+PIECE_KEYS = ("file", "offset", "start", "numel", "crc32")
+_ESCAPE = re.compile(rb"\\.", re.S)
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'[]{}"')
+_BRACKET_STEP = np.zeros(256, np.int8)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
 
 
 class ManifestError(ValueError):
@@ -77,22 +102,195 @@ class Manifest:
         }, indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Manifest":
-        try:
-            data = json.loads(text)
-            if data.get("format") != FORMAT:
-                raise ManifestError(f"format {data.get('format')!r} is not {FORMAT!r}")
-            tensors = {}
-            for name, t in data["tensors"].items():
-                if t["dtype"] not in ITEMSIZE:
-                    raise ManifestError(f"tensor {name} has unknown dtype {t['dtype']!r}")
-                tensors[name] = TensorEntry(name, tuple(int(s) for s in t["shape"]), t["dtype"],
-                                            [Piece(**p) for p in t["pieces"]])
-            return cls(step=int(data["step"]), tensors=tensors, state=data["state"])
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, ManifestError):
-                raise
-            raise ManifestError(f"not a tierzero manifest: {type(e).__name__}: {e}") from e
+    def from_json(cls, text) -> "Manifest":
+        """Parse and validate (structure only: no step to compare, no file sizes); raises
+        ManifestError naming the first problems."""
+        data = load_json(text.encode() if isinstance(text, str) else text)
+        problems = validate(data)
+        if problems:
+            raise ManifestError(summary(problems))
+        return cls.from_data(data)
+
+    @classmethod
+    def from_data(cls, data: dict) -> "Manifest":
+        """A manifest from JSON data `validate` found no problem in."""
+        tensors = {name: TensorEntry(name, tuple(t["shape"]), t["dtype"],
+                                     sorted((Piece(**p) for p in t["pieces"]), key=lambda p: p.start))
+                   for name, t in data["tensors"].items()}
+        return cls(step=data["step"], tensors=tensors, state=data["state"])
+
+
+# ---- validation: nothing in a checkpoint is trusted until every rule below holds ----------------
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _short(v, n: int = 60) -> str:
+    """A value from a hostile file, quoted and cut to a readable length."""
+    text = repr(v)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def summary(problems: Sequence[str], n: int = 3) -> str:
+    """The first few problems on one line, and how many more there are."""
+    more = f" (and {len(problems) - n} more)" if len(problems) > n else ""
+    return "; ".join(problems[:n]) + more
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of [ and { outside strings, without recursion (json.loads recurses
+    once per level and ends in RecursionError on hostile input). Vectorised: escapes dropped,
+    then only brackets and quotes kept; a bracket after an odd number of quotes is in a string."""
+    kept = np.frombuffer((_ESCAPE.sub(b"", raw) if b"\\" in raw else raw).translate(None, _NOT_STRUCTURE), np.uint8)
+    if not kept.size:
+        return 0
+    step = _BRACKET_STEP[kept]
+    step[np.cumsum(kept == ord('"'), dtype=np.int32) % 2 == 1] = 0
+    return max(0, int(np.cumsum(step, dtype=np.int32).max()))
+
+
+def load_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH):
+    """JSON from a file tierzero did not necessarily write: depth bounded before parsing,
+    every failure a ManifestError (never RecursionError or UnicodeDecodeError)."""
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise ManifestError(f"JSON nested {depth} levels deep (tierzero writes at most {max_depth}): not tierzero's")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ManifestError(f"not valid JSON: {type(e).__name__}: {_short(str(e), 120)}") from e
+
+
+def file_name_problem(name) -> Optional[str]:
+    """Why `name` is not a plain file name inside the step folder (None when it is). A piece
+    names a file of its own folder: no separator, no `..`, not absolute, not hidden."""
+    if not isinstance(name, str) or not name:
+        return f"file {_short(name)} is not a file name"
+    if "/" in name or "\\" in name or name.startswith(".") or any(ord(c) < 32 for c in name) or len(name) > 255:
+        return (f"file {_short(name)} is not a plain file name inside the step folder "
+                "(no '/', '..', hidden or absolute names)")
+    return None
+
+
+def marker_problems(data) -> List[str]:
+    """The COMMITTED marker: {"step": int, "manifest_crc32": int, "save": str}."""
+    if not isinstance(data, dict):
+        return [f"is a JSON {type(data).__name__}, not an object with step and manifest_crc32"]
+    problems = []
+    if not _is_int(data.get("step")) or data["step"] < 0:
+        problems.append(f"step {_short(data.get('step'))} is not a non-negative integer")
+    crc = data.get("manifest_crc32")
+    if not _is_int(crc) or not 0 <= crc < 2**32:
+        problems.append(f"manifest_crc32 {_short(crc)} is not a crc32")
+    return problems
+
+
+def state_problems(state, *, step: Optional[int] = None, required: Sequence[str] = ()) -> List[str]:
+    """The training state a resume reads (recipes/trainer.py, checkpoint/saver.py, ckpt inspect):
+    typed where present, and the `required` keys present."""
+    if not isinstance(state, dict):
+        return ["state is missing" if state is None else f"state is a JSON {type(state).__name__}, not an object"]
+    problems = [f"state has no {key} (the resume needs it)" for key in required if key not in state]
+    for key, low in (("next_sample", 0), ("optimizer_steps", 0), ("step", 0), ("world_size", 1),
+                     ("global_batch_size", 1)):
+        if key in state and (not _is_int(state[key]) or state[key] < low):
+            problems.append(f"state.{key} {_short(state[key])} is not an integer >= {low}")
+    if _is_int(state.get("step")) and step is not None and state["step"] != step:
+        problems.append(f"state.step {state['step']} disagrees with the manifest's step {step}")
+    if "versions" in state and not isinstance(state["versions"], dict):
+        problems.append(f"state.versions {_short(state['versions'])} is not an object")
+    return problems
+
+
+def _shape_problems(name: str, shape) -> List[str]:
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= MAX_NUMEL for d in shape):
+        return [f"tensor {name}: shape {_short(shape)} is not a list of integers 0..{MAX_NUMEL}"]
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel > MAX_NUMEL:
+            return [f"tensor {name}: shape {_short(shape)} has more than {MAX_NUMEL} elements"]
+    return []
+
+
+def _piece_problems(name: str, i: int, p) -> List[str]:
+    where = f"tensor {name}: piece {i}"
+    if not isinstance(p, dict) or set(p) != set(PIECE_KEYS):
+        return [f"{where} is {_short(p)}, not an object with exactly {list(PIECE_KEYS)}"]
+    problems = []
+    for key in ("offset", "start", "numel"):
+        bound = MAX_NUMEL * 8 if key == "offset" else MAX_NUMEL
+        if not _is_int(p[key]) or not 0 <= p[key] <= bound:
+            problems.append(f"{where}: {key} {_short(p[key])} is not an integer 0..{bound}")
+    if not _is_int(p["crc32"]) or not 0 <= p["crc32"] < 2**32:
+        problems.append(f"{where}: crc32 {_short(p['crc32'])} is not a crc32")
+    bad_name = file_name_problem(p["file"])
+    if bad_name:
+        problems.append(f"{where}: {bad_name}")
+    return problems
+
+
+def _tensor_problems(name: str, t) -> List[str]:
+    if not name or len(name) > 1000 or any(ord(c) < 32 for c in name):
+        return [f"tensor name {_short(name)} is not a readable name"]
+    if not isinstance(t, dict) or not {"shape", "dtype", "pieces"} <= set(t):
+        return [f"tensor {name} is {_short(t)}, not an object with shape, dtype and pieces"]
+    problems = _shape_problems(name, t["shape"])
+    if not isinstance(t["dtype"], str) or t["dtype"] not in ITEMSIZE:
+        problems.append(f"tensor {name}: dtype {_short(t['dtype'])} is not one of {sorted(ITEMSIZE)}")
+    if not isinstance(t["pieces"], list):
+        return problems + [f"tensor {name}: pieces {_short(t['pieces'])} is not a list"]
+    for i, p in enumerate(t["pieces"]):
+        problems += _piece_problems(name, i, p)
+    if not problems:  # every number is sane: the pieces must tile the tensor exactly
+        entry = TensorEntry(name, tuple(t["shape"]), t["dtype"], [Piece(**p) for p in t["pieces"]])
+        problems += [f"tensor {p}" for p in coverage_problems(entry)]
+    return problems
+
+
+def range_problems(tensors: Mapping[str, TensorEntry], file_sizes: Mapping[str, int]) -> List[str]:
+    """Every piece's bytes inside its file. Files not in `file_sizes` are skipped: the caller
+    found them missing or not regular files and says so itself."""
+    problems = []
+    for entry in tensors.values():
+        size = ITEMSIZE[entry.dtype]
+        for p in entry.pieces:
+            have = file_sizes.get(p.file)
+            if have is not None and p.offset + p.numel * size > have:
+                problems.append(f"{p.file} is truncated: tensor {entry.name} elements {p.start}..{p.stop} need bytes "
+                                f"{p.offset}..{p.offset + p.numel * size}, the file has {have}")
+    return problems
+
+
+def validate(data, *, step: Optional[int] = None, file_sizes: Optional[Mapping[str, int]] = None) -> List[str]:
+    """Every way decoded manifest.json `data` breaks the format, one line each naming the file
+    and tensor ([] when it holds): format, step (== `step` when given: the COMMITTED marker's),
+    the training state's types, each tensor's name, dtype and bounded shape, pieces with sane
+    numbers and plain file names that tile the tensor exactly, and (given `file_sizes`, the
+    shard files' sizes) every piece's bytes inside its file. Pure: no file is touched."""
+    if not isinstance(data, dict):
+        return [f"{MANIFEST_NAME}: is a JSON {type(data).__name__}, not a tierzero manifest (an object)"]
+    problems = []
+    if data.get("format") != FORMAT:
+        problems.append(f"format {_short(data.get('format'))} is not {FORMAT!r}")
+    s = data.get("step")
+    if not _is_int(s) or s < 0:
+        problems.append(f"step {_short(s)} is not a non-negative integer")
+        s = None
+    elif step is not None and s != step:
+        problems.append(f"step {s} disagrees with its folder's COMMITTED marker (step {step})")
+    problems += state_problems(data.get("state"), step=s)
+    tensors = data.get("tensors")
+    if not isinstance(tensors, dict):
+        problems.append(f"tensors {_short(tensors)} is not an object")
+        tensors = {}
+    for name, t in tensors.items():
+        problems += _tensor_problems(name, t)
+    problems = [f"{MANIFEST_NAME}: {p}" for p in problems]
+    if not problems and file_sizes is not None:
+        problems += range_problems(Manifest.from_data(data).tensors, file_sizes)
+    return problems
 
 
 def crc32(data: bytes) -> int:
@@ -107,8 +305,10 @@ def coverage_problems(entry: TensorEntry) -> List[str]:
             problems.append(f"{entry.name}: elements {min(pos, p.start)}..{max(pos, p.start)} "
                             f"{'missing' if p.start > pos else 'written twice'}")
         pos = max(pos, p.stop)
-    if pos != entry.numel:
-        problems.append(f"{entry.name}: pieces end at element {pos}, the tensor has {entry.numel}")
+    if pos < entry.numel:
+        problems.append(f"{entry.name}: elements {pos}..{entry.numel} missing (its pieces end at element {pos})")
+    elif pos > entry.numel:
+        problems.append(f"{entry.name}: pieces run to element {pos}, past the tensor's {entry.numel}")
     return problems
 
 

@@ -17,6 +17,7 @@ from typing import Callable, List, Optional
 import torch.distributed as dist
 
 from tierzero.checkpoint.config import CheckpointConfig
+from tierzero.checkpoint.manifest import state_problems
 from tierzero.checkpoint.store import CheckpointError, CheckpointStore, ResumeError, Slice, open_step
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ class Snapshot:
             self.waited_s += time.perf_counter() - t0
 
 
+RESUME_STATE = ("next_sample",)
+"""State a resume cannot do without (recipes/trainer.py continues the data stream there)."""
+
+
 @dataclass
 class Resumed:
     step: int
@@ -57,7 +62,7 @@ class Checkpointer:
         self._saves = 0
         self._buffers: List = []
         """Host buffers of the last async save, reused by the next one (no fresh pages to fault in)."""
-        self.store = CheckpointStore(root)
+        self.store = CheckpointStore(root, fsync=cfg.fsync)
         self.event = event
         self.commit_timeout_s = commit_timeout_s
         self._thread: Optional[threading.Thread] = None
@@ -132,7 +137,8 @@ class Checkpointer:
             self.store.write_rank(step, self.rank, slices, token=token, before_report=lambda: self.before_report(step))
             if self.rank == 0:
                 self.store.commit(step, self.world_size, state, timeout_s=self.commit_timeout_s, token=token)
-                deleted = self.store.prune(self.cfg.keep, self.cfg.keep_every)
+                deleted = self.store.prune(self.cfg.keep, self.cfg.keep_every,
+                                           on_spared=lambda s, why: self.event("warning", why, step))
                 detail = f"committed {self.store.url(step)}" + (f"; deleted steps {deleted}" if deleted else "")
                 self.event("checkpoint", detail, step)
         except Exception as e:  # an event, never a commit; the loop decides by checkpoint.on_error
@@ -171,7 +177,10 @@ class Checkpointer:
         for store, path, url in candidates:
             problem = None
             try:
-                manifest = store.manifest(path)
+                manifest = store.manifest(path)  # validated whole: a problem of any kind is a CheckpointError
+                missing = state_problems(manifest.state, step=manifest.step, required=RESUME_STATE)
+                if missing:
+                    raise CheckpointError(f"{path}/manifest.json: {'; '.join(missing)}")
                 engine.load_checkpoint(store.reader(path, manifest), int(manifest.state.get("optimizer_steps",
                                                                                           manifest.step)))
             except CheckpointError as e:

@@ -12,7 +12,7 @@ OPS = tuple(COLLECTIVES)
 """Every collective's name, in nccl-tests' order (the records of ops.py)."""
 DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("torch", "mpi")
-_SCOPE = re.compile(r"^(global|auto|(level|cross):[A-Za-z0-9_.-]+)$")
+_SCOPE = re.compile(r"^(global|auto|(level|cross):[A-Za-z0-9_.-]+)\Z")
 
 
 @dataclass
@@ -38,7 +38,7 @@ class BenchConfig:
 
     def errors(self, collectives: Mapping[str, Collective] = COLLECTIVES) -> List[str]:
         """Every problem of this section, each naming its key; `collectives` is the registry the ops must be in."""
-        from tierzero.collectives_bench.sizes import SizeError, parse_sizes
+        from tierzero.collectives_bench.sizes import SizeError, parse_size, parse_sizes
 
         errs = []
         bad_ops = [o for o in self.ops if o not in collectives]
@@ -62,10 +62,20 @@ class BenchConfig:
                 "float16 type; use bench.dtypes=[float32] with the mpi backend"
             )
         if self.sizes != "auto":
+            text = str(self.sizes)
             try:
-                parse_sizes(self.sizes)
+                parts = text.strip().split(":")
+                # a range multiplies up from MIN: from 0 it never reaches MAX (parse_sizes would loop forever)
+                if "," not in text and len(parts) in (2, 3) and parse_size(parts[0]) < 1:
+                    raise SizeError(f"bench.sizes={text[:60]!r} starts at 0 bytes; a range MIN:MAX doubles from MIN, "
+                                    "so start at 1 or more, e.g. 1K:16M")
+                if max(parse_sizes(text)) > 1 << 40:
+                    raise SizeError(f"bench.sizes={text[:60]!r} names a message larger than 1 TiB, more than any "
+                                    "device holds; e.g. 1K:1G")
             except SizeError as e:
                 errs.append(str(e))
+            except ValueError:  # int() of a number with thousands of digits
+                errs.append(f"bench.sizes={text[:40]!r}... holds a number too long to be a size; e.g. 1K:16M")
         if self.warmup < 0:
             errs.append(f"bench.warmup={self.warmup} must be >= 0, e.g. bench.warmup=5")
         if self.iters < 1:

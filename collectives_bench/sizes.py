@@ -39,6 +39,8 @@ def parse_sizes(text: str) -> List[int]:
             raise SizeError(f"bench.sizes={text!r}: the factor must be an integer >= 2, e.g. 1K:1G:4")
         if lo > hi:
             raise SizeError(f"bench.sizes={text!r}: MIN is larger than MAX; e.g. 1K:16M")
+        if lo < 1:  # 0 x factor stays 0: the range would never end
+            raise SizeError(f"bench.sizes={text!r}: MIN must be at least 1 byte; e.g. 1K:16M")
         sizes, s = [], lo
         while s <= hi:
             sizes.append(s)

@@ -21,7 +21,7 @@ from tierzero.launcher.envvars import read_faults
 from tierzero.launcher.exitcodes import Exit
 from tierzero.launcher.modes import Launch
 from tierzero.launcher.rundir import RunPaths, write_atomic
-from tierzero.launcher.world import host_name, join, run_files
+from tierzero.launcher.world import host_name, join, leave, run_files
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def probe_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     from tierzero.collectives_bench.probe import measure_topology
 
     joined, backend = _joined_backend(cfg, launch)
-    paths, _ = run_files(cfg, joined.launch, config_path=lambda p: p.bench_config, broadcast=backend.broadcast)
+    paths, _, claim = run_files(cfg, joined.launch, program="probe", config_path=lambda p: p.bench_config,
+                                broadcast=backend.broadcast)
     topology = measure_topology(backend, joined.topology)
     if joined.launch.rank == 0:
         write_atomic(paths.topology_json, json.dumps(
@@ -75,6 +76,8 @@ def probe_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
              "update_gelems_per_s": topology.update_gelems_per_s}, indent=2) + "\n")
         print(f"measured topology: {topology.describe()}", flush=True)
     backend.barrier()
+    if backend.name != "mpi":
+        leave(joined)
     return Exit.OK
 
 
@@ -86,8 +89,8 @@ def bench_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     from tierzero.collectives_bench.sizes import default_sizes, parse_sizes
 
     joined, backend = _joined_backend(cfg, launch)
-    paths, attempt = run_files(cfg, joined.launch, config_path=lambda p: p.bench_config,
-                               broadcast=backend.broadcast)
+    paths, attempt, claim = run_files(cfg, joined.launch, program="bench", config_path=lambda p: p.bench_config,
+                                      broadcast=backend.broadcast)  # claim: rank 0's lock, held to the end
     topology = measure_topology(backend, joined.topology) if cfg.topology.measure else joined.topology
     try:
         scopes = resolve_scopes(cfg.bench.scopes, topology)

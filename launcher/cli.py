@@ -109,7 +109,7 @@ def _ckpt(args) -> int:
     if args.action == "inspect":
         print("\n".join(inspect_lines(args.path, manifest)))
         return Exit.OK
-    from tierzero.checkpoint.export import consolidated, write_safetensors
+    from tierzero.checkpoint.export import ExportError, consolidated, write_safetensors
 
     if not args.out or not args.out.endswith(".safetensors"):
         raise UsageError("tierzero ckpt export PATH OUT.safetensors: give the output file, ending in .safetensors")
@@ -118,7 +118,11 @@ def _ckpt(args) -> int:
     except CheckpointError as e:
         print(f"tierzero ckpt export: {e}", file=sys.stderr)
         return Exit.FAILURE
-    nbytes = write_safetensors(args.out, tensors, {"format": "pt", "tierzero_step": manifest.step})
+    try:
+        nbytes = write_safetensors(args.out, tensors, {"format": "pt", "tierzero_step": manifest.step})
+    except ExportError as e:  # the output the user named cannot be written safely: theirs to fix
+        print(f"tierzero ckpt export: {e}", file=sys.stderr)
+        return Exit.USAGE
     print(f"wrote {args.out}: {len(tensors)} tensors, {nbytes / 1e6:.2f} MB (Hugging Face-style names, fp32)")
     return Exit.OK
 
@@ -290,7 +294,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_sbatch(args) -> int:
-    from tierzero.launcher.rundir import RunPaths, resolved, write_atomic
+    from tierzero.launcher.rundir import RunPaths, claim_run_dir, resolved, write_atomic
     from tierzero.slurm.sbatch import ScriptSpec, SbatchError, render_sbatch
     from tierzero.slurm.submit import SubmitError, submit
 
@@ -311,6 +315,8 @@ def cmd_sbatch(args) -> int:
         problems += e.problems
     if problems:  # all of them at once, before anything is written
         raise ConfigError(problems)
+    # this run's folder (not another run's, not one in use), not held: the job takes the lock when it runs
+    claim_run_dir(cfg, paths, program=slurm.command, hold_lock=False)
     write_atomic(config_path, to_yaml(resolved(cfg, paths)))
     script = write_atomic(paths.sbatch(slurm.command), text)
     if not args.quiet:
@@ -329,7 +335,7 @@ def cmd_sbatch(args) -> int:
 
 
 def cmd_slurm(args) -> int:
-    from tierzero.slurm.cluster import ClusterError, cluster_status, create_cluster, destroy_cluster
+    from tierzero.slurm.cluster import BaseFolderError, ClusterError, cluster_status, create_cluster, destroy_cluster
 
     try:
         if args.action == "up":
@@ -340,7 +346,7 @@ def cmd_slurm(args) -> int:
             lines = cluster_status(args.dir)
     except ClusterError as e:
         print(f"tierzero slurm {args.action}: {e}", file=sys.stderr)
-        return Exit.FAILURE
+        return Exit.USAGE if isinstance(e, BaseFolderError) else Exit.FAILURE
     print("\n".join(lines))
     if args.action != "down" and (Path(args.dir) / "slurm.conf").is_file():
         print(f"export SLURM_CONF={(Path(args.dir) / 'slurm.conf').resolve()}")
@@ -355,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:  # long: a declarative table, one
         prog="tierzero",
         description="Launch, partition and observe distributed training on HPC clusters.",
         epilog="examples:\n  tierzero run                      # default MoE recipe on 4 local CPU ranks\n"
-               "  tierzero run train.steps=50 launcher.nproc=2\n  tierzero report runs/default",
+               "  tierzero run train.steps=50 launcher.nproc=2\n  tierzero report runs/moe-tiny-cpu",
         formatter_class=fmt,
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -435,10 +441,10 @@ def build_parser() -> argparse.ArgumentParser:  # long: a declarative table, one
                     "and the saved state. verify PATH: read every piece back and check its crc32 (exit 1 naming "
                     "file and tensor on a mismatch). export PATH OUT.safetensors: one consolidated file with "
                     "Hugging Face-style names (start a run from it with checkpoint.init_from=OUT.safetensors).",
-        epilog="examples:\n  tierzero ckpt list runs/default/checkpoints\n"
-               "  tierzero ckpt inspect runs/default/checkpoints/step-00000100\n"
+        epilog="examples:\n  tierzero ckpt list runs/moe-tiny-cpu/checkpoints\n"
+               "  tierzero ckpt inspect runs/moe-tiny-cpu/checkpoints/step-00000100\n"
                "  tierzero ckpt verify s3://bucket/run/checkpoints/step-00000100\n"
-               "  tierzero ckpt export runs/default/checkpoints/step-00000100 model.safetensors",
+               "  tierzero ckpt export runs/moe-tiny-cpu/checkpoints/step-00000100 model.safetensors",
         formatter_class=fmt)
     ckpt.add_argument("action", choices=("list", "inspect", "verify", "export"))
     ckpt.add_argument("path", metavar="PATH", help="a checkpoint folder (step-...) or, for list, the folder above")
@@ -449,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:  # long: a declarative table, one
         "report", help="summarise a run's telemetry and plot loss and throughput",
         description="Read RUN_DIR's Parquet telemetry; print steps, median tokens/s, first/last loss and "
                     "events; write PNG plots into RUN_DIR/report/.",
-        epilog="example:\n  tierzero report runs/default", formatter_class=fmt)
+        epilog="example:\n  tierzero report runs/moe-tiny-cpu", formatter_class=fmt)
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.set_defaults(func=cmd_report)
     sbatch = sub.add_parser(

@@ -15,9 +15,10 @@ from typing import FrozenSet, Mapping, Optional, Tuple
 SUPERVISED = "TIERZERO_SUPERVISED"
 _RANK_VARS = dict(rank="TIERZERO_RANK", world_size="TIERZERO_WORLD_SIZE", local_rank="TIERZERO_LOCAL_RANK",
                   local_world_size="TIERZERO_LOCAL_WORLD_SIZE", node_rank="TIERZERO_NODE_RANK",
-                  master_port="TIERZERO_MASTER_PORT", attempt="TIERZERO_ATTEMPT",
-                  supervisor_pid="TIERZERO_SUPERVISOR_PID")
-MASTER_ADDR = "TIERZERO_MASTER_ADDR"
+                  attempt="TIERZERO_ATTEMPT", supervisor_pid="TIERZERO_SUPERVISOR_PID")
+STORE = "TIERZERO_STORE"
+"""The rendezvous file (a torch FileStore in the run folder): local ranks meet without a network
+listener another user of the machine could reach."""
 
 FAULT_NAN_STEPS = "TIERZERO_FAULT_NAN_STEPS"
 """`5,9`: rank 0's first micro-step of steps 5 and 9 produces NaN gradients, once each."""
@@ -42,14 +43,13 @@ class SupervisedRank:
     local_rank: int
     local_world_size: int
     node_rank: int
-    master_addr: str
-    master_port: int
+    store: str
     attempt: int
     supervisor_pid: int
 
     def to_env(self) -> dict:
         env = {var: str(getattr(self, key)) for key, var in _RANK_VARS.items()}
-        env.update({SUPERVISED: "1", MASTER_ADDR: self.master_addr})
+        env.update({SUPERVISED: "1", STORE: self.store})
         return env
 
 
@@ -82,7 +82,9 @@ def read_supervised(env: Mapping[str, str]) -> Optional[SupervisedRank]:
     if env.get(SUPERVISED) != "1":
         return None
     values = {key: _int(env, var) for key, var in _RANK_VARS.items()}
-    return SupervisedRank(master_addr=env.get(MASTER_ADDR) or "127.0.0.1", **values)
+    if not env.get(STORE):
+        raise ValueError(f"environment variable {STORE} is missing (set by tierzero's local supervisor)")
+    return SupervisedRank(store=env[STORE], **values)
 
 
 def _pair(env: Mapping[str, str], name: str, form: str, second=int):

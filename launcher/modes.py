@@ -33,6 +33,8 @@ class Launch:
     """Times the scheduler restarted this job (Slurm requeue, torchrun restart); for a supervised
     rank, the attempt its supervisor numbered."""
     supervisor_pid: Optional[int] = None
+    store: Optional[str] = None
+    """A supervised rank's rendezvous file (instead of master_addr:master_port)."""
 
     @property
     def supervised(self) -> bool:
@@ -70,8 +72,8 @@ def _supervised(env: Mapping[str, str]) -> Optional[Launch]:
         return None
     return Launch(mode="supervised", rank=sup.rank, world_size=sup.world_size, local_rank=sup.local_rank,
                   local_world_size=sup.local_world_size, node_rank=sup.node_rank,
-                  num_nodes=max(1, sup.world_size // sup.local_world_size), master_addr=sup.master_addr,
-                  master_port=sup.master_port, restart_count=sup.attempt, supervisor_pid=sup.supervisor_pid)
+                  num_nodes=max(1, sup.world_size // sup.local_world_size), store=sup.store,
+                  restart_count=sup.attempt, supervisor_pid=sup.supervisor_pid)
 
 
 def _torchrun(env: Mapping[str, str]) -> Optional[Launch]:

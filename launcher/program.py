@@ -20,7 +20,8 @@ from typing import Callable, List, Mapping, Tuple
 from tierzero.launcher.config import ConfigError, RunConfig, check_world, to_yaml
 from tierzero.launcher.discover import TopologyMismatch, build_topology
 from tierzero.launcher.modes import Launch
-from tierzero.launcher.rundir import RunPaths, resolved, write_atomic
+from tierzero.launcher.exitcodes import Exit
+from tierzero.launcher.rundir import RunPaths, claim_run_dir, resolved, storage_problems, write_atomic
 from tierzero.launcher.supervisor import isolation_errors, run_local
 
 
@@ -58,28 +59,43 @@ def _network_checks(cfg: RunConfig) -> List[str]:
 
 
 def training_checks(cfg: RunConfig) -> List[str]:
-    """The world and the topology of launcher.nproc local ranks, and a named plan the engine
+    """The world and the topology of launcher.nproc local ranks, a named plan the engine
     cannot run on it (what the engine cannot do regardless of the topology is already a config
-    error: parallel.engines.engine_errors)."""
+    error: parallel.engines.engine_errors), and the local files the run would read first."""
     from tierzero.parallel.engines import plan_errors
 
     problems = check_world(cfg, cfg.launcher.nproc)
     topo = _local_topology(cfg, problems)
     if topo is not None:
         problems += plan_errors(cfg.parallel, topo)
-    return problems + _network_checks(cfg)
+    return problems + _input_checks(cfg) + storage_problems(cfg) + _network_checks(cfg)
+
+
+def _input_checks(cfg: RunConfig) -> List[str]:
+    """A local checkpoint.resume or checkpoint.init_from that is not there: found now, not by
+    every rank after the run folder, its config and telemetry were written."""
+    problems = []
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and "://" not in resume and not Path(resume).is_dir():
+        problems.append(f"checkpoint.resume={resume} is not a folder; give a committed checkpoint folder "
+                        "(`tierzero ckpt list DIR` lists them), or checkpoint.resume=auto")
+    init = cfg.checkpoint.init_from
+    if init and "://" not in init and not Path(init).is_file():
+        problems.append(f"checkpoint.init_from={init} is not a file; give a .safetensors file "
+                        "(`tierzero ckpt export` writes one)")
+    return problems
 
 
 def bench_checks(cfg: RunConfig) -> List[str]:
     from tierzero.launcher.bench import bench_checks as checks
 
-    return checks(cfg) + _network_checks(cfg)
+    return checks(cfg) + storage_problems(cfg) + _network_checks(cfg)
 
 
 def probe_checks(cfg: RunConfig) -> List[str]:
     from tierzero.launcher.bench import bench_checks as checks
 
-    return checks(cfg, spawning=False) + _network_checks(cfg)
+    return checks(cfg, spawning=False) + storage_problems(cfg) + _network_checks(cfg)
 
 
 PROGRAMS = {p.name: p for p in (
@@ -105,9 +121,13 @@ def launch_program(program: Program, cfg: RunConfig, launch: Launch, env: Mappin
     if problems:  # all of them at once, before anything is written
         raise ConfigError(problems)
     paths = RunPaths.of(cfg)
-    config_path = write_atomic(program.config_path(paths), to_yaml(resolved(cfg, paths)))
-    print(program.announce(cfg, paths), flush=True)
-    return run_local(cfg, paths, config_path, program.argv, restart=program.restart)
+    with claim_run_dir(cfg, paths, program=program.name) as claim:  # this run's folder, locked
+        config_path = write_atomic(program.config_path(paths), to_yaml(resolved(cfg, paths)))
+        print(program.announce(cfg, paths), flush=True)
+        code = run_local(cfg, paths, config_path, program.argv, restart=program.restart)
+        if code == Exit.USAGE:  # every rank refused to start (their messages are above): leave no trace
+            claim.undo()
+        return code
 
 
 def measure_locally(cfg: RunConfig):
@@ -120,10 +140,12 @@ def measure_locally(cfg: RunConfig):
     if problems:
         raise ConfigError(problems)
     paths = RunPaths.of(cfg)
-    config_path = write_atomic(probe.config_path(paths), to_yaml(resolved(cfg, paths)))
-    paths.topology_json.unlink(missing_ok=True)  # the previous probe's: a failed one must not pass for new
-    print(f"tierzero: measuring link bandwidths with {cfg.launcher.nproc} local ranks ...", file=sys.stderr, flush=True)
-    code = run_local(cfg, paths, config_path, probe.argv, restart=False)
+    with claim_run_dir(cfg, paths, program=probe.name):
+        config_path = write_atomic(probe.config_path(paths), to_yaml(resolved(cfg, paths)))
+        paths.topology_json.unlink(missing_ok=True)  # the previous probe's: a failed one must not pass for new
+        print(f"tierzero: measuring link bandwidths with {cfg.launcher.nproc} local ranks ...", file=sys.stderr,
+              flush=True)
+        code = run_local(cfg, paths, config_path, probe.argv, restart=False)
     if code != 0 or not paths.topology_json.exists():
         raise ConfigError([f"the bandwidth probe failed (exit {code}); its output is above"])
     data = json.loads(paths.topology_json.read_text())

@@ -88,9 +88,9 @@ def _join(cfg: RunConfig, launch: Launch):
     if problems:
         raise ConfigError(problems)
     topology = _measured(cfg, joined)
-    paths, attempt = run_files(cfg, joined.launch, config_path=lambda p: p.config,
-                               broadcast=lambda value: broadcast_object(joined, value))
-    return joined, topology, paths, attempt
+    paths, attempt, claim = run_files(cfg, joined.launch, program="run", config_path=lambda p: p.config,
+                                      broadcast=lambda value: broadcast_object(joined, value))
+    return joined, topology, paths, attempt, claim
 
 
 def train_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
@@ -108,7 +108,7 @@ def train_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
                         rank=launch.rank, quiet=launch.supervised).install()
     if launch.supervisor_pid:
         stop_with_parent(launch.supervisor_pid)
-    joined, topology, paths, attempt = _join(cfg, launch)
+    joined, topology, paths, attempt, claim = _join(cfg, launch)  # claim: rank 0's lock, held to the end
     launch = joined.launch
     ctx = DistContext(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
                       local_world_size=launch.local_world_size, device=joined.device, backend=joined.backend,
@@ -129,7 +129,7 @@ def train_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
             checkpoint_root=paths.checkpoints, peak_tflops=cfg.telemetry.peak_tflops,
             memory_budget_bytes=memory_budget_bytes(cfg.parallel, topology, device=joined.device,
                                                     local_world_size=launch.local_world_size),
-            run_state={"config": to_yaml(cfg), "tierzero_version": tierzero_version()})
+            run_state={"config": to_yaml(_without_secrets(cfg)), "tierzero_version": tierzero_version()})
         result = trainer.fit()
     except StopRequested as e:
         tel.event("signal", detail=str(e), step=e.step)
@@ -153,6 +153,16 @@ def train_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
         _say_done(result, paths)
     leave(joined)
     return Exit.OK
+
+
+def _without_secrets(cfg: RunConfig) -> RunConfig:
+    """The config a checkpoint records, without slurm.setup: its shell lines may export tokens,
+    and checkpoints are copied and shared far more than the run folder's config.yaml."""
+    import dataclasses
+
+    setup = cfg.slurm.setup
+    redacted = [f"<{len(setup)} line(s) of slurm.setup, not stored in checkpoints>"] if setup else setup
+    return dataclasses.replace(cfg, slurm=dataclasses.replace(cfg.slurm, setup=redacted))
 
 
 def _say_done(result, paths: RunPaths) -> None:

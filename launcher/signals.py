@@ -25,6 +25,15 @@ from tierzero.launcher.exitcodes import Exit, killed_by
 
 NEVER_CATCH = ("SIGKILL", "SIGSTOP")
 
+NOT_A_STOP_SIGNAL = {
+    # The kernel sends these for a fault in the process itself: a handler that returns makes the
+    # faulting instruction run again (a crash becomes a hang), and a real crash would look like a stop.
+    **dict.fromkeys(("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGTRAP", "SIGSYS", "SIGABRT"),
+                    "the kernel sends it when the process itself crashes"),
+    "SIGCHLD": "every child process (a data-loader worker, a compiler) that exits sends it",
+}
+"""Signals a process may catch but that cannot mean "checkpoint and requeue", with why."""
+
 PARENT_DIED = signal.SIGRTMIN + 1
 """What Linux sends a rank when its supervisor dies (stop_with_parent). Not SIGTERM: the
 parent-death signal fires as each thread of the dying parent exits, and a second SIGTERM
@@ -32,14 +41,22 @@ would mean "exit at once"; StopSignals counts this one as a first request only."
 
 
 def signal_number(name: str) -> int:
-    """`SIGUSR2`, `USR2` or `12` -> 12; ValueError naming the choices otherwise."""
+    """`SIGUSR2`, `USR2` or `12` -> 12: a signal that exists here and a rank can catch as a stop
+    request. ValueError otherwise; its message says why (the caller names the key)."""
     text = str(name).strip().upper()
-    if text.isdigit():
-        return signal.Signals(int(text)).value
+    if text.isascii() and text.isdigit():  # a number: the same rules as its name
+        try:
+            text = signal.Signals(int(text)).name
+        except ValueError:
+            raise ValueError(f"{name!r} is not a signal number on this system") from None
     if not text.startswith("SIG"):
         text = "SIG" + text
-    if text in NEVER_CATCH or text not in signal.Signals.__members__:
-        raise ValueError(name)
+    if text not in signal.Signals.__members__:
+        raise ValueError(f"{name!r} is not a signal name on this system")
+    if text in NEVER_CATCH:
+        raise ValueError(f"{name!r} is {text}, which no process can catch")
+    if text in NOT_A_STOP_SIGNAL:
+        raise ValueError(f"{name!r} is {text}: {NOT_A_STOP_SIGNAL[text]}, so it cannot mean stop")
     return signal.Signals[text].value
 
 

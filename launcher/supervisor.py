@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,7 +28,6 @@ from tierzero.launcher.envvars import SupervisedRank
 from tierzero.launcher.exitcodes import VERDICTS, Exit, killed_by
 from tierzero.launcher.rundir import RunPaths, clear_heartbeats, find_hang, next_attempt, read_heartbeats
 from tierzero.launcher.signals import signal_number
-from tierzero.launcher.world import free_port
 
 
 def _stop(procs: List[subprocess.Popen], grace_s: float = 5.0) -> None:
@@ -214,6 +214,7 @@ class _Attempt:
                                 rank=-1, host=os.uname().nodename)
         self.procs: List[subprocess.Popen] = []
         self.forwarded: List[int] = []
+        self.store: Optional[str] = None
         self.t0 = time.monotonic()
 
     def run(self, after: Optional[str] = None) -> Tuple[int, Optional[str]]:
@@ -226,31 +227,36 @@ class _Attempt:
             self.events.event("restart", detail=f"attempt {self.attempt} after {after}")
         clear_heartbeats(self.paths.heartbeats)  # the previous attempt's
         stop_signals = (signal.SIGINT, signal.SIGTERM, signal_number(self.cfg.launcher.requeue_signal))
-        with _Received(stop_signals) as received, _stopped_on_error(self.procs):
-            self.spawn()
-            outcome = self.watch(received)
         try:
+            with _Received(stop_signals) as received, _stopped_on_error(self.procs):
+                self.spawn()
+                outcome = self.watch(received)
             return self.conclude(*outcome)
         finally:
             self.events.close()
+            if self.store:
+                Path(self.store).unlink(missing_ok=True)
 
     def spawn(self) -> None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        port = free_port()
         ranks_per_node = self.nproc // len(self.network.namespaces) if self.network is not None else self.nproc
+        # the ranks meet in a fresh file of the run folder (no TCP store another user could reach)
+        fd, self.store = tempfile.mkstemp(dir=self.paths.run_dir, prefix=f".rendezvous-{self.attempt}-")
+        os.close(fd)
         for rank in range(self.nproc):
             node = rank // ranks_per_node
-            addr = self.network.node_addr(0) if self.network is not None else "127.0.0.1"
             # local_world_size stays nproc with isolated nodes too: all ranks share this host's cores
             who = SupervisedRank(rank=rank, world_size=self.nproc, local_rank=rank, local_world_size=self.nproc,
-                                 node_rank=node, master_addr=addr, master_port=port, attempt=self.attempt,
-                                 supervisor_pid=os.getpid())
+                                 node_rank=node, store=self.store, attempt=self.attempt, supervisor_pid=os.getpid())
             env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cpus // self.nproc)), **who.to_env())
             argv = self.cmd
             if self.network is not None:
                 ifname = self.network.ifname(node)
                 env.update(GLOO_SOCKET_IFNAME=ifname, NCCL_SOCKET_IFNAME=ifname)
                 argv = self.network.wrap(node, self.cmd)
+            else:  # the ranks' own connections on loopback only, unless the user chose an interface
+                env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+                env.setdefault("NCCL_SOCKET_IFNAME", "lo")
             # Own session: a Ctrl-C in the terminal reaches the supervisor only, which passes it
             # on once; the ranks counting it twice would make them exit without a checkpoint.
             self.procs.append(subprocess.Popen(argv, env=env, start_new_session=True))

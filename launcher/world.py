@@ -3,6 +3,7 @@ and device, the process group, then the run's files (config, attempt) agreed by 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -10,10 +11,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Tuple
 
-from tierzero.launcher.config import ConfigError, RunConfig, check_world, to_yaml
+from tierzero.launcher.config import ConfigError, RunConfig, check_world, shared_storage_errors, to_yaml
 from tierzero.launcher.discover import TopologyMismatch, build_topology
 from tierzero.launcher.modes import Launch
-from tierzero.launcher.rundir import RunPaths, next_attempt, resolved, write_atomic
+from tierzero.launcher.rundir import (Claim, RunPaths, claim_run_dir, next_attempt, resolved, storage_problems,
+                                      write_atomic)
 from tierzero.parallel.topology import Topology
 
 
@@ -85,7 +87,8 @@ def join(cfg: RunConfig, launch: Launch, *, init_torch: bool = True, training: b
 
     if launch.mode == "mpi" and not (launch.master_addr and launch.master_port):
         launch = mpi_rendezvous(launch)
-    problems = check_world(cfg, launch.world_size) if training else []
+    problems = (check_world(cfg, launch.world_size) if training
+                else shared_storage_errors(cfg, launch.world_size, "this launch"))
     try:
         topology = build_topology(cfg.topology, world_size=launch.world_size, ranks_per_node=launch.local_world_size,
                                   num_nodes=launch.num_nodes, inter_node_gbit=cfg.launcher.inter_node_gbit)
@@ -103,10 +106,17 @@ def join(cfg: RunConfig, launch: Launch, *, init_torch: bool = True, training: b
         device = f"cuda:{launch.local_rank}"
         torch.cuda.set_device(launch.local_rank)
     if launch.world_size > 1 and init_torch:
-        os.environ["MASTER_ADDR"] = launch.master_addr or "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(launch.master_port)
-        dist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world_size,
+        if launch.store:  # tierzero's own local ranks: a file in the run folder, no network listener
+            init_method = f"file://{launch.store}"
+        else:
+            os.environ["MASTER_ADDR"] = launch.master_addr or "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(launch.master_port)
+            init_method = "env://"
+        dist.init_process_group(backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size,
                                 timeout=datetime.timedelta(seconds=cfg.launcher.timeout_s))
+        # however the rank ends (an error, a user error's exit 2), tear the group down before the
+        # interpreter does: a process group destroyed during interpreter shutdown can abort the rank
+        atexit.register(_destroy_group)
     return Joined(launch, topology, backend if (launch.world_size > 1 and init_torch) else "none", device)
 
 
@@ -121,19 +131,41 @@ def broadcast_object(joined: Joined, obj: Any) -> Any:
     return box[0]
 
 
-def run_files(cfg: RunConfig, launch: Launch, *, config_path: Callable[[RunPaths], Path],
-              broadcast: Callable[[Any], Any]) -> Tuple[RunPaths, int]:
+def run_files(cfg: RunConfig, launch: Launch, *, program: str, config_path: Callable[[RunPaths], Path],
+              broadcast: Callable[[Any], Any]) -> Tuple[RunPaths, int, Optional[Claim]]:
     """The run's paths and this launch's attempt, the same on every rank. Under a scheduler (no
-    local supervisor wrote them) rank 0 writes the resolved config and numbers the attempt from
-    the telemetry before anyone writes any (the others wait for its broadcast)."""
+    local supervisor did it) rank 0 claims the run folder (checks it is this run's, locks it for
+    as long as it lives: keep the returned Claim), writes the resolved config and numbers the
+    attempt from the telemetry before anyone writes any; the others wait for its broadcast and
+    share its verdict on the folder."""
     paths = RunPaths.of(cfg)
-    if launch.supervised:  # the supervisor wrote the config and numbered the attempt
-        return paths, launch.restart_count
-    attempt: Optional[int] = None
+    if launch.supervised:  # the supervisor claimed the folder, wrote the config, numbered the attempt
+        return paths, launch.restart_count, None
+    claim, verdict = None, None
     if launch.rank == 0:
-        write_atomic(config_path(paths), to_yaml(resolved(cfg, paths)))
-        attempt = next_attempt(paths.telemetry, cfg.run.name)
-    return paths, int(broadcast(attempt))
+        try:
+            problems = storage_problems(cfg)
+            if problems:
+                raise ConfigError(problems)
+            claim = claim_run_dir(cfg, paths, program=program)
+            write_atomic(config_path(paths), to_yaml(resolved(cfg, paths)))
+            verdict = next_attempt(paths.telemetry, cfg.run.name)
+        except ConfigError as e:
+            verdict = e.problems
+    verdict = broadcast(verdict)
+    if not isinstance(verdict, int):
+        raise ConfigError(verdict)
+    return paths, verdict, claim
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # the process is ending: nothing is left to tell
+            pass
 
 
 def leave(joined: Joined) -> None:

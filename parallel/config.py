@@ -47,6 +47,6 @@ class ParallelConfig:
                 )
         if self.ep < 1:
             errs.append(f"parallel.ep={self.ep} must be >= 1 (1 = every rank holds every expert)")
-        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             errs.append(f"parallel.memory_budget_gb={self.memory_budget_gb} must be > 0.")
         return errs

@@ -43,10 +43,10 @@ class MoEConfig:
                 errs.append(f"moe.top_k={self.top_k} must be between 1 and moe.num_experts={self.num_experts}")
             if self.gate not in GATES:
                 errs.append(f"moe.gate={self.gate!r} is not one of {list(GATES)}")
-            if self.capacity_factor < 0:
+            if not self.capacity_factor >= 0:
                 errs.append(f"moe.capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless), e.g. 1.25")
             for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-                if getattr(self, key) < 0:
+                if not getattr(self, key) >= 0:
                     errs.append(f"moe.{key}={getattr(self, key)} must be >= 0")
             if self.shared_experts < 0:
                 errs.append(f"moe.shared_experts={self.shared_experts} must be >= 0")

@@ -234,7 +234,7 @@ class TopologyConfig:
             errs.append(
                 f"topology.preset={self.preset!r} is not a known preset; choose one of {sorted(PRESETS)}"
             )
-        if self.bandwidths_gbps is not None and any(b <= 0 for b in self.bandwidths_gbps):
+        if self.bandwidths_gbps is not None and not all(b > 0 for b in self.bandwidths_gbps):
             errs.append(f"topology.bandwidths_gbps={list(self.bandwidths_gbps)} must all be > 0 (GB/s).")
         if self.nodes is not None and self.nodes < 1:
             errs.append(f"topology.nodes={self.nodes} must be >= 1")

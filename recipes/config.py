@@ -120,10 +120,13 @@ def model_errors(cfg: ModelConfig) -> list[str]:
             f"model.ffn_hidden={cfg.ffn_hidden} must be at least 1, or null for "
             f"{default_ffn_hidden(max(cfg.d_model, 1))} (8/3 x d_model rounded up to 16)."
         )
-    if cfg.norm_eps <= 0:
+    if not cfg.norm_eps > 0:
         errors.append(f"model.norm_eps={cfg.norm_eps} must be positive, e.g. 1e-5.")
-    if cfg.rope_theta <= 0:
+    if not cfg.rope_theta > 0:
         errors.append(f"model.rope_theta={cfg.rope_theta} must be positive, e.g. 10000.")
+    if cfg.params is not None and not cfg.params > 0:
+        errors.append(f"model.params={cfg.params} must be positive (a parameter count, e.g. 20e9), "
+                      "or null to count the recipe's model.")
     return errors
 
 
@@ -184,11 +187,18 @@ def train_errors(t: TrainConfig) -> List[str]:
         errs.append(f"train.on_nonfinite={t.on_nonfinite!r} is not one of {list(NONFINITE_ACTIONS)}")
     if t.warmup_steps < 0:
         errs.append(f"train.warmup_steps={t.warmup_steps} must be >= 0.")
-    if t.lr <= 0:
+    if not t.lr > 0:
         errs.append(f"train.lr={t.lr} must be > 0, e.g. train.lr=3e-3.")
     if not 0 <= t.min_lr_ratio <= 1:
         errs.append(f"train.min_lr_ratio={t.min_lr_ratio} must be between 0 and 1.")
-    if t.grad_clip < 0:
+    if not t.weight_decay >= 0:
+        errs.append(f"train.weight_decay={t.weight_decay} must be >= 0 (0 = no decay), e.g. train.weight_decay=0.1.")
+    for key, example in (("beta1", 0.9), ("beta2", 0.95)):
+        # AdamW divides by 1 - beta**step: beta = 1 divides by zero, beta > 1 or < 0 diverges
+        if not 0 <= getattr(t, key) < 1:
+            errs.append(f"train.{key}={getattr(t, key)} must be in [0, 1) (a moment's decay per step), "
+                        f"e.g. train.{key}={example}.")
+    if not t.grad_clip >= 0:
         errs.append(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping).")
     if t.dtype not in ("float32", "bfloat16"):
         errs.append(f"train.dtype={t.dtype!r} is not one of ['float32', 'bfloat16'].")

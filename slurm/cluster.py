@@ -7,6 +7,11 @@ under one base folder.
 Only daemons this module started are ever stopped: a pid file under the base folder whose
 process runs the expected binary (/proc/PID/exe) and names this base folder on its command
 line. Notes on what the config needs and why: ../shared/notes/local-slurm.md, docs/slurm.md.
+
+The base folder's slurm.conf and munge key decide what the daemons (started as root) run and
+whom they trust, and its default lives in /tmp: a base folder, config or key that another user
+owns or may write is refused (`check_base`). A new base folder is made 0700 with a MARKER file
+in it; `destroy_cluster(purge=True)` deletes only a folder holding that marker.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -27,10 +33,16 @@ BINARIES = ("slurmctld", "slurmd", "munged", "mungekey", "sbatch", "srun", "scon
 INSTALL_HINT = "apt-get install -y --no-install-recommends " + " ".join(PACKAGES)
 # What /proc/PID/exe of each daemon resolves to (Debian installs slurm*-wlm behind alternatives).
 _EXE = {"munged": ("munged",), "slurmctld": ("slurmctld", "slurmctld-wlm"), "slurmd": ("slurmd", "slurmd-wlm")}
+# Written by `up` into a base folder it created: `down --purge` deletes no folder without it.
+MARKER = ".tierzero-slurm"
 
 
 class ClusterError(RuntimeError):
     """The local cluster cannot be started or stopped; the message says why and what to do."""
+
+
+class BaseFolderError(ClusterError):
+    """The base folder (--dir) is not one tierzero may trust or delete: a user error."""
 
 
 @dataclass(frozen=True)
@@ -146,9 +158,15 @@ def our_pid(base: Path, label: str) -> Optional[int]:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except (OSError, ValueError, IndexError):
         return None
-    if exe.removesuffix(" (deleted)") not in _EXE[_kind(label)] or str(base) not in cmdline:
+    if exe.removesuffix(" (deleted)") not in _EXE[_kind(label)] or not _names_base(cmdline, str(base)):
         return None
     return pid
+
+
+def _names_base(cmdline: str, base: str) -> bool:
+    """Whether an argument is `base` or a path under it (`-f B/slurm.conf`, `--socket=B/munge/...`):
+    a plain substring test would take /tmp/a-2's daemons for /tmp/a's."""
+    return any(arg == base or arg.startswith(base + "/") or f"={base}/" in arg for arg in cmdline.split("\0"))
 
 
 def _alive(pid: int) -> bool:
@@ -166,6 +184,88 @@ def _stop(pid: int, timeout_s: float = 10.0) -> None:
         time.sleep(0.1)
     if _alive(pid):
         os.kill(pid, signal.SIGKILL)
+
+
+# ---- the base folder -------------------------------------------------------------------
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _base_problems(root: Path) -> List[str]:
+    """Why the base folder, its slurm.conf, munge/ or munge key cannot be trusted (empty: they can)."""
+    me = os.geteuid()
+    problems = []
+    for path, kind in ((root, "dir"), (root / "slurm.conf", "file"), (root / "munge", "dir"),
+                       (root / "munge" / "munge.key", "key"), (root / MARKER, "file")):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            problems.append(f"{path} is a symbolic link")
+        elif not (stat.S_ISDIR if kind == "dir" else stat.S_ISREG)(st.st_mode):
+            problems.append(f"{path} is not a {'folder' if kind == 'dir' else 'regular file'}")
+        elif st.st_uid != me:
+            problems.append(f"{path} is owned by {_user(st.st_uid)}, not by you, {_user(me)}")
+        elif st.st_mode & 0o022:
+            problems.append(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+        elif kind == "key" and st.st_mode & 0o077:
+            problems.append(f"{path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+        if problems and path == root:
+            break  # what lies inside a folder we do not trust is beside the point
+    return problems
+
+
+def check_base(base: str) -> Path:
+    """The resolved base folder, or BaseFolderError when it (a symbolic link to it, its slurm.conf,
+    munge/ or munge key) belongs to another user or is writable by anyone else: the config and the
+    key decide what daemons started as this user run and whom they trust."""
+    path = Path(base).absolute()
+    me = os.geteuid()
+    problems = []
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) and st.st_uid != me:
+            problems.append(f"{path} is a symbolic link owned by {_user(st.st_uid)}, not by you, {_user(me)}")
+    except FileNotFoundError:
+        pass
+    root = path.resolve()
+    problems += _base_problems(root)
+    if problems:
+        raise BaseFolderError(
+            f"refusing the base folder {root}: {'; '.join(problems)}. Its slurm.conf and munge key would decide what "
+            f"the Slurm daemons run and whom they trust. Use a folder of your own (e.g. --dir ~/tierzero-slurm; "
+            f"`tierzero slurm up` creates it, mode 0700) or, after checking what is in it, remove {root}")
+    return root
+
+
+def create_base(base: str) -> Path:
+    """The resolved base folder, checked (check_base); when it does not exist yet, created with mode
+    0700 and a MARKER file (O_EXCL|O_NOFOLLOW) that lets `down --purge` delete it later."""
+    root = check_base(base)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:  # ours already (checked above), or made a moment ago by someone else: check again
+        return check_base(base)
+    fd = os.open(root / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("created by `tierzero slurm up`; `tierzero slurm down --purge` deletes this folder\n")
+    return check_base(base)
+
+
+def _created_by_us(root: Path) -> bool:
+    try:
+        st = os.lstat(root / MARKER)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
 
 
 # ---- up / down / status --------------------------------------------------------------
@@ -203,7 +303,7 @@ def create_cluster(base: str = DEFAULT_BASE, num_nodes: int = 2, cpus_per_node: 
             raise ClusterError(f"Slurm is not installed ({', '.join(missing_binaries())} missing); install it with "
                                f"`{INSTALL_HINT}` (root), or run `tierzero slurm up --install`")
         install_packages()
-    root = Path(base).resolve()
+    root = create_base(base)
     cpus = cpus_per_node or os.cpu_count() or 1
     running = _read_spec(root)
     done: List[str] = []
@@ -260,8 +360,9 @@ def _wait_idle(spec: ClusterSpec, env, timeout_s: float) -> None:
 
 
 def destroy_cluster(base: str = DEFAULT_BASE, *, purge: bool = False) -> List[str]:
-    """Stop the daemons this module started under `base` (slurmd first, munged last)."""
-    root = Path(base).resolve()
+    """Stop the daemons this module started under `base` (slurmd first, munged last); with `purge`,
+    delete `base` too when `up` created it (its MARKER file), else BaseFolderError after stopping."""
+    root = check_base(base)
     done = []
     if our_pid(root, "slurmctld") is not None:
         done += _cancel_all_jobs(root)
@@ -273,6 +374,11 @@ def destroy_cluster(base: str = DEFAULT_BASE, *, purge: bool = False) -> List[st
             done.append(f"stopped {label} (pid {pid})")
         files[label].unlink(missing_ok=True)
     if purge and root.is_dir():
+        if not _created_by_us(root):
+            raise BaseFolderError(
+                f"{'; '.join(done) + '; ' if done else ''}not removing {root}: it holds no {MARKER} file, so "
+                f"`tierzero slurm up` did not create it and it may hold files that are not tierzero's; "
+                f"remove it yourself if it is yours")
         shutil.rmtree(root)
         done.append(f"removed {root}")
     return done or [f"nothing of ours runs under {root}"]
@@ -312,7 +418,7 @@ def leftover_job_processes(base: str) -> List[int]:
 
 def cluster_status(base: str = DEFAULT_BASE) -> List[str]:
     """One line per daemon (running or not) and, with a controller up, sinfo's view of the nodes."""
-    root = Path(base).resolve()
+    root = check_base(base)  # sinfo loads what the slurm.conf names (PluginDir): only one of ours
     if not (root / "slurm.conf").is_file():
         return [f"no cluster under {root}; start one with `tierzero slurm up --nodes 2`"]
     lines = []

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 COMMANDS = ("run", "bench")
-_MEM = re.compile(r"^\d+[KMGT]?$")
+# ASCII digits only (\d would take any Unicode digit, which Slurm does not), \Z not $ (which
+# also matches before a trailing newline).
+_MEM = re.compile(r"^[0-9]+[KMGT]?\Z")
 # Slurm's --time forms (sbatch(1)): M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
-_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+_TIME = re.compile(r"^(?:([0-9]+)-)?([0-9]+)(?::([0-9]+))?(?::([0-9]+))?\Z")
 
 
 @dataclass
@@ -106,8 +108,8 @@ class SlurmConfig:
 
 def time_limit_s(text: str) -> Optional[int]:
     """Seconds of a Slurm time limit string (sbatch(1) --time), None when malformed."""
-    m = _TIME.match(str(text).strip())
-    if not m:
+    m = _TIME.match(str(text))
+    if not m or len(str(text)) > 32:  # 32 characters hold any real limit; int() refuses > 4300 digits
         return None
     days, a, b, c = m.groups()
     if days is not None:  # D-H, D-H:M, D-H:M:S

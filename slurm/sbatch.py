@@ -10,7 +10,10 @@ NCCL installs its own SIGUSR1 handler.
 
 Every config value that reaches the shell body is quoted with shlex.quote; values that reach
 an `#SBATCH` line (which sbatch, not bash, parses) must be one line and are double-quoted when
-they hold blanks. `slurm.setup` lines are shell code by design and are used verbatim.
+they hold blanks. sbatch's own parser (src/sbatch/opt.c, _get_argument) ends an option at an
+unquoted `#` and drops every backslash (taking the next character as is), so a value with
+either is refused, naming its key, rather than cut. `slurm.setup` lines are shell code by
+design and are used verbatim.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ class ScriptSpec:
 
 
 _BAD_CHARS = re.compile(r"[\n\r\x00]")
-_SIGNAL = re.compile(r"^(?:SIG)?([A-Z][A-Z0-9]*)$")
+_SIGNAL = re.compile(r"^(?:SIG)?([A-Z][A-Z0-9]*)\Z")
+_CUT = "'#', where sbatch's #SBATCH parser ends the option (the rest of the line is a comment)"
+_MANGLED = "a backslash, which sbatch's #SBATCH parser drops (taking the next character as it is)"
 
 
 def signal_name(sig: str) -> str:
@@ -68,9 +73,36 @@ def _one_line(key: str, value: str, problems: List[str]) -> bool:
     return True
 
 
+def _sbatch_chars(key: str, value: str, problems: List[str], where: str = "") -> bool:
+    """False (and a problem naming `key`) when sbatch's parser would cut or change `value` on an
+    #SBATCH line: a '#' (it is never quoted there) or a backslash."""
+    for char, what in (("\\", _MANGLED), ("#", f"a {_CUT}")):
+        if char in value:
+            problems.append(f"{key}={value!r} holds {what}; {where or 'it goes on an #SBATCH line'}, so sbatch "
+                            f"would not get it as written. Give {key} without {char!r}.")
+            return False
+    return True
+
+
+def _extra_sbatch_problem(item: str) -> Optional[str]:
+    """What sbatch's #SBATCH parser would cut or mangle in one slurm.extra_sbatch item, and the fix
+    (the item is written as on the command line: its quotes are sbatch's to read), or None."""
+    quote = None
+    for char in item:
+        if char == "\\":
+            return f"{_MANGLED}; drop the backslash"
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char == "#":
+            return f"an unquoted {_CUT}; quote a '#' that belongs in a value, e.g. --comment=\"run #3\""
+    return f"an unmatched {quote}, on which sbatch stops ('Unmatched {quote}'); balance the quotes" if quote else None
+
+
 def _sbatch_value(key: str, value: str, problems: List[str]) -> str:
     """A value as sbatch's own #SBATCH parser reads it: one line, quoted when it has blanks."""
-    if not _one_line(key, value, problems):
+    if not _one_line(key, value, problems) or not _sbatch_chars(key, value, problems):
         return ""
     if not re.search(r"[\s\"']", value):
         return value
@@ -133,9 +165,13 @@ def script_problems(slurm: SlurmConfig, spec: ScriptSpec) -> List[str]:
         _one_line(f"slurm.setup[{i}]", str(line), problems)
     for i, item in enumerate(slurm.extra_sbatch):
         item = str(item)
-        if _one_line(f"slurm.extra_sbatch[{i}]", item, problems) and not item.startswith("-"):
+        if not _one_line(f"slurm.extra_sbatch[{i}]", item, problems):
+            continue
+        if not item.startswith("-"):
             problems.append(f"slurm.extra_sbatch[{i}]={item!r} is not an sbatch option; write it as on the sbatch "
                             "command line, e.g. --mail-type=END")
+        elif _extra_sbatch_problem(item):
+            problems.append(f"slurm.extra_sbatch[{i}]={item!r} holds {_extra_sbatch_problem(item)}.")
     try:
         shlex.split(slurm.program)
     except ValueError as e:
@@ -144,8 +180,12 @@ def script_problems(slurm: SlurmConfig, spec: ScriptSpec) -> List[str]:
         signal_name(spec.requeue_signal)
     except SbatchError as e:
         problems += e.problems
+    output_in_run_dir = not (slurm.output or "").startswith("/")
+    run_dir_ok = not output_in_run_dir or _sbatch_chars(
+        "run.dir", spec.run_dir, problems,
+        where="Slurm's log file goes inside it (#SBATCH --output; or give an absolute slurm.output elsewhere)")
     for key, value in sbatch_options(slurm, spec, []):
-        if value is not None:
+        if value is not None and (key != "output" or run_dir_ok):
             _sbatch_value(f"slurm.{key.replace('-', '_')}", value, problems)
     return list(dict.fromkeys(problems))
 

@@ -16,7 +16,7 @@ class TelemetryConfig:
     enabled: bool = True
     """Write Parquet telemetry (steps, events, node samples); false makes every telemetry call a no-op."""
     dir: Optional[str] = None
-    """None = <run.dir>/telemetry; any fsspec URL (file://, memory://, s3://)."""
+    """None = <run.dir>/telemetry; a local path, or a file://, memory:// (one process) or s3:// URL."""
     flush_every_s: float = 10.0
     """Seconds between background flushes: a rank killed with SIGKILL loses at most this many seconds of rows."""
     peak_tflops: Optional[float] = None

@@ -4,6 +4,10 @@ The training loop only appends to a list under a lock; a daemon thread turns the
 into one new Parquet file per flush. A file is written under a hidden temporary name
 and renamed into place, so every `*.parquet` file is complete at every moment and a
 rank killed with SIGKILL loses only the rows of the current flush period.
+
+Telemetry never stops training: a flush that cannot reach storage (disk full, permission
+denied, a read-only folder, an unreachable URL) keeps its rows for the next flush, at most
+`max_pending_rows` of them (the oldest are dropped beyond that), and says so once per table.
 """
 
 from __future__ import annotations
@@ -11,15 +15,19 @@ from __future__ import annotations
 import atexit
 import datetime
 import difflib
+import errno
 import logging
 import os
 import re
+import secrets
+import tempfile
 import threading
 from typing import Any, Callable, Optional
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from tierzero.telemetry import schema as telemetry_schema
 from tierzero.telemetry.config import TelemetryConfig
@@ -36,6 +44,13 @@ _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az", "adl"})
 
 # Events that usually precede the death of the process: written at once, not at the next flush.
 _URGENT_EVENT_KINDS = frozenset({"error", "signal"})
+
+# Rows of one table kept in memory while its storage fails: a steps row is ~1 KB as a dict,
+# so a few MB per table at most; beyond it the oldest rows are dropped (and counted).
+MAX_PENDING_ROWS = 10_000
+
+# os.link errors meaning "this filesystem has no hard links" (then a part is published by rename).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK, errno.EXDEV})
 
 
 def _now() -> datetime.datetime:
@@ -100,18 +115,39 @@ class TableWriter:
     Files land in `<root>/<table>/run=<run>/attempt=<a>/rank=<r>/part-00012.parquet`,
     numbered after the highest part already in that folder. Nothing is created before
     the first non-empty flush.
+
+    A storage failure never raises out of flush() or close(): the rows stay buffered for
+    the next flush (at most `max_pending_rows`; beyond it the oldest are dropped, counted in
+    `num_dropped`). The first failure is reported once: by `on_failure(writer, error)` when
+    given (Telemetry), else as one warning naming the table, the folder and the error.
+    After close(), `num_lost` is the number of rows never written; without on_failure,
+    close() warns with it when it is not 0.
     """
 
-    def __init__(self, root: str, table: str, schema: pa.Schema, partition: dict, flush_every_s: float):
+    def __init__(self, root: str, table: str, schema: pa.Schema, partition: dict, flush_every_s: float, *,
+                 max_pending_rows: int = MAX_PENDING_ROWS,
+                 on_failure: Optional[Callable[["TableWriter", BaseException], None]] = None):
         if not flush_every_s > 0:
             raise ValueError(f"telemetry.flush_every_s={flush_every_s} must be > 0; set e.g. telemetry.flush_every_s=10")
+        if max_pending_rows < 1:
+            raise ValueError(f"max_pending_rows={max_pending_rows} must be >= 1")
         self.table = table
         self.schema = schema
         self.flush_every_s = flush_every_s
-        self._fs, root_path = fsspec.core.url_to_fs(root)
-        self.dir = table_path(root_path, table, **partition)
-        protocols = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
-        self._direct_put = bool(_OBJECT_STORES.intersection(protocols))
+        self.max_pending_rows = max_pending_rows
+        self._on_failure = on_failure
+        self._root = root
+        self._partition = partition
+        # Connected at the first flush, not here (record() never touches storage); connecting may
+        # itself fail (an unreachable ftp:// or s3:// endpoint): then the next flush tries again.
+        self._fs = None
+        self.dir = table_path(root, table, **partition)
+        self._direct_put = False
+        self._local = False
+        self.error: Optional[str] = None  # the latest storage error, None once a flush succeeds again
+        self.num_dropped = 0  # rows dropped beyond max_pending_rows while storage failed
+        self.num_lost = 0  # set by close(): rows never written (dropped, or still unwritten at the end)
+        self._warned = False
         self._columns = _Columns(table, schema)
         # Re-entrant: a signal handler may append or flush while the main thread holds a lock.
         self._rows_lock = threading.RLock()
@@ -140,7 +176,8 @@ class TableWriter:
             self._rows.append(converted)
 
     def flush(self) -> Optional[str]:
-        """Write the buffered rows as one new file; returns its path, or None when nothing was buffered."""
+        """Write the buffered rows as one new file; returns its path, or None when nothing was written
+        (nothing buffered, or the storage failed: then the rows stay buffered for the next flush)."""
         if os.getpid() != self._pid:  # a forked child (data-loader worker) owns none of these rows
             return None
         with self._flush_lock:
@@ -149,14 +186,25 @@ class TableWriter:
             if not rows:
                 return None
             try:
-                return self._write(rows)
+                # Rows were checked and coerced on append: a failure here is a bug, not storage.
+                table = pa.Table.from_pylist(rows, schema=self.schema)
             except BaseException:
-                with self._rows_lock:  # keep them for the next try, in order
-                    self._rows[:0] = rows
+                self._keep(rows)
                 raise
+            try:
+                path = self._write(table)
+            except Exception as e:
+                self._keep(rows)
+                self._failed(e)
+                return None
+            except BaseException:  # KeyboardInterrupt, SystemExit from a signal handler: keep the rows, go on up
+                self._keep(rows)
+                raise
+            self.error = None
+            return path
 
     def close(self) -> None:
-        """Stop the flush thread and write what is buffered. Idempotent."""
+        """Stop the flush thread and write what is buffered (never raises for storage). Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -165,19 +213,64 @@ class TableWriter:
         if self._thread is not threading.current_thread():
             self._thread.join()
         self.flush()
+        with self._rows_lock:
+            self.num_lost = self.num_dropped + len(self._rows)
+            self._rows = []
+        if self.num_lost and self._on_failure is None and os.getpid() == self._pid:
+            logger.warning("telemetry: %d %s row(s) were never written to %s (%s)", self.num_lost, self.table,
+                           self.dir, self.error or "storage failed earlier")
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_every_s):
             try:
                 self.flush()
-            except Exception:  # storage hiccup: rows stay buffered for the next period
-                logger.warning("telemetry flush to %s failed; retrying in %ss", self.dir, self.flush_every_s, exc_info=True)
+            except Exception:  # a bug (storage errors never leave flush): log it, keep the thread
+                logger.exception("telemetry flush of %s to %s failed", self.table, self.dir)
 
-    def _write(self, rows: list[dict]) -> str:
-        table = pa.Table.from_pylist(rows, schema=self.schema)
+    def _keep(self, rows: list[dict]) -> None:
+        """Put unwritten rows back in front, in order, keeping at most max_pending_rows (the newest)."""
+        with self._rows_lock:
+            self._rows[:0] = rows
+            excess = len(self._rows) - self.max_pending_rows
+            if excess > 0:
+                del self._rows[:excess]
+                self.num_dropped += excess
+
+    def _failed(self, error: BaseException) -> None:
+        self.error = f"{type(error).__name__}: {error}"
+        if self._warned:
+            return
+        self._warned = True
+        if self._on_failure is None:
+            logger.warning("telemetry: cannot write table %s to %s (%s); %s", self.table, self.dir, self.error,
+                           self.keeping())
+            return
+        try:
+            self._on_failure(self, error)
+        except Exception:  # reporting a failure must not become one
+            logger.debug("telemetry on_failure callback failed", exc_info=True)
+
+    def keeping(self) -> str:
+        """What happens to the rows while storage fails, for messages."""
+        return (f"training goes on, the rows are kept for the next flush (at most {self.max_pending_rows} a table, "
+                "then the oldest are dropped)")
+
+    def _connect(self) -> None:
+        fs, root_path = fsspec.core.url_to_fs(self._root)
+        protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+        self._direct_put = bool(_OBJECT_STORES.intersection(protocols))
+        self._local = isinstance(fs, LocalFileSystem)
+        self.dir = table_path(root_path, self.table, **self._partition)
+        self._fs = fs
+
+    def _write(self, table: pa.Table) -> str:
+        if self._fs is None:
+            self._connect()
         if self._next_part is None:
             self._fs.makedirs(self.dir, exist_ok=True)
             self._next_part = self._highest_part() + 1
+        if self._local:
+            return self._write_local(table)
         name = f"part-{self._next_part:05d}.parquet"
         final = f"{self.dir}/{name}"
         if self._direct_put:
@@ -185,12 +278,49 @@ class TableWriter:
                 pq.write_table(table, f)
         else:
             # Hidden name (leading '.', no .parquet suffix): every reader and glob skips it.
-            tmp = f"{self.dir}/.{name}.tmp"
-            with self._fs.open(tmp, "wb") as f:
-                pq.write_table(table, f)
-            self._fs.mv(tmp, final)
+            # Unpredictable, so nobody can plant something at it in advance.
+            tmp = f"{self.dir}/.{name}.{secrets.token_hex(8)}.tmp"
+            try:
+                with self._fs.open(tmp, "wb") as f:
+                    pq.write_table(table, f)
+                self._fs.mv(tmp, final)
+            except BaseException:
+                _try(lambda: self._fs.rm(tmp))
+                raise
         self._next_part += 1
         return final
+
+    def _write_local(self, table: pa.Table) -> str:
+        # mkstemp creates a new file (O_CREAT|O_EXCL, mode 0600) under a random hidden name (leading
+        # '.', no .parquet suffix: every reader skips it): a symlink or file someone planted in the
+        # folder is never followed or overwritten.
+        fd, tmp = tempfile.mkstemp(prefix=f".part-{self._next_part:05d}.parquet.", suffix=".tmp", dir=self.dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pq.write_table(table, f)
+            os.chmod(tmp, 0o666 & ~_umask())  # what a plain open() would have given the part file
+            final = self._publish(tmp)
+        finally:
+            _try(lambda: os.unlink(tmp))
+        self._next_part += 1
+        return final
+
+    def _publish(self, tmp: str) -> str:
+        """Give `tmp` the next free part name without replacing a part another writer of this
+        partition put there since (a hard link fails on an existing name; rename would not)."""
+        for _ in range(100):
+            final = f"{self.dir}/part-{self._next_part:05d}.parquet"
+            try:
+                os.link(tmp, final)
+                return final
+            except FileExistsError:
+                self._next_part = max(self._next_part, self._highest_part()) + 1
+            except OSError as e:
+                if e.errno not in _NO_HARD_LINKS:
+                    raise
+                os.replace(tmp, final)  # a filesystem without hard links: the plain rename
+                return final
+        raise FileExistsError(f"no free part name in {self.dir} after 100 tries")
 
     def _highest_part(self) -> int:
         highest = -1
@@ -199,6 +329,22 @@ class TableWriter:
             if match:
                 highest = max(highest, int(match.group(1)))
         return highest
+
+
+def _try(action: Callable[[], Any]) -> None:
+    try:
+        action()
+    except Exception:  # cleanup after a failure already being reported
+        pass
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask would race other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0o022
 
 
 class Telemetry:
@@ -210,6 +356,9 @@ class Telemetry:
     `peak_tflops` is the recipe's measured device peak, used when telemetry.peak_tflops is
     unset; without either, the CPU matmul peak is measured once, when first needed.
     The tables and their derived columns are read from schema.py when this is constructed.
+    Storage failures never raise out of flush(), event() or close() (see TableWriter): each
+    table's first one is a warning on stderr and, while events can still be written, a
+    `warning` event naming the table, the folder and the error.
     """
 
     def __init__(
@@ -234,6 +383,8 @@ class Telemetry:
         self._derived = {name: tuple(derived.items()) for name, derived in telemetry_schema.DERIVED.items()}
         self._writers: dict[str, TableWriter] = {}
         self._writers_lock = threading.RLock()  # re-entrant for signal handlers
+        self._warned: set = set()  # kinds of storage error already reported on stderr
+        self._pid = os.getpid()
         self._sampler: Optional[NodeSampler] = None
         self._process = None
         self._closed = False
@@ -290,7 +441,7 @@ class Telemetry:
         if writer is not None and (flush or (flush is None and kind in _URGENT_EVENT_KINDS)):
             try:
                 writer.flush()
-            except Exception:  # the caller is likely handling a failure already
+            except Exception:  # a bug, not storage; the caller is likely handling a failure already
                 logger.warning("could not write the %s event to %s", kind, writer.dir, exc_info=True)
 
     def start_node_sampler(self) -> None:
@@ -301,8 +452,8 @@ class Telemetry:
         self._sampler.start()
 
     def flush(self) -> None:
-        """Write every buffered row now."""
-        for writer in list(self._writers.values()):
+        """Write every buffered row now. A storage failure does not raise: the rows stay buffered (TableWriter)."""
+        for writer in self._events_last():
             writer.flush()
 
     def close(self) -> None:
@@ -312,8 +463,36 @@ class Telemetry:
         self._closed = True
         if self._sampler is not None:
             self._sampler.stop()
-        for writer in list(self._writers.values()):
+        writers = self._events_last()
+        for writer in writers:
             writer.close()
+        lost = [writer for writer in writers if writer.num_lost]
+        if lost and os.getpid() == self._pid:
+            logger.warning("telemetry: rows never written to %s: %s (%s)", self.root,
+                           ", ".join(f"{writer.num_lost} {writer.table}" for writer in lost),
+                           "; ".join(sorted({writer.error or "storage failed earlier" for writer in lost})))
+
+    def _events_last(self) -> list[TableWriter]:
+        # events go last: a warning another table's failed flush just recorded is written with them
+        with self._writers_lock:
+            return sorted(self._writers.values(), key=lambda writer: writer.table == "events")
+
+    def _storage_failed(self, failed: TableWriter, error: BaseException) -> None:
+        """A table's first storage failure: one stderr warning per kind of error (a full disk fails
+        every table alike) and, for a table other than events, a `warning` event, written when events can be."""
+        message = f"telemetry: cannot write table {failed.table} to {failed.dir} ({failed.error}); {failed.keeping()}"
+        kind = (type(error).__name__, getattr(error, "errno", None))
+        with self._writers_lock:
+            if kind not in self._warned:
+                self._warned.add(kind)
+                logger.warning("%s; other tables failing alike are not reported again", message)
+            if failed.table == "events":  # the stderr warning is all there is
+                return
+            events = self._writers.get("events")
+            if events is None and not self._closed:
+                events = self._writer("events")
+        if events is not None and not events._closed:
+            events._append_checked({"kind": "warning", "host": self.host, "step": None, "detail": message})
 
     def __enter__(self) -> "Telemetry":
         return self
@@ -331,6 +510,7 @@ class Telemetry:
             writer = self._writers.get(table)
             if writer is None:
                 partition = {"run": self.run, "attempt": self.attempt, "rank": self.rank}
-                writer = TableWriter(self.root, table, self._columns[table].schema, partition, self.cfg.flush_every_s)
+                writer = TableWriter(self.root, table, self._columns[table].schema, partition, self.cfg.flush_every_s,
+                                     on_failure=self._storage_failed)
                 self._writers[table] = writer
             return writer

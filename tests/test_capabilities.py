@@ -4,6 +4,7 @@ the keys and the fix, nothing on disk, no rank spawned, never restarted (paralle
 from __future__ import annotations
 
 import subprocess
+from types import SimpleNamespace
 import sys
 import time
 
@@ -47,7 +48,8 @@ def no_ranks(monkeypatch):
     def spawn(*args, **kwargs):
         raise AssertionError(f"a rank was spawned: {args[0] if args else kwargs}")
 
-    monkeypatch.setattr(supervisor.subprocess, "Popen", spawn)
+    # the supervisor's view of subprocess only: the test itself may still start processes
+    monkeypatch.setattr(supervisor, "subprocess", SimpleNamespace(Popen=spawn, TimeoutExpired=TimeoutError))
 
 
 @pytest.mark.parametrize("what,args,words", CASES, ids=[c[0] for c in CASES])

@@ -225,3 +225,14 @@ def test_store_retention_and_torn_saves_on_s3(s3):
     read = store.reader(path, store.manifest(path))
     assert read("w", 2, 3).tolist() == [10.0, 15.0, 20.0]
     assert s3.get_object(Bucket=BUCKET, Key="store/ckpt/LATEST")["Body"].read() == b"step-00000005\n"
+
+
+def test_a_bucket_that_cannot_be_reached_is_a_config_error_before_anything_runs(s3, tmp_path):
+    """checkpoint.dir / telemetry.dir on a bucket these credentials cannot use: exit 2 naming
+    the key and the bucket, no run folder, no rank started (it used to be a traceback from every
+    rank at its first save, after the run folder and telemetry were written)."""
+    for key in ("checkpoint.dir", "telemetry.dir"):
+        r = run_cli(["run", "dense_tiny_cpu", "launcher.nproc=2", f"{key}=s3://tierzero-no-such-bucket/x"], tmp_path,
+                    expect=2)
+        assert f"{key}=s3://tierzero-no-such-bucket/x: the bucket 'tierzero-no-such-bucket' is not usable" in r.stderr
+        assert "Traceback" not in r.stderr and list(tmp_path.iterdir()) == []

@@ -106,15 +106,15 @@ def test_a_supervised_rank_says_so():
     'supervised' (not a torchrun rank), with its attempt and its supervisor's pid."""
     from tierzero.launcher.envvars import SupervisedRank
 
-    who = SupervisedRank(rank=3, world_size=4, local_rank=3, local_world_size=4, node_rank=1, master_addr="10.77.0.1",
-                         master_port=29511, attempt=2, supervisor_pid=4242)
+    who = SupervisedRank(rank=3, world_size=4, local_rank=3, local_world_size=4, node_rank=1,
+                         store="/runs/r/.rendezvous-2-x", attempt=2, supervisor_pid=4242)
     env = who.to_env()
     assert all(k.startswith("TIERZERO_") for k in env) and "RANK" not in env
     launch = detect_launch(env)
     assert (launch.mode, launch.supervised, launch.rank, launch.world_size, launch.node_rank) == \
         ("supervised", True, 3, 4, 1)
-    assert (launch.master_addr, launch.master_port, launch.restart_count, launch.supervisor_pid) == \
-        ("10.77.0.1", 29511, 2, 4242)
+    assert (launch.store, launch.master_addr, launch.restart_count, launch.supervisor_pid) == \
+        ("/runs/r/.rendezvous-2-x", None, 2, 4242)
     # it wins over whatever launcher started the supervisor itself
     assert detect_launch({**env, "RANK": "0", "WORLD_SIZE": "8"}).mode == "supervised"
     assert not detect_launch({"RANK": "0", "WORLD_SIZE": "2"}).supervised

@@ -6,11 +6,14 @@ The same scripts run on a real Slurm in tests/test_slurm_cluster.py.
 """
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict
 
 import pytest
 
@@ -187,6 +190,77 @@ def test_sbatch_values_with_blanks_are_quoted_for_sbatch():
 def test_extra_sbatch_must_be_an_option():
     with pytest.raises(SbatchError, match=r"slurm.extra_sbatch\[0\]='mail-type=END' is not an sbatch option"):
         render_sbatch(SlurmConfig(extra_sbatch=["mail-type=END"]), SPEC)
+
+
+# ---- what sbatch's own #SBATCH parser reads back -----------------------------------------------
+
+_SBATCH_OPTION = re.compile(r"^sbatch: (\S+)\s*: (.*)$")
+
+
+def _sbatch_reads(tmp_path: Path, text: str) -> Dict[str, str]:
+    """The options a real sbatch reads from the #SBATCH lines of `text`: `sbatch -vv` lists them
+    ("defined options") before it looks for a controller, of which there is none here."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=tz\nSlurmctldHost=localhost\nNodeName=n1 CPUs=1\nPartitionName=p Nodes=n1\n")
+    script = tmp_path / "job.sh"
+    script.write_text(text)
+    p = subprocess.Popen([shutil.which("sbatch"), "-vv", "--test-only", str(script)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, SLURM_CONF=str(conf)),
+                         start_new_session=True)
+    options: Dict[str, str] = {}
+    try:
+        for line in p.stderr:
+            if line.startswith("sbatch: end of defined options") or "fatal" in line:
+                break
+            m = _SBATCH_OPTION.match(line.rstrip("\n"))
+            if m and not m.group(1).startswith("-"):
+                options[m.group(1)] = m.group(2)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    return options
+
+
+SBATCH_VALUES = ["plain", "with blank", "it's", 'say "hi"', "a%j", "$HOME;`id`", "ünï", "gpu#2", "a\\b", "proj\\",
+                 "#lead", "a # b"]
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="needs Slurm's sbatch (apt: slurm-client)")
+@pytest.mark.parametrize("value", SBATCH_VALUES)
+def test_sbatch_reads_every_value_as_written_or_the_key_is_refused(value, tmp_path):
+    keys = ("partition", "account", "qos", "constraint", "job_name")
+    slurm = SlurmConfig(**{key: value for key in keys})
+    try:
+        text = render_sbatch(slurm, SPEC)
+    except SbatchError as e:
+        assert all(f"slurm.{key}=" in str(e) for key in keys), str(e)
+        return
+    reads = _sbatch_reads(tmp_path, text)
+    assert {key: reads.get(key.replace("_", "-")) for key in keys} == {key: value for key in keys}, text
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="needs Slurm's sbatch (apt: slurm-client)")
+@pytest.mark.parametrize("run_dir", ["/scratch/tz/run", "/scratch/with blank/run", "/scratch/x#y/run",
+                                     "/scratch/a\\b/run", "/scratch/100%/run"])
+def test_sbatch_reads_the_log_path_in_the_run_dir_or_run_dir_is_refused(run_dir, tmp_path):
+    spec = ScriptSpec(run_name="r", run_dir=run_dir, config_path=run_dir + "/config.yaml")
+    try:
+        text = render_sbatch(SlurmConfig(), spec)
+    except SbatchError as e:
+        assert "run.dir=" in str(e) and "Slurm's log file" in str(e), str(e)
+        return
+    assert _sbatch_reads(tmp_path, text)["output"] == run_dir.replace("%", "%%") + "/slurm-%j.out"
+
+
+@pytest.mark.parametrize("item,ok", [("--comment=\"run #3\"", True), ("--comment='a # b'", True),
+                                     ("--comment=run#3", False), ("--comment=a\\b", False),
+                                     ("--comment=\"open", False), ("--mail-type=END", True)])
+def test_extra_sbatch_items_sbatch_would_cut_are_refused(item, ok):
+    if ok:
+        assert f"#SBATCH {item}" in render_sbatch(SlurmConfig(extra_sbatch=[item]), SPEC)
+    else:
+        with pytest.raises(SbatchError, match=r"slurm.extra_sbatch\[0\]="):
+            render_sbatch(SlurmConfig(extra_sbatch=[item]), SPEC)
 
 
 def test_ranks_exit_75_requeues_the_job(tmp_path):

@@ -7,8 +7,10 @@ binaries are missing (CI installs them: .ci/run).
 """
 
 import json
+import os
 import shlex
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -287,3 +289,96 @@ def test_bench_sweep_job_array_writes_one_run_dir(cluster, tmp_path):
                    and row["size_bytes"] == top and row["placement"] == "in"]
         assert float(cell) == pytest.approx(want, abs=5e-4), (nodes, cell, want)
     assert (run_dir / "report" / "busbw_vs_nodes.png").stat().st_size > 0
+
+
+# ---- the base folder: whose it is decides whether `up` trusts it and `down --purge` deletes it ----
+# No cluster needed: each refusal comes before any daemon starts.
+
+def _cli_slurm(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tierzero.launcher.cli", "slurm", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def _stop_ours(base: Path) -> None:
+    """Stop daemons started under `base` (the code before the base-folder checks started them)."""
+    for label in _pid_files(base):
+        pid = our_pid(base, label)
+        if pid is not None:
+            os.kill(pid, 15)
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.lstat().st_mode, p.lstat().st_uid, p.lstat().st_size)
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_up_status_down_refuse_a_base_folder_of_another_user(tmp_path):
+    """Another user's /tmp/tierzero-slurm with its own munge key and a slurm.conf that is a symlink:
+    `up` (as root) used to start the daemons on that key and write its config through the symlink."""
+    if os.geteuid() != 0:
+        pytest.skip("making a folder owned by another user needs root")
+    victim = tmp_path / "victim"
+    victim.write_text("not a slurm.conf\n")
+    base = tmp_path / "theirs"
+    (base / "munge").mkdir(parents=True)
+    (base / "slurm.conf").symlink_to(victim)
+    (base / "munge" / "munge.key").write_bytes(os.urandom(1024))
+    for path in (base, base / "munge", base / "munge" / "munge.key", base / "slurm.conf"):
+        os.lchown(path, 65534, 65534)
+    base.chmod(0o777)
+    before = _tree(base)
+    port = _free_port_block(2)
+    try:
+        for args in (["up", "--nodes", "1", "--port", str(port)], ["status"], ["down", "--purge"]):
+            r = _cli_slurm(*args, "--dir", str(base))
+            assert r.returncode == 2, (args, r.stdout, r.stderr)
+            assert "Traceback" not in r.stderr and r.stdout == ""
+            assert f"refusing the base folder {base}: {base} is owned by user nobody (uid 65534)" in r.stderr
+            assert "--dir" in r.stderr and f"remove {base}" in r.stderr
+        assert victim.read_text() == "not a slurm.conf\n" and _tree(base) == before
+        assert not any(our_pid(base, label) for label in _pid_files(base))
+    finally:
+        _stop_ours(base)
+
+
+@pytest.mark.parametrize("case", ["folder world-writable", "key readable by others", "conf a symlink"])
+def test_up_refuses_a_base_folder_others_can_change(tmp_path, case):
+    base = tmp_path / "base"
+    (base / "munge").mkdir(parents=True)
+    base.chmod(0o700)
+    key = base / "munge" / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o600)
+    if case == "folder world-writable":
+        base.chmod(0o777)
+        want = f"{base} is writable by group or others (mode 777)"
+    elif case == "key readable by others":
+        key.chmod(0o644)
+        want = f"{key} is readable by group or others (mode 644)"
+    else:
+        (base / "slurm.conf").symlink_to(tmp_path / "elsewhere.conf")
+        want = f"{base / 'slurm.conf'} is a symbolic link"
+    before = _tree(base)
+    try:
+        r = _cli_slurm("up", "--nodes", "1", "--port", str(_free_port_block(2)), "--dir", str(base))
+    finally:
+        _stop_ours(base)
+    assert r.returncode == 2 and want in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert _tree(base) == before and not (tmp_path / "elsewhere.conf").exists()
+
+
+def test_a_new_base_is_private_and_only_a_base_up_created_is_purged(tmp_path):
+    from tierzero.slurm.cluster import MARKER, create_base
+
+    base = create_base(str(tmp_path / "new" / "base"))  # what `up` does first
+    assert stat.S_IMODE(base.stat().st_mode) == 0o700 and (base / MARKER).is_file()
+    r = _cli_slurm("down", "--purge", "--dir", str(base))
+    assert r.returncode == 0 and f"removed {base}" in r.stdout and not base.exists(), r.stderr
+
+    mine = tmp_path / "thesis"  # a folder of the user's own, named by mistake
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("\\chapter{One}\n")
+    r = _cli_slurm("down", "--purge", "--dir", str(mine))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"not removing {mine}: it holds no {MARKER} file" in r.stderr
+    assert (mine / "chapter1.tex").read_text() == "\\chapter{One}\n"
