@@ -66,7 +66,7 @@ class FakeCheckpointer:
         self.saves[step] = dict(state, optimizer_steps=engine.step_count)
 
     def wait(self) -> None:
-        pass
+        return None  # saves are synchronous here
 
     def resume(self, engine, mode=None):
         if not self.saves:
