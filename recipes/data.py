@@ -67,6 +67,30 @@ def _check_indices(indices) -> np.ndarray:
 # Synthetic language: a sparse random Markov chain
 
 
+def stationary_distribution(next_tokens: np.ndarray, next_probs: np.ndarray, *, tol: float = 1e-15,
+                            max_iters: int = 1_000_000) -> np.ndarray:
+    """The unique pi with pi P = pi, sum(pi) = 1, for the sparse chain P[s, next_tokens[s, j]] =
+    next_probs[s, j] (irreducible: every row holds s + 1).
+
+    Power iteration on the lazy chain (I + P) / 2, which has the same stationary distribution
+    and is aperiodic, so it converges from any start; each iteration is one O(V k) scatter-add.
+    A dense solve is O(V^3) flops and V^2 memory: ~20 GB and minutes at V = 50,304.
+    """
+    V = next_tokens.shape[0]
+    flat = next_tokens.ravel()
+    pi = np.full(V, 1.0 / V)
+    for _ in range(max_iters):
+        new = 0.5 * pi + 0.5 * np.bincount(flat, weights=(pi[:, None] * next_probs).ravel(), minlength=V)
+        new /= new.sum()
+        change = np.abs(new - pi).sum()
+        pi = new
+        if change < tol:
+            break
+    else:
+        logger.warning("stationary distribution: %d iterations left an L1 change of %.1e", max_iters, change)
+    return pi
+
+
 class MarkovChain:
     """A seeded sparse first-order Markov chain over `vocab_size` tokens.
 
@@ -83,29 +107,26 @@ class MarkovChain:
         rng = np.random.default_rng(seed)
         V, k = vocab_size, successors
         nxt = np.empty((V, k), dtype=np.int64)
+        nxt[:, 0] = (np.arange(V) + 1) % V  # the forced successor
         for s in range(V):
+            # k - 1 distinct others, drawn from the V - 1 tokens other than the forced one: index
+            # j stands for token j below the forced one and j + 1 from it on (the same draws as
+            # rng.choice over that list, without building it: O(k) per row, not O(V))
             forced = (s + 1) % V
-            others = np.delete(np.arange(V), forced)
-            nxt[s, 0] = forced
-            nxt[s, 1:] = rng.choice(others, size=k - 1, replace=False)
+            j = rng.choice(V - 1, size=k - 1, replace=False)
+            nxt[s, 1:] = np.where(j < forced, j, j + 1)
         probs = rng.dirichlet(np.full(k, concentration), size=V)  # [V, k], float64
         self.next_tokens = nxt  # [V, k]: the possible successors of each token
         self.next_probs = probs  # [V, k]: their probabilities
-        self.transition = np.zeros((V, V), dtype=np.float64)  # dense P[s, s']
-        np.add.at(self.transition, (np.repeat(np.arange(V), k), nxt.ravel()), probs.ravel())
-        self.stationary = self._solve_stationary(self.transition)
+        self.stationary = stationary_distribution(nxt, probs)
 
-    @staticmethod
-    def _solve_stationary(P: np.ndarray) -> np.ndarray:
-        """The unique pi with pi P = pi and sum(pi) = 1: (P^T - I) pi = 0 with one row replaced by sum = 1."""
-        V = P.shape[0]
-        A = P.T - np.eye(V)
-        A[-1, :] = 1.0
-        b = np.zeros(V)
-        b[-1] = 1.0
-        pi = np.linalg.solve(A, b)
-        pi = np.clip(pi, 0.0, None)  # round-off can leave -1e-17
-        return pi / pi.sum()
+    @property
+    def transition(self) -> np.ndarray:
+        """The dense [V, V] matrix P[s, s'] (for tests and small vocabularies: V^2 floats)."""
+        V, k = self.vocab_size, self.successors
+        P = np.zeros((V, V), dtype=np.float64)
+        np.add.at(P, (np.repeat(np.arange(V), k), self.next_tokens.ravel()), self.next_probs.ravel())
+        return P
 
     def row_entropies_nats(self) -> np.ndarray:
         """H(P(s, .)) for every s, with 0 log 0 = 0."""
@@ -139,26 +160,25 @@ class MarkovDataset:
     def entropy_floor_nats(self) -> float:
         return self.chain.entropy_rate_nats()
 
-    def _uniforms(self, sample_keys: np.ndarray, position: int) -> np.ndarray:
-        with np.errstate(over="ignore"):
-            return _to_unit(splitmix64(sample_keys + np.uint64(position) * _GOLDEN))
-
     def samples(self, indices) -> torch.Tensor:
         """LongTensor [n, seq_len + 1] of the samples at `indices` (int64, >= 0)."""
         indices = _check_indices(indices)
-        n, k = indices.size, self.chain.successors
-        # One key per sample, then one hash per (sample, position).
+        n, k, L = indices.size, self.chain.successors, self.seq_len + 1
+        # One key per sample, then one uniform per (sample, position), all positions at once.
         with np.errstate(over="ignore"):
             sample_keys = splitmix64(self._stream_key + indices.astype(np.uint64) * _MIX1)
-        out = np.empty((n, self.seq_len + 1), dtype=np.int64)
-        u = self._uniforms(sample_keys, 0)
-        first = np.searchsorted(self._stationary_cdf, u, side="right")
+            u = _to_unit(splitmix64(sample_keys[:, None] + np.arange(L, dtype=np.uint64)[None, :] * _GOLDEN))
+        out = np.empty((n, L), dtype=np.int64)
+        first = np.searchsorted(self._stationary_cdf, u[:, 0], side="right")
         out[:, 0] = np.minimum(first, self.vocab_size - 1)  # cdf[-1] may round to 1 - eps
-        for pos in range(1, self.seq_len + 1):
-            cur = out[:, pos - 1]
-            u = self._uniforms(sample_keys, pos)
-            choice = (self._row_cdf[cur] <= u[:, None]).sum(axis=1)  # inverse CDF, [n]
-            out[:, pos] = self.chain.next_tokens[cur, np.minimum(choice, k - 1)]
+        # Each token depends on the one before, so only this walk is sequential: per position,
+        # the inverse CDF of the current row (k compares per sample) and a gather.
+        row_cdf, next_tokens, last = self._row_cdf, self.chain.next_tokens, k - 1
+        cur = out[:, 0]
+        for pos in range(1, L):
+            choice = (row_cdf[cur] <= u[:, pos, None]).sum(axis=1)  # [n]
+            cur = next_tokens[cur, np.minimum(choice, last)]
+            out[:, pos] = cur
         return torch.from_numpy(out)
 
 
@@ -205,6 +225,50 @@ class TokenFileDataset:
         starts = (_check_indices(indices) % self.num_samples) * self.seq_len  # [n]
         offsets = starts[:, None] + np.arange(self.seq_len + 1)  # [n, seq_len + 1]
         return torch.from_numpy(self.tokens[offsets].astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading ahead
+
+
+class Prefetcher:
+    """Reads the next requested samples on a background thread while the current batch trains.
+
+    `ahead(indices)` starts a read; `get(indices)` returns it (or reads now if it was not asked
+    for ahead, e.g. after a rollback changed the schedule). Samples are a pure function of their
+    indices, so reading ahead never changes what is trained on. With `pin`, batches land in
+    pinned host memory so the copy to the GPU can be asynchronous.
+    """
+
+    def __init__(self, dataset: Dataset, *, pin: bool = False, depth: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.dataset, self.pin, self.depth = dataset, pin, depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierzero-data")
+        self._pending: dict = {}  # indices bytes -> Future, oldest first
+
+    def _read(self, indices: np.ndarray) -> torch.Tensor:
+        batch = self.dataset.samples(indices)
+        return batch.pin_memory() if self.pin else batch
+
+    def ahead(self, indices) -> None:
+        indices = np.asarray(indices, dtype=np.int64)
+        key = indices.tobytes()
+        if key not in self._pending:
+            while len(self._pending) >= self.depth:
+                self._pending.pop(next(iter(self._pending))).cancel()
+            self._pending[key] = self._pool.submit(self._read, indices)
+
+    def get(self, indices) -> torch.Tensor:
+        indices = np.asarray(indices, dtype=np.int64)
+        future = self._pending.pop(indices.tobytes(), None)
+        return future.result() if future is not None else self._read(indices)
+
+    def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+import numpy as np
 import psutil
 import torch
 import torch.distributed as dist
@@ -25,7 +26,7 @@ from tierzero.parallel.context import DistContext
 from tierzero.parallel.engines import ENGINES, EngineSetup, Optim
 from tierzero.parallel.moe import MoEConfig, moe_layers
 from tierzero.recipes.config import DataConfig, ModelConfig, TrainConfig
-from tierzero.recipes.data import build_dataset
+from tierzero.recipes.data import Prefetcher, build_dataset
 from tierzero.recipes.model import build_model, count_params, flops_per_token, loss_fn
 from tierzero.recipes.planning import planning_inputs
 from tierzero.recipes.progress import Progress
@@ -156,6 +157,7 @@ class Trainer:
         self.run_state = run_state or {}
         self.accum = grad_accum_steps(t, ctx.world_size)
         self.dataset = build_dataset(recipe.data)
+        self.feed = Prefetcher(self.dataset, pin=ctx.device.startswith("cuda"))
         self.model = self.build_model()
         self.engine, self.plan_line = self.build_engine(self.model, memory_budget_bytes)
         self.ckpt = self.build_checkpointer(checkpoint_root)
@@ -216,6 +218,13 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train from the resumed step to train.steps."""
+        try:
+            return self.loop()
+        finally:
+            self.feed.close()
+
+    def loop(self) -> TrainResult:
         t_start, steps = time.perf_counter(), self.recipe.train.steps
         state = self.resume()
         self.announce()
@@ -249,18 +258,27 @@ class Trainer:
 
     # ---- the loop's parts ----------------------------------------------------------------------
     def micro_steps(self, step: int, first_sample: int) -> float:
-        """Forward and backward of this rank's micro-batches of `step`; their mean loss."""
-        t, ctx = self.recipe.train, self.ctx
+        """Forward and backward of this rank's micro-batches of `step`; their mean loss. The next
+        micro-batch is read on the data thread while this one trains."""
         loss_sum = 0.0
         for micro in range(self.accum):
-            idx = micro_batch_indices(step - 1, micro, dp_rank=ctx.rank, dp_size=ctx.world_size,
-                                      micro_batch=t.micro_batch_size, global_batch=t.global_batch_size,
-                                      first_sample=first_sample)
-            batch = self.dataset.samples(idx).to(ctx.device)  # [mb, seq_len + 1]
+            batch = self.feed.get(self.batch_indices(step, micro, first_sample))
+            following = (step, micro + 1, first_sample) if micro + 1 < self.accum else \
+                (step + 1, 0, first_sample + self.recipe.train.global_batch_size)
+            if following[0] <= self.recipe.train.steps:
+                self.feed.ahead(self.batch_indices(*following))
+            batch = batch.to(self.ctx.device, non_blocking=True)  # [mb, seq_len + 1]
             self.hooks.heartbeat(step, f"micro {micro}")
             scale = self.hooks.loss_scale(step, micro, 1.0 / self.accum)
             loss_sum += self.engine.micro_step(batch[:, :-1], batch[:, 1:], scale=scale)
         return loss_sum / self.accum
+
+    def batch_indices(self, step: int, micro: int, first_sample: int) -> np.ndarray:
+        """The sample indices of this rank's micro-batch `micro` of `step` (1-based)."""
+        t, ctx = self.recipe.train, self.ctx
+        return micro_batch_indices(step - 1, micro, dp_rank=ctx.rank, dp_size=ctx.world_size,
+                                   micro_batch=t.micro_batch_size, global_batch=t.global_batch_size,
+                                   first_sample=first_sample)
 
     def check_finite(self, step: int, stats) -> Optional[str]:
         """None for a finite step; for a non-finite gradient norm (the update was skipped) what

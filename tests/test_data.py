@@ -163,3 +163,91 @@ def test_unknown_kind_lists_valid_kinds_and_errors_are_collected():
     assert len(errors) == 2
     assert "markov" in errors[0] and "tokens" in errors[0]
     assert DataConfig() is not None and data_errors(DataConfig()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Data that scales: the sparse chain, the stored streams, reading ahead, the real vocabulary
+
+
+def dense_stationary(P: np.ndarray) -> np.ndarray:
+    """The O(V^3) solve the sparse power iteration replaced: (P^T - I) pi = 0 with one row
+    replaced by sum(pi) = 1."""
+    V = P.shape[0]
+    A = P.T - np.eye(V)
+    A[-1, :] = 1.0
+    b = np.zeros(V)
+    b[-1] = 1.0
+    pi = np.clip(np.linalg.solve(A, b), 0.0, None)
+    return pi / pi.sum()
+
+
+@pytest.mark.parametrize("V,k,concentration,seed", [
+    (2, 2, 1.0, 5), (16, 1, 0.5, 2), (64, 4, 0.5, 0), (1000, 16, 0.1, 3), (2048, 4, 0.5, 11), (2048, 2, 0.02, 9)])
+def test_sparse_stationary_distribution_matches_the_dense_solve(V, k, concentration, seed):
+    chain = MarkovChain(V, k, concentration, seed)
+    np.testing.assert_allclose(chain.stationary, dense_stationary(chain.transition), rtol=0, atol=1e-12)
+
+
+def test_token_streams_are_the_ones_stored_before_the_sparse_chain():
+    """tests/golden/markov_streams.json: sha256 of a few samples per chain, written by the dense
+    implementation; a faster generator must read exactly the same stream."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    cases = json.loads((Path(__file__).parent / "golden" / "markov_streams.json").read_text())
+    for case in cases:
+        chain = MarkovChain(case["vocab_size"], case["successors"], case["concentration"], case["seed"])
+        batch = MarkovDataset(chain, case["seq_len"], case["seed"]).samples(np.array(case["indices"]))
+        assert hashlib.sha256(batch.numpy().astype("<i8").tobytes()).hexdigest() == case["sha256"], case
+
+
+def test_prefetcher_returns_exactly_the_samples_asked_for():
+    from tierzero.recipes.data import Prefetcher
+
+    ds = build_dataset(DataConfig(seq_len=32))
+    feed = Prefetcher(ds, depth=2)
+    try:
+        feed.ahead(np.array([4, 5]))
+        feed.ahead(np.array([6, 7]))
+        feed.ahead(np.array([8, 9]))  # depth 2: the oldest read is dropped
+        assert torch.equal(feed.get(np.array([8, 9])), ds.samples(np.array([8, 9])))
+        assert torch.equal(feed.get(np.array([4, 5])), ds.samples(np.array([4, 5])))  # not ahead: read now
+        assert torch.equal(feed.get(np.array([6, 7])), ds.samples(np.array([6, 7])))
+        feed.ahead(np.array([-1]))
+        with pytest.raises(ValueError, match="non-negative"):  # a read's error reaches the reader
+            feed.get(np.array([-1]))
+    finally:
+        feed.close()
+
+
+def test_the_cluster_recipes_first_input_is_made_on_cpu_with_the_real_vocabulary():
+    """olmoe_1b7b on dgx-h100 (vocabulary 50,304, sequence 4,096) at a tiny width: the data
+    set-up that needed ~60 GB and an O(V^3) solve per rank now fits in well under 1 GB, and
+    the first step's input goes through the model."""
+    import psutil
+
+    from tierzero.launcher.config import load_config
+    from tierzero.recipes.model import build_model, loss_fn
+    from tierzero.recipes.schedule import micro_batch_indices
+
+    cfg = load_config(["olmoe_1b7b"], ["topology.preset=dgx-h100", "topology.nodes=4", "model.d_model=32",
+                                       "model.n_heads=2", "model.n_layers=1", "moe.num_experts=8", "moe.top_k=2",
+                                       "moe.expert_hidden=16", "parallel.ep=1"])
+    assert cfg.data.vocab_size == 50304 and cfg.data.seq_len == 4096
+    process = psutil.Process()
+    rss_before = process.memory_info().rss
+    dataset = build_dataset(cfg.data)
+    assert process.memory_info().rss - rss_before < 1 << 30
+    world = 4 * 8
+    idx = micro_batch_indices(0, 0, dp_rank=world - 1, dp_size=world, micro_batch=cfg.train.micro_batch_size,
+                              global_batch=cfg.train.global_batch_size)
+    batch = dataset.samples(idx)
+    assert batch.shape == (cfg.train.micro_batch_size, 4097)
+    assert 0 <= int(batch.min()) and int(batch.max()) < 50304 and len(torch.unique(batch)) > 1000
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=dataset.vocab_size, seq_len=dataset.seq_len, moe=cfg.moe)
+    head = batch[:, :257]  # the logits of all 4,096 positions would be 3.3 GB: the model sees the first 256
+    with torch.no_grad():
+        loss = float(loss_fn(model(head[:, :-1]), head[:, 1:]))
+    assert abs(loss - np.log(50304)) < 1.0  # an untrained model's loss on the real vocabulary
