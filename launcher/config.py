@@ -56,7 +56,7 @@ class LauncherConfig:
     nproc: int = 4
     """Local ranks to spawn when no scheduler started us (plain `tierzero run`)."""
     backend: str = "auto"
-    """torch.distributed backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
+    """torch.distributed backend: auto (nccl when every local rank has a GPU of its own, else gloo on CPU), gloo or nccl. See docs/launch.md#devices."""
     timeout_s: float = 300.0
     """Collective / rendezvous timeout per rank."""
     isolate_network: bool = False

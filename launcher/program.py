@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,17 @@ def _network_checks(cfg: RunConfig) -> List[str]:
     return isolation_errors(cfg) if cfg.launcher.isolate_network else []
 
 
+def _device_checks(cfg: RunConfig) -> List[str]:
+    """launcher.backend=nccl with fewer GPUs than launcher.nproc: said now, not as an "invalid
+    device ordinal" from every rank after the spawn."""
+    if cfg.launcher.backend != "nccl":
+        return []
+    from tierzero.launcher.devices import Visible, backend_errors
+
+    return backend_errors(cfg.launcher.backend, local_world_size=cfg.launcher.nproc, visible=Visible.here(os.environ),
+                          mode="local")
+
+
 def training_checks(cfg: RunConfig) -> List[str]:
     """The world and the topology of launcher.nproc local ranks, a named plan the engine
     cannot run on it (what the engine cannot do regardless of the topology is already a config
@@ -68,7 +80,7 @@ def training_checks(cfg: RunConfig) -> List[str]:
     topo = _local_topology(cfg, problems)
     if topo is not None:
         problems += plan_errors(cfg.parallel, topo)
-    return problems + _input_checks(cfg) + storage_problems(cfg) + _network_checks(cfg)
+    return problems + _input_checks(cfg) + storage_problems(cfg) + _network_checks(cfg) + _device_checks(cfg)
 
 
 def _input_checks(cfg: RunConfig) -> List[str]:
@@ -89,13 +101,13 @@ def _input_checks(cfg: RunConfig) -> List[str]:
 def bench_checks(cfg: RunConfig) -> List[str]:
     from tierzero.launcher.bench import bench_checks as checks
 
-    return checks(cfg) + storage_problems(cfg) + _network_checks(cfg)
+    return checks(cfg) + storage_problems(cfg) + _network_checks(cfg) + _device_checks(cfg)
 
 
 def probe_checks(cfg: RunConfig) -> List[str]:
     from tierzero.launcher.bench import bench_checks as checks
 
-    return checks(cfg, spawning=False) + storage_problems(cfg) + _network_checks(cfg)
+    return checks(cfg, spawning=False) + storage_problems(cfg) + _network_checks(cfg) + _device_checks(cfg)
 
 
 PROGRAMS = {p.name: p for p in (

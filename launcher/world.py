@@ -7,11 +7,13 @@ import atexit
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 from tierzero.launcher.config import ConfigError, RunConfig, check_world, shared_storage_errors, to_yaml
+from tierzero.launcher.devices import Visible, choose
 from tierzero.launcher.discover import TopologyMismatch, build_topology
 from tierzero.launcher.modes import Launch
 from tierzero.launcher.rundir import (Claim, RunPaths, claim_run_dir, next_attempt, resolved, storage_problems,
@@ -57,15 +59,13 @@ def mpi_rendezvous(launch: Launch) -> Launch:
                    node_rank=launch.rank // local_world)
 
 
-def pick_backend(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if requested == "nccl" and not torch.cuda.is_available():
-        raise ConfigError(["launcher.backend=nccl needs CUDA GPUs and none is visible here; "
-                           "use launcher.backend=gloo (or auto) on CPU"])
-    return requested
+def pick_backend(requested: str, launch: Launch, env: Mapping[str, str]) -> Tuple[str, str, Optional[str]]:
+    """(backend, device, note) for this rank: launcher/devices.py decides from what it sees."""
+    try:
+        return choose(requested, local_rank=launch.local_rank, local_world_size=launch.local_world_size,
+                      visible=Visible.here(env), mode=launch.mode)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()) from None
 
 
 @dataclass(frozen=True)
@@ -97,14 +97,14 @@ def join(cfg: RunConfig, launch: Launch, *, init_torch: bool = True, training: b
     if problems:
         raise ConfigError(problems)
 
-    backend = pick_backend(cfg.launcher.backend)
+    backend, device, note = pick_backend(cfg.launcher.backend, launch, os.environ)
+    if note and launch.rank == 0:
+        print(f"tierzero: {note}", file=sys.stderr, flush=True)
     # Ranks share the host's cores: give each its share so 4 ranks on 2 cores do not thrash.
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cpus // max(1, launch.local_world_size)))
-    device = "cpu"
     if backend == "nccl":
-        device = f"cuda:{launch.local_rank}"
-        torch.cuda.set_device(launch.local_rank)
+        torch.cuda.set_device(device)
     if launch.world_size > 1 and init_torch:
         if launch.store:  # tierzero's own local ranks: a file in the run folder, no network listener
             init_method = f"file://{launch.store}"
@@ -112,8 +112,11 @@ def join(cfg: RunConfig, launch: Launch, *, init_torch: bool = True, training: b
             os.environ["MASTER_ADDR"] = launch.master_addr or "127.0.0.1"
             os.environ["MASTER_PORT"] = str(launch.master_port)
             init_method = "env://"
+        # device_id binds the group to this rank's GPU: NCCL connects eagerly, and the first
+        # collective does not guess the device
         dist.init_process_group(backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size,
-                                timeout=datetime.timedelta(seconds=cfg.launcher.timeout_s))
+                                timeout=datetime.timedelta(seconds=cfg.launcher.timeout_s),
+                                device_id=torch.device(device) if backend == "nccl" else None)
         # however the rank ends (an error, a user error's exit 2), tear the group down before the
         # interpreter does: a process group destroyed during interpreter shutdown can abort the rank
         atexit.register(_destroy_group)
