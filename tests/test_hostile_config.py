@@ -188,7 +188,7 @@ def test_an_alias_bomb_in_a_real_process_stays_small(tmp_path):
 
 
 def test_an_alias_bomb_in_an_override_is_refused(tmp_path, monkeypatch, capfd):
-    inline = "{" + _bomb(7).strip().replace("\n", ", ").replace(f"train: {{lr: *g}}", "z: *g") + "}"
+    inline = "{" + _bomb(7).strip().replace("\n", ", ").replace("train: {lr: *g}", "z: *g") + "}"
     _refused(tmp_path, monkeypatch, capfd, ["config", f"slurm.extra_sbatch={inline}"], "slurm.extra_sbatch", "alias")
 
 
