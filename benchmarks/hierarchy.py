@@ -135,7 +135,7 @@ def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int, u
                            op_bandwidths_gbps=figures)
     topo = dataclasses.replace(topo, update_gelems_per_s=update_rate)
     inputs = planning_inputs(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, moe_cfg=cfg.moe,
-                             ep=cfg.parallel.ep, world_size=topo.world_size)
+                             ep=cfg.parallel.ep, world_size=topo.world_size, reduce_dtype=cfg.parallel.reduce_dtype)
     assert inputs.grad_accum == accum, (inputs.grad_accum, accum)
     budget = memory_budget_bytes(cfg.parallel, topo, device="cpu", local_world_size=2)
     choice = resolve_plan(cfg.parallel, topo, inputs, memory_budget_bytes=budget)

@@ -226,7 +226,7 @@ def cmd_plan(args) -> int:
     if problems:
         raise ConfigError(problems)
     inputs = planning_inputs(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, moe_cfg=cfg.moe,
-                             ep=cfg.parallel.ep, world_size=topo.world_size)
+                             ep=cfg.parallel.ep, world_size=topo.world_size, reduce_dtype=cfg.parallel.reduce_dtype)
     budget = memory_budget_bytes(cfg.parallel, topo, device="cpu", local_world_size=topo.ranks_per_node)
     try:  # the plan `tierzero run` would use: auto narrowed to what the engine runs
         chosen = ENGINES[cfg.parallel.engine].restrict(
@@ -245,6 +245,7 @@ def _plan_table(cfg, topo, inputs, budget: float, chosen) -> List[str]:
     from tierzero.parallel.plans import named_plans
 
     rows = [predict(plan, topo, inputs.units, dtype_bytes=inputs.dtype_bytes, grad_accum=inputs.grad_accum,
+                    reduce_bytes=inputs.reduce_bytes,
                     memory_budget_bytes=budget, ep=cfg.parallel.ep, moe=inputs.moe)
             for plan in named_plans(topo, cfg.parallel)]
     if all(r.plan != chosen.plan for r in rows):

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
+REDUCE_DTYPES = ("float32", "bfloat16")
+"""The values parallel.reduce_dtype takes."""
+
 PLAN_NAMES = ("auto", "ddp", "zero1", "zero2", "zero3", "hpz", "hsdp", "tiered")
 """The values parallel.plan takes (parallel.plans.named_plan builds each but auto)."""
 
@@ -27,6 +30,8 @@ class ParallelConfig:
     """Memory per rank for parameters, gradients and optimizer states; default 80% of the device's (or of host RAM / ranks per node)."""
     engine: str = "native"
     """Engine executing the plan: native (every plan), deepspeed (ddp, zero1-3, hpz), fsdp2 (zero2, zero3, hsdp) or reference (ddp with torch AdamW, the tests' reference)."""
+    reduce_dtype: str = "float32"
+    """Dtype gradients are reduced in (reduce-scatter, all-reduce) when train.dtype=bfloat16: float32 (default: no bf16 rounding of partial sums across ranks, twice the bytes) or bfloat16 (half the bytes). The planner charges what is chosen."""
     ep: int = 1
     """Expert-parallel size (MoE): experts split over ep consecutive ranks, the fastest level that holds them."""
 
@@ -45,6 +50,9 @@ class ParallelConfig:
                     f"parallel.levels={list(self.levels)} needs exactly three level names "
                     "[param, grad, optimizer], e.g. [package, node, cluster]."
                 )
+        if self.reduce_dtype not in REDUCE_DTYPES:
+            errs.append(f"parallel.reduce_dtype={self.reduce_dtype!r} is not one of {list(REDUCE_DTYPES)}; "
+                        "e.g. parallel.reduce_dtype=float32.")
         if self.ep < 1:
             errs.append(f"parallel.ep={self.ep} must be >= 1 (1 = every rank holds every expert)")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:

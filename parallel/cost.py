@@ -135,6 +135,8 @@ class PlanInputs:
     """What the units describe, for a person, e.g. "2e+10 params (model.params, 44 equal blocks)"."""
     notes: Tuple[str, ...] = ()
     """What the inputs had to assume, for a person (e.g. a batch that does not split over the ranks)."""
+    reduce_bytes: int = 4
+    """Bytes per element of the gradient reduce-scatter (parallel.reduce_dtype): 4 for float32."""
 
     def __post_init__(self):
         # lists would make the frozen value unhashable
@@ -152,6 +154,7 @@ def predict(
     memory_budget_bytes: Optional[float] = None,
     ep: int = 1,
     moe: Optional[MoETraffic] = None,
+    reduce_bytes: Optional[int] = None,
 ) -> Cost:
     """Bytes per level per optimizer step, memory per rank and predicted communication time.
 
@@ -165,15 +168,16 @@ def predict(
     the bus bandwidth the link-load model (parallel.topology.concurrent_busbw_gbps) gives all
     of its groups at once, beside what the engine has in flight with it."""
     cost = Cost(plan)
+    reduce_bytes = dtype_bytes if reduce_bytes is None else reduce_bytes
     links = _link_topology(topo)
     add = _charger(cost)
     dense = [u for u in units if not u.expert]
     memory, largest = _domain_traffic(add, plan, topo, dense, links, stride=1, dtype_bytes=dtype_bytes,
-                                      grad_accum=grad_accum)
+                                      grad_accum=grad_accum, reduce_bytes=reduce_bytes)
     experts = [Unit(u.name, u.numel // ep, u.fwd_gathers, u.bwd_gathers, expert=True) for u in units if u.expert]
     if experts:
         mem_e, largest_e = _expert_traffic(add, plan, topo, experts, links, ep=ep, moe=moe, dtype_bytes=dtype_bytes,
-                                           grad_accum=grad_accum)
+                                           grad_accum=grad_accum, reduce_bytes=reduce_bytes)
         memory = {k: memory[k] + mem_e[k] for k in memory}
         cost.expert_memory = sum(mem_e.values())
         largest += largest_e  # a block's dense and expert buffers are gathered together
@@ -209,12 +213,13 @@ def _alone_bps(links: Topology, outer: int, inner: int, op: str, pattern: str = 
 
 
 def _expert_traffic(add, plan: PartitionPlan, topo: Topology, experts: Sequence[Unit], links: Topology, *, ep: int,
-                    moe: Optional[MoETraffic], dtype_bytes: int, grad_accum: int):
+                    moe: Optional[MoETraffic], dtype_bytes: int, grad_accum: int, reduce_bytes: int):
     """The routed experts (each unit already cut to one expert-parallel rank's share): the plan
     over the expert-data-parallel topology, the expert part of the grad norm across the ep
     group, and the dispatch/combine all-to-all. Returns their memory per rank and largest unit."""
     sub = expert_data_topology(topo, ep)
     memory, largest = _domain_traffic(add, plan, sub, experts, links, stride=ep, dtype_bytes=dtype_bytes,
+                                      reduce_bytes=reduce_bytes,
                                       grad_accum=grad_accum)
     if ep > 1:
         ep_level = topo.levels[level_of_group(topo, range(0, ep))].name
@@ -262,7 +267,7 @@ KIND_OP = dict(p="all_gather", b="all_gather", down="all_gather", g="reduce_scat
 
 
 def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Unit], links: Topology, *,
-                    stride: int, dtype_bytes: int, grad_accum: int):
+                    stride: int, dtype_bytes: int, grad_accum: int, reduce_bytes: int):
     """Charge one domain's units (the world's dense units, or the expert units over the
     expert-data-parallel topology, whose rank q is world rank q * stride + e for each of the
     `stride` expert positions e); returns its memory per rank and its largest unit."""
@@ -298,7 +303,7 @@ def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Un
             nbytes = grad_accum * u.fwd_gathers * n * dtype_bytes * _ring(s_p)
             add("fwd", lv_p, "all_gather", nbytes, nbytes / rate("p")[0])
         blocks.append((u.bwd_gathers * n * dtype_bytes * _ring(s_b) if s_b > 1 else 0.0,
-                       n * dtype_bytes * _ring(s_g) if s_g > 1 else 0.0))
+                       n * reduce_bytes * _ring(s_g) if s_g > 1 else 0.0))
         if s_o > s_g:
             nbytes = n / s_g * GRAD_ACC_BYTES * _ring(s_o // s_g)
             add("step", lv_up, "reduce_scatter", nbytes, nbytes / rate("up")[0])

@@ -29,18 +29,21 @@ def planning_inputs(
     ep: int = 1,
     world_size: int,
     model: Optional[Transformer] = None,
+    reduce_dtype: str = "float32",
 ) -> PlanInputs:
     """What the planner needs to know about this recipe on `world_size` ranks.
 
     `model`: the model the run trains (the trainer's; its units are what the engine shards).
     Without it, a model given only by its size (model.params) is planned as model.n_layers
     equal blocks with no expert traffic, and otherwise the recipe's model is built on the
-    meta device. `ep` (parallel.ep) only enters the model summary."""
+    meta device. `ep` (parallel.ep) only enters the model summary; `reduce_dtype`
+    (parallel.reduce_dtype) sizes the gradient reduce-scatter of a bfloat16 run."""
     grad_accum, notes = _grad_accum(train_cfg, world_size)
+    reduce_bytes = min(dtype_bytes(train_cfg), 2 if reduce_dtype == "bfloat16" else 4)
     if model is None and model_cfg.params:
         summary = f"{model_cfg.params:.4g} params (model.params, {model_cfg.n_layers} equal blocks)"
         return PlanInputs(tuple(uniform_units(model_cfg.params, model_cfg.n_layers)), dtype_bytes(train_cfg),
-                          grad_accum, None, summary, notes)
+                          grad_accum, None, summary, notes, reduce_bytes)
     from tierzero.parallel.engines.native import model_units
 
     if model is None:
@@ -54,7 +57,7 @@ def planning_inputs(
 
         active = count_params(model_cfg, model.vocab_size, moe_cfg, active=True)
         summary += f"; MoE {moe_cfg.num_experts} experts, top-{moe_cfg.top_k}, {active:,} active, parallel.ep={ep}"
-    return PlanInputs(units, dtype_bytes(train_cfg), grad_accum, moe, summary, notes)
+    return PlanInputs(units, dtype_bytes(train_cfg), grad_accum, moe, summary, notes, reduce_bytes)
 
 
 def dtype_bytes(train_cfg: TrainConfig) -> int:

@@ -186,7 +186,9 @@ class Trainer:
 
             loaded = load_into(model, r.checkpoint.init_from)
             self.telemetry.event("init", detail=f"{loaded} tensors from {r.checkpoint.init_from}", step=0)
-        return model.to(device=self.ctx.device, dtype=dtype_of(r.train))
+        # float32 on the device: each engine casts the parameters to train.dtype itself and keeps
+        # float32 masters from these exact values; buffers (rotary tables, expert bias) stay float32
+        return model.to(device=self.ctx.device)
 
     def build_engine(self, model: torch.nn.Module, memory_budget_bytes: Optional[float]) -> Tuple[object, str]:
         """The plan (named, or auto's choice among the plans the engine runs) and the engine
@@ -194,13 +196,14 @@ class Trainer:
         r, ctx = self.recipe, self.ctx
         spec = ENGINES[r.parallel.engine]
         inputs = planning_inputs(train_cfg=r.train, model_cfg=r.model, data_cfg=r.data, moe_cfg=r.moe,
-                                 ep=r.parallel.ep, world_size=ctx.world_size, model=model)
+                                 ep=r.parallel.ep, world_size=ctx.world_size, model=model,
+                                 reduce_dtype=r.parallel.reduce_dtype)
         choice = resolve_plan(r.parallel, ctx.topology, inputs, memory_budget_bytes=memory_budget_bytes)
         choice = spec.restrict(choice, ctx.topology)  # PlanError for a named plan it cannot run
         t = r.train
         setup = EngineSetup(plan=choice.plan, topology=ctx.topology, rank=ctx.rank, local_rank=ctx.local_rank,
                             device=ctx.device, ep=r.parallel.ep, micro_batch_size=t.micro_batch_size,
-                            grad_accum=self.accum, dtype=t.dtype, loss_fn=loss_fn,
+                            grad_accum=self.accum, dtype=t.dtype, reduce_dtype=r.parallel.reduce_dtype, loss_fn=loss_fn,
                             optim=Optim(lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
                                         grad_clip=t.grad_clip))
         engine = spec.load()(model, setup)

@@ -82,7 +82,7 @@ def _reference(world: int, micro: int):
     return single_process_run(_overrides(world, micro))
 
 
-def _predicted(name, kwargs, sizes, world, micro, dtype_bytes=4):
+def _predicted(name, kwargs, sizes, world, micro, dtype_bytes=4, reduce_bytes=None):
     from tierzero.recipes.data import build_dataset
     from tierzero.recipes.model import build_model
     from tierzero.parallel.engines.native import model_units
@@ -93,7 +93,7 @@ def _predicted(name, kwargs, sizes, world, micro, dtype_bytes=4):
     with torch.device("meta"):
         model = build_model(cfg.model, vocab_size=data.vocab_size, seq_len=data.seq_len)
     plan = named_plan(name.split("[")[0].split("@")[0], topo, ParallelConfig(**kwargs))
-    cost = predict(plan, topo, model_units(model), dtype_bytes=dtype_bytes, grad_accum=2)
+    cost = predict(plan, topo, model_units(model), dtype_bytes=dtype_bytes, grad_accum=2, reduce_bytes=reduce_bytes)
     return {f"{p}|{lv}|{op}": b * STEPS for (p, lv, op), b in cost.bytes.items()}
 
 
@@ -135,16 +135,22 @@ def test_every_plan_matches_single_process_on_2x2x2(tmp_path):
 
 def test_bfloat16_trains_with_fp32_master_weights(tmp_path):
     """bf16 compute, fp32 master weights and moments: every plan still follows the fp32
-    trajectory closely (bf16 rounds activations and the gradients it reduces)."""
-    plans = [("ddp", {}), ("zero3", {}), ("tiered", {})]
+    trajectory closely (bf16 rounds activations, and with parallel.reduce_dtype=bfloat16 the
+    gradients it reduces). The ledger equals the cost model's prediction for both reduce dtypes:
+    bf16 gathers move half the bytes of fp32, gradient reduce-scatters what reduce_dtype says."""
+    plans = [("ddp", {}), ("zero3", {}), ("tiered", {}), ("zero3@bf16-reduce", {"reduce_dtype": "bfloat16"})]
     world, per_rank = _run(tmp_path, [2, 2], plans, micro=2, extra=["train.dtype=bfloat16"])
     ref = _reference(world, micro=2).losses
-    for name, _ in plans:
+    for name, kwargs in plans:
         got = per_rank[0][name]["losses"]
         assert got[-1] < got[0] - 0.5, (name, got)
         worst = max(abs(g - w) / w for g, w in zip(got, ref))
         assert worst < 2e-2, f"{name}: bf16 loss strays {worst:.3%} from the fp32 trajectory"
-        # bf16 gathers and reduce-scatters move half the bytes of fp32
-        fwd = sum(v for k, v in per_rank[0][name]["measured"].items() if k.startswith("fwd|"))
-        want = sum(v for k, v in _predicted(name, {}, [2, 2], world, 2, dtype_bytes=2).items() if k.startswith("fwd|"))
-        assert fwd == pytest.approx(want, rel=1e-9)
+        reduce_bytes = 2 if kwargs.get("reduce_dtype") == "bfloat16" else 4
+        want = _predicted(name, kwargs, [2, 2], world, 2, dtype_bytes=2, reduce_bytes=reduce_bytes)
+        measured = per_rank[0][name]["measured"]
+        assert set(measured) == set(want), (name, measured, want)
+        for key in want:
+            assert measured[key] == pytest.approx(want[key], rel=1e-9), (name, key)
+    rs = "bwd|cluster|reduce_scatter"
+    assert per_rank[0]["zero3"]["measured"][rs] == 2 * per_rank[0]["zero3@bf16-reduce"]["measured"][rs]

@@ -53,6 +53,9 @@ class EngineSetup:
     micro_batch_size: int = 1
     grad_accum: int = 1
     dtype: str = "float32"
+    """Compute dtype of the parameters (train.dtype); master weights and buffers stay float32."""
+    reduce_dtype: str = "float32"
+    """Dtype gradients are reduced in (parallel.reduce_dtype)."""
 
 
 # ---- which plans each engine runs (pure; the engines use the same mappings) ------------------

@@ -63,6 +63,13 @@ class Checkpointable(Engine, Protocol):
         """Collectives that rebuild the working state once every rank has read (all ranks call it)."""
 
 
+def fast_adamw_options(device: str) -> dict:
+    """How an expert runs torch's AdamW on `device`: the fused kernel on a GPU, the foreach
+    (multi-tensor) path on CPU -- the references are configured this way, not with the slow
+    single-tensor loop."""
+    return {"fused": True} if device.startswith("cuda") else {"foreach": True}
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
     """Decay matrices only; norms (1-D) are not decayed (the usual AdamW practice)."""
     decay, no_decay, seen = [], [], set()

@@ -163,6 +163,8 @@ class DeepSpeedEngine:
         # 1-D params. ZeRO hands it flat fp32 shards, on which AdamW is the same elementwise math.
         self.optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
                                            foreach=False)
+        if setup.dtype == "bfloat16":  # DeepSpeed's bf16 mode takes bf16 weights and keeps fp32 masters of them
+            model.to(torch.bfloat16)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.config)
         self.model = model
 

@@ -4,6 +4,12 @@ engine is measured and tested against.
 FSDP2 runs zero3 (1-D mesh, parameters resharded after forward), zero2 (1-D mesh, parameters
 kept gathered between forward and backward) and hsdp (2-D replicate x shard mesh);
 parallel.engines.fsdp2_mesh_shape maps a plan to its mesh and refuses the others.
+
+Configured as FSDP2's experts run it (torchtitan's settings): float32 sharded parameters as the
+masters with a MixedPrecisionPolicy that gathers them in train.dtype and reduces gradients in
+parallel.reduce_dtype; gradients reduce-scattered (and all-reduced across hsdp replicas) only
+on the last micro-step of an optimizer step (set_requires_gradient_sync); fused AdamW on a GPU,
+foreach AdamW on CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tierzero.parallel.engines import EngineSetup, fsdp2_mesh_shape
-from tierzero.parallel.engines.base import StepStats, param_groups
+from tierzero.parallel.engines.base import StepStats, fast_adamw_options, param_groups
 
 
 class FSDP2Engine:
@@ -23,20 +29,27 @@ class FSDP2Engine:
 
     def __init__(self, model: nn.Module, setup: EngineSetup):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         o = setup.optim
         shape, names, reshard = fsdp2_mesh_shape(setup.plan, setup.topology)
         self.mesh = init_device_mesh("cuda" if setup.device.startswith("cuda") else "cpu", shape, mesh_dim_names=names)
+        mp = MixedPrecisionPolicy()
+        if setup.dtype == "bfloat16":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16
+                                      if setup.reduce_dtype == "bfloat16" else torch.float32)
         for block in model.blocks:
-            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard)
-        fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard)
+            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=mp)
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=mp)
+        self.grad_accum, self.micro = setup.grad_accum, 0
         self.module, self.loss_fn, self.grad_clip = model, setup.loss_fn, o.grad_clip
         self.params: List[torch.Tensor] = list(model.parameters())
         self.optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-                                           foreach=False)
+                                           **fast_adamw_options(setup.device))
 
     def micro_step(self, inputs: torch.Tensor, targets: torch.Tensor, *, scale: float) -> float:
+        self.micro += 1
+        self.module.set_requires_gradient_sync(self.micro % self.grad_accum == 0)  # once per optimizer step
         loss = self.loss_fn(self.module(inputs), targets)
         (loss * scale).backward()
         return loss.item()

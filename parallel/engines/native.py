@@ -84,11 +84,13 @@ class FlatUnit:
         self.N = padded_numel(offset, e.world_size)
         self.dtype = dtype
 
-        full = torch.zeros(self.N, dtype=self.dtype, device=device)
+        # the parameters' values as built (float32): the masters start from these exact values,
+        # the working copy is them in the compute dtype
+        init = torch.zeros(self.N, dtype=torch.float32, device=device)
         with torch.no_grad():
             for ent in entries:
-                full[ent.offset: ent.offset + ent.numel].copy_(ent.param.detach().reshape(-1))
-        init = full.clone()
+                init[ent.offset: ent.offset + ent.numel].copy_(ent.param.detach().reshape(-1))
+        full = init.to(self.dtype, copy=True)
         self.full = full
         for ent in entries:
             ent.param.data = full[ent.offset: ent.offset + ent.numel].view(ent.shape)
@@ -98,12 +100,12 @@ class FlatUnit:
         if self.persistent:
             self.p_shard = full
         else:
-            self.p_shard = init[e.idx_p * self.c_p:(e.idx_p + 1) * self.c_p].clone()
+            self.p_shard = full[e.idx_p * self.c_p:(e.idx_p + 1) * self.c_p].clone()
         self.b_shard = (torch.empty(self.c_b, dtype=self.dtype, device=device)
                         if e.plan.secondary_level is not None else None)
         self.grad_acc = torch.zeros(self.c_g, dtype=torch.float32, device=device)
         o = slice(e.idx_o * self.c_o, (e.idx_o + 1) * self.c_o)
-        self.master = init[o].float().clone()
+        self.master = init[o].clone()
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
         decay = torch.zeros(self.N, dtype=torch.bool, device=device)
@@ -208,7 +210,9 @@ class NativeEngine:
         self.lr, self.betas, self.weight_decay, self.grad_clip, self.eps = o.lr, o.betas, o.weight_decay, o.grad_clip, o.eps
         self.device = device = setup.device
         self.world_size = topology.world_size
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = torch.bfloat16 if setup.dtype == "bfloat16" else torch.float32
+        self.reduce_dtype = torch.bfloat16 if (setup.reduce_dtype == "bfloat16" and setup.dtype == "bfloat16") \
+            else torch.float32
         self.ledger = ByteLedger()
         self.step_count = 0
         self.world_group_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -328,7 +332,7 @@ class NativeEngine:
 
     def _reduce_grads(self, unit: FlatUnit) -> None:
         d = unit.domain
-        flat = torch.zeros(unit.N, dtype=self.dtype, device=self.device)
+        flat = torch.zeros(unit.N, dtype=self.reduce_dtype, device=self.device)
         for ent in unit.params:
             if ent.param.grad is not None:
                 flat[ent.offset: ent.offset + ent.numel].copy_(ent.param.grad.reshape(-1))
@@ -337,7 +341,7 @@ class NativeEngine:
         if group.size == 1:
             unit.grad_acc.add_(flat[d.idx_g * c:(d.idx_g + 1) * c])
             return
-        out = torch.empty(c, dtype=self.dtype, device=self.device)
+        out = torch.empty(c, dtype=self.reduce_dtype, device=self.device)
         ins = [flat[j * c:(j + 1) * c] for j in d.positions(group, self.plan.grad_level)]
         self.ledger.reduce_scatter(out, ins, group, "bwd")
         unit.grad_acc.add_(out)

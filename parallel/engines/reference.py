@@ -4,6 +4,11 @@ torch.optim.AdamW -- a full replica on every rank, gradients all-reduced once pe
 It shares no code with the sharded engines, so it is what they are tested against: in one
 process it is the single-process reference of every equivalence test (tests/reference.py).
 It runs the ddp plan only, MoE with every expert on every rank, and no checkpoints.
+
+Configured as data parallelism is run by its experts: float32 parameters (the masters) with
+the forward under autocast for train.dtype=bfloat16, gradients synchronised once per optimizer
+step (the micro-steps accumulate locally, as DDP's no_sync does), fused AdamW on a GPU and
+foreach AdamW on CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tierzero.parallel.engines import EngineSetup
-from tierzero.parallel.engines.base import StepStats, param_groups
+from tierzero.parallel.engines.base import StepStats, fast_adamw_options, param_groups
 from tierzero.parallel.moe import set_aux_grad_scale
 
 
@@ -30,7 +35,9 @@ class ReferenceEngine:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.params = [p for g in param_groups(module, o.weight_decay) for p in g["params"]]
         self.optimizer = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-                                           foreach=False)
+                                           **fast_adamw_options(setup.device))
+        self.autocast = dict(device_type="cuda" if setup.device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
+                             enabled=setup.dtype == "bfloat16")
         if self.world_size > 1:
             # Identical seeds give identical replicas, but make it a fact, not a hope.
             for p in self.params:
@@ -39,7 +46,9 @@ class ReferenceEngine:
     def micro_step(self, inputs: torch.Tensor, targets: torch.Tensor, *, scale: float) -> float:
         """Forward + backward of one micro-batch, accumulating d(loss*scale)/dparams locally."""
         set_aux_grad_scale(self.module, scale)
-        loss = self.loss_fn(self.module(inputs), targets)
+        with torch.autocast(**self.autocast):
+            logits = self.module(inputs)
+        loss = self.loss_fn(logits, targets)
         (loss * scale).backward()
         return loss.item()
 
