@@ -117,7 +117,7 @@ def build_engine(rank: int, sizes) -> NativeEngine:
 def train_step(engine: NativeEngine, rank: int, step: int) -> float:
     g = torch.Generator().manual_seed(1000 * step + rank)
     batch = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
-    loss = engine.micro_step(batch[:, :-1], batch[:, 1:], scale=1.0)
+    loss = float(engine.micro_step(batch[:, :-1], batch[:, 1:], scale=1.0))
     engine.step(LR)
     engine.take_comm()
     return loss

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tierzero.parallel.host import to_host
 from tierzero.parallel.moe_config import MoEConfig  # noqa: F401 (re-exported: the layer's config, torch-free)
 
 
@@ -39,15 +40,17 @@ from tierzero.parallel.moe_config import MoEConfig  # noqa: F401 (re-exported: t
 
 def route(logits: torch.Tensor, *, top_k: int, gate: str, norm_topk_prob: bool,
           bias: Optional[torch.Tensor] = None, expert_node: Optional[torch.Tensor] = None,
-          max_nodes: int = 0):
+          max_nodes: int = 0, num_nodes: Optional[int] = None):
     """logits [T, E] (fp32) -> (expert index [T, k], weight [T, k], gate scores [T, E]).
 
     The bias only changes which experts are selected, never the weights (DeepSeek-V3).
-    `expert_node[e]` is the node holding expert e; experts must be grouped by node."""
+    `expert_node[e]` is the node holding expert e; experts must be grouped by node; `num_nodes`
+    is max(expert_node) + 1 if the caller knows it (else it is read from the device)."""
     scores = logits.softmax(-1) if gate == "softmax" else logits.sigmoid()
     select = scores if bias is None else scores + bias
     if max_nodes and expert_node is not None:
-        num_nodes = int(expert_node.max()) + 1
+        if num_nodes is None:
+            num_nodes = int(expert_node.max()) + 1
         if num_nodes > max_nodes:
             T, E = select.shape
             if top_k > max_nodes * (E // num_nodes):
@@ -178,11 +181,11 @@ class Experts(nn.Module):
         self.w_up = nn.Parameter(torch.empty(num_local, d_model, hidden))
         self.w_down = nn.Parameter(torch.empty(num_local, hidden, d_model))
 
-    def forward(self, x: torch.Tensor, expert: torch.Tensor, per_expert: torch.Tensor) -> torch.Tensor:
-        """x [N, d] sorted by expert; expert [N] its local expert; per_expert [E_local] counts -> [N, d]."""
+    def forward(self, x: torch.Tensor, expert: torch.Tensor, per_expert: torch.Tensor, most: int) -> torch.Tensor:
+        """x [N, d] sorted by expert; expert [N] its local expert; per_expert [E_local] counts;
+        most = max(per_expert), read by the caller -> [N, d]."""
         num_local = self.w_gate.shape[0]
         # even with no rows the graph stays connected: every EP rank must run the backward all-to-all
-        most = int(per_expert.max())
         start = torch.cumsum(per_expert, 0) - per_expert
         slot = torch.arange(x.shape[0], device=x.device) - start[expert]  # row inside its expert's batch
         batch = x.new_zeros(num_local, most, x.shape[1]).index_put((expert, slot), x)  # [E_local, most, d]
@@ -242,13 +245,15 @@ class MoEFeedForward(nn.Module):
         xf = x.reshape(-1, shape[-1])  # [T, d]
         T, E, k = xf.shape[0], self.num_experts, cfg.top_k
         logits = F.linear(xf.float(), self.router.weight.float())  # [T, E], routing in fp32
-        expert_node = None
+        expert_node, num_nodes = None, None
         if cfg.max_nodes_per_token and self.ep is not None:
             per_rank = E // self.ep.size
             expert_node = torch.tensor(self.ep.nodes, device=x.device).repeat_interleave(per_rank)
+            num_nodes = max(self.ep.nodes) + 1
         bias = self.expert_bias if cfg.bias_update_rate else None
         idx, weight, scores = route(logits, top_k=k, gate=cfg.gate, norm_topk_prob=cfg.norm_topk_prob,
-                                    bias=bias, expert_node=expert_node, max_nodes=cfg.max_nodes_per_token)
+                                    bias=bias, expert_node=expert_node, max_nodes=cfg.max_nodes_per_token,
+                                    num_nodes=num_nodes)
         keep = (keep_mask(idx, E, capacity(T, E, k, cfg.capacity_factor)) if cfg.capacity_factor
                 else torch.ones_like(idx, dtype=torch.bool))
 
@@ -283,15 +288,20 @@ class MoEFeedForward(nn.Module):
         if ep > 1:
             recv_counts = torch.empty_like(by_dest)
             dist.all_to_all_single(recv_counts, by_dest.contiguous(), group=self.ep.pg)  # [source, my experts]
-            send, recv = by_dest.sum(1).tolist(), recv_counts.sum(1).tolist()
+            per_expert = recv_counts.sum(0)
+            # one host read per layer: the all-to-all split sizes and the largest expert batch
+            sizes = to_host(torch.cat([by_dest.sum(1), recv_counts.sum(1), per_expert.max().reshape(1)]), "moe")
+            send, recv, most = sizes[:ep], sizes[ep:2 * ep], sizes[-1]
             xs = _AllToAll.apply(xs, send, recv, self.ep)
         else:
             recv_counts = by_dest
+            per_expert = recv_counts.sum(0)
+            most = to_host(per_expert.max(), "moe")
         # rows arrive grouped by source, then by my expert: regroup expert-major
         expert = torch.repeat_interleave(torch.arange(local, device=xs.device).repeat(recv_counts.shape[0]),
                                          recv_counts.reshape(-1))
         perm = torch.argsort(expert, stable=True)
-        out = self.experts(xs[perm], expert[perm], recv_counts.sum(0))
+        out = self.experts(xs[perm], expert[perm], per_expert, most)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)  # undo the regrouping without a sort
         out = out[inverse]

@@ -24,6 +24,7 @@ from tierzero.parallel.choose import resolve_plan
 from tierzero.parallel.config import ParallelConfig
 from tierzero.parallel.context import DistContext
 from tierzero.parallel.engines import ENGINES, EngineSetup, Optim
+from tierzero.parallel.host import to_host
 from tierzero.parallel.moe import MoEConfig, moe_layers
 from tierzero.recipes.config import DataConfig, ModelConfig, TrainConfig
 from tierzero.recipes.data import Prefetcher, build_dataset
@@ -260,8 +261,8 @@ class Trainer:
         return self.result
 
     # ---- the loop's parts ----------------------------------------------------------------------
-    def micro_steps(self, step: int, first_sample: int) -> float:
-        """Forward and backward of this rank's micro-batches of `step`; their mean loss. The next
+    def micro_steps(self, step: int, first_sample: int):
+        """Forward and backward of this rank's micro-batches of `step`; their mean loss (on the device). The next
         micro-batch is read on the data thread while this one trains."""
         loss_sum = 0.0
         for micro in range(self.accum):
@@ -329,8 +330,9 @@ class Trainer:
         buf[0], buf[1] = loss, 1.0 if signame else 0.0
         if world > 1:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        stop = buf[1].item() > 0 and not last
-        return buf[0].item() / world, ((signame or "a stop signal on another rank") if stop else None)
+        total, stops = to_host(buf, "step loss")  # the loop's one read per optimizer step
+        stop = stops > 0 and not last
+        return total / world, ((signame or "a stop signal on another rank") if stop else None)
 
     def record(self, step: int, loss: float, lr: float, grad_norm: float, step_time_s: float,
                routing: Optional[dict]) -> None:

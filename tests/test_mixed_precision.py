@@ -48,7 +48,7 @@ def test_bfloat16_keeps_buffers_and_masters_in_float32():
 def test_bfloat16_forward_and_backward_run_with_float32_buffers():
     model, engine, _ = _engine("bfloat16")
     tokens = torch.randint(0, 64, (2, 17))
-    loss = engine.micro_step(tokens[:, :-1], tokens[:, 1:], scale=1.0)
+    loss = float(engine.micro_step(tokens[:, :-1], tokens[:, 1:], scale=1.0))
     stats = engine.step(1e-3)
     assert torch.isfinite(torch.tensor(loss)) and stats.grad_norm > 0 and not stats.skipped
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

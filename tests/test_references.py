@@ -60,7 +60,7 @@ def _train(engine, rank: int, calls: list):
                                       global_batch=MICRO * ACCUM * WORLD)
             batch = data.samples(idx)
             before = len(calls)
-            losses.append(engine.micro_step(batch[:, :-1], batch[:, 1:], scale=1.0 / ACCUM))
+            losses.append(float(engine.micro_step(batch[:, :-1], batch[:, 1:], scale=1.0 / ACCUM)))
             rs_per_micro.append(len(calls) - before)
         norms.append(engine.step(1e-2).grad_norm)
     if hasattr(engine, "global_tensors"):

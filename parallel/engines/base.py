@@ -36,9 +36,10 @@ class CheckpointSlice(NamedTuple):
 class Engine(Protocol):
     name: str
 
-    def micro_step(self, inputs, targets, *, scale: float) -> float:
+    def micro_step(self, inputs, targets, *, scale: float):
         """Forward and backward of one micro-batch, gradients of loss x scale accumulated; the
-        (unscaled) loss."""
+        (unscaled) loss, a 0-dim tensor left on the device (or a float): the loop sums the
+        micro-steps' losses on the device and reads the step's once (parallel/host.py)."""
 
     def step(self, lr: float) -> StepStats:
         """One optimizer step at learning rate `lr` over everything accumulated since the last."""

@@ -180,7 +180,7 @@ class DeepSpeedEngine:
         self.engine.backward(loss if math.isclose(extra, 1.0, rel_tol=1e-12) else loss * extra)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # not an optimizer step: DeepSpeed counts micro-steps in step()
-        return loss.item()
+        return loss.detach()
 
     # ---- optimizer step --------------------------------------------------------------------
     def step(self, lr: float) -> StepStats:

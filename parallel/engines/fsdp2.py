@@ -52,7 +52,7 @@ class FSDP2Engine:
         self.module.set_requires_gradient_sync(self.micro % self.grad_accum == 0)  # once per optimizer step
         loss = self.loss_fn(self.module(inputs), targets)
         (loss * scale).backward()
-        return loss.item()
+        return loss.detach()
 
     def step(self, lr: float) -> StepStats:
         from torch.distributed.tensor import DTensor

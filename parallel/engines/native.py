@@ -35,6 +35,7 @@ from tierzero.parallel.cost import Unit
 from tierzero.parallel.engines import EngineSetup
 from tierzero.parallel.engines.base import CheckpointSlice, StepStats
 from tierzero.parallel.groups import build_groups, build_partition
+from tierzero.parallel.host import to_host
 from tierzero.parallel.layout import chunk_index, level_of_group, padded_numel, span
 from tierzero.parallel.ledger import ByteLedger, CommGroup
 from tierzero.parallel.moe import moe_layers, set_aux_grad_scale
@@ -328,7 +329,7 @@ class NativeEngine:
                 u.free()
         torch.autograd.backward(h, grad)
         self._reduce_grads(self.outer)
-        return loss.item()
+        return loss.detach()  # stays on the device: the loop reads the step's loss once
 
     def _reduce_grads(self, unit: FlatUnit) -> None:
         d = unit.domain
@@ -380,7 +381,7 @@ class NativeEngine:
             expert_sq = self._sum_squares(self.units, grads, self.experts)
             self.ledger.all_reduce(expert_sq, self.ep_group, "step")  # the other EP ranks' experts
             sumsq = sumsq + expert_sq
-        norm = math.sqrt(sumsq.item())
+        norm = math.sqrt(to_host(sumsq, "grad norm")[0])  # the step's one read: skip or clip
         if not math.isfinite(norm):  # global, so every rank skips: drop the gradients, keep the state
             for u in self.units:
                 u.grad_acc.zero_()

@@ -50,7 +50,7 @@ class ReferenceEngine:
             logits = self.module(inputs)
         loss = self.loss_fn(logits, targets)
         (loss * scale).backward()
-        return loss.item()
+        return loss.detach()
 
     def take_comm(self) -> list:
         return []
