@@ -245,7 +245,7 @@ def _plan_table(cfg, topo, inputs, budget: float, chosen) -> List[str]:
     from tierzero.parallel.plans import named_plans
 
     rows = [predict(plan, topo, inputs.units, dtype_bytes=inputs.dtype_bytes, grad_accum=inputs.grad_accum,
-                    reduce_bytes=inputs.reduce_bytes,
+                    reduce_bytes=inputs.reduce_bytes, activation_bytes=inputs.activation_bytes,
                     memory_budget_bytes=budget, ep=cfg.parallel.ep, moe=inputs.moe)
             for plan in named_plans(topo, cfg.parallel)]
     if all(r.plan != chosen.plan for r in rows):
@@ -258,6 +258,9 @@ def _plan_table(cfg, topo, inputs, budget: float, chosen) -> List[str]:
                    "at once): 'update s' is this rank's optimizer shard at that rate; auto minimises comm s + update s")
     out.append(f"# model {inputs.model_summary} | {cfg.train.dtype} | grad accum {inputs.grad_accum} | "
                f"memory budget {budget / 1e9:.3g} GB/rank | bytes are sent per rank per optimizer step")
+    out.append(f"# mem/rank = model states + the engine's buffers in flight + {inputs.activation_bytes / 1e9:.3g} GB "
+               f"of activations (one micro-batch of {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens, "
+               "no activation checkpointing)")
     label_w = max(len(r.plan.describe(topo)) for r in rows) + 2
     head = f"{'plan':<{label_w}}{'mem/rank GB':>12}" + "".join(f"{lv.name + ' GB':>13}" for lv in topo.levels)
     head += f"{'experts GB':>11}{'a2a GB':>9}" if moe else ""

@@ -18,6 +18,7 @@ from tierzero.launcher.discover import TopologyMismatch, build_topology
 from tierzero.launcher.modes import Launch
 from tierzero.launcher.rundir import (Claim, RunPaths, claim_run_dir, next_attempt, resolved, storage_problems,
                                       write_atomic)
+from tierzero.parallel.host import return_large_frees
 from tierzero.parallel.topology import Topology
 
 
@@ -97,6 +98,7 @@ def join(cfg: RunConfig, launch: Launch, *, init_torch: bool = True, training: b
     if problems:
         raise ConfigError(problems)
 
+    return_large_frees()
     backend, device, note = pick_backend(cfg.launcher.backend, launch, os.environ)
     if note and launch.rank == 0:
         print(f"tierzero: {note}", file=sys.stderr, flush=True)

@@ -54,13 +54,15 @@ def choose_plan(
     cfg: Optional[ParallelConfig] = None,
     moe: Optional[MoETraffic] = None,
     reduce_bytes: Optional[int] = None,
+    activation_bytes: float = 0.0,
 ) -> Choice:
     """auto: the least predicted communication time (plus the optimizer update, where its rate
     was measured) that fits memory; ties (within 0.1 %) go to the plan that needs less memory."""
     ep = cfg.ep if cfg is not None else 1
     costs = [
         predict(p, topo, units, dtype_bytes=dtype_bytes, grad_accum=grad_accum,
-                memory_budget_bytes=memory_budget_bytes, ep=ep, moe=moe, reduce_bytes=reduce_bytes)
+                memory_budget_bytes=memory_budget_bytes, ep=ep, moe=moe, reduce_bytes=reduce_bytes,
+                activation_bytes=activation_bytes)
         for p in candidate_plans(topo, cfg)
     ]
     fitting = [c for c in costs if c.fits]
@@ -118,7 +120,7 @@ def resolve_plan(cfg: ParallelConfig, topo: Topology, inputs: PlanInputs, *,
             raise PlanError(str(e)) from e
     if cfg.plan == "auto" and not cfg.levels:
         return choose_plan(topo, units, dtype_bytes=inputs.dtype_bytes, grad_accum=inputs.grad_accum,
-                           reduce_bytes=inputs.reduce_bytes,
+                           reduce_bytes=inputs.reduce_bytes, activation_bytes=inputs.activation_bytes,
                            memory_budget_bytes=memory_budget_bytes, cfg=cfg, moe=inputs.moe)
     plan = named_plan("tiered" if cfg.levels else cfg.plan, topo, cfg)
     cost = _predict_named(plan, cfg, topo, inputs, memory_budget_bytes)
@@ -140,5 +142,5 @@ def resolve_plan(cfg: ParallelConfig, topo: Topology, inputs: PlanInputs, *,
 def _predict_named(plan: PartitionPlan, cfg: ParallelConfig, topo: Topology, inputs: PlanInputs,
                    memory_budget_bytes: Optional[float]) -> Cost:
     return predict(plan, topo, inputs.units, dtype_bytes=inputs.dtype_bytes, grad_accum=inputs.grad_accum,
-                   reduce_bytes=inputs.reduce_bytes,
+                   reduce_bytes=inputs.reduce_bytes, activation_bytes=inputs.activation_bytes,
                    memory_budget_bytes=memory_budget_bytes, ep=cfg.ep, moe=inputs.moe)

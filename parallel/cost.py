@@ -65,7 +65,7 @@ class Cost:
     bytes: Dict[Tuple[str, str, str], float] = field(default_factory=dict)
     """(phase, level name, op) -> bytes this rank sends per optimizer step."""
     memory: Dict[str, float] = field(default_factory=dict)
-    """params, secondary, grads, optimizer, buffers -> bytes per rank."""
+    """params, secondary, grads, optimizer, buffers (the engine's in flight), activations -> bytes per rank."""
     time_s: Dict[Tuple[str, str, str], float] = field(default_factory=dict)
     """(phase, level, op) -> predicted seconds per optimizer step from issue to completion of
     those collectives (what the byte ledger's time_s measures: two collectives in flight at
@@ -137,6 +137,8 @@ class PlanInputs:
     """What the inputs had to assume, for a person (e.g. a batch that does not split over the ranks)."""
     reduce_bytes: int = 4
     """Bytes per element of the gradient reduce-scatter (parallel.reduce_dtype): 4 for float32."""
+    activation_bytes: float = 0.0
+    """One micro-batch's activations kept for the backward, per rank (recipes.planning.activation_bytes)."""
 
     def __post_init__(self):
         # lists would make the frozen value unhashable
@@ -155,6 +157,7 @@ def predict(
     ep: int = 1,
     moe: Optional[MoETraffic] = None,
     reduce_bytes: Optional[int] = None,
+    activation_bytes: float = 0.0,
 ) -> Cost:
     """Bytes per level per optimizer step, memory per rank and predicted communication time.
 
@@ -181,8 +184,11 @@ def predict(
         memory = {k: memory[k] + mem_e[k] for k in memory}
         cost.expert_memory = sum(mem_e.values())
         largest += largest_e  # a block's dense and expert buffers are gathered together
-    # a gathered unit and the prefetched next one
-    memory["buffers"] = 2 * largest * dtype_bytes if span(topo, plan.param_level) > 1 else 0.0
+    # a gathered unit and the prefetched next one; the gradients of the block in backward
+    # (autograd's, in the compute dtype, and the flat copy reduced, in reduce_bytes)
+    memory["buffers"] = (2 * largest * dtype_bytes if span(topo, plan.param_level) > 1 else 0.0) \
+        + largest * (dtype_bytes + reduce_bytes)
+    memory["activations"] = activation_bytes
     cost.memory = memory
     if topo.update_gelems_per_s:
         cost.update_s = memory["optimizer"] / OPTIM_BYTES_PER_PARAM / (topo.update_gelems_per_s * 1e9)

@@ -24,6 +24,35 @@ from tierzero.parallel.moe import MoEConfig, MoEFeedForward, SwiGLU  # noqa: F40
 from tierzero.recipes.config import ModelConfig, default_ffn_hidden, model_errors  # noqa: F401 (re-exported)
 
 INIT_STD = 0.02
+INIT_CHUNK = 1 << 18
+"""Elements per independently seeded piece of a parameter's initial values (keyed_normal)."""
+
+
+def _init_key(seed: int, name: str, chunk: int) -> int:
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}\0{name}\0{chunk}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # torch seeds are < 2^63
+
+
+def keyed_normal(seed: int, name: str, start: int, numel: int, total: int) -> torch.Tensor:
+    """Elements [start, start + numel) of the flattened standard-normal tensor of `total`
+    elements keyed by (seed, name), float32 on the CPU.
+
+    The values come in pieces of INIT_CHUNK elements, each from a generator seeded by (seed,
+    name, piece), so any slice is the same numbers whoever asks for it: a rank materialises only
+    its shard (a few pieces at its edges more), and every world size initialises the same
+    global model."""
+    out = torch.empty(numel)
+    if numel == 0:
+        return out
+    for c in range(start // INIT_CHUNK, (start + numel - 1) // INIT_CHUNK + 1):
+        lo = c * INIT_CHUNK
+        g = torch.Generator().manual_seed(_init_key(seed, name, c))
+        piece = torch.randn(min(INIT_CHUNK, total - lo), generator=g)
+        a, b = max(start, lo), min(start + numel, lo + piece.numel())
+        out[a - start:b - start] = piece[a - lo:b - lo]
+    return out
 
 
 class RMSNorm(nn.Module):
@@ -103,28 +132,17 @@ class Block(nn.Module):
         else:
             self.mlp = SwiGLU(cfg.d_model, hidden)
 
-    def init_weights(self, out_proj_std: float) -> None:
-        self.attn_norm.reset_parameters()
-        self.mlp_norm.reset_parameters()
-        nn.init.normal_(self.attn.wqkv.weight, mean=0.0, std=INIT_STD)
-        nn.init.normal_(self.attn.wo.weight, mean=0.0, std=out_proj_std)
-        if isinstance(self.mlp, MoEFeedForward):
-            self.mlp.init_weights(INIT_STD, out_proj_std)
-        else:
-            for linear in (self.mlp.w_gate, self.mlp.w_up):
-                nn.init.normal_(linear.weight, mean=0.0, std=INIT_STD)
-            nn.init.normal_(self.mlp.w_down.weight, mean=0.0, std=out_proj_std)
-        self.attn.reset_buffers()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x))
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, seq_len: int, moe: Optional[MoEConfig] = None):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, seq_len: int, moe: Optional[MoEConfig] = None,
+                 seed: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.init_seed = seed
         self.moe = moe
         self.vocab_size = vocab_size
         self.seq_len = seq_len
@@ -134,23 +152,56 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.init_weights()
+        # global sizes, before an engine keeps only its experts or its shards
+        self.global_numel = {name: p.numel() for name, p in self.named_parameters(remove_duplicate=False)}
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.init_weights()
+
+    def init_std(self, name: str) -> Optional[float]:
+        """How parameter `name` starts: None for ones (the norms), else Normal(0, std): 0.02
+        everywhere, 0.02 / sqrt(2 n_layers) for the projections that write into the residual
+        stream (attn.wo, the w_down of every feed-forward) so the residual variance does not
+        grow with depth (GPT-2, Radford et al. 2019, section 2.3)."""
+        if name.endswith("norm.weight"):
+            return None
+        if name.endswith(("attn.wo.weight", "w_down.weight", "experts.w_down")):
+            return INIT_STD / math.sqrt(2 * self.cfg.n_layers)
+        return INIT_STD
+
+    def init_slice(self, name: str, start: int, numel: int) -> torch.Tensor:
+        """Elements [start, start + numel) of parameter `name`'s flattened initial value (its
+        global form: all experts), float32 on the CPU: the same numbers for every layout."""
+        if name == "output.weight" and self.cfg.tie_embeddings:  # one tensor (to_empty unties it)
+            name = "tok_embeddings.weight"
+        std = self.init_std(name)
+        if std is None:
+            return torch.ones(numel)
+        return keyed_normal(self.init_seed, name, start, numel, self.global_numel[name]).mul_(std)
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """(Re)initialise every parameter and rotary buffer in place, e.g. after `to_empty()`.
+        """(Re)initialise every parameter (init_slice: keyed by train.seed and the parameter's
+        name) and every buffer in place, e.g. after `to_empty()`."""
+        for name, p in self.named_parameters():
+            p.copy_(self.init_slice(name, 0, p.numel()).view(p.shape))
+        self.reset_buffers()
 
-        Normal(0, 0.02) everywhere; the projections that write into the residual stream
-        (attn.wo, mlp.w_down) get 0.02 / sqrt(2 n_layers) so the residual variance does not
-        grow with depth (GPT-2, Radford et al. 2019, section 2.3).
-        """
-        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=INIT_STD)
-        out_proj_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The rotary tables and the MoE selection biases, float32 (e.g. after `to_empty()`)."""
         for block in self.blocks:
-            block.init_weights(out_proj_std)
-        self.norm.reset_parameters()
-        if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.output.weight, mean=0.0, std=INIT_STD)
+            block.attn.reset_buffers()
+            if isinstance(block.mlp, MoEFeedForward):
+                block.mlp.expert_bias.zero_()
+
+    def materialize_buffers(self, device) -> None:
+        """A model built on the meta device: its buffers made real (float32, on `device`) and
+        reset; its parameters stay on meta for an engine to materialise as shards."""
+        for module in self.modules():
+            for key, buf in list(module._buffers.items()):
+                if buf is not None and buf.is_meta:
+                    module._buffers[key] = torch.empty(buf.shape, dtype=torch.float32, device=device)
+        self.reset_buffers()
 
     # The sharded engine drives embed -> blocks -> head itself, one block at a time, so the
     # three stages are methods; forward is their composition.
@@ -168,8 +219,11 @@ class Transformer(nn.Module):
         return self.head(x)
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, moe: Optional[MoEConfig] = None) -> Transformer:
-    """A freshly initialised model (float32, on the default device); seed torch first for repeatability.
+def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, moe: Optional[MoEConfig] = None,
+                seed: int = 0) -> Transformer:
+    """A freshly initialised model (float32, on the default device; on the meta device under
+    `torch.device("meta")`, for an engine to materialise), its values keyed by `seed`
+    (train.seed) and each parameter's name (Transformer.init_slice).
     With `moe` (moe.num_experts > 0) every block's feed-forward is a Mixture-of-Experts layer
     holding all experts until an engine binds it to an expert-parallel group."""
     errors = model_errors(cfg) + (moe.errors() if moe is not None else [])
@@ -179,7 +233,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, moe: Optional[M
         errors.append(f"seq_len={seq_len} must be at least 1 (it comes from data.seq_len).")
     if errors:
         raise ValueError("\n".join(errors))
-    return Transformer(cfg, vocab_size, seq_len, moe)
+    return Transformer(cfg, vocab_size, seq_len, moe, seed)
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,8 @@ def planning_inputs(
     if model is None and model_cfg.params:
         summary = f"{model_cfg.params:.4g} params (model.params, {model_cfg.n_layers} equal blocks)"
         return PlanInputs(tuple(uniform_units(model_cfg.params, model_cfg.n_layers)), dtype_bytes(train_cfg),
-                          grad_accum, None, summary, notes, reduce_bytes)
+                          grad_accum, None, summary, notes, reduce_bytes,
+                          activation_bytes(train_cfg, model_cfg, moe_cfg, data_cfg.seq_len, data_cfg.vocab_size))
     from tierzero.parallel.engines.native import model_units
 
     if model is None:
@@ -57,7 +58,36 @@ def planning_inputs(
 
         active = count_params(model_cfg, model.vocab_size, moe_cfg, active=True)
         summary += f"; MoE {moe_cfg.num_experts} experts, top-{moe_cfg.top_k}, {active:,} active, parallel.ep={ep}"
-    return PlanInputs(units, dtype_bytes(train_cfg), grad_accum, moe, summary, notes, reduce_bytes)
+    return PlanInputs(units, dtype_bytes(train_cfg), grad_accum, moe, summary, notes, reduce_bytes,
+                      activation_bytes(train_cfg, model_cfg, moe_cfg, data_cfg.seq_len, model.vocab_size))
+
+
+def activation_bytes(train_cfg: TrainConfig, model_cfg: ModelConfig, moe_cfg: Optional[MoEConfig], seq_len: int,
+                     vocab_size: int) -> float:
+    """Bytes of one micro-batch's activations a rank keeps for the backward (no recomputation).
+
+    Per layer s b h (11 + 19 m + 4) in a 16-bit dtype, after Korthikanti et al. 2022 ("Reducing
+    Activation Recomputation in Large Transformer Models", section 4.1): 11 s b h for attention,
+    19 s b h for a 4h-wide MLP, 4 s b h for the norms. Their 5 a s^2 b of attention scores is left
+    out: scaled_dot_product_attention's flash and memory-efficient kernels keep none. m scales
+    the MLP term to this model's width (ffn hidden / 4h), and for an MoE layer by the experts a
+    token visits (top_k + shared experts, each expert_hidden wide), plus the dispatch's copies of
+    each routed token (4 top_k s b h: gathered, regrouped, expert output, weighted) and the
+    router's float32 logits and scores (12 E s b bytes). Scaled by the compute dtype; plus the
+    logits, s b V in the compute dtype and twice in float32 (the cross-entropy's copy
+    and its gradient)."""
+    s, b, h, L = seq_len, train_cfg.micro_batch_size, model_cfg.d_model, model_cfg.n_layers
+    if not h:
+        return 0.0
+    from tierzero.recipes.config import default_ffn_hidden
+
+    hidden = model_cfg.ffn_hidden or default_ffn_hidden(h)
+    m, dispatch, router = hidden / (4 * h), 0, 0
+    if moe_cfg is not None and moe_cfg.num_experts:
+        m = (moe_cfg.expert_hidden or hidden) / (4 * h) * (moe_cfg.top_k + moe_cfg.shared_experts)
+        dispatch, router = 4 * moe_cfg.top_k, 12 * moe_cfg.num_experts * s * b
+    per_layer = s * b * h * (11 + 19 * m + 4 + dispatch) * dtype_bytes(train_cfg) / 2 + router
+    return L * per_layer + s * b * vocab_size * (dtype_bytes(train_cfg) + 8)
 
 
 def dtype_bytes(train_cfg: TrainConfig) -> int:

@@ -179,10 +179,20 @@ class Trainer:
 
     # ---- building ----------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
+        """The model, its values keyed by train.seed and each parameter's name. For an engine
+        that materialises shards (the native one) it is built on the meta device -- no rank ever
+        holds the whole model -- and the engine generates only its shards (EngineSetup.init)."""
         r = self.recipe
-        torch.manual_seed(r.train.seed)
-        model = build_model(r.model, vocab_size=self.dataset.vocab_size, seq_len=self.dataset.seq_len, moe=r.moe)
-        if r.checkpoint is not None and r.checkpoint.init_from:
+        torch.manual_seed(r.train.seed)  # anything else random (dropout-free today) starts the same
+        shape = dict(vocab_size=self.dataset.vocab_size, seq_len=self.dataset.seq_len, moe=r.moe, seed=r.train.seed)
+        init_from = r.checkpoint is not None and r.checkpoint.init_from
+        if ENGINES[r.parallel.engine].shards_from_meta and not init_from:
+            with torch.device("meta"):
+                model = build_model(r.model, **shape)
+            model.materialize_buffers(self.ctx.device)
+            return model
+        model = build_model(r.model, **shape)
+        if init_from:
             from tierzero.checkpoint.export import load_into
 
             loaded = load_into(model, r.checkpoint.init_from)
@@ -202,7 +212,9 @@ class Trainer:
         choice = resolve_plan(r.parallel, ctx.topology, inputs, memory_budget_bytes=memory_budget_bytes)
         choice = spec.restrict(choice, ctx.topology)  # PlanError for a named plan it cannot run
         t = r.train
+        on_meta = next(model.parameters()).is_meta
         setup = EngineSetup(plan=choice.plan, topology=ctx.topology, rank=ctx.rank, local_rank=ctx.local_rank,
+                            init=model.init_slice if on_meta else None,
                             device=ctx.device, ep=r.parallel.ep, micro_batch_size=t.micro_batch_size,
                             grad_accum=self.accum, dtype=t.dtype, reduce_dtype=r.parallel.reduce_dtype, loss_fn=loss_fn,
                             optim=Optim(lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,

@@ -199,8 +199,7 @@ def _engine_checks(rank: int, world: int, topo, cfg) -> dict:
         plan = named_plan(name, topo)
         tensors = []
         for kind in ("native", "deepspeed"):
-            torch.manual_seed(cfg.train.seed)
-            model = build_model(cfg.model, vocab_size=data.vocab_size, seq_len=data.seq_len)
+            model = build_model(cfg.model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=cfg.train.seed)
             setup = EngineSetup(plan=plan, topology=topo, rank=rank, optim=optim, loss_fn=loss_fn, local_rank=rank,
                                 micro_batch_size=MICRO, grad_accum=2)
             engine = (NativeEngine if kind == "native" else DeepSpeedEngine)(model, setup)

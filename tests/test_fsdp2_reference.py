@@ -109,8 +109,9 @@ def _train_fsdp2(cfg, rank: int, mesh_shape, mesh_names):
 
     t = cfg.train
     dataset = build_dataset(cfg.data)
-    torch.manual_seed(t.seed)  # exactly as the Trainer: seed, then build
-    model = build_model(cfg.model, vocab_size=dataset.vocab_size, seq_len=dataset.seq_len)
+    # the values the Trainer's model has (keyed by train.seed and the parameter names; the
+    # native engine generates only its shards of them)
+    model = build_model(cfg.model, vocab_size=dataset.vocab_size, seq_len=dataset.seq_len, seed=t.seed)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=mesh_names)

@@ -26,8 +26,7 @@ V, T = 64, 16
 
 
 def make(cfg: ModelConfig = ModelConfig(), seed: int = 0, vocab_size: int = V, seq_len: int = T) -> Transformer:
-    torch.manual_seed(seed)
-    return build_model(cfg, vocab_size, seq_len)
+    return build_model(cfg, vocab_size, seq_len, seed=seed)
 
 
 def tokens(b: int = 2, t: int = T, seed: int = 0) -> torch.Tensor:
@@ -157,7 +156,8 @@ def test_meta_init_then_materialise():
         model = build_model(ModelConfig(), V, T)
     model.to_empty(device="cpu")
     model.init_weights()  # recomputes the non-persistent rotary tables too
-    model.load_state_dict(ref.state_dict())
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), name  # keyed by (seed, name): no state to copy
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
@@ -206,3 +206,33 @@ def test_training_reaches_entropy_floor(one_thread):
         eval_loss = loss_fn(model(held_out[:, :-1]), held_out[:, 1:]).item()
     gap = eval_loss - dataset.entropy_floor_nats
     assert -0.02 < gap < 0.15, (eval_loss, dataset.entropy_floor_nats)
+
+
+def test_keyed_init_gives_any_slice_without_the_rest():
+    """A rank materialises only its shard: every slice, across piece boundaries, is the same
+    numbers as the slice of the whole tensor, and the global torch RNG is not involved."""
+    from tierzero.recipes.model import INIT_CHUNK, keyed_normal
+
+    total = 2 * INIT_CHUNK + 1234
+    whole = keyed_normal(7, "blocks.0.attn.wqkv.weight", 0, total, total)
+    assert abs(float(whole.mean())) < 0.01 and abs(float(whole.std()) - 1) < 0.01
+    for start, n in [(0, 1), (INIT_CHUNK - 3, 10), (INIT_CHUNK, INIT_CHUNK), (total - 5, 5), (123, 2 * INIT_CHUNK)]:
+        torch.manual_seed(start)  # must not matter
+        assert torch.equal(keyed_normal(7, "blocks.0.attn.wqkv.weight", start, n, total), whole[start:start + n])
+    assert not torch.equal(keyed_normal(8, "blocks.0.attn.wqkv.weight", 0, 100, total), whole[:100])
+    assert not torch.equal(keyed_normal(7, "blocks.1.attn.wqkv.weight", 0, 100, total), whole[:100])
+
+
+def test_init_slices_are_the_built_models_values():
+    model = make(ModelConfig(n_layers=2), seed=5)
+    std_out = 0.02 / (2 * 2) ** 0.5
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        n = flat.numel()
+        assert torch.equal(model.init_slice(name, n // 3, n // 2), flat[n // 3:n // 3 + n // 2]), name
+        if name.endswith("norm.weight"):
+            assert torch.equal(flat, torch.ones(n)), name
+        elif name.endswith(("attn.wo.weight", "w_down.weight")):
+            assert abs(float(flat.std()) - std_out) < 0.2 * std_out, name
+        else:
+            assert abs(float(flat.std()) - 0.02) < 0.2 * 0.02, name

@@ -446,3 +446,42 @@ def test_the_engine_names_are_listed_when_one_is_unknown():
     assert "parallel.engine='megatron'" in msg and all(name in msg for name in ENGINES)
     assert engine_errors(parallel=ParallelConfig(engine="reference"), moe=None, checkpoint=None,
                          train=TrainConfig()) == []
+
+
+@pytest.mark.parametrize("experts", [0, 4])
+def test_activation_estimate_is_within_2x_of_what_autograd_saves(experts):
+    """The memory column's activations (recipes.planning.activation_bytes) against the bytes
+    autograd really keeps for the backward of one micro-batch (saved-tensor hooks, unique
+    storages), on the model the recipe builds."""
+    import torch
+
+    from tierzero.parallel.moe import MoEConfig
+    from tierzero.recipes.config import DataConfig, ModelConfig, TrainConfig
+    from tierzero.recipes.model import build_model, loss_fn
+    from tierzero.recipes.planning import activation_bytes, planning_inputs
+
+    train = TrainConfig(micro_batch_size=4, global_batch_size=8)
+    model_cfg = ModelConfig(d_model=128, n_layers=3, n_heads=4)
+    moe = MoEConfig(num_experts=experts, top_k=2, expert_hidden=128) if experts else None
+    data = DataConfig(seq_len=128, vocab_size=512)
+    model = build_model(model_cfg, vocab_size=512, seq_len=128, moe=moe)
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    tokens = torch.randint(0, 512, (4, 129))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(model(tokens[:, :-1]), tokens[:, 1:])
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    measured = sum(n for ptr, n in seen.items() if ptr not in params)
+    loss.backward()
+    estimate = activation_bytes(train, model_cfg, moe, 128, 512)
+    print(f"activations: estimate {estimate / 2**20:.1f} MiB, autograd keeps {measured / 2**20:.1f} MiB")
+    assert 0.5 < estimate / measured < 2, (estimate, measured)
+    inputs = planning_inputs(train_cfg=train, model_cfg=model_cfg, data_cfg=data, moe_cfg=moe, world_size=2)
+    assert inputs.activation_bytes == estimate
+    cost = predict(named_plan("zero3", emulated_topology([2])), emulated_topology([2]), inputs.units,
+                   dtype_bytes=4, grad_accum=1, activation_bytes=inputs.activation_bytes)
+    assert cost.memory["activations"] == estimate and cost.memory_total > estimate

@@ -56,6 +56,10 @@ class EngineSetup:
     """Compute dtype of the parameters (train.dtype); master weights and buffers stay float32."""
     reduce_dtype: str = "float32"
     """Dtype gradients are reduced in (parallel.reduce_dtype)."""
+    init: Optional[Callable[[str, int, int], Any]] = None
+    """For a model built on the meta device: (parameter name, first element, elements) -> that
+    slice of its global initial value (recipes.model.Transformer.init_slice). An engine that
+    shards materialises only its shards from it; None: the model's parameters hold the values."""
 
 
 # ---- which plans each engine runs (pure; the engines use the same mappings) ------------------
@@ -134,6 +138,8 @@ class EngineSpec:
     """Runs tierzero's MoE layer (expert parallelism needs the native engine)."""
     checkpoints: bool
     """Saves and loads tierzero checkpoints (the Checkpointable contract)."""
+    shards_from_meta: bool = False
+    """Takes a model on the meta device and materialises only its own shards (EngineSetup.init)."""
 
     def load(self) -> type:
         """The engine class (imports the engine's module, and with it torch or deepspeed)."""
@@ -155,7 +161,7 @@ class EngineSpec:
 
 
 ENGINES: Dict[str, EngineSpec] = {spec.name: spec for spec in (
-    EngineSpec("native", "NativeEngine", "every plan", _any_plan, moe=True, checkpoints=True),
+    EngineSpec("native", "NativeEngine", "every plan", _any_plan, moe=True, checkpoints=True, shards_from_meta=True),
     EngineSpec("deepspeed", "DeepSpeedEngine", "ddp, zero1, zero2, zero3, hpz",
                lambda plan, topo: deepspeed_stage(plan, topo), moe=False, checkpoints=True),
     EngineSpec("fsdp2", "FSDP2Engine", "zero2, zero3, hsdp", lambda plan, topo: fsdp2_mesh_shape(plan, topo),

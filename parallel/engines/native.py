@@ -68,11 +68,36 @@ class _Param:
     numel: int
 
 
+InitSlice = Callable[[str, int, int], torch.Tensor]
+"""(parameter name, first element, elements) -> that slice of its flattened global initial value."""
+
+
+def rebind(model: nn.Module, old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
+    """Replace parameter `old` (e.g. on the meta device, whose .data cannot be swapped for real
+    storage) by a new Parameter over `data` everywhere the model holds it (tied weights too)."""
+    new = nn.Parameter(torch.empty(0, dtype=data.dtype, device=data.device), requires_grad=old.requires_grad)
+    # .data, not Parameter(data): a Parameter made from a view would share the flat buffer's
+    # version counter, and every re-gather into the buffer would look like an in-place change
+    # of the weights autograd saved
+    new.data = data
+    for module in model.modules():
+        for key, p in module._parameters.items():
+            if p is old:
+                module._parameters[key] = new
+    return new
+
+
 class FlatUnit:
-    """One unit's flat buffer and its shards at every level of the plan."""
+    """One unit's flat buffer and its shards at every level of the plan.
+
+    From a materialised model the values are copied from its parameters; from a model on the
+    meta device (`init`: the model's init_slice) only this rank's shards are generated -- the
+    parameter shard and the optimizer shard -- and the full buffer never holds values until it
+    is gathered, so no rank ever holds the whole model."""
 
     def __init__(self, name: str, params: List[Tuple[str, nn.Parameter]], *, domain: "Domain",
-                 dtype: torch.dtype, device: str, fwd_gathers: int, bwd_gathers: int):
+                 dtype: torch.dtype, device: str, fwd_gathers: int, bwd_gathers: int,
+                 model: Optional[nn.Module] = None, init: Optional[InitSlice] = None, expert_index: int = 0):
         self.name = name
         self.fwd_gathers, self.bwd_gathers = fwd_gathers, bwd_gathers
         self.domain = e = domain
@@ -85,28 +110,41 @@ class FlatUnit:
         self.N = padded_numel(offset, e.world_size)
         self.dtype = dtype
 
-        # the parameters' values as built (float32): the masters start from these exact values,
-        # the working copy is them in the compute dtype
-        init = torch.zeros(self.N, dtype=torch.float32, device=device)
-        with torch.no_grad():
-            for ent in entries:
-                init[ent.offset: ent.offset + ent.numel].copy_(ent.param.detach().reshape(-1))
-        full = init.to(self.dtype, copy=True)
-        self.full = full
-        for ent in entries:
-            ent.param.data = full[ent.offset: ent.offset + ent.numel].view(ent.shape)
-
         self.c_p, self.c_b, self.c_g, self.c_o = (self.N // s for s in (e.s_p, e.s_b, e.s_g, e.s_o))
         self.persistent = e.s_p == 1  # replicated params: the full buffer is the param shard
+        # the parameters' initial values (float32) over a range of the flat buffer: the masters
+        # start from these exact values, the working copy is them in the compute dtype
+        if init is None:
+            built = torch.zeros(self.N, dtype=torch.float32, device=device)
+            with torch.no_grad():
+                for ent in entries:
+                    built[ent.offset: ent.offset + ent.numel].copy_(ent.param.detach().reshape(-1))
+
+            def values(a: int, b: int) -> torch.Tensor:
+                return built[a:b].clone()
+        else:
+            def values(a: int, b: int) -> torch.Tensor:
+                return self._generate(init, a, b, expert_index).to(device)
+
+        full = torch.empty(self.N, dtype=self.dtype, device=device)
+        if self.persistent:
+            full.copy_(values(0, self.N))
+        self.full = full
+        for ent in entries:
+            view = full[ent.offset: ent.offset + ent.numel].view(ent.shape)
+            if ent.param.is_meta:
+                ent.param = rebind(model, ent.param, view)
+            else:
+                ent.param.data = view
         if self.persistent:
             self.p_shard = full
         else:
-            self.p_shard = full[e.idx_p * self.c_p:(e.idx_p + 1) * self.c_p].clone()
+            self.p_shard = values(e.idx_p * self.c_p, (e.idx_p + 1) * self.c_p).to(self.dtype)
         self.b_shard = (torch.empty(self.c_b, dtype=self.dtype, device=device)
                         if e.plan.secondary_level is not None else None)
         self.grad_acc = torch.zeros(self.c_g, dtype=torch.float32, device=device)
         o = slice(e.idx_o * self.c_o, (e.idx_o + 1) * self.c_o)
-        self.master = init[o].clone()
+        self.master = values(o.start, o.stop)
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
         decay = torch.zeros(self.N, dtype=torch.bool, device=device)
@@ -117,6 +155,17 @@ class FlatUnit:
         self.gathered = True
         if not self.persistent:
             self.free()
+
+    def _generate(self, init: InitSlice, a: int, b: int, expert_index: int) -> torch.Tensor:
+        """Elements [a, b) of the flat buffer's initial values, float32 on the CPU (padding 0).
+        An expert unit holds this EP rank's experts: rows expert_index x E_local .. of each
+        global [E, ...] tensor."""
+        out = torch.zeros(b - a, dtype=torch.float32)
+        for ent in self.params:
+            lo, hi = max(a, ent.offset), min(b, ent.offset + ent.numel)
+            if lo < hi:
+                out[lo - a:hi - a] = init(ent.name, expert_index * ent.numel + lo - ent.offset, hi - lo)
+        return out
 
     # storage management -------------------------------------------------------------
     def _alloc(self) -> None:
@@ -227,7 +276,8 @@ class NativeEngine:
         if self.moe:
             self._bind_experts(ep)
 
-        unit = dict(dtype=self.dtype, device=device)
+        # a model on the meta device is materialised here, one shard per rank (setup.init)
+        unit = dict(dtype=self.dtype, device=device, model=model, init=setup.init)
         self.outer = FlatUnit("outer", _outer_params(model), domain=self.dense, fwd_gathers=1, bwd_gathers=0, **unit)
         self.blocks: List[List[FlatUnit]] = []
         for i in range(len(model.blocks)):
@@ -236,7 +286,7 @@ class NativeEngine:
             expert_params = _block_params(model, i, experts=True)
             if expert_params:
                 units.append(FlatUnit(f"blocks.{i}.experts", expert_params, domain=self.experts,
-                                      fwd_gathers=1, bwd_gathers=1, **unit))
+                                      fwd_gathers=1, bwd_gathers=1, expert_index=rank % ep, **unit))
             self.blocks.append(units)
         self.units = [self.outer] + [u for units in self.blocks for u in units]
 
