@@ -175,7 +175,7 @@ class Trainer:
         self._process = psutil.Process()
         # [loss, stop]: a stop request rides on the step's loss all-reduce, so all ranks stop at the
         # same step without a collective of its own (nccl reduces device tensors only)
-        self._agree_buf = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+        self._agree_buf = torch.zeros(4, dtype=torch.float64, device=ctx.device)
 
     # ---- building ----------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
@@ -339,12 +339,18 @@ class Trainer:
         request at the last step is just the end."""
         buf, world = self._agree_buf, self.ctx.world_size
         signame = self.hooks.stop_requested()
-        buf[0], buf[1] = loss, 1.0 if signame else 0.0
+        # [loss, ranks asked to stop, sum of their signal numbers, sum of squares]: a rank the
+        # signal reaches a moment later stops at the same step and still names the signal
+        num = _signum(signame)
+        buf[0], buf[1], buf[2], buf[3] = loss, 1.0 if signame else 0.0, num, num * num
         if world > 1:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        total, stops = to_host(buf, "step loss")  # the loop's one read per optimizer step
+        total, stops, nums, squares = to_host(buf, "step loss")  # the loop's one read per optimizer step
         stop = stops > 0 and not last
-        return total / world, ((signame or "a stop signal on another rank") if stop else None)
+        if stop and not signame:
+            same = nums and squares * stops == nums * nums  # every asking rank got the same signal
+            signame = (_signame(nums / stops) if same else None) or "a stop signal on another rank"
+        return total / world, (signame if stop else None)
 
     def record(self, step: int, loss: float, lr: float, grad_norm: float, step_time_s: float,
                routing: Optional[dict]) -> None:
@@ -415,6 +421,24 @@ class Trainer:
             log.info("plan %s", self.plan_line)
         self.telemetry.event("start", detail=f"params={self.num_params} world={ctx.world_size} accum={self.accum}",
                              step=0)
+
+
+def _signum(signame: Optional[str]) -> float:
+    import signal
+
+    try:
+        return float(signal.Signals[signame].value) if signame else 0.0
+    except KeyError:
+        return 0.0
+
+
+def _signame(signum: float) -> Optional[str]:
+    import signal
+
+    try:
+        return signal.Signals(int(signum)).name
+    except ValueError:
+        return None
 
 
 def train(recipe: Recipe, ctx: DistContext, telemetry, **kwargs) -> TrainResult:
