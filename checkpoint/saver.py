@@ -82,10 +82,21 @@ class Checkpointer:
         t0 = time.perf_counter()
         self.wait()  # the previous save first: one in flight at a time
         views = engine.checkpoint_slices()
+        # a GPU engine's slices are its own pinned host buffers, filled by device-to-host copies
+        # on a side stream it has only issued: this waits for them (None: the data is there)
+        copied = getattr(engine, "checkpoint_copy", None)
         self._saves += 1  # every rank saves at the same steps: the same token everywhere
         token = f"a{self.attempt}s{self._saves}"
         self.snapshot = None
-        if self.cfg.async_save:
+        if self.cfg.async_save and copied is not None:
+            # the pinned buffers are the snapshot (the engine orders its next update after the
+            # copies on the device): the loop was blocked only for issuing them
+            snapshot = Snapshot()
+            snapshot.set()
+            self._thread = threading.Thread(target=self._write_async, args=(step, views, state, token, snapshot, copied),
+                                            daemon=True, name=f"checkpoint-{step}")
+            self._thread.start()
+        elif self.cfg.async_save:
             # training goes on and its optimizer step changes these tensors: copy them first,
             # in the background when the engine can wait for the copy before its next step
             snapshot = Snapshot()
@@ -98,6 +109,8 @@ class Checkpointer:
                                             daemon=True, name=f"checkpoint-{step}")
             self._thread.start()
         else:
+            if copied is not None:
+                copied()
             self._write(step, [Slice(n, tuple(shape), dtype, start, data) for n, shape, dtype, start, data in views],
                         state, token)
             self._raise_if_stopping()
@@ -112,8 +125,11 @@ class Checkpointer:
     def _copy_all(self, views):
         return [(n, shape, dtype, start, self._copy(i, data)) for i, (n, shape, dtype, start, data) in enumerate(views)]
 
-    def _write_async(self, step: int, views, state: dict, token: str, snapshot: Snapshot) -> None:
+    def _write_async(self, step: int, views, state: dict, token: str, snapshot: Snapshot,
+                     copied: Optional[Callable[[], None]] = None) -> None:
         try:
+            if copied is not None:
+                copied()  # the device-to-host copies have landed in the engine's pinned buffers
             if not snapshot._done.is_set():
                 views = self._copy_all(views)
         finally:

@@ -2,6 +2,15 @@
 
 Bytes use the same per-rank conventions as the cost model (parallel/cost.py), computed from
 the tensors actually passed to torch.distributed, so `measured == predicted` is a real check.
+
+Time is from issue to completion. On CPU that is the host's wait(); on a GPU, wait() only makes
+the compute stream wait for the collective, so the time comes from CUDA events recorded on the
+compute stream at the issue and after the wait, read once per step in take().
+
+On NCCL a collective over chunks that are consecutive views of one buffer in the group's rank
+order goes out as one single-tensor call (all_gather_into_tensor, reduce_scatter_tensor) with
+no temporary buffer; chunks in another order go through one contiguous staging buffer and one
+copy. gloo keeps the list calls and tierzero's own rings (below).
 """
 
 from __future__ import annotations
@@ -101,14 +110,38 @@ kind matches its own messages, in the order every rank issues them."""
 
 
 class _Pending:
-    def __init__(self, ledger: "ByteLedger", key, work, t0: float):
-        self.ledger, self.key, self.work, self.t0 = ledger, key, work, t0
+    def __init__(self, ledger: "ByteLedger", key, work, t0: float, start=None, after=None):
+        self.ledger, self.key, self.work, self.t0, self.start, self.after = ledger, key, work, t0, start, after
 
     def wait(self) -> None:
         if self.work is not None:
             self.work.wait()
             self.work = None
-            self.ledger._add_time(self.key, time.perf_counter() - self.t0)
+            if self.after is not None:
+                self.after()
+            if self.start is None:
+                self.ledger._add_time(self.key, time.perf_counter() - self.t0)
+            else:  # the compute stream now waits for the collective: its completion is an event there
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self.ledger._events.append((self.key, self.start, end))
+
+
+def one_buffer(views: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The single tensor `views` tile in order (consecutive, equal, contiguous pieces of one
+    storage), or None."""
+    first = views[0]
+    n = first.numel()
+    if not all(v.is_contiguous() and v.numel() == n and v.dtype == first.dtype for v in views):
+        return None
+    ptr, off = first.untyped_storage().data_ptr(), first.storage_offset()
+    if any(v.untyped_storage().data_ptr() != ptr or v.storage_offset() != off + i * n for i, v in enumerate(views)):
+        return None
+    return first.new_empty(0).set_(first.untyped_storage(), off, (n * len(views),))
+
+
+def _is_nccl(group: CommGroup) -> bool:
+    return group.pg is not None and dist.get_backend(group.pg) == "nccl"
 
 
 class _Done:
@@ -117,9 +150,12 @@ class _Done:
 
 
 class ByteLedger:
-    def __init__(self):
+    def __init__(self, gpu: bool = False):
         self.records: Dict[Tuple[str, str, str], List[float]] = {}
         """(phase, level, op) -> [bytes, seconds, calls] since the last take()."""
+        self.gpu = gpu
+        """Time collectives with CUDA events on the compute stream (the engine's device is a GPU)."""
+        self._events: List[Tuple[Tuple[str, str, str], "torch.cuda.Event", "torch.cuda.Event"]] = []
 
     def _add(self, key, nbytes: float) -> None:
         rec = self.records.setdefault(key, [0.0, 0.0, 0])
@@ -130,6 +166,11 @@ class ByteLedger:
         self.records[key][1] += seconds
 
     def take(self) -> List[dict]:
+        if self._events:  # one host wait per step, here: the step's last collective is done
+            self._events[-1][2].synchronize()
+            for key, start, end in self._events:
+                self._add_time(key, start.elapsed_time(end) / 1e3)
+            self._events = []
         rows = [
             {"phase": p, "level": lv, "op": op, "bytes": b, "time_s": t, "calls": int(n)}
             for (p, lv, op), (b, t, n) in sorted(self.records.items())
@@ -146,14 +187,24 @@ class ByteLedger:
             return _Done()
         n = group.size
         nbytes = sum(o.numel() for o in outputs) * shard.element_size() * (n - 1) / n
+        after = None
         if group.pg_back is not None and shard.device.type == "cpu":
             # gloo's all_gather of two ranks sends and receives on one pair in turn, well below
             # what rings of three or more reach on the same link (measured: docs/benchmarks.md,
             # Figures behind design choices)
             call = lambda: _PairWork(outputs, shard, group)  # noqa: E731
+        elif _is_nccl(group):
+            whole = one_buffer(outputs)
+            if whole is None:  # chunks out of rank order: gather into one staging buffer, then place them
+                whole = torch.empty(sum(o.numel() for o in outputs), dtype=shard.dtype, device=shard.device)
+
+                def after(staged=whole):
+                    for o, piece in zip(outputs, staged.view(len(outputs), -1)):
+                        o.copy_(piece.view_as(o))
+            call = lambda: dist.all_gather_into_tensor(whole, shard, group=group.pg, async_op=True)  # noqa: E731
         else:
             call = lambda: dist.all_gather(list(outputs), shard, group=group.pg, async_op=True)  # noqa: E731
-        return self._issue((phase, group.level, "all_gather"), nbytes, call, async_op)
+        return self._issue((phase, group.level, "all_gather"), nbytes, call, async_op, after)
 
     def reduce_scatter(self, output: torch.Tensor, inputs: Sequence[torch.Tensor], group: CommGroup,
                        phase: str, async_op: bool = False):
@@ -167,6 +218,11 @@ class ByteLedger:
             # shaped link (measured: docs/benchmarks.md, Figures behind design choices); a ring
             # of send/recv moves exactly S(n-1)/n.
             call = lambda: _RingWork(output, inputs, group)  # noqa: E731
+        elif _is_nccl(group):
+            whole = one_buffer(inputs)
+            if whole is None:  # chunks out of rank order: one contiguous copy in group order
+                whole = torch.cat([i.reshape(-1) for i in inputs])
+            call = lambda: dist.reduce_scatter_tensor(output, whole, group=group.pg, async_op=True)  # noqa: E731
         else:
             call = lambda: dist.reduce_scatter(output, list(inputs), group=group.pg, async_op=True)  # noqa: E731
         return self._issue((phase, group.level, "reduce_scatter"), nbytes, call, async_op)
@@ -189,10 +245,14 @@ class ByteLedger:
                     lambda: dist.all_to_all_single(output, input, list(output_splits), list(input_splits),
                                                    group=group.pg, async_op=True), False)
 
-    def _issue(self, key, nbytes: float, call, async_op: bool):
+    def _issue(self, key, nbytes: float, call, async_op: bool, after=None):
         self._add(key, nbytes)
         t0 = time.perf_counter()
-        pending = _Pending(self, key, call(), t0)
+        start = None
+        if self.gpu:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        pending = _Pending(self, key, call(), t0, start, after)
         if not async_op:
             pending.wait()
         return pending

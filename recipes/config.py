@@ -14,6 +14,7 @@ from typing import List, Optional
 DATA_KINDS = ("markov", "tokens")
 NONFINITE_ACTIONS = ("skip", "rollback", "stop")
 TOKEN_DTYPES = ("uint16", "uint32")
+ACTIVATION_CHECKPOINTING = ("none", "blocks")
 
 
 @dataclass
@@ -48,6 +49,8 @@ class TrainConfig:
     """A NaN/inf gradient norm: skip the update (skip), reload the last checkpoint (rollback), or stop."""
     max_nonfinite: int = 3
     """Stop after this many non-finite steps in a row (skip / rollback)."""
+    activation_checkpointing: str = "none"
+    """none, or blocks: keep only each transformer block's input and recompute the block in the backward (activations ~1/L of 'none', one more forward of compute). Dense models."""
 
 
 @dataclass
@@ -202,4 +205,7 @@ def train_errors(t: TrainConfig) -> List[str]:
         errs.append(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping).")
     if t.dtype not in ("float32", "bfloat16"):
         errs.append(f"train.dtype={t.dtype!r} is not one of ['float32', 'bfloat16'].")
+    if t.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        errs.append(f"train.activation_checkpointing={t.activation_checkpointing!r} is not one of "
+                    f"{list(ACTIVATION_CHECKPOINTING)}, e.g. train.activation_checkpointing=blocks.")
     return errs

@@ -75,7 +75,8 @@ def activation_bytes(train_cfg: TrainConfig, model_cfg: ModelConfig, moe_cfg: Op
     each routed token (4 top_k s b h: gathered, regrouped, expert output, weighted) and the
     router's float32 logits and scores (12 E s b bytes). Scaled by the compute dtype; plus the
     logits, s b V in the compute dtype and twice in float32 (the cross-entropy's copy
-    and its gradient)."""
+    and its gradient). With train.activation_checkpointing=blocks: every block's input (L s b h)
+    and one block's whole set, the one being recomputed."""
     s, b, h, L = seq_len, train_cfg.micro_batch_size, model_cfg.d_model, model_cfg.n_layers
     if not h:
         return 0.0
@@ -87,7 +88,11 @@ def activation_bytes(train_cfg: TrainConfig, model_cfg: ModelConfig, moe_cfg: Op
         m = (moe_cfg.expert_hidden or hidden) / (4 * h) * (moe_cfg.top_k + moe_cfg.shared_experts)
         dispatch, router = 4 * moe_cfg.top_k, 12 * moe_cfg.num_experts * s * b
     per_layer = s * b * h * (11 + 19 * m + 4 + dispatch) * dtype_bytes(train_cfg) / 2 + router
-    return L * per_layer + s * b * vocab_size * (dtype_bytes(train_cfg) + 8)
+    logits = s * b * vocab_size * (dtype_bytes(train_cfg) + 8)
+    if getattr(train_cfg, "activation_checkpointing", "none") == "blocks":
+        # each block keeps its input; the one being recomputed holds its whole set again
+        return L * s * b * h * dtype_bytes(train_cfg) + per_layer + logits
+    return L * per_layer + logits
 
 
 def dtype_bytes(train_cfg: TrainConfig) -> int:

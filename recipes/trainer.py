@@ -24,6 +24,7 @@ from tierzero.parallel.choose import resolve_plan
 from tierzero.parallel.config import ParallelConfig
 from tierzero.parallel.context import DistContext
 from tierzero.parallel.engines import ENGINES, EngineSetup, Optim
+from tierzero.parallel.engines.base import checkpoint_blocks
 from tierzero.parallel.host import to_host
 from tierzero.parallel.moe import MoEConfig, moe_layers
 from tierzero.recipes.config import DataConfig, ModelConfig, TrainConfig
@@ -128,6 +129,21 @@ class StopRequested(Exception):
         super().__init__(f"{signame}: stopped after step {step}; {saved}")
 
 
+def peak_tflops_of(train_cfg: TrainConfig, device: str) -> float:
+    """The MFU denominator: the device's datasheet peak for train.dtype (PaLM's definition: a
+    measured matmul already loses part of what MFU shows), or a measured matmul where the
+    device is not in telemetry.peaks' table (CPU ranks)."""
+    if device.startswith("cuda"):
+        from tierzero.telemetry.peaks import datasheet_peak_tflops
+
+        peak = datasheet_peak_tflops(torch.cuda.get_device_name(device), train_cfg.dtype)
+        if peak:
+            return peak
+        log.warning("%s is not in telemetry/peaks.py: MFU is against a measured matmul (set telemetry.peak_tflops)",
+                    torch.cuda.get_device_name(device))
+    return measure_matmul_tflops(dtype_of(train_cfg), device)
+
+
 def measure_matmul_tflops(dtype: torch.dtype, device: str, seconds: float = 0.3) -> float:
     """Peak the ranks really get here: a square matmul timed for a fraction of a second."""
     n = 512 if device == "cpu" else 8192
@@ -167,7 +183,7 @@ class Trainer:
         self.num_params = count_params(recipe.model, self.dataset.vocab_size, recipe.moe)  # every expert
         self.flops_per_token = flops_per_token(recipe.model, self.dataset.vocab_size, self.dataset.seq_len,
                                                self.num_params, moe=recipe.moe)
-        self.peak_tflops = peak_tflops or measure_matmul_tflops(dtype_of(t), ctx.device)
+        self.peak_tflops = peak_tflops or peak_tflops_of(t, ctx.device)
         self.tokens_per_step = self.accum * t.micro_batch_size * self.dataset.seq_len
         self.result = TrainResult(entropy_floor_nats=self.dataset.entropy_floor_nats, num_params=self.num_params)
         self.progress = Progress(total=t.steps, enabled=show_progress and ctx.rank == 0, log_every=t.log_every)
@@ -219,6 +235,8 @@ class Trainer:
                             grad_accum=self.accum, dtype=t.dtype, reduce_dtype=r.parallel.reduce_dtype, loss_fn=loss_fn,
                             optim=Optim(lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
                                         grad_clip=t.grad_clip))
+        if t.activation_checkpointing == "blocks":
+            checkpoint_blocks(model)
         engine = spec.load()(model, setup)
         return engine, f"{choice.plan.describe(ctx.topology)} on {spec.name}: {choice.reason}"
 

@@ -20,7 +20,7 @@ class TelemetryConfig:
     flush_every_s: float = 10.0
     """Seconds between background flushes: a rank killed with SIGKILL loses at most this many seconds of rows."""
     peak_tflops: Optional[float] = None
-    """Peak TFLOP/s of one rank's device, the MFU denominator; None = measured matmul peak."""
+    """Peak TFLOP/s of one rank's device, the MFU denominator; None = the device's datasheet peak for train.dtype (telemetry/peaks.py), or a measured matmul where the device is not in that table (CPU)."""
     node_sample_every_s: float = 5.0
     """Seconds between node samples (CPU, memory, every GPU) taken by one rank per node."""
 
@@ -39,7 +39,7 @@ class TelemetryConfig:
         if self.peak_tflops is not None and not _positive(self.peak_tflops):
             errors.append(
                 f"telemetry.peak_tflops={_fmt(self.peak_tflops)} must be > 0; set the device's peak, "
-                "e.g. telemetry.peak_tflops=989 (H100 SXM bf16 dense), or leave it unset to measure it"
+                "e.g. telemetry.peak_tflops=989 (H100 SXM bf16 dense), or leave it unset for the datasheet's"
             )
         return errors
 

@@ -72,3 +72,20 @@ def test_ring_reduce_scatter_and_pair_gather_match_the_sums(tmp_path, world):
             assert row["rs_err"] < 1e-12, row
             assert row["rs_aliased_err"] < 1e-12, row
             assert row["ag_ok"], row
+
+
+def test_one_buffer_finds_the_single_tensor_that_chunks_tile_in_order():
+    """On NCCL the ledger sends chunks that tile one buffer in rank order as one single-tensor
+    collective (all_gather_into_tensor / reduce_scatter_tensor), with no temporary buffer."""
+    from tierzero.parallel.ledger import one_buffer
+
+    full = torch.arange(12.0)
+    chunks = [full[i * 3:(i + 1) * 3] for i in range(4)]
+    whole = one_buffer(chunks)
+    assert whole is not None and whole.data_ptr() == full.data_ptr() and torch.equal(whole, full)
+    whole[5] = -1.0  # the same storage: what a collective writes lands in the chunks
+    assert float(chunks[1][2]) == -1.0
+    assert one_buffer([chunks[0], chunks[2], chunks[1], chunks[3]]) is None  # another order: staged
+    assert one_buffer([chunks[0], chunks[1].clone()]) is None  # another storage
+    assert one_buffer([full[0:3], full[3:5]]) is None  # unequal
+    assert one_buffer([full.view(3, 4)[:, 0], full.view(3, 4)[:, 1]]) is None  # not contiguous

@@ -98,6 +98,22 @@ def _worker(rank: int, rdzv: str, out: str):
             "optimizer": {k: engine.optimizer.defaults.get(k) for k in ("foreach", "fused")},
         }
 
+    # train.activation_checkpointing=blocks on FSDP2 and on the native engine (its blocks are
+    # gathered again before their backward, where the recompute runs): the same model
+    from tierzero.parallel.engines.base import checkpoint_blocks
+
+    for name, plan in (("fsdp2", "zero3"), ("native", "zero3")):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2), vocab_size=64, seq_len=16)
+        checkpoint_blocks(model)
+        topo = emulated_topology([WORLD])
+        engine = ENGINES[name].load()(model, EngineSetup(
+            plan=named_plan(plan, topo), topology=topo, rank=rank, loss_fn=loss_fn, micro_batch_size=MICRO,
+            grad_accum=ACCUM, optim=Optim(lr=1e-2, weight_decay=0.1, grad_clip=1.0)))
+        losses, _, _, final = _train(engine, rank, calls)
+        result[f"{name} recompute"] = {
+            "losses": losses, "param_diff": max(float((final[n] - ref_final[n]).abs().max()) for n in ref_final)}
+
     # bfloat16: float32 masters, bf16 compute
     fsdp2 = _engine("fsdp2", "zero3", rank, dtype="bfloat16")
     local = [p.to_local() if hasattr(p, "to_local") else p for p in fsdp2.module.parameters()]
@@ -137,6 +153,11 @@ def test_references_are_configured_as_their_experts_run_them(tmp_path):
             assert abs(got - want) <= 1e-4 * abs(want), (plan, r["norms"], ref["norms"])
         assert r["param_diff"] < 1e-5, (plan, r["param_diff"])
         assert r["optimizer"]["foreach"] is True, r["optimizer"]
+    for name in ("fsdp2 recompute", "native recompute"):
+        r = r0[name]
+        for got, want in zip(r["losses"], ref["losses"]):
+            assert abs(got - want) <= 1e-5 * abs(want), (name, r["losses"], ref["losses"])
+        assert r["param_diff"] < 1e-5, (name, r["param_diff"])
     bf16 = r0["bf16_fsdp2"]
     assert bf16 == {"master_dtypes": ["torch.float32"], "logits": "torch.bfloat16"}, bf16
     dp = r0["bf16_reference"]

@@ -184,6 +184,10 @@ def engine_errors(*, parallel, moe, checkpoint, train) -> List[str]:
     if experts and spec.name == "reference" and parallel.ep > 1:
         errs.append(f"parallel.engine=reference replicates every expert on every rank, but parallel.ep={parallel.ep} "
                     "splits them; use parallel.ep=1 with the reference, or parallel.engine=native")
+    if experts and getattr(train, "activation_checkpointing", "none") != "none":
+        errs.append(f"train.activation_checkpointing={train.activation_checkpointing} recomputes each block in the "
+                    f"backward, and an MoE block (moe.num_experts={experts}) would route and count its tokens twice; "
+                    "use train.activation_checkpointing=none with MoE, or moe.num_experts=0")
     wanted = _checkpoints_wanted(checkpoint)
     if wanted and not spec.checkpoints:
         errs.append(f"parallel.engine={spec.name} cannot save or load tierzero checkpoints, but {wanted}; use "

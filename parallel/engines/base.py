@@ -64,6 +64,20 @@ class Checkpointable(Engine, Protocol):
         """Collectives that rebuild the working state once every rank has read (all ranks call it)."""
 
 
+def checkpoint_blocks(model: nn.Module) -> None:
+    """train.activation_checkpointing=blocks: each of `model.blocks` keeps only its input for the
+    backward and runs its forward again there (torch.utils.checkpoint, non-reentrant). Done on
+    the blocks' forward, so every engine gets it the same way: the native engine calls the
+    blocks itself (and has them gathered again before their backward), FSDP2's and the
+    reference's model calls them."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
 def fast_adamw_options(device: str) -> dict:
     """How an expert runs torch's AdamW on `device`: the fused kernel on a GPU, the foreach
     (multi-tensor) path on CPU -- the references are configured this way, not with the slow

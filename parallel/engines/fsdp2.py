@@ -32,6 +32,9 @@ class FSDP2Engine:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         o = setup.optim
+        if not dist.is_initialized():  # one rank: tierzero makes no process group, FSDP2 needs one
+            dist.init_process_group("nccl" if setup.device.startswith("cuda") else "gloo", store=dist.HashStore(),
+                                    rank=0, world_size=1)
         shape, names, reshard = fsdp2_mesh_shape(setup.plan, setup.topology)
         self.mesh = init_device_mesh("cuda" if setup.device.startswith("cuda") else "cpu", shape, mesh_dim_names=names)
         mp = MixedPrecisionPolicy()

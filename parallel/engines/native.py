@@ -263,8 +263,13 @@ class NativeEngine:
         self.dtype = torch.bfloat16 if setup.dtype == "bfloat16" else torch.float32
         self.reduce_dtype = torch.bfloat16 if (setup.reduce_dtype == "bfloat16" and setup.dtype == "bfloat16") \
             else torch.float32
-        self.ledger = ByteLedger()
+        self.ledger = ByteLedger(gpu=device.startswith("cuda"))
+        self._pending_rs: Optional[tuple] = None
+        """The last unit's gradient reduce-scatter, in flight while the next block's backward runs."""
         self.step_count = 0
+        self._copy_stream, self._copy_event, self._pinned = None, None, []
+        self.checkpoint_copy: Optional[Callable[[], None]] = None
+        """After checkpoint_slices on a GPU: waits until the slices' copies have landed (else None)."""
         self.world_group_size = dist.get_world_size() if dist.is_initialized() else 1
         assert self.world_group_size == self.world_size, "topology and process group disagree"
         self.dense = Domain(plan, topology, rank)
@@ -379,6 +384,7 @@ class NativeEngine:
                 u.free()
         torch.autograd.backward(h, grad)
         self._reduce_grads(self.outer)
+        self._finish_reduce()
         return loss.detach()  # stays on the device: the loop reads the step's loss once
 
     def _reduce_grads(self, unit: FlatUnit) -> None:
@@ -394,8 +400,18 @@ class NativeEngine:
             return
         out = torch.empty(c, dtype=self.reduce_dtype, device=self.device)
         ins = [flat[j * c:(j + 1) * c] for j in d.positions(group, self.plan.grad_level)]
-        self.ledger.reduce_scatter(out, ins, group, "bwd")
-        unit.grad_acc.add_(out)
+        work = self.ledger.reduce_scatter(out, ins, group, "bwd", async_op=True)
+        self._finish_reduce()  # the previous one had this block's backward to complete in
+        self._pending_rs = (work, unit, out, flat)  # flat stays referenced until its collective is done
+
+    def _finish_reduce(self) -> None:
+        """Wait for the reduce-scatter in flight and add it to its unit's fp32 accumulator (on
+        CPU the ring has already run: tierzero's gloo rings complete when issued)."""
+        if self._pending_rs is not None:
+            work, unit, out, _ = self._pending_rs
+            self._pending_rs = None
+            work.wait()
+            unit.grad_acc.add_(out)
 
     # ---- optimizer step --------------------------------------------------------------------
     def _optimizer_grad(self, u: FlatUnit) -> torch.Tensor:
@@ -425,6 +441,9 @@ class NativeEngine:
         guard, self.snapshot_guard = getattr(self, "snapshot_guard", None), None
         if guard is not None:
             guard.wait()  # a background checkpoint is still copying the optimizer shards
+        if self._copy_event is not None:  # GPU: the update waits for the checkpoint's copies, on the device
+            torch.cuda.current_stream(self.device).wait_event(self._copy_event)
+            self._copy_event = None
         grads = [self._optimizer_grad(u) for u in self.units]
         sumsq = self._sum_squares(self.units, grads, self.dense)
         if self.experts is not None:
@@ -485,20 +504,47 @@ class NativeEngine:
 
     def checkpoint_slices(self) -> List[CheckpointSlice]:
         """What this rank saves: its optimizer shard's master weights and AdamW moments (one
-        replica saves), and on rank 0 the persistent buffers (MoE selection biases)."""
+        replica saves), and on rank 0 the persistent buffers (MoE selection biases).
+
+        On CPU the slices are views (the saver copies them while the next step computes). On a
+        GPU they are pinned host buffers, reused from save to save, filled by copies issued on a
+        side stream: the loop only issues them; `checkpoint_copy` (for the saver's thread)
+        waits for them, and the next optimizer step waits for them on the device."""
         out = []
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(device=self.device)
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         for u in self.units:
             if u.domain.groups["replicas"].index(self.rank) != 0:
                 continue
             for ent, at, n, shape, start in self._owned(u):
                 for key, prefix in STATE_KEYS:
-                    data = getattr(u, key)[at:at + n].detach().cpu().numpy()  # a view on CPU: the saver copies
+                    src = getattr(u, key)[at:at + n].detach()
+                    data = self._to_pinned(len(out), src) if cuda else src.numpy()  # a view on CPU: the saver copies
                     out.append(CheckpointSlice(f"{prefix}/{ent.name}", shape, "float32", start, data))
+        self.checkpoint_copy = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+            self._copy_event, self.checkpoint_copy = event, event.synchronize
         if self.rank == 0:
             for name, buf in persistent_buffers(self.model):
                 out.append(CheckpointSlice(f"buffer/{name}", tuple(buf.shape), "float32", 0,
                                            buf.detach().float().cpu().numpy().reshape(-1).copy()))
         return out
+
+    def _to_pinned(self, i: int, src: torch.Tensor):
+        """Slice i's pinned host buffer (reused while its size holds), its copy issued on the side stream."""
+        while len(self._pinned) <= i:
+            self._pinned.append(None)
+        buf = self._pinned[i]
+        if buf is None or buf.numel() != src.numel():
+            buf = self._pinned[i] = torch.empty(src.numel(), dtype=torch.float32, pin_memory=True)
+        with torch.cuda.stream(self._copy_stream):
+            buf.copy_(src, non_blocking=True)
+        return buf.numpy()
 
     def load_checkpoint(self, read: Callable[[str, int, int], "object"], step_count: int) -> None:
         """Fill this rank's shards from global tensors (`read(name, start, numel)` returns a
