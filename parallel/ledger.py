@@ -198,9 +198,10 @@ class ByteLedger:
             if whole is None:  # chunks out of rank order: gather into one staging buffer, then place them
                 whole = torch.empty(sum(o.numel() for o in outputs), dtype=shard.dtype, device=shard.device)
 
-                def after(staged=whole):
+                def place(staged=whole):
                     for o, piece in zip(outputs, staged.view(len(outputs), -1)):
                         o.copy_(piece.view_as(o))
+                after = place
             call = lambda: dist.all_gather_into_tensor(whole, shard, group=group.pg, async_op=True)  # noqa: E731
         else:
             call = lambda: dist.all_gather(list(outputs), shard, group=group.pg, async_op=True)  # noqa: E731

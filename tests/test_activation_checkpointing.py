@@ -32,7 +32,7 @@ def _saved_bytes_and_grads(recompute: bool):
     loss.backward()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = sum(n for ptr, n in seen.items() if ptr not in params)
-    return float(loss), kept, {n: p.grad.clone() for n, p in model.named_parameters()}
+    return float(loss.detach()), kept, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def test_recomputed_blocks_give_the_same_gradients_from_fewer_kept_bytes():
