@@ -58,7 +58,7 @@ def section(summary: dict, key: str, fn, *args) -> None:
 # ---- a: inventory ------------------------------------------------------------------------------
 
 def inventory(dry: bool) -> dict:
-    from tierzero.telemetry.peaks import datasheet_peak_tflops
+    from tierzero.telemetry.peak import datasheet_peak_tflops
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "hip": getattr(torch.version, "hip", None), "host": platform.node()}

@@ -132,14 +132,14 @@ class StopRequested(Exception):
 def peak_tflops_of(train_cfg: TrainConfig, device: str) -> float:
     """The MFU denominator: the device's datasheet peak for train.dtype (PaLM's definition: a
     measured matmul already loses part of what MFU shows), or a measured matmul where the
-    device is not in telemetry.peaks' table (CPU ranks)."""
+    device is not in telemetry/peak.py's table (CPU ranks)."""
     if device.startswith("cuda"):
-        from tierzero.telemetry.peaks import datasheet_peak_tflops
+        from tierzero.telemetry.peak import datasheet_peak_tflops
 
         peak = datasheet_peak_tflops(torch.cuda.get_device_name(device), train_cfg.dtype)
         if peak:
             return peak
-        log.warning("%s is not in telemetry/peaks.py: MFU is against a measured matmul (set telemetry.peak_tflops)",
+        log.warning("%s is not in telemetry/peak.py: MFU is against a measured matmul (set telemetry.peak_tflops)",
                     torch.cuda.get_device_name(device))
     return measure_matmul_tflops(dtype_of(train_cfg), device)
 

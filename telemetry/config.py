@@ -20,7 +20,7 @@ class TelemetryConfig:
     flush_every_s: float = 10.0
     """Seconds between background flushes: a rank killed with SIGKILL loses at most this many seconds of rows."""
     peak_tflops: Optional[float] = None
-    """Peak TFLOP/s of one rank's device, the MFU denominator; None = the device's datasheet peak for train.dtype (telemetry/peaks.py), or a measured matmul where the device is not in that table (CPU)."""
+    """Peak TFLOP/s of one rank's device, the MFU denominator; None = the device's datasheet peak for train.dtype (telemetry/peak.py), or a measured matmul where the device is not in that table (CPU)."""
     node_sample_every_s: float = 5.0
     """Seconds between node samples (CPU, memory, every GPU) taken by one rank per node."""
 

@@ -1,4 +1,4 @@
-"""MFU's denominator is the device's datasheet peak (telemetry/peaks.py), not a measured matmul.
+"""MFU's denominator is the device's datasheet peak (telemetry/peak.py), not a measured matmul.
 The figures are restated from the vendors' datasheets (dense, no sparsity; per torch device)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from tierzero.recipes.config import TrainConfig
 from tierzero.recipes.trainer import peak_tflops_of
-from tierzero.telemetry.peaks import datasheet_peak_tflops
+from tierzero.telemetry.peak import datasheet_peak_tflops
 
 # torch.cuda.get_device_name as these devices report themselves -> (bf16, fp32) TFLOPS
 CASES = [

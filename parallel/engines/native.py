@@ -400,7 +400,9 @@ class NativeEngine:
             return
         out = torch.empty(c, dtype=self.reduce_dtype, device=self.device)
         ins = [flat[j * c:(j + 1) * c] for j in d.positions(group, self.plan.grad_level)]
-        work = self.ledger.reduce_scatter(out, ins, group, "bwd", async_op=True)
+        # on a GPU in flight while the next block's backward runs; on CPU tierzero's gloo ring
+        # runs when issued, and waiting later would only add that backward to its ledger time
+        work = self.ledger.reduce_scatter(out, ins, group, "bwd", async_op=self.device.startswith("cuda"))
         self._finish_reduce()  # the previous one had this block's backward to complete in
         self._pending_rs = (work, unit, out, flat)  # flat stays referenced until its collective is done
 
