@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -264,7 +265,7 @@ def correctness(dry: bool) -> dict:
 def nccl_collectives(dry: bool) -> dict:
     if dry:
         return {"ok": True, "skipped": "no GPU in a dry run"}
-    store = dist.FileStore(tempfile.mktemp(prefix="tz-nccl-"), 1)
+    store = dist.FileStore(str(Path(tempfile.mkdtemp(prefix="tz-nccl-")) / "store"), 1)
     dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda:0"))
     try:
         numel = 128 * 2**20  # 256 MiB of bf16
@@ -381,6 +382,27 @@ def checkpoint_stall(dry: bool) -> dict:
     return out
 
 
+TOOL = "tierzero gpu_validate"
+
+
+def _write_summary(path: Path, summary: dict) -> None:
+    """Atomically, and never over a file this script did not write."""
+    if path.exists() or path.is_symlink():
+        try:
+            ours = path.is_file() and not path.is_symlink() and json.loads(path.read_text()).get("tool") == TOOL
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            print(f"gpu_validate: --out {path} exists and is not a summary this script wrote; give another "
+                  "--out (nothing was overwritten)", file=sys.stderr)
+            raise SystemExit(2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "runs" / "gpu-validate" / "summary.json"))
@@ -388,13 +410,14 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=None, help="sections to run (a b c d e)")
     args = ap.parse_args()
     dry = args.dry_run or not torch.cuda.is_available()
-    summary = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "dry_run": dry}
+    summary = {"tool": TOOL, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "dry_run": dry}
+    out = Path(args.out)
+    _write_summary(out, summary)  # refuses a foreign file before anything runs
     for key, fn in (("a inventory", inventory), ("b correctness", correctness), ("c nccl", nccl_collectives),
                     ("d mfu", mfu), ("e checkpoint stall", checkpoint_stall)):
         if args.only is None or key[0] in args.only:
             section(summary, key, fn, dry)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(summary, indent=1, default=str))
+            _write_summary(out, summary)
     print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "traceback"} if isinstance(v, dict) else v)
                       for k, v in summary.items()}, indent=1, default=str))
     print(f"summary: {args.out}")

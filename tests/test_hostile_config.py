@@ -114,6 +114,9 @@ RANGES = [
     ("launcher.requeue_signal=11", "launcher.requeue_signal='11'", "SIGSEGV"),
     ("launcher.timeout_s=1e300", "launcher.timeout_s=", "31 years"),
     ("telemetry.flush_every_s=1e300", "telemetry.flush_every_s=", "31 years"),
+    ("parallel.reduce_dtype=fp8", "parallel.reduce_dtype='fp8'", "float32"),
+    ("train.activation_checkpointing=layers", "train.activation_checkpointing='layers'", "blocks"),
+    ("telemetry.peak_tflops=-1", "telemetry.peak_tflops=-1", "datasheet"),
 ]
 
 
