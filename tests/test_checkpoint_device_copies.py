@@ -46,7 +46,7 @@ class Reader:
         self.step_count = step_count
 
     def after_load(self):
-        pass
+        """Nothing to rebuild: this reader only keeps what it read."""
 
 
 @pytest.mark.parametrize("async_save", [True, False])
