@@ -9,17 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
+from tierzero.parallel.quant import BITS, SCALE_BYTES
+
 REDUCE_DTYPES = ("float32", "bfloat16")
 """The values parallel.reduce_dtype takes."""
 
-PLAN_NAMES = ("auto", "ddp", "zero1", "zero2", "zero3", "hpz", "hsdp", "tiered")
+PLAN_NAMES = ("auto", "ddp", "zero1", "zero2", "zero3", "hpz", "hsdp", "tiered", "zeropp")
 """The values parallel.plan takes (parallel.plans.named_plan builds each but auto)."""
 
 
 @dataclass
 class ParallelConfig:
     plan: str = "auto"
-    """Partition plan: auto, ddp, zero1, zero2, zero3, hpz, hsdp or tiered."""
+    """Partition plan: auto, ddp, zero1, zero2, zero3, hpz, hsdp, tiered or zeropp (hpz + int8 weights + int4 gradients, as ZeRO++)."""
     levels: Optional[List[str]] = None
     """Explicit [param, grad, optimizer] levels for plan=tiered, e.g. [package, node, cluster]; 'none' = replicated."""
     secondary_level: Optional[str] = None
@@ -34,6 +36,20 @@ class ParallelConfig:
     """Dtype gradients are reduced in (reduce-scatter, all-reduce) when train.dtype=bfloat16: float32 (default: no bf16 rounding of partial sums across ranks, twice the bytes) or bfloat16 (half the bytes). The planner charges what is chosen."""
     ep: int = 1
     """Expert-parallel size (MoE): experts split over ep consecutive ranks, the fastest level that holds them."""
+    quant_weights: str = "none"
+    """Parameter all-gathers on parallel.quant_levels sent block-quantized (ZeRO++ qwZ): none, int8 or int4."""
+    quant_grads: str = "none"
+    """Gradient reduction on parallel.quant_levels sent block-quantized through a hierarchical all-to-all (ZeRO++ qgZ): none, int8 or int4."""
+    quant_levels: Optional[List[str]] = None
+    """Levels whose collectives are quantized, e.g. [cluster] or [node, cluster]; default the slowest level (cluster) only."""
+    quant_block_size: int = 256
+    """Elements per quantization block (one scale each); even for int4 (two values per byte)."""
+    quant_scale_dtype: str = "float32"
+    """Dtype of each block's scale on the wire: float32 or float16."""
+    quant_stochastic: bool = False
+    """Round quantized gradients stochastically (unbiased) instead of to nearest."""
+    quant_error_feedback: bool = False
+    """Carry each rank's gradient quantization error into its next micro-step (costs one fp32 copy of the quantized hops' inputs)."""
 
     def errors(self) -> List[str]:
         errs = []
@@ -55,6 +71,29 @@ class ParallelConfig:
                         "e.g. parallel.reduce_dtype=float32.")
         if self.ep < 1:
             errs.append(f"parallel.ep={self.ep} must be >= 1 (1 = every rank holds every expert)")
+        errs += self.quant_errors()
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             errs.append(f"parallel.memory_budget_gb={self.memory_budget_gb} must be > 0.")
+        return errs
+
+    def quant_errors(self) -> List[str]:
+        errs = []
+        for key in ("quant_weights", "quant_grads"):
+            value = getattr(self, key)
+            if value not in BITS:
+                errs.append(f"parallel.{key}={value!r} is not one of {list(BITS)}; e.g. parallel.{key}=int8.")
+        if self.quant_scale_dtype not in SCALE_BYTES:
+            errs.append(f"parallel.quant_scale_dtype={self.quant_scale_dtype!r} is not one of {list(SCALE_BYTES)}; "
+                        "e.g. parallel.quant_scale_dtype=float32.")
+        int4 = [f"parallel.{k}=int4" for k in ("quant_weights", "quant_grads") if getattr(self, k) == "int4"]
+        if self.quant_block_size < 1:
+            errs.append(f"parallel.quant_block_size={self.quant_block_size} must be >= 1 (elements per block, "
+                        "one scale each); e.g. parallel.quant_block_size=256.")
+        elif int4 and self.quant_block_size % 2:
+            errs.append(f"parallel.quant_block_size={self.quant_block_size} is odd, but {' and '.join(int4)} packs two "
+                        f"values per byte, so a block must hold an even number of elements; use e.g. "
+                        f"parallel.quant_block_size={self.quant_block_size + 1}.")
+        if self.quant_levels is not None and not self.quant_levels:
+            errs.append("parallel.quant_levels=[] names no level; name the levels to quantize (e.g. [cluster]) or "
+                        "leave it unset (null) for the slowest level only.")
         return errs

@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from tierzero.parallel.layout import level_of_group, padded_numel, same_position_groups, span
+from tierzero.parallel.layout import level_of_group, padded_numel, reduce_hops, same_position_groups, span
 from tierzero.parallel.plans import PartitionPlan
 from tierzero.parallel.topology import Topology, concurrent_busbw_gbps, expert_data_topology, with_bandwidths
 
@@ -290,35 +290,32 @@ def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Un
     shape = {k: (o * stride, i * stride) for k, (o, i) in dict(
         p=(s_p, 1), b=(s_b, 1), g=(s_g, 1), up=(s_o, s_g), rep=(w, s_o), down=(s_o, s_p), o=(s_o, 1)).items()}
 
-    rates: Dict[Tuple[str, ...], Tuple[float, ...]] = {}
+    rate = _rate_table(links, shape)
+    quant = plan.quant
+    q_p, q_b = quant.weight_bits_at(lv_p), quant.weight_bits_at(lv_b)
+    hops = reduce_hops(topo, plan.grad_level)
+    hierarchical = quant.hierarchical_grads(tuple(names[h.level] for h in hops))
 
-    def rate(*kinds: str) -> Tuple[float, ...]:
-        """bytes/s of each kind of collective with all the named ones in flight at once."""
-        if kinds not in rates:
-            rates[kinds] = tuple(r * 1e9 for r in _busbw(links, tuple((*shape[k], "ring", KIND_OP[k]) for k in kinds)))
-        return rates[kinds]
+    def gathered(n: int, s: int, bits: int) -> float:
+        return _gathered_bytes(quant, n, s, bits, dtype_bytes)
 
     total = 0
     largest = 0
+    feedback = 0  # elements of error-feedback residual (quantized hops' inputs)
     blocks = []  # (bwd gather bytes, reduce-scatter bytes) per micro-step of each unit, in order
     for u in units:
-        n = padded_numel(u.numel, w)
+        n = padded_numel(u.numel, w, quant.pad_block)
         total += n
         largest = max(largest, n)
         if s_p > 1:
-            nbytes = grad_accum * u.fwd_gathers * n * dtype_bytes * _ring(s_p)
+            nbytes = grad_accum * u.fwd_gathers * gathered(n, s_p, q_p)
             add("fwd", lv_p, "all_gather", nbytes, nbytes / rate("p")[0])
-        blocks.append((u.bwd_gathers * n * dtype_bytes * _ring(s_b) if s_b > 1 else 0.0,
-                       n * reduce_bytes * _ring(s_g) if s_g > 1 else 0.0))
-        if s_o > s_g:
-            nbytes = n / s_g * GRAD_ACC_BYTES * _ring(s_o // s_g)
-            add("step", lv_up, "reduce_scatter", nbytes, nbytes / rate("up")[0])
-        if n_rep > 1:
-            nbytes = 2 * n / s_o * GRAD_ACC_BYTES * _ring(n_rep)
-            add("step", lv_rep, "all_reduce", nbytes, nbytes / rate("rep")[0])
-        if s_o > s_p:
-            nbytes = n / s_p * dtype_bytes * _ring(s_o // s_p)
-            add("step", lv_down, "all_gather", nbytes, nbytes / rate("down")[0])
+        blocks.append((u.bwd_gathers * gathered(n, s_b, q_b) if s_b > 1 else 0.0,
+                       n * reduce_bytes * _ring(s_g) if s_g > 1 and not hierarchical else 0.0))
+        if hierarchical:
+            feedback += _hop_traffic(add, quant, topo, hops, links, n, stride=stride, grad_accum=grad_accum,
+                                     reduce_bytes=reduce_bytes)
+        _step_traffic(add, quant, n, s_p, s_g, s_o, n_rep, (lv_up, lv_rep, lv_down), rate, dtype_bytes=dtype_bytes)
     _backward(add, blocks, lv_b, lv_g, rate, grad_accum)
     if units and s_o > 1:  # the squared grad norm, one fp32 scalar per unit, summed in one all-reduce
         nbytes = 2 * GRAD_ACC_BYTES * _ring(s_o)
@@ -328,8 +325,78 @@ def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Un
         "secondary": total * dtype_bytes / s_b if plan.secondary_level is not None else 0.0,
         "grads": total * GRAD_ACC_BYTES / s_g,
         "optimizer": total * OPTIM_BYTES_PER_PARAM / s_o,
+        "error_feedback": feedback * GRAD_ACC_BYTES if quant.error_feedback else 0.0,
     }
     return memory, largest
+
+
+def _rate_table(links: Topology, shape: Dict[str, Tuple[int, int]]):
+    """rate(*kinds): bytes/s of each kind of collective (its (outer, inner) shape) with all the
+    named ones in flight at once; kind "a2a:<k>" is kind k's groups running an all-to-all."""
+    rates: Dict[Tuple[str, ...], Tuple[float, ...]] = {}
+
+    def collective(kind: str):
+        if kind.startswith("a2a:"):
+            return (*shape[kind[4:]], "all_to_all", "all_to_all")
+        return (*shape[kind], "ring", KIND_OP[kind])
+
+    def rate(*kinds: str) -> Tuple[float, ...]:
+        if kinds not in rates:
+            rates[kinds] = tuple(r * 1e9 for r in _busbw(links, tuple(collective(k) for k in kinds)))
+        return rates[kinds]
+
+    return rate
+
+
+def _gathered_bytes(quant, n: int, s: int, bits: int, dtype_bytes: int) -> float:
+    """Bytes a rank sends in one all-gather of an n-element buffer over s ranks (its chunk's
+    payload to each other member when quantized)."""
+    return (s - 1) * quant.payload_bytes(n // s, bits) if bits else n * dtype_bytes * _ring(s)
+
+
+def _step_traffic(add, quant, n: int, s_p: int, s_g: int, s_o: int, n_rep: int, levels: Tuple[str, str, str], rate,
+                  *, dtype_bytes: int) -> None:
+    """One unit's collectives at the optimizer step: gradient shards up to the optimizer level
+    (one quantized all-to-all hop where that level is quantized), across the replicas, and the
+    new parameters back down to the param level."""
+    lv_up, lv_rep, lv_down = levels
+    up_bits = quant.grad_bits_at(lv_up)
+    if s_o > s_g and up_bits:
+        nbytes = (s_o // s_g - 1) * quant.payload_bytes(n // s_o, up_bits)
+        add("step", lv_up, "all_to_all", nbytes, nbytes / rate("a2a:up")[0])
+    elif s_o > s_g:
+        nbytes = n / s_g * GRAD_ACC_BYTES * _ring(s_o // s_g)
+        add("step", lv_up, "reduce_scatter", nbytes, nbytes / rate("up")[0])
+    if n_rep > 1:
+        nbytes = 2 * n / s_o * GRAD_ACC_BYTES * _ring(n_rep)
+        add("step", lv_rep, "all_reduce", nbytes, nbytes / rate("rep")[0])
+    if s_o > s_p:
+        nbytes = _gathered_bytes(quant, n // s_p, s_o // s_p, quant.weight_bits_at(lv_down), dtype_bytes)
+        add("step", lv_down, "all_gather", nbytes, nbytes / rate("down")[0])
+
+
+def _hop_traffic(add, quant, topo: Topology, hops, links: Topology, n: int, *, stride: int, grad_accum: int,
+                 reduce_bytes: int) -> int:
+    """One unit's gradient reduce-scatter hop by hop (parallel.layout.reduce_hops), as the
+    engine runs it when a hop is quantized: a quantized hop is an all-to-all of each piece's
+    payload to its owner (qgZ), the others a ring reduce-scatter; each hop alone on the wire.
+    Returns the elements of the quantized hops' inputs (the error-feedback residual)."""
+    quantized_inputs = 0
+    for hop in hops:
+        size, inner = topo.levels[hop.level].size, hop.input_fraction
+        level = topo.levels[hop.level].name
+        piece = n // (inner * size)
+        bits = quant.grad_bits_at(level)
+        if bits:
+            nbytes = grad_accum * (size - 1) * quant.payload_bytes(piece, bits)
+            op, pattern = "all_to_all", "all_to_all"
+            quantized_inputs += n // inner
+        else:
+            nbytes = grad_accum * (size - 1) * piece * reduce_bytes
+            op, pattern = "reduce_scatter", "ring"
+        bps = _busbw(links, ((inner * size * stride, inner * stride, pattern, op),))[0] * 1e9
+        add("bwd", level, op, nbytes, nbytes / bps)
+    return quantized_inputs
 
 
 def _backward(add, blocks: Sequence[Tuple[float, float]], lv_b: str, lv_g: str, rate, grad_accum: int) -> None:

@@ -11,7 +11,7 @@ from typing import Dict, List, Tuple
 import torch.distributed as dist
 
 from tierzero.parallel.ledger import CommGroup
-from tierzero.parallel.layout import level_of_group, plan_groups
+from tierzero.parallel.layout import level_of_group, plan_groups, reduce_hops
 from tierzero.parallel.plans import PartitionPlan
 from tierzero.parallel.topology import Topology
 
@@ -37,6 +37,17 @@ def build_groups(plan: PartitionPlan, topo: Topology, rank: int, copies: int = 1
             world = [[q * copies + e for q in g] for e in range(copies) for g in partition]
             cache[key] = build_partition(world, me, level)
         out[role] = cache[key]
+    return out
+
+
+def build_hop_groups(topo: Topology, level: int, rank: int, copies: int = 1) -> List[CommGroup]:
+    """This rank's group for each hop of a hierarchical reduce-scatter over the units of
+    `level` (parallel.layout.reduce_hops), innermost first; `copies` as in build_groups."""
+    me = rank * copies + _position(copies)
+    out = []
+    for hop in reduce_hops(topo, level):
+        world = [[q * copies + e for q in g] for e in range(copies) for g in hop.groups]
+        out.append(build_partition(world, me, topo.levels[hop.level].name))
     return out
 
 

@@ -47,8 +47,39 @@ def level_of_group(topo: Topology, ranks: Sequence[int]) -> int:
     return len(topo.levels) - 1
 
 
-def padded_numel(numel: int, world_size: int) -> int:
-    return -(-numel // world_size) * world_size
+def padded_numel(numel: int, world_size: int, block: int = 1) -> int:
+    """numel rounded up to a multiple of world_size x block: every chunk at every level is then
+    whole `block`s (block > 1: a plan that quantizes, parallel.quant)."""
+    m = world_size * block
+    return -(-numel // m) * m
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One hop of a hierarchical reduce-scatter inside a level-L unit: the ranks that differ
+    only in their level-k coordinate, member i at coordinate i."""
+    level: int
+    groups: List[List[int]]
+    input_fraction: int
+    """The hop's input is the unit's buffer / this (what the hops before it have kept)."""
+
+
+def reduce_hops(topo: Topology, level: int) -> List[Hop]:
+    """A reduce-scatter over the units of `level` as one hop per level up to it, innermost
+    first. Because chunk indices read the innermost coordinate as the most significant digit
+    (chunk_index), the hop at level k splits what the hops before it kept into size_k
+    consecutive pieces, and after the last hop each rank holds exactly its level-`level`
+    chunk. Levels of size 1 have no hop."""
+    if level == REPLICATED:
+        return []
+    w = topo.world_size
+    hops, inner = [], 1
+    for k in range(level + 1):
+        size = topo.levels[k].size
+        if size > 1:
+            hops.append(Hop(k, same_position_groups(w, inner * size, inner), inner))
+        inner *= size
+    return hops
 
 
 @dataclass(frozen=True)

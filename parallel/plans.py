@@ -20,11 +20,13 @@ costs: parallel.cost. Which one a run uses: parallel.choose.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import List, Optional
 
 from tierzero.parallel.config import PLAN_NAMES, ParallelConfig
+from tierzero.parallel.quant import BITS, NO_QUANT, SCALE_BYTES, Quant
 from tierzero.parallel.topology import Topology
 
 REPLICATED = -1
@@ -37,6 +39,8 @@ class PartitionPlan:
     grad_level: int
     optim_level: int
     secondary_level: Optional[int] = None
+    quant: Quant = NO_QUANT
+    """Which collectives go block-quantized, on which levels (parallel.quant)."""
 
     def describe(self, topo: Topology) -> str:
         def nm(level):
@@ -46,6 +50,8 @@ class PartitionPlan:
         if self.secondary_level is not None:
             parts.append(f"S={nm(self.secondary_level)}")
         parts += [f"G={nm(self.grad_level)}", f"O={nm(self.optim_level)}"]
+        if self.quant.active:
+            parts.append(self.quant.describe())
         return f"{self.name}({','.join(parts)})"
 
     @property
@@ -72,8 +78,57 @@ def _node_level(topo: Topology) -> int:
     return topo.level_index("node") if "node" in topo.names else 0
 
 
+def quant_of(topo: Topology, cfg: ParallelConfig) -> Quant:
+    """parallel.quant_* on this topology: the levels by index, the slowest one by default."""
+    if cfg.quant_levels:
+        unknown = [n for n in cfg.quant_levels if n not in topo.names]
+        if unknown:
+            raise PlanError(f"parallel.quant_levels={list(cfg.quant_levels)} names {unknown}, not a level of this "
+                            f"topology {list(topo.names)}; name some of those, e.g. [{topo.names[-1]}].")
+        levels = tuple(cfg.quant_levels)
+    else:
+        levels = (topo.names[-1],)
+    w, g = BITS.get(cfg.quant_weights, 0), BITS.get(cfg.quant_grads, 0)
+    return Quant(weight_bits=w, grad_bits=g, weight_levels=levels if w else (), grad_levels=levels if g else (),
+                 block_size=cfg.quant_block_size, scale_bytes=SCALE_BYTES.get(cfg.quant_scale_dtype, 4),
+                 stochastic=cfg.quant_stochastic, error_feedback=cfg.quant_error_feedback)
+
+
 def named_plan(name: str, topo: Topology, cfg: Optional[ParallelConfig] = None) -> PartitionPlan:
     cfg = cfg or ParallelConfig()
+    if name == "zeropp":
+        return _zeropp(topo, cfg)
+    plan = _named_levels(name, topo, cfg)
+    quant = quant_of(topo, cfg)
+    return dataclasses.replace(plan, quant=quant) if quant.active else plan
+
+
+def _zeropp(topo: Topology, cfg: ParallelConfig) -> PartitionPlan:
+    """ZeRO++ as its paper describes it: hpZ (a secondary parameter copy inside each node),
+    qwZ (the forward all-gather across nodes in int8) and qgZ (gradients reduced by an int4
+    all-to-all, hierarchically: every hop up to the cluster quantized)."""
+    mine = [f"parallel.{k}={getattr(cfg, k)}" for k in ("quant_weights", "quant_grads") if getattr(cfg, k) != "none"]
+    if cfg.quant_levels:
+        mine.append(f"parallel.quant_levels={list(cfg.quant_levels)}")
+    if mine:
+        raise PlanError(
+            f"parallel.plan=zeropp fixes what is quantized where (int8 weights across nodes, int4 gradients on every "
+            f"level, as the ZeRO++ paper), but {' and '.join(mine)} asks otherwise; drop {' and '.join(mine)}, or use "
+            "parallel.plan=hpz (or any plan) with parallel.quant_* to choose your own.")
+    if len(topo.levels) < 2:
+        raise PlanError(
+            f"parallel.plan=zeropp keeps hpZ's secondary parameter copy inside a level faster than the cluster, but "
+            f"the topology {topo.describe()} has one level; use parallel.plan=zero3 with parallel.quant_weights=int8 "
+            "parallel.quant_grads=int4, or describe the nodes (e.g. topology.emulate=[2,2]).")
+    hpz = _named_levels("hpz", topo, cfg)
+    c = len(topo.levels) - 1
+    quant = Quant(weight_bits=8, grad_bits=4, weight_levels=(topo.names[c],), grad_levels=topo.names,
+                  block_size=cfg.quant_block_size, scale_bytes=SCALE_BYTES.get(cfg.quant_scale_dtype, 4),
+                  stochastic=cfg.quant_stochastic, error_feedback=cfg.quant_error_feedback)
+    return dataclasses.replace(hpz, name="zeropp", quant=quant)
+
+
+def _named_levels(name: str, topo: Topology, cfg: ParallelConfig) -> PartitionPlan:
     c = len(topo.levels) - 1
     node = _node_level(topo)
     if name == "ddp":
@@ -117,22 +172,27 @@ def named_plan(name: str, topo: Topology, cfg: Optional[ParallelConfig] = None) 
 
 def named_plans(topo: Topology, cfg: Optional[ParallelConfig] = None) -> List[PartitionPlan]:
     """Every named plan this topology has: hpz needs a level inside the cluster for its copy."""
-    return [named_plan(n, topo, cfg) for n in PLAN_NAMES if n != "auto" and not (n == "hpz" and len(topo.levels) < 2)]
+    return [named_plan(n, topo, cfg) for n in PLAN_NAMES
+            if n != "auto" and not (n in ("hpz", "zeropp") and len(topo.levels) < 2)]
 
 
 def candidate_plans(topo: Topology, cfg: Optional[ParallelConfig] = None) -> List[PartitionPlan]:
-    """The named plans plus every assignment param <= grad <= optimizer (what auto searches)."""
-    named = named_plans(topo, cfg)
+    """The named plans plus every assignment param <= grad <= optimizer (what auto searches).
+    zeropp is not among them: auto sends lossy bytes only where parallel.quant_* asks."""
+    cfg = cfg or ParallelConfig()
+    quant = quant_of(topo, cfg)
+    named = [p for p in named_plans(topo, cfg) if p.name != "zeropp"]
     seen = {(p.param_level, p.secondary_level, p.grad_level, p.optim_level) for p in named}
     levels = [REPLICATED] + list(range(len(topo.levels)))
     out = list(named)
     for p, g, o in itertools.combinations_with_replacement(levels, 3):
         if (p, None, g, o) not in seen:
-            out.append(PartitionPlan("tiered", p, g, o))
+            out.append(PartitionPlan("tiered", p, g, o, quant=quant))
             seen.add((p, None, g, o))
     for sec in range(len(topo.levels) - 1):  # hpz-style secondary under any wider param level
         for p, g, o in itertools.combinations_with_replacement(range(sec + 1, len(topo.levels)), 3):
             if (p, sec, g, o) not in seen:
-                out.append(PartitionPlan("hpz" if (p, g, o) == (len(topo.levels) - 1,) * 3 else "tiered", p, g, o, sec))
+                out.append(PartitionPlan("hpz" if (p, g, o) == (len(topo.levels) - 1,) * 3 else "tiered", p, g, o, sec,
+                                         quant=quant))
                 seen.add((p, sec, g, o))
     return out

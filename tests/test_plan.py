@@ -12,6 +12,7 @@ from tierzero.parallel.config import ParallelConfig
 from tierzero.parallel.cost import DEFAULT_BANDWIDTH_GBPS, PlanInputs, Unit, predict, uniform_units
 from tierzero.parallel.layout import chunk_index, level_of_group, padded_numel, plan_groups, span
 from tierzero.parallel.plans import REPLICATED, PlanError, candidate_plans, named_plan
+from tierzero.parallel.quant import NO_QUANT
 from tierzero.parallel.topology import emulated_topology, preset_topology, with_bandwidths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +54,8 @@ def test_ring_volumes_match_the_formulas():
 def test_named_plans_have_the_design_table_shape():
     topo = emulated_topology([2, 4, 3])
     c = 2
-    assert named_plan("ddp", topo) .__dict__ == dict(name="ddp", param_level=-1, grad_level=-1, optim_level=-1, secondary_level=None)
+    assert named_plan("ddp", topo) .__dict__ == dict(name="ddp", param_level=-1, grad_level=-1, optim_level=-1, secondary_level=None,
+                                                   quant=NO_QUANT)
     assert (named_plan("zero1", topo).param_level, named_plan("zero1", topo).optim_level) == (REPLICATED, c)
     assert named_plan("zero2", topo).grad_level == c
     hpz = named_plan("hpz", topo)

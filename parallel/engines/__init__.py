@@ -64,8 +64,15 @@ class EngineSetup:
 
 # ---- which plans each engine runs (pure; the engines use the same mappings) ------------------
 
+def _full_precision(plan: PartitionPlan, topo: Topology, engine: str) -> None:
+    if plan.quant.active:
+        raise PlanError(f"parallel.engine={engine} cannot run {plan.describe(topo)}: its collectives are "
+                        "block-quantized (parallel.quant_*), which only parallel.engine=native runs.")
+
+
 def deepspeed_stage(plan: PartitionPlan, topo: Topology) -> int:
     """The ZeRO stage whose partition is exactly `plan`; PlanError if there is none."""
+    _full_precision(plan, topo, "deepspeed")
     c = len(topo.levels) - 1
     levels = (plan.param_level, plan.grad_level, plan.optim_level)
     if all(lv in (REPLICATED, c) for lv in levels):
@@ -94,6 +101,7 @@ def fsdp2_mesh_shape(plan: PartitionPlan, topo: Topology):
     zero3: 1-D mesh over all ranks, parameters resharded after forward; zero2: 1-D mesh, parameters
     kept gathered between forward and backward; hsdp: 2-D mesh (replicate x shard), shard = the
     ranks of one unit of the plan's level."""
+    _full_precision(plan, topo, "fsdp2")
     c = len(topo.levels) - 1
     levels = (plan.param_level, plan.grad_level, plan.optim_level)
     if plan.secondary_level is None and levels == (c, c, c):
@@ -112,6 +120,7 @@ def fsdp2_mesh_shape(plan: PartitionPlan, topo: Topology):
 
 
 def _reference_check(plan: PartitionPlan, topo: Topology) -> None:
+    _full_precision(plan, topo, "reference")
     if (plan.param_level, plan.grad_level, plan.optim_level, plan.secondary_level) != (REPLICATED,) * 3 + (None,):
         raise PlanError(
             f"parallel.engine=reference cannot run {plan.describe(topo)}: it is plain data parallelism with "
@@ -188,6 +197,15 @@ def engine_errors(*, parallel, moe, checkpoint, train) -> List[str]:
         errs.append(f"train.activation_checkpointing={train.activation_checkpointing} recomputes each block in the "
                     f"backward, and an MoE block (moe.num_experts={experts}) would route and count its tokens twice; "
                     "use train.activation_checkpointing=none with MoE, or moe.num_experts=0")
+    quantized = [f"parallel.{k}={getattr(parallel, k)}" for k in ("quant_weights", "quant_grads")
+                 if getattr(parallel, k, "none") != "none"] + (["parallel.plan=zeropp"] if parallel.plan == "zeropp" else [])
+    if quantized and spec.name != "native":
+        why = {"deepspeed": "DeepSpeed's ZeRO++ quantization kernels (zero_quantized_weights, zero_quantized_gradients) "
+                            "need CUDA, and its CPU path has none",
+               "fsdp2": "FSDP2 has no quantized collectives",
+               "reference": "the reference is the full-precision baseline the others are compared against"}[spec.name]
+        errs.append(f"{' and '.join(quantized)} asks for block-quantized collectives, which parallel.engine={spec.name} "
+                    f"cannot run: {why}. Use parallel.engine=native, or drop {' and '.join(quantized)}")
     wanted = _checkpoints_wanted(checkpoint)
     if wanted and not spec.checkpoints:
         errs.append(f"parallel.engine={spec.name} cannot save or load tierzero checkpoints, but {wanted}; use "

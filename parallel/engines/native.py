@@ -34,7 +34,8 @@ from torch import nn
 from tierzero.parallel.cost import Unit
 from tierzero.parallel.engines import EngineSetup
 from tierzero.parallel.engines.base import CheckpointSlice, StepStats
-from tierzero.parallel.groups import build_groups, build_partition
+from tierzero.parallel.codec import Codec, quantized_all_gather, quantized_reduce_scatter
+from tierzero.parallel.groups import build_groups, build_hop_groups, build_partition
 from tierzero.parallel.host import to_host
 from tierzero.parallel.layout import chunk_index, level_of_group, padded_numel, span
 from tierzero.parallel.ledger import ByteLedger, CommGroup
@@ -107,7 +108,7 @@ class FlatUnit:
             offset += p.numel()
         self.params = entries
         self.numel = offset
-        self.N = padded_numel(offset, e.world_size)
+        self.N = padded_numel(offset, e.world_size, e.plan.quant.pad_block)
         self.dtype = dtype
 
         self.c_p, self.c_b, self.c_g, self.c_o = (self.N // s for s in (e.s_p, e.s_b, e.s_g, e.s_o))
@@ -147,14 +148,22 @@ class FlatUnit:
         self.master = values(o.start, o.stop)
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
-        decay = torch.zeros(self.N, dtype=torch.bool, device=device)
-        for ent in entries:
-            if len(ent.shape) >= 2:  # norms are not decayed (parallel.engines.base.param_groups)
-                decay[ent.offset: ent.offset + ent.numel] = True
-        self.decay = decay[o].clone()
+        self.decay = self._decay_mask(o, device)
+        self.residuals: Dict[int, torch.Tensor] = {}
+        """Error feedback (parallel.quant_error_feedback): hop index -> what quantization dropped
+        from this rank's hop input last micro-step, float32 (allocated on first use)."""
         self.gathered = True
         if not self.persistent:
             self.free()
+
+    def _decay_mask(self, shard: slice, device: str) -> torch.Tensor:
+        """Which elements of the optimizer shard take weight decay: matrices, not norms
+        (parallel.engines.base.param_groups)."""
+        decay = torch.zeros(self.N, dtype=torch.bool, device=device)
+        for ent in self.params:
+            if len(ent.shape) >= 2:
+                decay[ent.offset: ent.offset + ent.numel] = True
+        return decay[shard].clone()
 
     def _generate(self, init: InitSlice, a: int, b: int, expert_index: int) -> torch.Tensor:
         """Elements [a, b) of the flat buffer's initial values, float32 on the CPU (padding 0).
@@ -235,6 +244,24 @@ class Domain:
             chunk_index(topology, rank, lv) for lv in (plan.param_level, plan.bwd_level, plan.grad_level, plan.optim_level))
         self.groups: Dict[str, CommGroup] = build_groups(plan, topology, rank, copies=copies)
         self._position_cache: Dict[Tuple[Tuple[int, ...], int], List[int]] = {}
+        q = plan.quant
+        self.weight_codecs = {role: self._codec(q.weight_bits_at(self.groups[role].level), q)
+                              if self.groups[role].size > 1 else None for role in ("param", "bwd")}
+        """param / bwd gather -> its Codec when the level the group spans is quantized (qwZ)."""
+        self.step_codecs = {"grad_up": self._codec(q.grad_bits_at(self.groups["grad_up"].level), q),
+                            "param_down": self._codec(q.weight_bits_at(self.groups["param_down"].level), q)}
+        """The step's gradient hop up to the optimizer level and its parameter gather back down,
+        quantized where their level is (a tiered plan's only cross-node traffic)."""
+        self.hops: List[Tuple[CommGroup, Optional[Codec]]] = []
+        """A hierarchical gradient reduce-scatter (qgZ), one (group, codec or None) per hop, innermost
+        first -- when the plan quantizes one of those hops; else [] and one flat reduce-scatter."""
+        hop_groups = build_hop_groups(topology, plan.grad_level, rank, copies) if q.grad_bits else []
+        if q.hierarchical_grads(tuple(g.level for g in hop_groups)):
+            self.hops = [(g, self._codec(q.grad_bits_at(g.level), q)) for g in hop_groups]
+
+    @staticmethod
+    def _codec(bits: int, quant) -> Optional[Codec]:
+        return Codec(bits, quant.block_size, quant.scale_bytes) if bits else None
 
     def positions(self, group: CommGroup, level: int) -> List[int]:
         """Chunk index of each group member at `level`, in group order (computed once per group:
@@ -264,6 +291,8 @@ class NativeEngine:
         self.reduce_dtype = torch.bfloat16 if (setup.reduce_dtype == "bfloat16" and setup.dtype == "bfloat16") \
             else torch.float32
         self.ledger = ByteLedger(gpu=device.startswith("cuda"))
+        self._noise = torch.Generator(device=device).manual_seed(0x9E3779B1 + rank) if plan.quant.stochastic else None
+        """Stochastic rounding's uniforms (parallel.quant_stochastic): a stream of its own per rank."""
         self._pending_rs: Optional[tuple] = None
         """The last unit's gradient reduce-scatter, in flight while the next block's backward runs."""
         self.step_count = 0
@@ -323,10 +352,13 @@ class NativeEngine:
         unit._alloc()
         unit.gathered = True
         if phase == "fwd" or self.plan.secondary_level is None:
-            group, level, shard, c = d.groups["param"], self.plan.param_level, unit.p_shard, unit.c_p
+            role, level, shard, c = "param", self.plan.param_level, unit.p_shard, unit.c_p
         else:
-            group, level, shard, c = d.groups["bwd"], self.plan.secondary_level, unit.b_shard, unit.c_b
+            role, level, shard, c = "bwd", self.plan.secondary_level, unit.b_shard, unit.c_b
+        group, codec = d.groups[role], d.weight_codecs[role]
         outs = [unit.full[j * c:(j + 1) * c] for j in d.positions(group, level)]
+        if codec is not None:
+            return quantized_all_gather(self.ledger, outs, shard, group, phase, codec, async_op=async_op)
         return self.ledger.all_gather(outs, shard, group, phase, async_op=async_op)
 
     def _gather_all(self, units: List[FlatUnit], phase: str, async_op: bool) -> List:
@@ -394,6 +426,10 @@ class NativeEngine:
             if ent.param.grad is not None:
                 flat[ent.offset: ent.offset + ent.numel].copy_(ent.param.grad.reshape(-1))
                 ent.param.grad = None
+        if d.hops:
+            self._finish_reduce()
+            self._reduce_by_hops(unit, flat)
+            return
         group, c = d.groups["grad"], unit.c_g
         if group.size == 1:
             unit.grad_acc.add_(flat[d.idx_g * c:(d.idx_g + 1) * c])
@@ -405,6 +441,31 @@ class NativeEngine:
         work = self.ledger.reduce_scatter(out, ins, group, "bwd", async_op=self.device.startswith("cuda"))
         self._finish_reduce()  # the previous one had this block's backward to complete in
         self._pending_rs = (work, unit, out, flat)  # flat stays referenced until its collective is done
+
+    def _reduce_by_hops(self, unit: FlatUnit, flat: torch.Tensor) -> None:
+        """The gradient reduce-scatter one level at a time (parallel.layout.reduce_hops): each hop
+        splits what the last one kept into one piece per member and leaves this rank its piece
+        summed over the hop's group; a quantized hop sends its pieces encoded in one all-to-all
+        (qgZ), the others reduce-scatter in parallel.reduce_dtype. Synchronous: the next
+        hop needs this one's result."""
+        q = self.plan.quant
+        buf = flat
+        for k, (group, codec) in enumerate(unit.domain.hops):
+            piece = buf.numel() // group.size
+            ins = [buf[j * piece:(j + 1) * piece] for j in range(group.size)]
+            out = torch.empty(piece, dtype=buf.dtype, device=self.device)
+            if codec is None:
+                self.ledger.reduce_scatter(out, ins, group, "bwd")
+            else:
+                residual = None
+                if q.error_feedback:
+                    if k not in unit.residuals:
+                        unit.residuals[k] = torch.zeros(buf.numel(), dtype=torch.float32, device=self.device)
+                    residual = unit.residuals[k]
+                quantized_reduce_scatter(self.ledger, out, ins, group, "bwd", codec, residual=residual,
+                                         generator=self._noise, stochastic=q.stochastic)
+            buf = out
+        unit.grad_acc.add_(buf)
 
     def _finish_reduce(self) -> None:
         """Wait for the reduce-scatter in flight and add it to its unit's fp32 accumulator (on
@@ -425,7 +486,12 @@ class NativeEngine:
             ins = [u.grad_acc[(j - base) * u.c_o:(j - base + 1) * u.c_o]
                    for j in d.positions(up, self.plan.optim_level)]
             g = torch.empty(u.c_o, dtype=torch.float32, device=self.device)
-            self.ledger.reduce_scatter(g, ins, up, "step")
+            codec = d.step_codecs["grad_up"]
+            if codec is None:
+                self.ledger.reduce_scatter(g, ins, up, "step")
+            else:
+                quantized_reduce_scatter(self.ledger, g, ins, up, "step", codec, generator=self._noise,
+                                         stochastic=self.plan.quant.stochastic)
         else:
             off = (d.idx_o - d.idx_g * (d.s_o // d.s_g)) * u.c_o
             g = u.grad_acc[off: off + u.c_o]
@@ -480,7 +546,11 @@ class NativeEngine:
                 base = d.idx_p * (d.s_o // d.s_p)
                 outs = [u.p_shard[(j - base) * u.c_o:(j - base + 1) * u.c_o]
                         for j in d.positions(down, self.plan.optim_level)]
-                self.ledger.all_gather(outs, new, down, "step")
+                codec = d.step_codecs["param_down"]
+                if codec is None:
+                    self.ledger.all_gather(outs, new, down, "step")
+                else:
+                    quantized_all_gather(self.ledger, outs, new, down, "step", codec)
             else:
                 off = (d.idx_o - d.idx_p * (d.s_o // d.s_p)) * u.c_o
                 u.p_shard[off: off + u.c_o].copy_(new)
