@@ -44,11 +44,10 @@ class Codec:
         qmax = QMAX[self.bits]
         blocks = x.detach().reshape(-1, self.block_size).float()  # [num_blocks, block_size]
         amax = blocks.abs().amax(dim=1, keepdim=True)
-        exact = amax / qmax
-        scale = exact.to(self.scale_dtype)
-        if self.scale_dtype != torch.float32:  # round the stored scale up: x / scale stays within qmax
-            low = scale.float() < exact
-            scale = torch.where(low, torch.nextafter(scale, scale.new_full((), float("inf"))), scale)
+        scale = (amax / qmax).to(self.scale_dtype)
+        # rounded up where storing it rounded down, so scale x qmax covers the block's largest value
+        low = scale.float() * qmax < amax
+        scale = torch.where(low, torch.nextafter(scale, scale.new_full((), float("inf"))), scale)
         s = scale.float()
         inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))  # an all-zero block: scale 0, values 0
         inv = torch.where(torch.isfinite(s), inv, s)  # nan/inf propagate through the values' decode too
@@ -144,7 +143,7 @@ def quantized_reduce_scatter(ledger, output: torch.Tensor, inputs: Sequence[torc
         if carried is not None:
             carried.copy_(x - codec.decode(send[j], c))
     recv = torch.empty_like(send)
-    ledger.all_to_all(recv, send, [1] * n, [1] * n, group, phase)
+    ledger.all_to_all(recv, send, [1] * n, [1] * n, group, phase, op="reduce_scatter")
     total = inputs[me].float().clone()
     for j in range(n):
         if j != me:

@@ -363,7 +363,7 @@ def _step_traffic(add, quant, n: int, s_p: int, s_g: int, s_o: int, n_rep: int, 
     up_bits = quant.grad_bits_at(lv_up)
     if s_o > s_g and up_bits:
         nbytes = (s_o // s_g - 1) * quant.payload_bytes(n // s_o, up_bits)
-        add("step", lv_up, "all_to_all", nbytes, nbytes / rate("a2a:up")[0])
+        add("step", lv_up, "reduce_scatter", nbytes, nbytes / rate("a2a:up")[0])
     elif s_o > s_g:
         nbytes = n / s_g * GRAD_ACC_BYTES * _ring(s_o // s_g)
         add("step", lv_up, "reduce_scatter", nbytes, nbytes / rate("up")[0])
@@ -379,7 +379,8 @@ def _hop_traffic(add, quant, topo: Topology, hops, links: Topology, n: int, *, s
                  reduce_bytes: int) -> int:
     """One unit's gradient reduce-scatter hop by hop (parallel.layout.reduce_hops), as the
     engine runs it when a hop is quantized: a quantized hop is an all-to-all of each piece's
-    payload to its owner (qgZ), the others a ring reduce-scatter; each hop alone on the wire.
+    payload to its owner (qgZ; the ledger books it as the reduce_scatter it implements, at the
+    all-to-all's rate), the others a ring reduce-scatter; each hop alone on the wire.
     Returns the elements of the quantized hops' inputs (the error-feedback residual)."""
     quantized_inputs = 0
     for hop in hops:
@@ -389,13 +390,13 @@ def _hop_traffic(add, quant, topo: Topology, hops, links: Topology, n: int, *, s
         bits = quant.grad_bits_at(level)
         if bits:
             nbytes = grad_accum * (size - 1) * quant.payload_bytes(piece, bits)
-            op, pattern = "all_to_all", "all_to_all"
+            pattern, op = "all_to_all", "all_to_all"
             quantized_inputs += n // inner
         else:
             nbytes = grad_accum * (size - 1) * piece * reduce_bytes
-            op, pattern = "reduce_scatter", "ring"
+            pattern, op = "ring", "reduce_scatter"
         bps = _busbw(links, ((inner * size * stride, inner * stride, pattern, op),))[0] * 1e9
-        add("bwd", level, op, nbytes, nbytes / bps)
+        add("bwd", level, "reduce_scatter", nbytes, nbytes / bps)
     return quantized_inputs
 
 

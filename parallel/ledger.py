@@ -237,12 +237,13 @@ class ByteLedger:
                            lambda: dist.all_reduce(tensor, group=group.pg, async_op=True), async_op)
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
-                   input_splits: Sequence[int], group, phase: str) -> None:
-        """Uneven all_to_all_single (MoE dispatch / combine); bytes = rows sent to the other members."""
+                   input_splits: Sequence[int], group, phase: str, op: str = "all_to_all") -> None:
+        """Uneven all_to_all_single (MoE dispatch / combine); bytes = rows sent to the other members.
+        `op` names what it implements in the ledger (a quantized reduce-scatter is "reduce_scatter")."""
         row_bytes = math.prod(input.shape[1:]) * input.element_size()
         me = group.ranks.index(dist.get_rank())
         nbytes = (sum(input_splits) - input_splits[me]) * row_bytes
-        self._issue((phase, group.level, "all_to_all"), nbytes,
+        self._issue((phase, group.level, op), nbytes,
                     lambda: dist.all_to_all_single(output, input, list(output_splits), list(input_splits),
                                                    group=group.pg, async_op=True), False)
 

@@ -171,9 +171,13 @@ def _named_levels(name: str, topo: Topology, cfg: ParallelConfig) -> PartitionPl
 
 
 def named_plans(topo: Topology, cfg: Optional[ParallelConfig] = None) -> List[PartitionPlan]:
-    """Every named plan this topology has: hpz needs a level inside the cluster for its copy."""
+    """Every named plan this topology has: hpz and zeropp need a level inside the cluster for
+    their copy; zeropp is left out where parallel.quant_* asks for other quantization."""
+    cfg = cfg or ParallelConfig()
+    own_quant = cfg.quant_weights != "none" or cfg.quant_grads != "none" or bool(cfg.quant_levels)
     return [named_plan(n, topo, cfg) for n in PLAN_NAMES
-            if n != "auto" and not (n in ("hpz", "zeropp") and len(topo.levels) < 2)]
+            if n != "auto" and not (n in ("hpz", "zeropp") and len(topo.levels) < 2)
+            and not (n == "zeropp" and own_quant)]
 
 
 def candidate_plans(topo: Topology, cfg: Optional[ParallelConfig] = None) -> List[PartitionPlan]:

@@ -23,7 +23,7 @@ from tierzero.parallel.choose import Choice, restrict_choice
 
 from tierzero.parallel.layout import span
 
-from tierzero.parallel.plans import REPLICATED, PartitionPlan, PlanError, named_plan
+from tierzero.parallel.plans import REPLICATED, PartitionPlan, PlanError, named_plan, quant_of
 from tierzero.parallel.topology import Topology
 
 
@@ -234,6 +234,10 @@ def plan_errors(parallel, topo: Topology) -> List[str]:
     """A named plan the topology or the engine refuses (auto is narrowed to what the engine runs
     when the plan is chosen); [] when it can run."""
     spec = ENGINES.get(parallel.engine)
+    try:
+        quant_of(topo, parallel)  # level names every plan's quantization uses
+    except PlanError as e:
+        return [str(e)]
     if spec is None or (parallel.plan == "auto" and not parallel.levels):
         return []
     try:
