@@ -4,7 +4,9 @@ Two emulated nodes x 2 ranks, each node in its own network namespace, the link b
 limited with `tc tbf` (root needed; see docs/netns.md). A transformer big enough that
 communication matters (~50M parameters, few tokens per step) is trained for a few steps with:
 
-    native  zero3, hpz, hsdp, tiered, auto
+    native  zero3, hpz, hsdp, tiered, auto; and quantized: zeropp (hpZ + qwZ int8 + qgZ int4,
+            as the ZeRO++ paper), tiered and auto with int8 weights + int4 gradients on the
+            inter-node level (parallel.quant_*)
     refs    DeepSpeed ZeRO-3, DeepSpeed ZeRO++ hpZ, PyTorch FSDP2 HSDP
 
 and for each: steps/s, peak RSS per rank, bytes per level from the byte ledger (native), the
@@ -44,6 +46,8 @@ sys.path.insert(0, str(ROOT))  # the package `checkpoint`, not benchmarks/checkp
 MODEL = ["model.n_layers=4", "model.n_heads=8", "moe.num_experts=0", "parallel.ep=1", "data.seq_len=32",
          "train.micro_batch_size=1", "train.warmup_steps=1", "telemetry.flush_every_s=2",
          "telemetry.node_sample_every_s=60", "train.log_every=1"]
+QUANT = ("parallel.quant_weights=int8", "parallel.quant_grads=int4")
+"""Block-quantized collectives on the slowest level (parallel.quant_levels' default)."""
 CONFIGS = [  # name, engine, parallel.plan, extra overrides
     ("zero3", "native", "zero3", ()),
     ("hpz", "native", "hpz", ()),
@@ -53,6 +57,9 @@ CONFIGS = [  # name, engine, parallel.plan, extra overrides
     # p < g < o would have nothing else to choose from here)
     ("tiered [rep,node,cluster]", "native", "tiered", ("parallel.levels=[none,node,cluster]",)),
     ("auto", "native", "auto", ()),
+    ("zeropp", "native", "zeropp", ()),
+    ("tiered qW8 qG4", "native", "tiered", QUANT),
+    ("auto qW8 qG4", "native", "auto", QUANT),
     ("DeepSpeed ZeRO-3", "deepspeed", "zero3", ()),
     ("DeepSpeed ZeRO++ hpZ", "deepspeed", "hpz", ()),
     ("FSDP2 HSDP", "fsdp2", "hsdp", ()),
@@ -97,11 +104,14 @@ def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, 
                 level_bytes[row["level"]] = level_bytes.get(row["level"], 0.0) + row["bytes"] / len(warm)
                 if row["level"] == "cluster":
                     cluster_s += row["time_s"] / len(warm)
+    last = max(by_step)
+    losses = [r["loss"] for r in by_step[last] if r.get("loss") is not None]
+    final_loss = statistics.fmean(losses) if losses else None
     plan_line = next((ln for ln in r.stderr.splitlines() if "recipes.trainer: plan " in ln), "")
     found = MEASURED.search(r.stderr)
     rate = UPDATE_RATE.search(r.stderr)
     return {"name": name, "engine": engine, "plan": plan, "extra": list(extra), "step_s": step_s,
-            "steps_per_s": 1 / step_s, "peak_rss_bytes": peak_rss, "level_bytes": level_bytes, "wall_s": wall,
+            "steps_per_s": 1 / step_s, "peak_rss_bytes": peak_rss, "final_loss": final_loss, "level_bytes": level_bytes, "wall_s": wall,
             "measured_comm_s": cluster_s if comm_dir.exists() else None,
             "measured_gbps": parse_measured(found.group(1)) if found else None,
             "update_gelems_per_s": float(rate.group(1)) if rate else None,
@@ -184,6 +194,7 @@ def main() -> None:
         rows = [r for r in results["rows"] if r["gbit"] == gbit]
         ok = [r for r in rows if "steps_per_s" in r]
         base = next((r for r in ok if r["name"] == "DeepSpeed ZeRO++ hpZ"), None)
+        zpp = next((r for r in ok if r["name"] == "zeropp"), None)
         best_ref = max((r for r in ok if r["engine"] != "native"), key=lambda r: r["steps_per_s"], default=None)
         print(f"\n## inter-node link {gbit:g} Gbit/s")
         measured = [r["measured_gbps"] for r in ok if r.get("measured_gbps")]
@@ -193,7 +204,8 @@ def main() -> None:
             for m in measured:
                 print("#   " + "; ".join(f"{lv} " + " ".join(f"{OP_SHORT.get(op, op)} {v:.3g}" for op, v in f.items())
                                        for lv, f in m.items() if f))
-        print(f"{'config':<27}{'steps/s':>9}{'vs DS hpZ':>11}{'vs best ref':>12}{'peak RSS MB':>13}"
+        print(f"{'config':<27}{'steps/s':>9}{'vs DS hpZ':>11}{'vs best ref':>12}{'vs zeropp':>10}{'loss':>8}"
+              f"{'peak RSS MB':>13}"
               f"{'node MB/step':>14}{'cluster MB/step':>16}{'comm s pred':>12}{'comm s meas':>12}{'meas/pred':>10}"
               f"{'nominal pred':>13}")
         for r in rows:
@@ -209,12 +221,13 @@ def main() -> None:
             meas = f"{r['measured_comm_s']:.2f}" if r.get("measured_comm_s") is not None else "-"
             ratio = (f"{r['measured_comm_s'] / r['predicted_comm_s']:.2f}"
                      if r.get("predicted_comm_s") and r.get("measured_comm_s") is not None else "-")
-            print(f"{r['name']:<27}{r['steps_per_s']:>9.3f}{vs:>11}{vb:>12}{r['peak_rss_bytes'] / 1e6:>13.0f}"
+            vz = f"{r['steps_per_s'] / zpp['steps_per_s']:.2f}x" if zpp else "-"
+            loss = f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "-"
+            print(f"{r['name']:<27}{r['steps_per_s']:>9.3f}{vs:>11}{vb:>12}{vz:>10}{loss:>8}{r['peak_rss_bytes'] / 1e6:>13.0f}"
                   f"{node:>14}{clus:>16}{pred:>12}{meas:>12}{ratio:>10}"
                   f"{(format(r['predicted_nominal_comm_s'], '.2f') if r.get('predicted_nominal_comm_s') else '-'):>13}")
-        auto = next((r for r in ok if r["name"] == "auto"), None)
-        if auto:
-            print(f"auto chose: {auto['plan_line']}")
+        for auto in (r for r in ok if r["name"].startswith("auto")):
+            print(f"{auto['name']} chose: {auto['plan_line']}")
     print(f"# load after: {load_average()}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:  # long: a declarative table, one
                     "level per optimizer step, predicted communication time, whether it fits; then the "
                     "plan auto picks and why.",
         epilog="examples:\n  tierzero plan topology.emulate=[2,2]\n"
-               "  tierzero plan topology.preset=frontier topology.nodes=48 model.params=20e9 train.dtype=bfloat16 "
+               "  tierzero plan topology.preset=frontier topology.nodes=48 model.params=20e9 model.n_layers=44 train.dtype=bfloat16 "
                "train.global_batch_size=384 train.micro_batch_size=1\n"
                "  tierzero plan parallel.plan=tiered parallel.levels=[package,node,cluster] topology.emulate=[2,2,2] "
                "launcher.nproc=8",
