@@ -26,7 +26,7 @@ from tierzero.collectives_bench.backends import TorchBackend
 from tierzero.collectives_bench.formulas import busbw_gbps, element_count
 from tierzero.collectives_bench.runner import _time_block
 from tierzero.collectives_bench.scopes import Scope
-from tierzero.parallel.topology import Topology, peak_busbw_gbps, with_bandwidths
+from tierzero.parallel.topology import Topology, peak_busbw_gbps, with_bandwidths, with_latencies
 
 log = logging.getLogger(__name__)
 PROBE_SIZES = (1 << 20, 4 << 20, 16 << 20, 64 << 20)
@@ -121,6 +121,30 @@ def measure_level(backend, topo: Topology, k: int, iters: int = 3) -> Optional[D
     return figures
 
 
+LATENCY_ITERS = 20
+"""Calls of the one-element-per-rank all_gather that times a level's per-step latency."""
+
+
+def measure_latency(backend, topo: Topology, k: int) -> Optional[float]:
+    """Microseconds per step of a collective across level k: an all_gather of one fp32 element
+    per rank (the bytes take no time) over the groups level_groups gives, all at once, as the
+    engine issues it; its time / (n - 1) ring steps, the slowest group's. None when the level's
+    fan-out is 1 or with MPI."""
+    if topo.levels[k].size < 2 or not isinstance(backend, TorchBackend):
+        return None
+    from tierzero.parallel.groups import build_partition
+
+    groups = level_groups(topo, k)
+    comm = build_partition(groups, backend.rank, topo.levels[k].name)
+    n = topo.levels[k].size
+    call = engine_call(backend, comm, "all_gather", n)
+    call()
+    backend.sync()
+    t = _time_calls(backend, call, LATENCY_ITERS)
+    slowest = max(backend.gather(t) or [t])
+    return backend.broadcast(slowest / (n - 1) * 1e6 if backend.rank == 0 else None)
+
+
 UPDATE_NUMEL = 1 << 22
 """Parameters in the update probe's shard (4M: 80 MB of fp32 state per rank), long enough to
 time and short enough for start-up (measured: docs/benchmarks.md, Figures behind design choices)."""
@@ -160,13 +184,18 @@ def measure_topology(backend, topo: Topology) -> Topology:
     all_gather figure as the level's, every op's as its per-op figures; plus the optimizer
     update rate."""
     measured = [measure_level(backend, topo, k) for k in range(len(topo.levels))]
+    latencies = [measure_latency(backend, topo, k) for k in range(len(topo.levels))]
     rate = measure_update_rate(backend)
     if backend.rank == 0:
         log.info("measured per-rank GB/s: %s", format_measured(topo, measured))
+        if any(us is not None for us in latencies):
+            log.info("measured per-step latency us: %s", " ".join(
+                f"{lv.name}={us:.4g}" for lv, us in zip(topo.levels, latencies) if us is not None))
         if rate:
             log.info("measured optimizer update: %.4g e9 params/s per rank", rate)
     out = with_bandwidths(topo, [m["all_gather"] if m else None for m in measured], source="measured",
                           op_bandwidths_gbps=[m if m else None for m in measured])
+    out = with_latencies(out, latencies)
     return dataclasses.replace(out, update_gelems_per_s=rate) if rate else out
 
 

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 from tierzero.launcher.modes import Launch
 from tierzero.parallel.config import ParallelConfig
 from tierzero.parallel.topology import (Topology, TopologyConfig, emulated_topology, flat_topology, preset_topology,
-                               with_bandwidths)
+                               with_bandwidths, with_latencies)
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,13 @@ def build_topology(cfg: TopologyConfig, *, world_size: int, ranks_per_node: int,
                 f"topology has {len(topo.levels)} levels {list(topo.names)}; give one GB/s figure per level"
             )
         topo = with_bandwidths(topo, cfg.bandwidths_gbps)
+    if cfg.latencies_us:
+        if len(cfg.latencies_us) != len(topo.levels):
+            raise TopologyMismatch(
+                f"topology.latencies_us={list(cfg.latencies_us)} has {len(cfg.latencies_us)} values but the "
+                f"topology has {len(topo.levels)} levels {list(topo.names)}; give one figure (us) per level"
+            )
+        topo = with_latencies(topo, cfg.latencies_us)
     return topo
 
 

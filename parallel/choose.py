@@ -9,12 +9,13 @@ runs only some plans narrows auto's choice with restrict_choice.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from tierzero.parallel.config import ParallelConfig
 from tierzero.parallel.cost import Cost, MoETraffic, PlanInputs, Unit, predict
-from tierzero.parallel.plans import PartitionPlan, PlanError, candidate_plans, named_plan, named_plans
+from tierzero.parallel.plans import PartitionPlan, PlanError, candidate_plans, named_plan, named_plans, quant_options
 from tierzero.parallel.topology import Topology, expert_data_topology
 
 
@@ -123,6 +124,16 @@ def resolve_plan(cfg: ParallelConfig, topo: Topology, inputs: PlanInputs, *,
                            reduce_bytes=inputs.reduce_bytes, activation_bytes=inputs.activation_bytes,
                            memory_budget_bytes=memory_budget_bytes, cfg=cfg, moe=inputs.moe)
     plan = named_plan("tiered" if cfg.levels else cfg.plan, topo, cfg)
+    options = quant_options(topo, cfg) if plan.name != "zeropp" else [plan.quant]
+    if len(options) > 1:  # parallel.quant_*=auto on a named plan: its fastest quantization that fits
+        costs = [_predict_named(dataclasses.replace(plan, quant=q), cfg, topo, inputs, memory_budget_bytes)
+                 for q in options]
+        fitting = [c for c in costs if c.fits]
+        if fitting:
+            best = _fastest(fitting)
+            return Choice(best.plan, best, f"parallel.plan={cfg.plan} as configured, its quantization chosen by "
+                          f"parallel.quant_*=auto: {_time_words(best)} among {len(options)} choices", costs)
+        plan = dataclasses.replace(plan, quant=options[0])
     cost = _predict_named(plan, cfg, topo, inputs, memory_budget_bytes)
     if not cost.fits:
         fitting = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from tierzero.parallel.quant import BITS, SCALE_BYTES
+from tierzero.parallel.quant import CHOICES, SCALE_BYTES
 
 REDUCE_DTYPES = ("float32", "bfloat16")
 """The values parallel.reduce_dtype takes."""
@@ -37,9 +37,9 @@ class ParallelConfig:
     ep: int = 1
     """Expert-parallel size (MoE): experts split over ep consecutive ranks, the fastest level that holds them."""
     quant_weights: str = "none"
-    """Parameter all-gathers on parallel.quant_levels sent block-quantized (ZeRO++ qwZ): none, int8 or int4."""
+    """Parameter all-gathers on parallel.quant_levels sent block-quantized (ZeRO++ qwZ): none, int8, int4, or auto (the planner tries each and keeps the fastest)."""
     quant_grads: str = "none"
-    """Gradient reduction on parallel.quant_levels sent block-quantized through a hierarchical all-to-all (ZeRO++ qgZ): none, int8 or int4."""
+    """Gradient reduction on parallel.quant_levels sent block-quantized through a hierarchical all-to-all (ZeRO++ qgZ): none, int8, int4 or auto."""
     quant_levels: Optional[List[str]] = None
     """Levels whose collectives are quantized, e.g. [cluster] or [node, cluster]; default the slowest level (cluster) only."""
     quant_block_size: int = 256
@@ -80,8 +80,8 @@ class ParallelConfig:
         errs = []
         for key in ("quant_weights", "quant_grads"):
             value = getattr(self, key)
-            if value not in BITS:
-                errs.append(f"parallel.{key}={value!r} is not one of {list(BITS)}; e.g. parallel.{key}=int8.")
+            if value not in CHOICES:
+                errs.append(f"parallel.{key}={value!r} is not one of {list(CHOICES)}; e.g. parallel.{key}=int8.")
         if self.quant_scale_dtype not in SCALE_BYTES:
             errs.append(f"parallel.quant_scale_dtype={self.quant_scale_dtype!r} is not one of {list(SCALE_BYTES)}; "
                         "e.g. parallel.quant_scale_dtype=float32.")

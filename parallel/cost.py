@@ -16,6 +16,11 @@ order (zero3, hpz's forward) crosses each node link with one flow and gets the w
 while the one-rank-per-node groups of hsdp's replicas or tiered's step all leave a node at
 once and get a rank's share. Collectives the engine has in flight together load the links
 together: in backward, block i-1's prefetched gather runs beside block i's reduce-scatter.
+Latency (time). Each collective also pays its steps' latency (Level.latency_us): a ring's
+n-1 steps (an all-reduce's 2(n-1), an all-to-all's n-1 exchanges), each at the latency of
+the level it crosses, as NCCL's own tuning model charges them (src/graph/tuning.cc). With
+hundreds of ranks in one ring this is what makes a flat collective slow at small sizes.
+
 Cost.time_s sums each collective's issue-to-completion time as the byte ledger does;
 Cost.comm_time_s counts a pair in flight together once (what auto minimises). Where the probe
 measured a level per operation (collectives_bench/probe.py), each collective uses its own op's
@@ -213,6 +218,22 @@ def _charger(cost: Cost):
     return add
 
 
+@functools.lru_cache(maxsize=1024)
+def _step_latency_s(links: Topology, outer: int, inner: int) -> float:
+    """Seconds of latency in one ring (or pairwise all-to-all) of the groups (outer, inner):
+    n - 1 steps, each step paying the latency of the level it crosses -- NCCL's model
+    (src/graph/tuning.cc: (n-1 - inter) x intra-node + inter x network), one term per level.
+    Rank 0's group stands for all. 0 where levels' latencies are unknown."""
+    members = range(0, outer, inner)
+    total, prev, unit = 0.0, len(members), 1
+    for lv in links.levels:
+        unit *= lv.size
+        units = len({m // unit for m in members})  # the group's members fall in this many level units
+        total += (prev - units) * (lv.latency_us or 0.0) * 1e-6
+        prev = units
+    return total
+
+
 def _alone_bps(links: Topology, outer: int, inner: int, op: str, pattern: str = "ring") -> float:
     """Bus bandwidth, bytes/s, of the groups (outer, inner) running `op` by themselves."""
     return _busbw(links, ((outer, inner, pattern, op),))[0] * 1e9
@@ -230,13 +251,15 @@ def _expert_traffic(add, plan: PartitionPlan, topo: Topology, experts: Sequence[
     if ep > 1:
         ep_level = topo.levels[level_of_group(topo, range(0, ep))].name
         nbytes = 2 * GRAD_ACC_BYTES * _ring(ep)  # expert part of the norm
-        add("step", ep_level, "all_reduce", nbytes, nbytes / _alone_bps(links, ep, 1, "all_reduce"))
+        add("step", ep_level, "all_reduce", nbytes,
+            nbytes / _alone_bps(links, ep, 1, "all_reduce") + 2 * _step_latency_s(links, ep, 1))
         if moe is not None:
             per_call = moe.tokens_per_micro_step * moe.top_k * moe.d_model * dtype_bytes * _ring(ep)
             a2a = 2 * grad_accum * moe.num_layers * per_call  # dispatch + combine; their gradients in bwd
             rate = _alone_bps(links, ep, 1, "all_to_all", "all_to_all")
-            add("fwd", ep_level, "all_to_all", a2a, a2a / rate)
-            add("bwd", ep_level, "all_to_all", a2a, a2a / rate)
+            lat = 2 * grad_accum * moe.num_layers * _step_latency_s(links, ep, 1)
+            add("fwd", ep_level, "all_to_all", a2a, a2a / rate + lat)
+            add("bwd", ep_level, "all_to_all", a2a, a2a / rate + lat)
     return memory, largest
 
 
@@ -309,7 +332,8 @@ def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Un
         largest = max(largest, n)
         if s_p > 1:
             nbytes = grad_accum * u.fwd_gathers * gathered(n, s_p, q_p)
-            add("fwd", lv_p, "all_gather", nbytes, nbytes / rate("p")[0])
+            add("fwd", lv_p, "all_gather", nbytes,
+                nbytes / rate("p")[0] + grad_accum * u.fwd_gathers * rate.latency("p"))
         blocks.append((u.bwd_gathers * gathered(n, s_b, q_b) if s_b > 1 else 0.0,
                        n * reduce_bytes * _ring(s_g) if s_g > 1 and not hierarchical else 0.0))
         if hierarchical:
@@ -319,7 +343,7 @@ def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Un
     _backward(add, blocks, lv_b, lv_g, rate, grad_accum)
     if units and s_o > 1:  # the squared grad norm, one fp32 scalar per unit, summed in one all-reduce
         nbytes = 2 * GRAD_ACC_BYTES * _ring(s_o)
-        add("step", lv_o, "all_reduce", nbytes, nbytes / rate("o")[0])
+        add("step", lv_o, "all_reduce", nbytes, nbytes / rate("o")[0] + 2 * rate.latency("o"))
     memory = {
         "params": total * dtype_bytes / s_p,
         "secondary": total * dtype_bytes / s_b if plan.secondary_level is not None else 0.0,
@@ -345,6 +369,7 @@ def _rate_table(links: Topology, shape: Dict[str, Tuple[int, int]]):
             rates[kinds] = tuple(r * 1e9 for r in _busbw(links, tuple(collective(k) for k in kinds)))
         return rates[kinds]
 
+    rate.latency = lambda kind: _step_latency_s(links, *shape[kind])  # seconds per call of a ring of `kind`
     return rate
 
 
@@ -363,16 +388,16 @@ def _step_traffic(add, quant, n: int, s_p: int, s_g: int, s_o: int, n_rep: int, 
     up_bits = quant.grad_bits_at(lv_up)
     if s_o > s_g and up_bits:
         nbytes = (s_o // s_g - 1) * quant.payload_bytes(n // s_o, up_bits)
-        add("step", lv_up, "reduce_scatter", nbytes, nbytes / rate("a2a:up")[0])
+        add("step", lv_up, "reduce_scatter", nbytes, nbytes / rate("a2a:up")[0] + rate.latency("up"))
     elif s_o > s_g:
         nbytes = n / s_g * GRAD_ACC_BYTES * _ring(s_o // s_g)
-        add("step", lv_up, "reduce_scatter", nbytes, nbytes / rate("up")[0])
+        add("step", lv_up, "reduce_scatter", nbytes, nbytes / rate("up")[0] + rate.latency("up"))
     if n_rep > 1:
         nbytes = 2 * n / s_o * GRAD_ACC_BYTES * _ring(n_rep)
-        add("step", lv_rep, "all_reduce", nbytes, nbytes / rate("rep")[0])
+        add("step", lv_rep, "all_reduce", nbytes, nbytes / rate("rep")[0] + 2 * rate.latency("rep"))
     if s_o > s_p:
         nbytes = _gathered_bytes(quant, n // s_p, s_o // s_p, quant.weight_bits_at(lv_down), dtype_bytes)
-        add("step", lv_down, "all_gather", nbytes, nbytes / rate("down")[0])
+        add("step", lv_down, "all_gather", nbytes, nbytes / rate("down")[0] + rate.latency("down"))
 
 
 def _hop_traffic(add, quant, topo: Topology, hops, links: Topology, n: int, *, stride: int, grad_accum: int,
@@ -396,7 +421,8 @@ def _hop_traffic(add, quant, topo: Topology, hops, links: Topology, n: int, *, s
             nbytes = grad_accum * (size - 1) * piece * reduce_bytes
             pattern, op = "ring", "reduce_scatter"
         bps = _busbw(links, ((inner * size * stride, inner * stride, pattern, op),))[0] * 1e9
-        add("bwd", level, "reduce_scatter", nbytes, nbytes / bps)
+        add("bwd", level, "reduce_scatter", nbytes,
+            nbytes / bps + grad_accum * _step_latency_s(links, inner * size * stride, inner * stride))
     return quantized_inputs
 
 
@@ -414,14 +440,17 @@ def _backward(add, blocks: Sequence[Tuple[float, float]], lv_b: str, lv_g: str, 
     rs_alone = rate("g")[0] if any(rs for _, rs in blocks) else None
     ag_alone = rate("b")[0] if gathers else None
     overlapped = set(paired.values())
+    lat_b = rate.latency("b") if gathers else 0.0
+    lat_g = rate.latency("g") if any(rs for _, rs in blocks) else 0.0
     for i, (ag, rs) in enumerate(blocks):
         if ag and i not in overlapped:
-            add("bwd", lv_b, "all_gather", grad_accum * ag, grad_accum * ag / ag_alone)
+            add("bwd", lv_b, "all_gather", grad_accum * ag, grad_accum * (ag / ag_alone + lat_b))
         if rs and i not in paired:
-            add("bwd", lv_g, "reduce_scatter", grad_accum * rs, grad_accum * rs / rs_alone)
+            add("bwd", lv_g, "reduce_scatter", grad_accum * rs, grad_accum * (rs / rs_alone + lat_g))
     for cur, prev in paired.items():
         ag, rs = blocks[prev][0], blocks[cur][1]
         t_ag, t_rs = _side_by_side(ag, ag_alone, pair_rates[0], rs, rs_alone, pair_rates[1])
+        t_ag, t_rs = t_ag + lat_b, t_rs + lat_g
         # side by side on the wire: the rank waits for the longer of the two, once
         add("bwd", lv_b, "all_gather", grad_accum * ag, grad_accum * t_ag, wall_s=0.0)
         add("bwd", lv_g, "reduce_scatter", grad_accum * rs, grad_accum * t_rs, wall_s=grad_accum * max(t_ag, t_rs))

@@ -78,8 +78,17 @@ def _node_level(topo: Topology) -> int:
     return topo.level_index("node") if "node" in topo.names else 0
 
 
+def quant_options(topo: Topology, cfg: ParallelConfig) -> List[Quant]:
+    """Every quantization parallel.quant_* allows: one, or with `auto` each width of that kind
+    (none first, so that a tie keeps full precision)."""
+    weights = list(BITS) if cfg.quant_weights == "auto" else [cfg.quant_weights]
+    grads = list(BITS) if cfg.quant_grads == "auto" else [cfg.quant_grads]
+    return [quant_of(topo, dataclasses.replace(cfg, quant_weights=w, quant_grads=g)) for w in weights for g in grads]
+
+
 def quant_of(topo: Topology, cfg: ParallelConfig) -> Quant:
-    """parallel.quant_* on this topology: the levels by index, the slowest one by default."""
+    """parallel.quant_* on this topology (auto read as none: quant_options lists the choices):
+    the levels by name, the slowest one by default."""
     if cfg.quant_levels:
         unknown = [n for n in cfg.quant_levels if n not in topo.names]
         if unknown:
@@ -182,21 +191,21 @@ def named_plans(topo: Topology, cfg: Optional[ParallelConfig] = None) -> List[Pa
 
 def candidate_plans(topo: Topology, cfg: Optional[ParallelConfig] = None) -> List[PartitionPlan]:
     """The named plans plus every assignment param <= grad <= optimizer (what auto searches).
-    zeropp is not among them: auto sends lossy bytes only where parallel.quant_* asks."""
+    zeropp is not among them: auto sends lossy bytes only where parallel.quant_* asks, and
+    with parallel.quant_*=auto each shape is tried with every width allowed."""
     cfg = cfg or ParallelConfig()
-    quant = quant_of(topo, cfg)
     named = [p for p in named_plans(topo, cfg) if p.name != "zeropp"]
     seen = {(p.param_level, p.secondary_level, p.grad_level, p.optim_level) for p in named}
     levels = [REPLICATED] + list(range(len(topo.levels)))
-    out = list(named)
+    shapes = list(named)
     for p, g, o in itertools.combinations_with_replacement(levels, 3):
         if (p, None, g, o) not in seen:
-            out.append(PartitionPlan("tiered", p, g, o, quant=quant))
+            shapes.append(PartitionPlan("tiered", p, g, o))
             seen.add((p, None, g, o))
     for sec in range(len(topo.levels) - 1):  # hpz-style secondary under any wider param level
         for p, g, o in itertools.combinations_with_replacement(range(sec + 1, len(topo.levels)), 3):
             if (p, sec, g, o) not in seen:
-                out.append(PartitionPlan("hpz" if (p, g, o) == (len(topo.levels) - 1,) * 3 else "tiered", p, g, o, sec,
-                                         quant=quant))
+                shapes.append(PartitionPlan("hpz" if (p, g, o) == (len(topo.levels) - 1,) * 3 else "tiered", p, g, o,
+                                            sec))
                 seen.add((p, sec, g, o))
-    return out
+    return [dataclasses.replace(plan, quant=q) for q in quant_options(topo, cfg) for plan in shapes]

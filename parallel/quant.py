@@ -27,6 +27,8 @@ from typing import Tuple
 
 BITS = {"none": 0, "int8": 8, "int4": 4}
 """parallel.quant_weights / parallel.quant_grads values -> bits per element (0 = full precision)."""
+CHOICES = (*BITS, "auto")
+"""What parallel.quant_weights / parallel.quant_grads take: a width, or auto (the planner tries each)."""
 QMAX = {8: 127, 4: 7}
 """Largest quantized magnitude for each width (symmetric: -qmax..qmax)."""
 SCALE_BYTES = {"float32": 4, "float16": 2}

@@ -25,6 +25,9 @@ class Level:
     """Per-operation figures, (op, GB/s) pairs, where the probe measured them: the same link
     moves an all_reduce's bytes faster or slower than an all_gather's (gloo's algorithms
     differ). An op not listed uses bandwidth_gbps."""
+    latency_us: Optional[float] = None
+    """Time one step of a collective across this level's links takes besides its bytes (a
+    ring's n-1 steps, an all-reduce's 2(n-1)), microseconds; None = unknown (0)."""
 
     def __post_init__(self):
         # a JSON round trip gives lists (or a dict): keep a hashable, ordered tuple of pairs
@@ -132,9 +135,17 @@ class Topology:
 # NICs of 25 GB/s (200 Gb/s) per node shared by 8 GCDs -> 12.5 GB/s per GCD (25 per package).
 # DGX H100 (NVIDIA's H100 and DGX H100 datasheets): NVLink 900 GB/s bidirectional per GPU =
 # 450 GB/s each way; one 400 Gb/s ConnectX-7 NIC per GPU = 50 GB/s.
+#
+# Latency per collective step: NCCL's own tuning model (src/graph/tuning.cc, hwLat, ring
+# algorithm, Simple protocol -- the one large transfers use): 3.4 us per step over NVLink, 9.6
+# us per step over the network (its model charges a ring (n-1 - inter) x the intra-node figure +
+# inter x the network one, inter = nodes - 1, which is what parallel.cost does per level). RCCL
+# is NCCL's fork and keeps that model; no per-step figures for Frontier's Infinity Fabric or
+# Slingshot are published that we could cite, so Frontier takes NCCL's NVLink figure inside the
+# node and its network figure across -- an assumption, written down here and in docs/topology.md.
 PRESETS = {
-    "frontier": (("package", 2, 200.0), ("node", 4, 50.0), ("cluster", None, 12.5)),
-    "dgx-h100": (("node", 8, 450.0), ("cluster", None, 50.0)),
+    "frontier": (("package", 2, 200.0, 3.4), ("node", 4, 50.0, 3.4), ("cluster", None, 12.5, 9.6)),
+    "dgx-h100": (("node", 8, 450.0, 3.4), ("cluster", None, 50.0, 9.6)),
 }
 PRESET_MEMORY_GB = {"frontier": 64.0, "dgx-h100": 80.0}
 """HBM per rank: one MI250X GCD (64 of its 128 GB), one H100 SXM (same sources as PRESETS)."""
@@ -146,8 +157,8 @@ def preset_topology(name: str, num_nodes: int) -> Topology:
             f"topology.preset={name!r} is not a known preset; choose one of {sorted(PRESETS)}"
         )
     levels = tuple(
-        Level(lv_name, size if size is not None else num_nodes, bw)
-        for lv_name, size, bw in PRESETS[name]
+        Level(lv_name, size if size is not None else num_nodes, bw, latency_us=us)
+        for lv_name, size, bw, us in PRESETS[name]
     )
     return Topology(levels, source=f"preset:{name}", memory_per_rank_gb=PRESET_MEMORY_GB[name])
 
@@ -173,8 +184,15 @@ def with_bandwidths(topo: Topology, bandwidths_gbps: Sequence[Optional[float]], 
         new_bw = bw if bw is not None else lv.bandwidth_gbps
         if per_op is None:
             per_op = lv.op_bandwidths_gbps if new_bw == lv.bandwidth_gbps else ()
-        levels.append(Level(lv.name, lv.size, new_bw, tuple(dict(per_op).items())))
+        levels.append(dataclasses.replace(lv, bandwidth_gbps=new_bw, op_bandwidths_gbps=tuple(dict(per_op).items())))
     return dataclasses.replace(topo, levels=tuple(levels), source=source or topo.source)
+
+
+def with_latencies(topo: Topology, latencies_us: Sequence[Optional[float]]) -> Topology:
+    """The same levels with per-step latencies replaced where a value is given."""
+    assert len(latencies_us) == len(topo.levels)
+    return dataclasses.replace(topo, levels=tuple(lv if us is None else dataclasses.replace(lv, latency_us=float(us))
+                                                  for lv, us in zip(topo.levels, latencies_us)))
 
 
 def emulated_topology(
@@ -205,6 +223,8 @@ class TopologyConfig:
     """Nodes for a preset topology (default: the nodes of the launch)."""
     bandwidths_gbps: Optional[List[float]] = None
     """Per-rank link bandwidth of each level in GB/s, innermost first; overrides presets and detection."""
+    latencies_us: Optional[List[float]] = None
+    """Latency of one collective step across each level's links in microseconds, innermost first; overrides presets (topology.measure=true measures it instead)."""
     measure: bool = False
     """Measure each level's bandwidth per operation and the optimizer-update rate at start-up (a few seconds per level) and plan with them; in `tierzero plan` the local ranks are spawned to measure."""
 
@@ -236,6 +256,9 @@ class TopologyConfig:
             )
         if self.bandwidths_gbps is not None and not all(b > 0 for b in self.bandwidths_gbps):
             errs.append(f"topology.bandwidths_gbps={list(self.bandwidths_gbps)} must all be > 0 (GB/s).")
+        if self.latencies_us is not None and not all(0 <= us <= 1e6 for us in self.latencies_us):
+            errs.append(f"topology.latencies_us={list(self.latencies_us)} must all be between 0 and 1e6 microseconds "
+                        "(one collective step), e.g. [3.4, 9.6].")
         if self.nodes is not None and self.nodes < 1:
             errs.append(f"topology.nodes={self.nodes} must be >= 1")
         if self.preset is not None and self.emulate is not None:
@@ -352,5 +375,5 @@ def expert_data_topology(topo: Topology, ep: int) -> Topology:
                     f"need {left} of them); pick an ep such as "
                     f"{sorted({topo.span(n) for n in topo.names} | {d for d in range(1, topo.levels[0].size + 1) if topo.levels[0].size % d == 0})}"
                 )
-        levels.append(Level(lv.name, size, lv.bandwidth_gbps, lv.op_bandwidths_gbps))
+        levels.append(dataclasses.replace(lv, size=size))
     return dataclasses.replace(topo, levels=tuple(levels))

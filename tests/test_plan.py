@@ -487,3 +487,31 @@ def test_activation_estimate_is_within_2x_of_what_autograd_saves(experts):
     cost = predict(named_plan("zero3", emulated_topology([2])), emulated_topology([2]), inputs.units,
                    dtype_bytes=4, grad_accum=1, activation_bytes=inputs.activation_bytes)
     assert cost.memory["activations"] == estimate and cost.memory_total > estimate
+
+
+def test_each_collective_pays_its_ring_steps_latency_at_the_level_each_step_crosses():
+    """NCCL's model (src/graph/tuning.cc): a ring of n ranks over nodes has n-1 steps, of which
+    nodes-1 cross the network; each step costs that link's latency besides the bytes."""
+    from tierzero.parallel.topology import with_latencies
+
+    topo = emulated_topology([2, 2])
+    units = [Unit("b", 4000), Unit("c", 4000)]
+    fast = with_bandwidths(topo, [1e6, 1e6])  # bytes take ~no time: what is left is latency
+    slow = with_latencies(fast, [3.4, 9.6])
+    a = predict(named_plan("zero3", topo), fast, units, dtype_bytes=4, grad_accum=3)
+    b = predict(named_plan("zero3", topo), slow, units, dtype_bytes=4, grad_accum=3)
+    ring4 = (2 * 3.4 + 9.6) * 1e-6  # 3 steps: 2 inside a node, 1 across
+    key = ("fwd", "cluster", "all_gather")
+    assert b.time_s[key] - a.time_s[key] == pytest.approx(3 * 2 * ring4, rel=1e-9)  # accum x units calls
+    # hsdp's replicas all-reduce: a ring of the 2 nodes, 2 x (2-1) steps, all across
+    h1 = predict(named_plan("hsdp", topo), fast, units, dtype_bytes=4, grad_accum=3)
+    h2 = predict(named_plan("hsdp", topo), slow, units, dtype_bytes=4, grad_accum=3)
+    rep = ("step", "cluster", "all_reduce")
+    # per unit one replica all-reduce, plus the grad-norm all-reduce inside the node (node level)
+    assert h2.time_s[rep] - h1.time_s[rep] == pytest.approx(2 * 2 * 9.6e-6, rel=1e-9)
+    # at Frontier scale a global ring of 384 GCDs pays 336 steps inside nodes and 47 across
+    frontier = preset_topology("frontier", 48)
+    from tierzero.parallel.cost import _step_latency_s
+
+    assert _step_latency_s(frontier, 384, 1) == pytest.approx((336 * 3.4 + 47 * 9.6) * 1e-6, rel=1e-12)
+    assert _step_latency_s(frontier, 384, 8) == pytest.approx(47 * 9.6e-6, rel=1e-12)  # one rank per node

@@ -183,6 +183,28 @@ def test_auto_never_quantizes_unless_asked():
     assert not any(p.quant.active for p in candidate_plans(topo, ParallelConfig()))
     asked = candidate_plans(topo, ParallelConfig(quant_weights="int8"))
     assert all(p.quant.weight_bits == 8 for p in asked) and not any(p.name == "zeropp" for p in asked)
+    # auto: every shape with every width of each kind, full precision among them
+    plain = candidate_plans(topo, ParallelConfig())
+    every = candidate_plans(topo, ParallelConfig(quant_weights="auto", quant_grads="auto"))
+    assert len(every) == 9 * len(plain)
+    assert {(p.quant.weight_bits, p.quant.grad_bits) for p in every} == {(w, g) for w in (0, 8, 4) for g in (0, 8, 4)}
+
+
+def test_auto_quantizes_where_the_model_says_it_pays_and_says_so():
+    """On a slow inter-node link with fast nodes, int4 weights and gradients on the cluster
+    level cut zero3's predicted time; auto (and a named plan with quant_*=auto) takes them."""
+    from tierzero.parallel.choose import resolve_plan
+    from tierzero.parallel.cost import PlanInputs
+    from tierzero.parallel.topology import with_bandwidths
+
+    topo = with_bandwidths(emulated_topology([4, 2]), [100.0, 0.1])
+    inputs = PlanInputs(tuple(uniform_units(1e8, 8)), dtype_bytes=2, grad_accum=1, reduce_bytes=2)
+    named = resolve_plan(ParallelConfig(plan="zero3", quant_weights="auto", quant_grads="auto"), topo, inputs,
+                         memory_budget_bytes=None)
+    assert (named.plan.name, named.plan.quant.weight_bits, named.plan.quant.grad_bits) == ("zero3", 4, 4), named.reason
+    assert "parallel.quant_*=auto" in named.reason and "qW=int4@cluster" in named.plan.describe(topo)
+    full = resolve_plan(ParallelConfig(plan="zero3"), topo, inputs, memory_budget_bytes=None)
+    assert named.cost.comm_time_s < 0.5 * full.cost.comm_time_s
 
 
 def test_zeropp_is_hpz_with_int8_weights_across_nodes_and_int4_gradients_everywhere():
