@@ -14,6 +14,10 @@ from tierzero.parallel.quant import CHOICES, SCALE_BYTES
 REDUCE_DTYPES = ("float32", "bfloat16")
 """The values parallel.reduce_dtype takes."""
 
+MAX_QUANT_BLOCK = 1 << 16
+"""Largest parallel.quant_block_size: each unit is padded to world size x block, so a huge block
+would pad every unit to gigabytes."""
+
 PLAN_NAMES = ("auto", "ddp", "zero1", "zero2", "zero3", "hpz", "hsdp", "tiered", "zeropp")
 """The values parallel.plan takes (parallel.plans.named_plan builds each but auto)."""
 
@@ -86,9 +90,10 @@ class ParallelConfig:
             errs.append(f"parallel.quant_scale_dtype={self.quant_scale_dtype!r} is not one of {list(SCALE_BYTES)}; "
                         "e.g. parallel.quant_scale_dtype=float32.")
         int4 = [f"parallel.{k}=int4" for k in ("quant_weights", "quant_grads") if getattr(self, k) == "int4"]
-        if self.quant_block_size < 1:
-            errs.append(f"parallel.quant_block_size={self.quant_block_size} must be >= 1 (elements per block, "
-                        "one scale each); e.g. parallel.quant_block_size=256.")
+        if not 1 <= self.quant_block_size <= MAX_QUANT_BLOCK:
+            errs.append(f"parallel.quant_block_size={self.quant_block_size} must be between 1 and {MAX_QUANT_BLOCK} "
+                        "(elements per block, one scale each; every unit is padded to world size x block size); "
+                        "e.g. parallel.quant_block_size=256.")
         elif int4 and self.quant_block_size % 2:
             errs.append(f"parallel.quant_block_size={self.quant_block_size} is odd, but {' and '.join(int4)} packs two "
                         f"values per byte, so a block must hold an even number of elements; use e.g. "

@@ -225,6 +225,7 @@ def test_zeropp_is_hpz_with_int8_weights_across_nodes_and_int4_gradients_everywh
     (["parallel.quant_grads=int4", "parallel.quant_block_size=255"], ["parallel.quant_block_size=255", "even"]),
     (["parallel.quant_weights=int2"], ["parallel.quant_weights='int2'", "int8"]),
     (["parallel.quant_block_size=0"], ["parallel.quant_block_size=0"]),
+    (["parallel.quant_block_size=1000000000"], ["parallel.quant_block_size=1000000000", "65536"]),
     (["parallel.quant_scale_dtype=bfloat16"], ["parallel.quant_scale_dtype", "float16"]),
     (["parallel.quant_levels=[]"], ["parallel.quant_levels=[]"]),
     (["parallel.engine=deepspeed", "parallel.plan=zero3", "parallel.quant_weights=int8", "moe.num_experts=0",
@@ -239,6 +240,24 @@ def test_bad_quantization_settings_are_config_errors(overrides, named):
         load_config([], overrides)
     for text in named:
         assert text in str(e.value), (text, str(e.value))
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["parallel.quant_levels=[rack]"], ["parallel.quant_levels=['rack']", "'rack'", "[cluster]"]),
+    (["parallel.plan=zeropp", "topology.emulate=[4]", "topology.level_names=[cluster]"],
+     ["parallel.plan=zeropp", "one level", "topology.emulate=[2,2]"]),
+])
+def test_quantization_the_topology_cannot_take_is_refused_before_a_rank_starts(overrides, named, tmp_path,
+                                                                               monkeypatch, capfd):
+    from tierzero.launcher.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "dense_tiny_cpu", "launcher.nproc=4", "train.steps=1", "topology.emulate=[2,2]", *overrides])
+    err = capfd.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    for text in named:
+        assert text in err, (text, err)
+    assert not any(tmp_path.iterdir()), "a refused run wrote files"
 
 
 # ---- on 4 gloo ranks: quantized plans train like full precision, and cost what is predicted ------
