@@ -1,5 +1,7 @@
 """`topology.measure=true`: measure each level's bandwidth in a few seconds and hand the
-planner a topology with measured figures (source 'measured').
+planner a topology with measured figures (source 'measured'): per level each operation's
+bandwidth and the per-step latency; per rank the optimizer-update rate and the
+block-quantization (codec) rate.
 
 Level k is measured with groups of ranks that differ only in their level-k coordinate,
 all at once, so every link of that level is loaded as training loads it. Each of the three
@@ -179,6 +181,31 @@ def measure_update_rate(backend, iters: int = 3) -> Optional[float]:
     return backend.broadcast(n / slowest / 1e9 if backend.rank == 0 else None)
 
 
+def measure_codec_rate(backend, iters: int = 3) -> Optional[float]:
+    """10^9 elements/s through one block-quantization pass (encode or decode: parallel.codec,
+    int4 with 256-element blocks, the narrowest format and so the most work per byte), every
+    rank at once, the slowest rank's. None with MPI."""
+    if not isinstance(backend, TorchBackend):
+        return None
+    import torch
+
+    from tierzero.parallel.codec import Codec
+
+    codec = Codec(4, 256)
+    n = UPDATE_NUMEL
+    x = torch.randn(n, device=backend.device)
+    payload = codec.encode(x)
+
+    def passes() -> None:
+        codec.encode(x, out=payload)
+        codec.decode(payload, n)
+
+    passes()  # warm-up
+    t = _time_calls(backend, passes, iters)
+    slowest = max(backend.gather(t) or [t])
+    return backend.broadcast(2 * n / slowest / 1e9 if backend.rank == 0 else None)
+
+
 def measure_topology(backend, topo: Topology) -> Topology:
     """The same levels with measured bandwidths where a level has links to measure: the
     all_gather figure as the level's, every op's as its per-op figures; plus the optimizer
@@ -186,6 +213,7 @@ def measure_topology(backend, topo: Topology) -> Topology:
     measured = [measure_level(backend, topo, k) for k in range(len(topo.levels))]
     latencies = [measure_latency(backend, topo, k) for k in range(len(topo.levels))]
     rate = measure_update_rate(backend)
+    codec_rate = measure_codec_rate(backend)
     if backend.rank == 0:
         log.info("measured per-rank GB/s: %s", format_measured(topo, measured))
         if any(us is not None for us in latencies):
@@ -193,10 +221,13 @@ def measure_topology(backend, topo: Topology) -> Topology:
                 f"{lv.name}={us:.4g}" for lv, us in zip(topo.levels, latencies) if us is not None))
         if rate:
             log.info("measured optimizer update: %.4g e9 params/s per rank", rate)
+        if codec_rate:
+            log.info("measured block quantization: %.4g e9 elements/s per rank", codec_rate)
     out = with_bandwidths(topo, [m["all_gather"] if m else None for m in measured], source="measured",
                           op_bandwidths_gbps=[m if m else None for m in measured])
     out = with_latencies(out, latencies)
-    return dataclasses.replace(out, update_gelems_per_s=rate) if rate else out
+    return dataclasses.replace(out, update_gelems_per_s=rate or out.update_gelems_per_s,
+                               codec_gelems_per_s=codec_rate or out.codec_gelems_per_s)
 
 
 def format_measured(topo: Topology, measured: List[Optional[Dict[str, float]]]) -> str:

@@ -73,7 +73,8 @@ def probe_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     if joined.launch.rank == 0:
         write_atomic(paths.topology_json, json.dumps(
             {"levels": [asdict(lv) for lv in topology.levels], "memory_per_rank_gb": topology.memory_per_rank_gb,
-             "update_gelems_per_s": topology.update_gelems_per_s}, indent=2) + "\n")
+             "update_gelems_per_s": topology.update_gelems_per_s,
+             "codec_gelems_per_s": topology.codec_gelems_per_s}, indent=2) + "\n")
         print(f"measured topology: {topology.describe()}", flush=True)
     backend.barrier()
     if backend.name != "mpi":

@@ -251,6 +251,7 @@ def _plan_table(cfg, topo, inputs, budget: float, chosen) -> List[str]:
     if all(r.plan != chosen.plan for r in rows):
         rows.append(chosen.cost)
     moe, with_update = inputs.moe is not None, bool(topo.update_gelems_per_s)
+    with_codec = any(r.codec_s for r in rows)
     out = [f"# {note}" for note in inputs.notes]
     out.append(f"# tierzero plan | {topo.world_size} ranks | topology {topo.describe()} ({topo.source})")
     if with_update:
@@ -264,14 +265,18 @@ def _plan_table(cfg, topo, inputs, budget: float, chosen) -> List[str]:
     label_w = max(len(r.plan.describe(topo)) for r in rows) + 2
     head = f"{'plan':<{label_w}}{'mem/rank GB':>12}" + "".join(f"{lv.name + ' GB':>13}" for lv in topo.levels)
     head += f"{'experts GB':>11}{'a2a GB':>9}" if moe else ""
-    out.append(head + f"{'comm s':>10}" + (f"{'update s':>10}" if with_update else "") + "  fits")
+    if with_codec:
+        out.append(f"# block quantization measured at {topo.codec_gelems_per_s:.3g}e9 elements/s per rank: 'codec s' "
+                   "is the encoding and decoding a quantized plan adds; auto minimises it too")
+    out.append(head + f"{'comm s':>10}" + (f"{'update s':>10}" if with_update else "")
+               + (f"{'codec s':>10}" if with_codec else "") + "  fits")
     for r in rows:
         by_level = r.bytes_by_level()
         cells = "".join(f"{by_level.get(lv.name, 0.0) / 1e9:>13.4g}" for lv in topo.levels)
         if moe:
             a2a = sum(b for (_, _, op), b in r.bytes.items() if op == "all_to_all")
             cells += f"{r.expert_memory / 1e9:>11.4g}{a2a / 1e9:>9.4g}"
-        update = f"{r.update_s:>10.4g}" if with_update else ""
+        update = (f"{r.update_s:>10.4g}" if with_update else "") + (f"{r.codec_s:>10.4g}" if with_codec else "")
         out.append(f"{r.plan.describe(topo):<{label_w}}{r.memory_total / 1e9:>12.4g}{cells}{r.comm_time_s:>10.4g}"
                    f"{update}  {'yes' if r.fits else 'NO'}{' <- auto' if r.plan == chosen.plan else ''}")
     if moe:

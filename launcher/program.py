@@ -163,4 +163,5 @@ def measure_locally(cfg: RunConfig):
     data = json.loads(paths.topology_json.read_text())
     return Topology(tuple(Level(**lv) for lv in data["levels"]), source="measured",
                     memory_per_rank_gb=data.get("memory_per_rank_gb"),
-                    update_gelems_per_s=data.get("update_gelems_per_s"))
+                    update_gelems_per_s=data.get("update_gelems_per_s"),
+                    codec_gelems_per_s=data.get("codec_gelems_per_s"))

@@ -39,10 +39,13 @@ def _fastest(costs: Sequence[Cost]) -> Cost:
 
 
 def _time_words(cost: Cost) -> str:
-    if not cost.update_s:
+    if not cost.update_s and not cost.codec_s:
         return f"least predicted communication per optimizer step, {cost.comm_time_s * 1e3:.3g} ms"
-    return (f"least predicted communication + optimizer update per step, {cost.predicted_s * 1e3:.3g} ms "
-            f"({cost.comm_time_s * 1e3:.3g} + {cost.update_s * 1e3:.3g})")
+    parts = [("communication", cost.comm_time_s), ("optimizer update", cost.update_s),
+             ("quantization", cost.codec_s)]
+    parts = [(name, t) for name, t in parts if t or name == "communication"]
+    return (f"least predicted {' + '.join(name for name, _ in parts)} per step, {cost.predicted_s * 1e3:.3g} ms "
+            f"({' + '.join(f'{t * 1e3:.3g}' for _, t in parts)})")
 
 
 def choose_plan(

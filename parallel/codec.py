@@ -42,22 +42,26 @@ class Codec:
         """x (numel a multiple of block_size) -> its uint8 payload, written into `out` when given.
         `noise` (uniform [0, 1), x's shape): stochastic rounding, floor(x / scale + noise)."""
         qmax = QMAX[self.bits]
-        blocks = x.detach().reshape(-1, self.block_size).float()  # [num_blocks, block_size]
-        amax = blocks.abs().amax(dim=1, keepdim=True)
+        blocks = x.detach().reshape(-1, self.block_size).float()  # [num_blocks, block_size]; no copy if fp32
+        # max |x| per block from two reductions, no |x| temporary (nan propagates through both)
+        amax = torch.maximum(blocks.amax(dim=1, keepdim=True), blocks.amin(dim=1, keepdim=True).neg_())
         scale = (amax / qmax).to(self.scale_dtype)
         # rounded up where storing it rounded down, so scale x qmax covers the block's largest value
         low = scale.float() * qmax < amax
         scale = torch.where(low, torch.nextafter(scale, scale.new_full((), float("inf"))), scale)
         s = scale.float()
         inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))  # an all-zero block: scale 0, values 0
-        inv = torch.where(torch.isfinite(s), inv, s)  # nan/inf propagate through the values' decode too
-        y = blocks * inv
-        q = torch.floor(y + noise.reshape_as(y)) if noise is not None else torch.round(y)
-        q = torch.nan_to_num(q, nan=0.0).clamp_(-qmax, qmax)
+        inv = torch.where(torch.isfinite(s), inv, s)  # a nan/inf block: its scale decodes it to non-finite
+        q = blocks * inv
+        if noise is not None:
+            q.add_(noise.reshape_as(q)).floor_()
+        else:
+            q.round_()
+        q.clamp_(-qmax, qmax)  # a non-finite block's values are garbage here; its scale makes it nan
         if self.bits == 8:
             values = q.to(torch.int8).view(torch.uint8).reshape(-1)
         else:
-            nibbles = (q + 8).to(torch.uint8).reshape(-1, 2)  # [numel / 2, 2]: 1..15
+            nibbles = q.add_(8).to(torch.uint8).reshape(-1, 2) & 15  # [numel / 2, 2]: 1..15 (& 15: nan's garbage)
             values = nibbles[:, 0] | (nibbles[:, 1] << 4)
         nscale = scale.numel() * self.scale_bytes
         if out is None:
@@ -76,8 +80,8 @@ class Codec:
         if self.bits == 8:
             q = raw.view(torch.int8).float()
         else:
-            q = torch.stack(((raw & 15), (raw >> 4)), dim=1).reshape(-1).float() - 8
-        values = (q.reshape(nblocks, self.block_size) * scales).reshape(-1)
+            q = torch.stack(((raw & 15), (raw >> 4)), dim=1).float().sub_(8)  # [numel / 2, 2]: low nibble first
+        values = q.reshape(nblocks, self.block_size).mul_(scales).reshape(-1)
         if out is None:
             return values
         out.copy_(values.reshape(out.shape))

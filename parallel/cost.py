@@ -81,6 +81,9 @@ class Cost:
     update_s: float = 0.0
     """Predicted seconds of this rank's optimizer update (its optimizer shard at the measured
     rate, Topology.update_gelems_per_s; 0 when the rate is not measured)."""
+    codec_s: float = 0.0
+    """Predicted seconds this rank spends encoding and decoding quantized payloads per step (the
+    elements at the measured rate, Topology.codec_gelems_per_s; 0 when not measured)."""
     fits: bool = True
     expert_memory: float = 0.0
     """Bytes per rank of the routed experts' states (included in `memory`)."""
@@ -100,7 +103,7 @@ class Cost:
     def predicted_s(self) -> float:
         """What auto minimises: communication plus the optimizer update, the parts of a step
         that differ between plans (forward and backward compute the same on every plan)."""
-        return self.comm_time_s + self.update_s
+        return self.comm_time_s + self.update_s + self.codec_s
 
 
 def _by_level(per_key: Dict[Tuple[str, str, str], float]) -> Dict[str, float]:
@@ -178,7 +181,7 @@ def predict(
     cost = Cost(plan)
     reduce_bytes = dtype_bytes if reduce_bytes is None else reduce_bytes
     links = _link_topology(topo)
-    add = _charger(cost)
+    add = _Charger(cost)
     dense = [u for u in units if not u.expert]
     memory, largest = _domain_traffic(add, plan, topo, dense, links, stride=1, dtype_bytes=dtype_bytes,
                                       grad_accum=grad_accum, reduce_bytes=reduce_bytes)
@@ -197,25 +200,33 @@ def predict(
     cost.memory = memory
     if topo.update_gelems_per_s:
         cost.update_s = memory["optimizer"] / OPTIM_BYTES_PER_PARAM / (topo.update_gelems_per_s * 1e9)
+    if topo.codec_gelems_per_s:
+        cost.codec_s = add.codec_elements / (topo.codec_gelems_per_s * 1e9)
     if memory_budget_bytes is not None:
         cost.fits = cost.memory_total <= memory_budget_bytes
     return cost
 
 
-def _charger(cost: Cost):
+class _Charger:
     """The `add` every traffic function charges a collective with: its bytes, its duration, and
     (wall_s, when it runs beside another already charged) what it adds to the rank's time on
-    the network."""
+    the network; `codec` counts the elements a quantized collective encodes and decodes."""
 
-    def add(phase: str, level: str, op: str, nbytes: float, seconds: float = 0.0, wall_s: Optional[float] = None
-            ) -> None:
+    def __init__(self, cost: Cost):
+        self.cost = cost
+        self.codec_elements = 0.0
+
+    def __call__(self, phase: str, level: str, op: str, nbytes: float, seconds: float = 0.0,
+                 wall_s: Optional[float] = None) -> None:
+        cost = self.cost
         if nbytes:
             key = (phase, level, op)
             cost.bytes[key] = cost.bytes.get(key, 0.0) + nbytes
             cost.time_s[key] = cost.time_s.get(key, 0.0) + seconds
             cost.comm_time_s += seconds if wall_s is None else wall_s
 
-    return add
+    def codec(self, elements: float) -> None:
+        self.codec_elements += elements
 
 
 @functools.lru_cache(maxsize=1024)
@@ -331,9 +342,13 @@ def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Un
         total += n
         largest = max(largest, n)
         if s_p > 1:
+            if q_p:  # each call encodes this rank's chunk and decodes every member's
+                add.codec(grad_accum * u.fwd_gathers * (n // s_p) * (1 + s_p))
             nbytes = grad_accum * u.fwd_gathers * gathered(n, s_p, q_p)
             add("fwd", lv_p, "all_gather", nbytes,
                 nbytes / rate("p")[0] + grad_accum * u.fwd_gathers * rate.latency("p"))
+        if s_b > 1 and q_b:
+            add.codec(grad_accum * u.bwd_gathers * (n // s_b) * (1 + s_b))
         blocks.append((u.bwd_gathers * gathered(n, s_b, q_b) if s_b > 1 else 0.0,
                        n * reduce_bytes * _ring(s_g) if s_g > 1 and not hierarchical else 0.0))
         if hierarchical:
@@ -387,6 +402,7 @@ def _step_traffic(add, quant, n: int, s_p: int, s_g: int, s_o: int, n_rep: int, 
     lv_up, lv_rep, lv_down = levels
     up_bits = quant.grad_bits_at(lv_up)
     if s_o > s_g and up_bits:
+        add.codec(2 * (s_o // s_g - 1) * (n // s_o))
         nbytes = (s_o // s_g - 1) * quant.payload_bytes(n // s_o, up_bits)
         add("step", lv_up, "reduce_scatter", nbytes, nbytes / rate("a2a:up")[0] + rate.latency("up"))
     elif s_o > s_g:
@@ -396,6 +412,8 @@ def _step_traffic(add, quant, n: int, s_p: int, s_g: int, s_o: int, n_rep: int, 
         nbytes = 2 * n / s_o * GRAD_ACC_BYTES * _ring(n_rep)
         add("step", lv_rep, "all_reduce", nbytes, nbytes / rate("rep")[0] + 2 * rate.latency("rep"))
     if s_o > s_p:
+        if quant.weight_bits_at(lv_down):
+            add.codec(n // s_o * (1 + s_o // s_p))
         nbytes = _gathered_bytes(quant, n // s_p, s_o // s_p, quant.weight_bits_at(lv_down), dtype_bytes)
         add("step", lv_down, "all_gather", nbytes, nbytes / rate("down")[0] + rate.latency("down"))
 
@@ -413,7 +431,8 @@ def _hop_traffic(add, quant, topo: Topology, hops, links: Topology, n: int, *, s
         level = topo.levels[hop.level].name
         piece = n // (inner * size)
         bits = quant.grad_bits_at(level)
-        if bits:
+        if bits:  # the others' pieces encoded, theirs decoded (and with error feedback decoded again here)
+            add.codec(grad_accum * (size - 1) * piece * (3 if quant.error_feedback else 2))
             nbytes = grad_accum * (size - 1) * quant.payload_bytes(piece, bits)
             pattern, op = "all_to_all", "all_to_all"
             quantized_inputs += n // inner

@@ -104,7 +104,27 @@ class _PairWork:
             work.wait()
 
 
+class _PairExchange:
+    """all_to_all_single of a group of two (CPU, CommGroup.pg_back set): this member's own rows
+    copied, the peer's rows exchanged with one send and one receive on separate process groups."""
+
+    def __init__(self, output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
+                 input_splits: Sequence[int], group: CommGroup):
+        i = group.index(dist.get_rank())
+        peer = group.ranks[1 - i]
+        send_pg, recv_pg = (group.pg, group.pg_back) if i == 0 else (group.pg_back, group.pg)
+        ins, outs = input.split(list(input_splits)), output.split(list(output_splits))
+        outs[i].copy_(ins[i])
+        self.works = [dist.isend(ins[1 - i].contiguous(), peer, group=send_pg, tag=PAIR_EXCHANGE_TAG),
+                      dist.irecv(outs[1 - i], peer, group=recv_pg, tag=PAIR_EXCHANGE_TAG)]
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+
+
 PAIR_GATHER_TAG = 1
+PAIR_EXCHANGE_TAG = 2
 """Pair gathers and ring reduce-scatters (tag 0) may be in flight on one pair together: each
 kind matches its own messages, in the order every rank issues them."""
 
@@ -243,9 +263,13 @@ class ByteLedger:
         row_bytes = math.prod(input.shape[1:]) * input.element_size()
         me = group.ranks.index(dist.get_rank())
         nbytes = (sum(input_splits) - input_splits[me]) * row_bytes
-        self._issue((phase, group.level, op), nbytes,
-                    lambda: dist.all_to_all_single(output, input, list(output_splits), list(input_splits),
-                                                   group=group.pg, async_op=True), False)
+        if getattr(group, "pg_back", None) is not None and input.device.type == "cpu":
+            # two members on gloo: one exchange, each direction on its own pair (CommGroup.pg_back)
+            call = lambda: _PairExchange(output, input, output_splits, input_splits, group)  # noqa: E731
+        else:
+            call = lambda: dist.all_to_all_single(output, input, list(output_splits), list(input_splits),  # noqa: E731
+                                                  group=group.pg, async_op=True)
+        self._issue((phase, group.level, op), nbytes, call, False)
 
     def _issue(self, key, nbytes: float, call, async_op: bool, after=None):
         self._add(key, nbytes)

@@ -49,6 +49,9 @@ class Topology:
     update_gelems_per_s: Optional[float] = None
     """Measured optimizer-update rate per rank (10^9 parameters/s: gradient norm, AdamW, cast),
     every rank updating at once; None = not measured, and the planner leaves the update out."""
+    codec_gelems_per_s: Optional[float] = None
+    """Measured block-quantization rate per rank (10^9 elements/s through one encode or one
+    decode, every rank at once); None = not measured, and the planner charges no codec time."""
 
     def __post_init__(self):
         assert self.levels, "a topology has at least one level"

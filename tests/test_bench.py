@@ -683,7 +683,9 @@ def test_probe_writes_measured_levels(tmp_path):
     levels = data["levels"]
     assert [(lv["name"], lv["size"]) for lv in levels] == [("node", 2), ("cluster", 2)]
     assert data["update_gelems_per_s"] > 0  # the optimizer-update rate, every rank at once
+    assert data["codec_gelems_per_s"] > 0  # the block-quantization rate, likewise
     assert all(math.isfinite(lv["bandwidth_gbps"]) and lv["bandwidth_gbps"] > 0 for lv in levels)
+    assert all(0 < lv["latency_us"] < 1e6 for lv in levels)  # per-step latency of each level
     for lv in levels:  # one figure per op a plan issues, the level's own being all_gather's
         ops = dict(lv["op_bandwidths_gbps"])
         assert set(ops) == {"all_gather", "reduce_scatter", "all_reduce"}

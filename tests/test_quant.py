@@ -352,3 +352,20 @@ def test_quantized_plans_train_like_full_precision_and_cost_what_is_predicted(tm
         return sum(v for k, v in m.items() if "|cluster|" in k and not k.startswith("step|"))
 
     assert cross(zpp) < 0.3 * cross(z3), (cross(zpp), cross(z3))
+
+
+def test_a_measured_codec_rate_charges_each_encoded_and_decoded_element():
+    """Topology.codec_gelems_per_s (the probe's rate): zero3 with int8 weights on 2 x 2 encodes
+    its chunk and decodes 4 chunks per forward gather -- 5 chunk passes per call."""
+    import dataclasses
+
+    topo = emulated_topology([2, 2])
+    units = uniform_units(1 << 20, 2)
+    plan = named_plan("zero3", topo, ParallelConfig(quant_weights="int8"))
+    timed = dataclasses.replace(topo, codec_gelems_per_s=1.0)
+    cost = predict(plan, timed, units, dtype_bytes=4, grad_accum=3)
+    chunk = padded_numel(units[0].numel, 4, 256) // 4
+    assert cost.codec_s == pytest.approx(2 * 3 * 2 * chunk * 5 / 1e9, rel=1e-12)  # units x accum x (fwd, bwd)
+    assert cost.predicted_s == pytest.approx(cost.comm_time_s + cost.codec_s)
+    assert predict(plan, topo, units, dtype_bytes=4, grad_accum=3).codec_s == 0  # not measured: not charged
+    assert predict(named_plan("zero3", topo), timed, units, dtype_bytes=4, grad_accum=3).codec_s == 0
