@@ -6,7 +6,7 @@ communication matters (~50M parameters, few tokens per step) is trained for a fe
 
     native  zero3, hpz, hsdp, tiered, auto; and quantized: zeropp (hpZ + qwZ int8 + qgZ int4,
             as the ZeRO++ paper), tiered and auto with int8 weights + int4 gradients on the
-            inter-node level (parallel.quant_*)
+            inter-node level, auto allowed to quantize either (parallel.quant_*=auto)
     refs    DeepSpeed ZeRO-3, DeepSpeed ZeRO++ hpZ, PyTorch FSDP2 HSDP
 
 and for each: steps/s, peak RSS per rank, bytes per level from the byte ledger (native), the
@@ -59,7 +59,7 @@ CONFIGS = [  # name, engine, parallel.plan, extra overrides
     ("auto", "native", "auto", ()),
     ("zeropp", "native", "zeropp", ()),
     ("tiered qW8 qG4", "native", "tiered", QUANT),
-    ("auto qW8 qG4", "native", "auto", QUANT),
+    ("auto, quantization allowed", "native", "auto", ("parallel.quant_weights=auto", "parallel.quant_grads=auto")),
     ("DeepSpeed ZeRO-3", "deepspeed", "zero3", ()),
     ("DeepSpeed ZeRO++ hpZ", "deepspeed", "hpz", ()),
     ("FSDP2 HSDP", "fsdp2", "hsdp", ()),
@@ -67,6 +67,8 @@ CONFIGS = [  # name, engine, parallel.plan, extra overrides
 OP_SHORT = {"all_gather": "ag", "reduce_scatter": "rs", "all_reduce": "ar"}
 MEASURED = re.compile(r"measured per-rank GB/s: (.*)$", re.M)
 UPDATE_RATE = re.compile(r"measured optimizer update: ([0-9.eE+-]+) e9 params/s", re.M)
+CODEC_RATE = re.compile(r"measured block quantization: ([0-9.eE+-]+) e9 elements/s", re.M)
+LATENCY = re.compile(r"measured per-step latency us: (.*)$", re.M)
 
 
 def model_args(d_model: int) -> list:
@@ -110,11 +112,16 @@ def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, 
     plan_line = next((ln for ln in r.stderr.splitlines() if "recipes.trainer: plan " in ln), "")
     found = MEASURED.search(r.stderr)
     rate = UPDATE_RATE.search(r.stderr)
+    codec = CODEC_RATE.search(r.stderr)
+    latency = LATENCY.search(r.stderr)
     return {"name": name, "engine": engine, "plan": plan, "extra": list(extra), "step_s": step_s,
             "steps_per_s": 1 / step_s, "peak_rss_bytes": peak_rss, "final_loss": final_loss, "level_bytes": level_bytes, "wall_s": wall,
             "measured_comm_s": cluster_s if comm_dir.exists() else None,
             "measured_gbps": parse_measured(found.group(1)) if found else None,
             "update_gelems_per_s": float(rate.group(1)) if rate else None,
+            "codec_gelems_per_s": float(codec.group(1)) if codec else None,
+            "latency_us": dict((k, float(v)) for k, v in (item.split("=") for item in latency.group(1).split()))
+            if latency else {},
             "plan_line": plan_line.split("plan ", 1)[-1][:160]}
 
 
@@ -125,7 +132,8 @@ def parse_measured(text: str) -> dict:
     return parse(text)
 
 
-def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int, update_rate=None):
+def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int, update_rate=None, codec_rate=None,
+              latency_us=None):
     """The cost model's plan and cluster-level collective time (issue to completion, summed as the
     ledger sums it) on the bandwidths (and optimizer-update rate, which auto weighs) this run
     measured."""
@@ -134,7 +142,7 @@ def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int, u
     from tierzero.launcher.config import load_config
     from tierzero.launcher.discover import memory_budget_bytes
     from tierzero.parallel.choose import resolve_plan
-    from tierzero.parallel.topology import emulated_topology, with_bandwidths
+    from tierzero.parallel.topology import emulated_topology, with_bandwidths, with_latencies
     from tierzero.recipes.planning import planning_inputs
 
     cfg = load_config([], model_args(d_model) + [f"train.global_batch_size={4 * accum}", f"parallel.plan={plan}",
@@ -143,7 +151,8 @@ def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int, u
     figures = [measured_gbps.get("node"), measured_gbps.get("cluster")]
     topo = with_bandwidths(emulated_topology([2, 2]), [f.get("all_gather") if f else None for f in figures],
                            op_bandwidths_gbps=figures)
-    topo = dataclasses.replace(topo, update_gelems_per_s=update_rate)
+    topo = with_latencies(topo, [(latency_us or {}).get(name) for name in topo.names])
+    topo = dataclasses.replace(topo, update_gelems_per_s=update_rate, codec_gelems_per_s=codec_rate)
     inputs = planning_inputs(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, moe_cfg=cfg.moe,
                              ep=cfg.parallel.ep, world_size=topo.world_size, reduce_dtype=cfg.parallel.reduce_dtype)
     assert inputs.grad_accum == accum, (inputs.grad_accum, accum)
@@ -175,7 +184,8 @@ def main() -> None:
                 row["gbit"] = gbit
                 if engine == "native" and "step_s" in row and row["measured_gbps"]:
                     row["predicted_plan"], row["predicted_comm_s"] = predicted(
-                        plan, extra, row["measured_gbps"], args.accum, args.d_model, row["update_gelems_per_s"])
+                        plan, extra, row["measured_gbps"], args.accum, args.d_model, row["update_gelems_per_s"],
+                        row["codec_gelems_per_s"], row["latency_us"])
                     if not row["plan_line"].startswith(row["predicted_plan"]):
                         print(f"warning: {name} ran {row['plan_line']!r}, the prediction is for "
                               f"{row['predicted_plan']}", flush=True)
