@@ -333,9 +333,7 @@ def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Un
     def gathered(n: int, s: int, bits: int) -> float:
         return _gathered_bytes(quant, n, s, bits, dtype_bytes)
 
-    total = 0
-    largest = 0
-    feedback = 0  # elements of error-feedback residual (quantized hops' inputs)
+    total = largest = feedback = 0  # feedback: elements of error-feedback residual (quantized hops' inputs)
     blocks = []  # (bwd gather bytes, reduce-scatter bytes) per micro-step of each unit, in order
     for u in units:
         n = padded_numel(u.numel, w, quant.pad_block)
