@@ -265,6 +265,9 @@ def _plan_table(cfg, topo, inputs, budget: float, chosen) -> List[str]:
     label_w = max(len(r.plan.describe(topo)) for r in rows) + 2
     head = f"{'plan':<{label_w}}{'mem/rank GB':>12}" + "".join(f"{lv.name + ' GB':>13}" for lv in topo.levels)
     head += f"{'experts GB':>11}{'a2a GB':>9}" if moe else ""
+    if not with_codec and any(r.plan.quant.active for r in rows):
+        out.append("# the quantized plans' encoding and decoding is not charged: its rate is unmeasured "
+                   "(topology.measure=true measures it; on a GPU it is small, on CPU ranks it can outweigh the bytes)")
     if with_codec:
         out.append(f"# block quantization measured at {topo.codec_gelems_per_s:.3g}e9 elements/s per rank: 'codec s' "
                    "is the encoding and decoding a quantized plan adds; auto minimises it too")
@@ -382,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:  # long: a declarative table, one
         epilog="examples:\n  tierzero run\n  tierzero run recipes/configs/dense_tiny_cpu.yaml train.steps=100\n"
                "  tierzero run topology.emulate=[2,2] run.name=two-nodes\n"
                "  tierzero run dense_tiny_cpu                 # the dense recipe instead of the MoE default\n"
+               "  tierzero run topology.emulate=[2,2] parallel.plan=zeropp   # ZeRO++: hpZ + int8 weights + int4 grads\n"
                "  torchrun --nproc-per-node 4 -m tierzero.launcher.cli run\n  mpirun -n 4 tierzero run",
         formatter_class=fmt)
     run.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
@@ -415,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:  # long: a declarative table, one
                     "level per optimizer step, predicted communication time, whether it fits; then the "
                     "plan auto picks and why.",
         epilog="examples:\n  tierzero plan topology.emulate=[2,2]\n"
+               "  tierzero plan topology.emulate=[2,2] parallel.quant_weights=auto parallel.quant_grads=auto\n"
                "  tierzero plan topology.preset=frontier topology.nodes=48 model.params=20e9 model.n_layers=44 train.dtype=bfloat16 "
                "train.global_batch_size=384 train.micro_batch_size=1\n"
                "  tierzero plan parallel.plan=tiered parallel.levels=[package,node,cluster] topology.emulate=[2,2,2] "
