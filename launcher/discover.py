@@ -128,20 +128,15 @@ def build_topology(cfg: TopologyConfig, *, world_size: int, ranks_per_node: int,
         # (the replica and cross-node groups of every plan do): the per-rank share
         shaped = [None] * (len(topo.levels) - 1) + [inter_node_gbit / 8 / topo.ranks_per_node]
         topo = with_bandwidths(topo, shaped)
-    if cfg.bandwidths_gbps:
-        if len(cfg.bandwidths_gbps) != len(topo.levels):
-            raise TopologyMismatch(
-                f"topology.bandwidths_gbps={list(cfg.bandwidths_gbps)} has {len(cfg.bandwidths_gbps)} values but the "
-                f"topology has {len(topo.levels)} levels {list(topo.names)}; give one GB/s figure per level"
-            )
-        topo = with_bandwidths(topo, cfg.bandwidths_gbps)
-    if cfg.latencies_us:
-        if len(cfg.latencies_us) != len(topo.levels):
-            raise TopologyMismatch(
-                f"topology.latencies_us={list(cfg.latencies_us)} has {len(cfg.latencies_us)} values but the "
-                f"topology has {len(topo.levels)} levels {list(topo.names)}; give one figure (us) per level"
-            )
-        topo = with_latencies(topo, cfg.latencies_us)
+    for key, values, unit, apply in (("bandwidths_gbps", cfg.bandwidths_gbps, "GB/s", with_bandwidths),
+                                     ("latencies_us", cfg.latencies_us, "us", with_latencies)):
+        if values:
+            if len(values) != len(topo.levels):
+                raise TopologyMismatch(
+                    f"topology.{key}={list(values)} has {len(values)} values but the topology has "
+                    f"{len(topo.levels)} levels {list(topo.names)}; give one {unit} figure per level"
+                )
+            topo = apply(topo, values)
     return topo
 
 

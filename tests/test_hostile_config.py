@@ -117,6 +117,10 @@ RANGES = [
     ("parallel.reduce_dtype=fp8", "parallel.reduce_dtype='fp8'", "float32"),
     ("train.activation_checkpointing=layers", "train.activation_checkpointing='layers'", "blocks"),
     ("telemetry.peak_tflops=-1", "telemetry.peak_tflops=-1", "datasheet"),
+    ("topology.latencies_us=[3.4,-1]", "topology.latencies_us=[3.4, -1.0]", "between 0 and 1e6"),
+    ("topology.latencies_us=[3.4,9.6,1]", "topology.latencies_us=[3.4, 9.6, 1.0]", "one us figure per level"),
+    ("parallel.quant_grads=int2", "parallel.quant_grads='int2'", "int4"),
+    ("parallel.quant_block_size=1000000000000", "parallel.quant_block_size=1000000000000", "65536"),
 ]
 
 
