@@ -18,6 +18,11 @@ One micro-step, driven here block by block:
             (all-reduce), global norm and clipping, AdamW on the fp32 master shard, new
             parameters back down to the param level (all-gather).
 
+A plan that quantizes (parallel.quant) changes only how collectives on its listed levels move
+their bytes: the parameter gathers send block-quantized chunks (qwZ), and the gradient
+reduce-scatter runs hop by hop with quantized hops as all-to-alls (qgZ; `_reduce_by_hops`),
+both through parallel.codec and the byte ledger.
+
 Model contract: `model.embed(tokens)`, `model.blocks` (a ModuleList), `model.head(h)`.
 """
 
