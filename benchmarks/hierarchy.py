@@ -76,9 +76,9 @@ def model_args(d_model: int) -> list:
 
 
 def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, accum: int, d_model: int,
-            extra=()) -> dict:
+            extra=(), comm_timing: str = "issue") -> dict:
     run_name = re.sub(r"[^a-z0-9]+", "-", f"{engine}-{name}-{gbit or 'free'}".lower().replace(".", "p"))
-    measure = ["topology.measure=true"] if engine == "native" else []
+    measure = ["topology.measure=true", f"parallel.comm_timing={comm_timing}"] if engine == "native" else []
     args = [sys.executable, "-m", "tierzero.launcher.cli", "run", *model_args(d_model), f"train.steps={steps}",
             f"train.global_batch_size={4 * accum}", "topology.emulate=[2,2]", "launcher.nproc=4",
             "launcher.isolate_network=true", f"parallel.plan={plan}", f"parallel.engine={engine}",
@@ -98,7 +98,7 @@ def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, 
     warm = sorted(by_step)[1:]  # the first step pays for allocation and JIT work
     step_s = statistics.median(max(r["step_time_s"] for r in by_step[s]) for s in warm)
     peak_rss = max(r["mem_rss_bytes"] for r in steps_rows)
-    level_bytes, cluster_s = {}, 0.0
+    level_bytes, cluster_s, cluster_wait_s = {}, 0.0, 0.0
     comm_dir = tel / "comm"
     if comm_dir.exists():
         for row in ds.dataset(comm_dir, format="parquet", partitioning="hive").to_table().to_pylist():
@@ -106,6 +106,7 @@ def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, 
                 level_bytes[row["level"]] = level_bytes.get(row["level"], 0.0) + row["bytes"] / len(warm)
                 if row["level"] == "cluster":
                     cluster_s += row["time_s"] / len(warm)
+                    cluster_wait_s += (row.get("wait_s") or 0.0) / len(warm)
     last = max(by_step)
     losses = [r["loss"] for r in by_step[last] if r.get("loss") is not None]
     final_loss = statistics.fmean(losses) if losses else None
@@ -117,6 +118,7 @@ def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, 
     return {"name": name, "engine": engine, "plan": plan, "extra": list(extra), "step_s": step_s,
             "steps_per_s": 1 / step_s, "peak_rss_bytes": peak_rss, "final_loss": final_loss, "level_bytes": level_bytes, "wall_s": wall,
             "measured_comm_s": cluster_s if comm_dir.exists() else None,
+            "measured_wait_s": cluster_wait_s if comm_dir.exists() else None,
             "measured_gbps": parse_measured(found.group(1)) if found else None,
             "update_gelems_per_s": float(rate.group(1)) if rate else None,
             "codec_gelems_per_s": float(codec.group(1)) if codec else None,
@@ -169,6 +171,9 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=1024, help="model width (1024: 50.6M params; 512: 12.8M)")
     ap.add_argument("--only", nargs="*", help="names of configs to run (default all)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--comm-timing", choices=("issue", "aligned"), default="issue",
+                    help="parallel.comm_timing of the native runs: aligned times each collective's transfer "
+                         "alone (a barrier first, its wait shown as 'wait s'), to compare with the cost model")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("benchmarks/hierarchy.py needs root (network namespaces and tc); run it with sudo")
@@ -180,7 +185,8 @@ def main() -> None:
         work = Path(tmp)
         for gbit in args.gbit:
             for name, engine, plan, extra in configs:
-                row = run_one(work, name, engine, plan, gbit, args.steps, args.accum, args.d_model, extra)
+                row = run_one(work, name, engine, plan, gbit, args.steps, args.accum, args.d_model, extra,
+                              args.comm_timing)
                 row["gbit"] = gbit
                 if engine == "native" and "step_s" in row and row["measured_gbps"]:
                     row["predicted_plan"], row["predicted_comm_s"] = predicted(
@@ -200,6 +206,8 @@ def main() -> None:
     print(f"# {results['command']}")
     print(f"# emulated 2 nodes x 2 ranks, d_model {args.d_model} x 4 layers fp32, grad accum {args.accum}, "
           f"{args.steps} steps (median of steps 2..N, slowest rank); load before: {results['load_before']}")
+    print(f"# comm timing: {args.comm_timing}" + (" (comm s meas = the transfers alone; wait s = rank 0 at the barrier "
+                                                   "before each cluster-level collective)" if args.comm_timing == "aligned" else ""))
     for gbit in args.gbit:
         rows = [r for r in results["rows"] if r["gbit"] == gbit]
         ok = [r for r in rows if "steps_per_s" in r]
@@ -217,7 +225,7 @@ def main() -> None:
         print(f"{'config':<27}{'steps/s':>9}{'vs DS hpZ':>11}{'vs best ref':>12}{'vs zeropp':>10}{'loss':>8}"
               f"{'peak RSS MB':>13}"
               f"{'node MB/step':>14}{'cluster MB/step':>16}{'comm s pred':>12}{'comm s meas':>12}{'meas/pred':>10}"
-              f"{'nominal pred':>13}")
+              f"{'nominal pred':>13}{'wait s':>8}")
         for r in rows:
             if "steps_per_s" not in r:
                 print(f"{r['name']:<27}  failed: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
@@ -235,7 +243,8 @@ def main() -> None:
             loss = f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "-"
             print(f"{r['name']:<27}{r['steps_per_s']:>9.3f}{vs:>11}{vb:>12}{vz:>10}{loss:>8}{r['peak_rss_bytes'] / 1e6:>13.0f}"
                   f"{node:>14}{clus:>16}{pred:>12}{meas:>12}{ratio:>10}"
-                  f"{(format(r['predicted_nominal_comm_s'], '.2f') if r.get('predicted_nominal_comm_s') else '-'):>13}")
+                  f"{(format(r['predicted_nominal_comm_s'], '.2f') if r.get('predicted_nominal_comm_s') else '-'):>13}"
+                  f"{(format(r['measured_wait_s'], '.2f') if args.comm_timing == 'aligned' and r.get('measured_wait_s') is not None else '-'):>8}")
         for auto in (r for r in ok if r["name"].startswith("auto")):
             print(f"{auto['name']} chose: {auto['plan_line']}")
     print(f"# load after: {load_average()}")

@@ -12,6 +12,7 @@ from typing import List, Optional
 from tierzero.parallel.quant import CHOICES, SCALE_BYTES
 
 REDUCE_DTYPES = ("float32", "bfloat16")
+COMM_TIMINGS = ("issue", "aligned")
 """The values parallel.reduce_dtype takes."""
 
 MAX_QUANT_BLOCK = 1 << 16
@@ -54,6 +55,8 @@ class ParallelConfig:
     """Round quantized gradients stochastically (unbiased) instead of to nearest."""
     quant_error_feedback: bool = False
     """Carry each rank's gradient quantization error into its next micro-step (costs one fp32 copy of the quantized hops' inputs)."""
+    comm_timing: str = "issue"
+    """How the comm table times a collective: issue (issue to completion: what the step waits, including a late peer) or aligned (CPU: members meet at a barrier first, booked as wait_s, and the collective is waited at once: the transfer alone, to compare with the cost model; costs a small-message round per collective and any overlap)."""
 
     def errors(self) -> List[str]:
         errs = []
@@ -73,6 +76,9 @@ class ParallelConfig:
         if self.reduce_dtype not in REDUCE_DTYPES:
             errs.append(f"parallel.reduce_dtype={self.reduce_dtype!r} is not one of {list(REDUCE_DTYPES)}; "
                         "e.g. parallel.reduce_dtype=float32.")
+        if self.comm_timing not in COMM_TIMINGS:
+            errs.append(f"parallel.comm_timing={self.comm_timing!r} is not one of {list(COMM_TIMINGS)}; "
+                        "e.g. parallel.comm_timing=aligned to time transfers alone.")
         if self.ep < 1:
             errs.append(f"parallel.ep={self.ep} must be >= 1 (1 = every rank holds every expert)")
         errs += self.quant_errors()

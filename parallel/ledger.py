@@ -7,6 +7,12 @@ Time is from issue to completion. On CPU that is the host's wait(); on a GPU, wa
 the compute stream wait for the collective, so the time comes from CUDA events recorded on the
 compute stream at the issue and after the wait, read once per step in take().
 
+Issue-to-completion includes waiting for a member that arrives late (still computing, or
+encoding, on a shared core). `aligned` timing (parallel.comm_timing=aligned, CPU only) takes
+that out: the members meet at a barrier first, its wait booked apart as wait_s, and the
+collective is waited at once, so time_s is the transfer alone -- what the cost model predicts
+-- at the price of one small-message round per collective and of any overlap.
+
 On NCCL a collective over chunks that are consecutive views of one buffer in the group's rank
 order goes out as one single-tensor call (all_gather_into_tensor, reduce_scatter_tensor) with
 no temporary buffer; chunks in another order go through one contiguous staging buffer and one
@@ -170,15 +176,17 @@ class _Done:
 
 
 class ByteLedger:
-    def __init__(self, gpu: bool = False):
+    def __init__(self, gpu: bool = False, aligned: bool = False):
         self.records: Dict[Tuple[str, str, str], List[float]] = {}
-        """(phase, level, op) -> [bytes, seconds, calls] since the last take()."""
+        """(phase, level, op) -> [bytes, seconds, calls, wait seconds] since the last take()."""
         self.gpu = gpu
         """Time collectives with CUDA events on the compute stream (the engine's device is a GPU)."""
+        self.aligned = aligned and not gpu
+        """Barrier before each collective, the collective waited at once (see the module docstring)."""
         self._events: List[Tuple[Tuple[str, str, str], "torch.cuda.Event", "torch.cuda.Event"]] = []
 
     def _add(self, key, nbytes: float) -> None:
-        rec = self.records.setdefault(key, [0.0, 0.0, 0])
+        rec = self.records.setdefault(key, [0.0, 0.0, 0, 0.0])
         rec[0] += nbytes
         rec[2] += 1
 
@@ -192,8 +200,9 @@ class ByteLedger:
                 self._add_time(key, start.elapsed_time(end) / 1e3)
             self._events = []
         rows = [
-            {"phase": p, "level": lv, "op": op, "bytes": b, "time_s": t, "calls": int(n)}
-            for (p, lv, op), (b, t, n) in sorted(self.records.items())
+            {"phase": p, "level": lv, "op": op, "bytes": b, "time_s": t, "calls": int(n),
+             **({"wait_s": w} if self.aligned else {})}
+            for (p, lv, op), (b, t, n, w) in sorted(self.records.items())
         ]
         self.records = {}
         return rows
@@ -225,7 +234,7 @@ class ByteLedger:
             call = lambda: dist.all_gather_into_tensor(whole, shard, group=group.pg, async_op=True)  # noqa: E731
         else:
             call = lambda: dist.all_gather(list(outputs), shard, group=group.pg, async_op=True)  # noqa: E731
-        return self._issue((phase, group.level, "all_gather"), nbytes, call, async_op, after)
+        return self._issue((phase, group.level, "all_gather"), nbytes, call, async_op, after, group=group)
 
     def reduce_scatter(self, output: torch.Tensor, inputs: Sequence[torch.Tensor], group: CommGroup,
                        phase: str, async_op: bool = False):
@@ -246,7 +255,7 @@ class ByteLedger:
             call = lambda: dist.reduce_scatter_tensor(output, whole, group=group.pg, async_op=True)  # noqa: E731
         else:
             call = lambda: dist.reduce_scatter(output, list(inputs), group=group.pg, async_op=True)  # noqa: E731
-        return self._issue((phase, group.level, "reduce_scatter"), nbytes, call, async_op)
+        return self._issue((phase, group.level, "reduce_scatter"), nbytes, call, async_op, group=group)
 
     def all_reduce(self, tensor: torch.Tensor, group: CommGroup, phase: str, async_op: bool = False):
         if group.size == 1:
@@ -254,7 +263,7 @@ class ByteLedger:
         n = group.size
         nbytes = 2 * tensor.numel() * tensor.element_size() * (n - 1) / n
         return self._issue((phase, group.level, "all_reduce"), nbytes,
-                           lambda: dist.all_reduce(tensor, group=group.pg, async_op=True), async_op)
+                           lambda: dist.all_reduce(tensor, group=group.pg, async_op=True), async_op, group=group)
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
                    input_splits: Sequence[int], group, phase: str, op: str = "all_to_all") -> None:
@@ -269,10 +278,15 @@ class ByteLedger:
         else:
             call = lambda: dist.all_to_all_single(output, input, list(output_splits), list(input_splits),  # noqa: E731
                                                   group=group.pg, async_op=True)
-        self._issue((phase, group.level, op), nbytes, call, False)
+        self._issue((phase, group.level, op), nbytes, call, False, group=group)
 
-    def _issue(self, key, nbytes: float, call, async_op: bool, after=None):
+    def _issue(self, key, nbytes: float, call, async_op: bool, after=None, group: Optional[CommGroup] = None):
         self._add(key, nbytes)
+        if self.aligned and group is not None:
+            t = time.perf_counter()
+            dist.barrier(group=group.pg)
+            self.records[key][3] += time.perf_counter() - t
+            async_op = False
         t0 = time.perf_counter()
         start = None
         if self.gpu:

@@ -232,7 +232,8 @@ class Trainer:
         setup = EngineSetup(plan=choice.plan, topology=ctx.topology, rank=ctx.rank, local_rank=ctx.local_rank,
                             init=model.init_slice if on_meta else None,
                             device=ctx.device, ep=r.parallel.ep, micro_batch_size=t.micro_batch_size,
-                            grad_accum=self.accum, dtype=t.dtype, reduce_dtype=r.parallel.reduce_dtype, loss_fn=loss_fn,
+                            grad_accum=self.accum, dtype=t.dtype, reduce_dtype=r.parallel.reduce_dtype,
+                            comm_timing=r.parallel.comm_timing, loss_fn=loss_fn,
                             optim=Optim(lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
                                         grad_clip=t.grad_clip))
         if t.activation_checkpointing == "blocks":

@@ -75,6 +75,7 @@ COMM = pa.schema(
         pa.field("bytes", pa.float64(), nullable=False),  # sent by this rank, nccl-tests conventions
         pa.field("time_s", pa.float64(), nullable=False),  # issue to completion, summed over calls
         pa.field("calls", pa.int64(), nullable=False),
+        pa.field("wait_s", pa.float64(), nullable=True),  # parallel.comm_timing=aligned: at the barrier before
     ]
 )
 """One row per (step, phase, level, op): the engine's byte ledger."""

@@ -89,3 +89,33 @@ def test_one_buffer_finds_the_single_tensor_that_chunks_tile_in_order():
     assert one_buffer([chunks[0], chunks[1].clone()]) is None  # another storage
     assert one_buffer([full[0:3], full[3:5]]) is None  # unequal
     assert one_buffer([full.view(3, 4)[:, 0], full.view(3, 4)[:, 1]]) is None  # not contiguous
+
+
+def _late_peer_worker(rank: int, rdzv: str, out: str):
+    """Rank 1 reaches each all-reduce 0.3 s after rank 0, once per timing mode."""
+    import time
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=2)
+    comm = build_partition([[0, 1]], rank, "cluster")
+    rows = {}
+    for aligned in (False, True):
+        ledger = ByteLedger(aligned=aligned)
+        x = torch.ones(1000)
+        if rank == 1:
+            time.sleep(0.3)
+        ledger.all_reduce(x, comm, "t")
+        rows[str(aligned)] = ledger.take()[0] | {"sum_ok": bool(torch.all(x == 2))}
+    Path(out, f"{rank}.json").write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def test_aligned_timing_books_a_late_peer_as_wait_not_as_transfer(tmp_path):
+    """parallel.comm_timing=aligned: the barrier's wait for a late member goes to wait_s and
+    time_s keeps the transfer alone; issue timing counts the late member in time_s."""
+    mp.spawn(_late_peer_worker, args=(str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2, join=True)
+    first = json.loads((tmp_path / "0.json").read_text())
+    issue, aligned = first["False"], first["True"]
+    assert issue["sum_ok"] and aligned["sum_ok"]
+    assert issue["time_s"] >= 0.25 and "wait_s" not in issue
+    assert aligned["wait_s"] >= 0.25 and aligned["time_s"] < 0.1, aligned

@@ -56,6 +56,8 @@ class EngineSetup:
     """Compute dtype of the parameters (train.dtype); master weights and buffers stay float32."""
     reduce_dtype: str = "float32"
     """Dtype gradients are reduced in (parallel.reduce_dtype)."""
+    comm_timing: str = "issue"
+    """How the byte ledger times collectives (parallel.comm_timing)."""
     init: Optional[Callable[[str, int, int], Any]] = None
     """For a model built on the meta device: (parameter name, first element, elements) -> that
     slice of its global initial value (recipes.model.Transformer.init_slice). An engine that

@@ -295,7 +295,7 @@ class NativeEngine:
         self.dtype = torch.bfloat16 if setup.dtype == "bfloat16" else torch.float32
         self.reduce_dtype = torch.bfloat16 if (setup.reduce_dtype == "bfloat16" and setup.dtype == "bfloat16") \
             else torch.float32
-        self.ledger = ByteLedger(gpu=device.startswith("cuda"))
+        self.ledger = ByteLedger(gpu=device.startswith("cuda"), aligned=setup.comm_timing == "aligned")
         self._noise = torch.Generator(device=device).manual_seed(0x9E3779B1 + rank) if plan.quant.stochastic else None
         """Stochastic rounding's uniforms (parallel.quant_stochastic): a stream of its own per rank."""
         self._pending_rs: Optional[tuple] = None
