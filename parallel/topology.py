@@ -130,14 +130,22 @@ class Topology:
         return "[" + ", ".join(parts) + "]"
 
 
-# Presets, from the vendors' published figures. Bandwidths are per rank, GB/s, one direction,
-# with every rank of a unit using the link at once (peak_busbw_gbps multiplies them back by
-# the ranks sharing an uplink). Frontier (OLCF Frontier User Guide, its compute-node and
-# system-interconnect sections): 2 GCDs per MI250X package joined by Infinity Fabric at
-# ~200 GB/s, 4 packages per node at 50-100 GB/s (the lower figure taken), 4 HPE Slingshot
-# NICs of 25 GB/s (200 Gb/s) per node shared by 8 GCDs -> 12.5 GB/s per GCD (25 per package).
-# DGX H100 (NVIDIA's H100 and DGX H100 datasheets): NVLink 900 GB/s bidirectional per GPU =
-# 450 GB/s each way; one 400 Gb/s ConnectX-7 NIC per GPU = 50 GB/s.
+# Presets. Bandwidths are per rank, GB/s, one direction, with every rank of a unit using the link
+# at once (peak_busbw_gbps multiplies them back by the ranks sharing an uplink), and they are
+# *achievable* figures -- what published measurements reach -- not datasheet peaks (those are in
+# docs/topology.md beside them). Sources (docs/topology.md, "Where the preset figures come from"):
+#   Frontier: no measured collective figures for Frontier itself could be read, so the figures are
+#   from LUMI-G, whose node is the same hardware (4 MI250X = 8 GCDs, the same Infinity Fabric
+#   wiring, 4 Slingshot-11 NICs of 25 GB/s), as the LUMI ReFrame checks hold them
+#   (github.com/Lumi-supercomputer/lumi-reframe-tests @ a6d7984): a GPU kernel writing into the
+#   other GCD of its MI250X (4 links) 148 GB/s (peak 200), into a GCD one link away 38 GB/s (peak
+#   50; the preset's node level takes the single-link figure, as it took the lower peak before);
+#   osu_mbw_mr with GPU buffers, 8 pairs across 2 nodes at once, 95,000 MB/s per node = 11.9 GB/s
+#   per GCD (peak 12.5). The intra-node figures are one pair, one direction: a collective with both
+#   directions busy may reach less.
+#   DGX H100: nccl-tests all_gather/all_reduce busbw on 8 H100s levels off at ~360 GB/s, "exactly
+#   what we'd expect on H100" (NCCL's lead, NVIDIA/nccl-tests#326; peak 450); a 400 Gb/s ConnectX-7
+#   reaches 46-48 GB/s busbw per NIC, one per GPU (NVIDIA/nccl-tests#290; the lower figure; peak 50).
 #
 # Latency per collective step: NCCL's own tuning model (src/graph/tuning.cc, hwLat, ring
 # algorithm, Simple protocol -- the one large transfers use): 3.4 us per step over NVLink, 9.6
@@ -147,11 +155,11 @@ class Topology:
 # Slingshot are published that we could cite, so Frontier takes NCCL's NVLink figure inside the
 # node and its network figure across -- an assumption, written down here and in docs/topology.md.
 PRESETS = {
-    "frontier": (("package", 2, 200.0, 3.4), ("node", 4, 50.0, 3.4), ("cluster", None, 12.5, 9.6)),
-    "dgx-h100": (("node", 8, 450.0, 3.4), ("cluster", None, 50.0, 9.6)),
+    "frontier": (("package", 2, 148.0, 3.4), ("node", 4, 38.0, 3.4), ("cluster", None, 11.9, 9.6)),
+    "dgx-h100": (("node", 8, 360.0, 3.4), ("cluster", None, 46.0, 9.6)),
 }
 PRESET_MEMORY_GB = {"frontier": 64.0, "dgx-h100": 80.0}
-"""HBM per rank: one MI250X GCD (64 of its 128 GB), one H100 SXM (same sources as PRESETS)."""
+"""HBM per rank: one MI250X GCD (64 of its 128 GB; OLCF Frontier User Guide), one H100 SXM (NVIDIA's datasheet)."""
 
 
 def preset_topology(name: str, num_nodes: int) -> Topology:

@@ -6,7 +6,7 @@ from tierzero.launcher.cli import main
 from tierzero.launcher.discover import TopologyMismatch, build_topology, probe_machine
 from tierzero.launcher.rundir import next_attempt
 from tierzero.launcher.supervisor import describe_exit
-from tierzero.parallel.topology import TopologyConfig
+from tierzero.parallel.topology import PRESETS, TopologyConfig
 from tierzero.telemetry.config import TelemetryConfig
 from tierzero.telemetry.sink import Telemetry
 
@@ -40,7 +40,7 @@ def test_topology_choice_order_and_checks():
     det = build_topology(TopologyConfig(), world_size=8, ranks_per_node=4, num_nodes=2)
     assert det.source == "detected" and det.ranks_per_node == 4 and det.num_nodes == 2
     pre = build_topology(TopologyConfig(preset="dgx-h100"), world_size=16, ranks_per_node=8, num_nodes=2)
-    assert pre.source == "preset:dgx-h100" and pre.levels[0].bandwidth_gbps == 450.0
+    assert pre.source == "preset:dgx-h100" and pre.levels[0].bandwidth_gbps == PRESETS["dgx-h100"][0][2]
     with pytest.raises(TopologyMismatch, match="topology.preset"):
         build_topology(TopologyConfig(preset="dgx-h100"), world_size=4, ranks_per_node=4, num_nodes=1)
     with pytest.raises(TopologyMismatch, match="topology.emulate"):
