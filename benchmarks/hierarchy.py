@@ -69,6 +69,7 @@ MEASURED = re.compile(r"measured per-rank GB/s: (.*)$", re.M)
 UPDATE_RATE = re.compile(r"measured optimizer update: ([0-9.eE+-]+) e9 params/s", re.M)
 CODEC_RATE = re.compile(r"measured block quantization: ([0-9.eE+-]+) e9 elements/s", re.M)
 LATENCY = re.compile(r"measured per-step latency us: (.*)$", re.M)
+FLOW = re.compile(r"measured per-flow limit GB/s: (.*)$", re.M)
 
 
 def model_args(d_model: int) -> list:
@@ -115,6 +116,7 @@ def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, 
     rate = UPDATE_RATE.search(r.stderr)
     codec = CODEC_RATE.search(r.stderr)
     latency = LATENCY.search(r.stderr)
+    flow = FLOW.search(r.stderr)
     return {"name": name, "engine": engine, "plan": plan, "extra": list(extra), "step_s": step_s,
             "steps_per_s": 1 / step_s, "peak_rss_bytes": peak_rss, "final_loss": final_loss, "level_bytes": level_bytes, "wall_s": wall,
             "measured_comm_s": cluster_s if comm_dir.exists() else None,
@@ -124,6 +126,8 @@ def run_one(workdir: Path, name: str, engine: str, plan: str, gbit, steps: int, 
             "codec_gelems_per_s": float(codec.group(1)) if codec else None,
             "latency_us": dict((k, float(v)) for k, v in (item.split("=") for item in latency.group(1).split()))
             if latency else {},
+            "flow_gbps": dict((k, float(v)) for k, v in (item.split("=") for item in flow.group(1).split()))
+            if flow else {},
             "plan_line": plan_line.split("plan ", 1)[-1][:160]}
 
 
@@ -135,7 +139,7 @@ def parse_measured(text: str) -> dict:
 
 
 def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int, update_rate=None, codec_rate=None,
-              latency_us=None):
+              latency_us=None, flow_gbps=None):
     """The cost model's plan and cluster-level collective time (issue to completion, summed as the
     ledger sums it) on the bandwidths (and optimizer-update rate, which auto weighs) this run
     measured."""
@@ -144,7 +148,7 @@ def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int, u
     from tierzero.launcher.config import load_config
     from tierzero.launcher.discover import memory_budget_bytes
     from tierzero.parallel.choose import resolve_plan
-    from tierzero.parallel.topology import emulated_topology, with_bandwidths, with_latencies
+    from tierzero.parallel.topology import emulated_topology, with_bandwidths, with_flow_limits, with_latencies
     from tierzero.recipes.planning import planning_inputs
 
     cfg = load_config([], model_args(d_model) + [f"train.global_batch_size={4 * accum}", f"parallel.plan={plan}",
@@ -154,6 +158,7 @@ def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int, u
     topo = with_bandwidths(emulated_topology([2, 2]), [f.get("all_gather") if f else None for f in figures],
                            op_bandwidths_gbps=figures)
     topo = with_latencies(topo, [(latency_us or {}).get(name) for name in topo.names])
+    topo = with_flow_limits(topo, [(flow_gbps or {}).get(name) for name in topo.names])
     topo = dataclasses.replace(topo, update_gelems_per_s=update_rate, codec_gelems_per_s=codec_rate)
     inputs = planning_inputs(train_cfg=cfg.train, model_cfg=cfg.model, data_cfg=cfg.data, moe_cfg=cfg.moe,
                              ep=cfg.parallel.ep, world_size=topo.world_size, reduce_dtype=cfg.parallel.reduce_dtype)
@@ -191,7 +196,7 @@ def main() -> None:
                 if engine == "native" and "step_s" in row and row["measured_gbps"]:
                     row["predicted_plan"], row["predicted_comm_s"] = predicted(
                         plan, extra, row["measured_gbps"], args.accum, args.d_model, row["update_gelems_per_s"],
-                        row["codec_gelems_per_s"], row["latency_us"])
+                        row["codec_gelems_per_s"], row["latency_us"], row["flow_gbps"])
                     if not row["plan_line"].startswith(row["predicted_plan"]):
                         print(f"warning: {name} ran {row['plan_line']!r}, the prediction is for "
                               f"{row['predicted_plan']}", flush=True)

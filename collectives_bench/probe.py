@@ -1,7 +1,7 @@
 """`topology.measure=true`: measure each level's bandwidth in a few seconds and hand the
 planner a topology with measured figures (source 'measured'): per level each operation's
-bandwidth and the per-step latency; per rank the optimizer-update rate and the
-block-quantization (codec) rate.
+bandwidth, the per-step latency and, where one flow cannot fill the level's uplink, the
+per-flow limit; per rank the optimizer-update rate and the block-quantization (codec) rate.
 
 Level k is measured with groups of ranks that differ only in their level-k coordinate,
 all at once, so every link of that level is loaded as training loads it. Each of the three
@@ -28,7 +28,7 @@ from tierzero.collectives_bench.backends import TorchBackend
 from tierzero.collectives_bench.formulas import busbw_gbps, element_count
 from tierzero.collectives_bench.runner import _time_block
 from tierzero.collectives_bench.scopes import Scope
-from tierzero.parallel.topology import Topology, peak_busbw_gbps, with_bandwidths, with_latencies
+from tierzero.parallel.topology import Topology, peak_busbw_gbps, with_bandwidths, with_flow_limits, with_latencies
 
 log = logging.getLogger(__name__)
 PROBE_SIZES = (1 << 20, 4 << 20, 16 << 20, 64 << 20)
@@ -121,6 +121,50 @@ def measure_level(backend, topo: Topology, k: int, iters: int = 3) -> Optional[D
                 break
         figures[op] = best
     return figures
+
+
+FLOW_SHORTFALL = 0.85
+"""A unit ring that reaches less than this fraction of the link-load model's figure sets the
+level's per-flow limit (Level.flow_gbps); above it, the difference is noise."""
+
+
+def measure_flow_limit(backend, topo: Topology, k: int, iters: int = 3) -> Optional[float]:
+    """GB/s one flow carries through level k's uplink, or None when it can fill the uplink
+    (or level k has nothing to measure). A ring over each level-k unit in rank order has one
+    flow leaving each unit below, so the model gives it the whole uplink (the level-k figure x
+    the ranks under it); a ring that reaches clearly less is limited per flow, and its busbw is
+    that limit. `topo` holds the figures measured for every level already."""
+    if topo.levels[k].size < 2 or _unit_ranks(topo, k) < 2:
+        return None  # one rank per unit: the level's own groups are such rings already
+    groups = topo.groups_within(topo.levels[k].name)
+    expected = peak_busbw_gbps(topo, groups, op="all_gather")
+    if expected is None:
+        return None
+    if isinstance(backend, TorchBackend):
+        from tierzero.parallel.groups import build_partition
+
+        comm = build_partition(groups, backend.rank, topo.levels[k].name)
+    else:
+        comm = backend.group(Scope(f"flow:{topo.levels[k].name}", tuple(tuple(x) for x in groups),
+                                   topo.levels[k].name))
+    n = len(groups[0])
+    count = None
+    for size in PROBE_SIZES:
+        count = element_count("all_gather", size, 4, n)
+        call = engine_call(backend, comm, "all_gather", count)
+        call()
+        backend.sync()
+        t = max(backend.gather(_time_calls(backend, call, iters)) or [0.0])
+        t = backend.broadcast(t if backend.rank == 0 else None)
+        if t >= ENOUGH_S:
+            break
+    bus = busbw_gbps("all_gather", n, count * 4, t)
+    return bus if bus < FLOW_SHORTFALL * expected else None
+
+
+def _unit_ranks(topo: Topology, k: int) -> int:
+    """Ranks in one unit of the level below k (1 for the innermost level)."""
+    return topo.span(topo.levels[k - 1].name) if k > 0 else 1
 
 
 LATENCY_ITERS = 20
@@ -225,6 +269,11 @@ def measure_topology(backend, topo: Topology) -> Topology:
             log.info("measured block quantization: %.4g e9 elements/s per rank", codec_rate)
     out = with_bandwidths(topo, [m["all_gather"] if m else None for m in measured], source="measured",
                           op_bandwidths_gbps=[m if m else None for m in measured])
+    flows = [measure_flow_limit(backend, out, k) for k in range(len(topo.levels))]
+    if backend.rank == 0 and any(f is not None for f in flows):
+        log.info("measured per-flow limit GB/s: %s", " ".join(
+            f"{lv.name}={f:.4g}" for lv, f in zip(topo.levels, flows) if f is not None))
+    out = with_flow_limits(out, flows)
     out = with_latencies(out, latencies)
     return dataclasses.replace(out, update_gelems_per_s=rate or out.update_gelems_per_s,
                                codec_gelems_per_s=codec_rate or out.codec_gelems_per_s)

@@ -28,6 +28,11 @@ class Level:
     latency_us: Optional[float] = None
     """Time one step of a collective across this level's links takes besides its bytes (a
     ring's n-1 steps, an all-reduce's 2(n-1)), microseconds; None = unknown (0)."""
+    flow_gbps: Optional[float] = None
+    """The most one flow through this level's uplink carries (GB/s), where that is less than
+    the whole uplink: measured by the probe with a ring over each unit, one flow leaving each
+    unit below (gloo's 4-rank ring on a 1 Gbit/s shaped link reached ~2/3 of the link); None =
+    one flow can fill the uplink."""
 
     def __post_init__(self):
         # a JSON round trip gives lists (or a dict): keep a hashable, ordered tuple of pairs
@@ -126,6 +131,8 @@ class Topology:
             own = [(op, v) for op, v in lv.op_bandwidths_gbps if v != lv.bandwidth_gbps]
             if own:
                 bw += " (" + ", ".join(f"{op} {v:.3g}" for op, v in own) + ")"
+            if lv.flow_gbps is not None:
+                bw += f" (one flow <= {lv.flow_gbps:.3g})"
             parts.append(f"{lv.name} x{lv.size}{bw}")
         return "[" + ", ".join(parts) + "]"
 
@@ -197,6 +204,13 @@ def with_bandwidths(topo: Topology, bandwidths_gbps: Sequence[Optional[float]], 
             per_op = lv.op_bandwidths_gbps if new_bw == lv.bandwidth_gbps else ()
         levels.append(dataclasses.replace(lv, bandwidth_gbps=new_bw, op_bandwidths_gbps=tuple(dict(per_op).items())))
     return dataclasses.replace(topo, levels=tuple(levels), source=source or topo.source)
+
+
+def with_flow_limits(topo: Topology, flow_gbps: Sequence[Optional[float]]) -> Topology:
+    """The same levels with per-flow limits replaced where a value is given."""
+    assert len(flow_gbps) == len(topo.levels)
+    return dataclasses.replace(topo, levels=tuple(lv if f is None else dataclasses.replace(lv, flow_gbps=float(f))
+                                                  for lv, f in zip(topo.levels, flow_gbps)))
 
 
 def with_latencies(topo: Topology, latencies_us: Sequence[Optional[float]]) -> Topology:
@@ -336,27 +350,30 @@ def concurrent_busbw_gbps(topo: Topology, collectives: Sequence[Tuple]) -> List[
     total load. One collective alone is peak_busbw_gbps; two global rings at once (a backward
     gather beside a gradient reduce-scatter) get half the node link each."""
     loads: dict = {}
-    used: List[set] = []
+    used: List[dict] = []
     ops: List[Optional[str]] = []
     below = [_unit_span(topo, k) for k in range(len(topo.levels))]
     for groups, pattern, *op in collectives:
         ops.append(op[0] if op else None)
-        mine = set()
+        mine: dict = {}  # uplink -> the largest share one of this collective's flows puts on it
         for a, b, share in traffic_edges(groups, pattern):
             k = crossing_level(topo, a, b)
             key = (k, a // below[k])
             loads[key] = loads.get(key, 0.0) + share
-            mine.add(key)
+            mine[key] = max(mine.get(key, 0.0), share)
         used.append(mine)
     out: List[Optional[float]] = []
     for mine, op in zip(used, ops):
         peak: Optional[float] = math.inf if mine else None
-        for k, unit in mine:
+        for (k, unit), share in mine.items():
             bw = topo.levels[k].bandwidth_for(op)
             if bw is None:
                 peak = None
                 break
             peak = min(peak, bw * below[k] / loads[(k, unit)])
+            cap = topo.levels[k].flow_gbps
+            if cap is not None:  # one flow carries at most `cap`: a share of the bus bytes
+                peak = min(peak, cap / share)
         out.append(peak)
     return out
 

@@ -686,6 +686,11 @@ def test_probe_writes_measured_levels(tmp_path):
     assert data["codec_gelems_per_s"] > 0  # the block-quantization rate, likewise
     assert all(math.isfinite(lv["bandwidth_gbps"]) and lv["bandwidth_gbps"] > 0 for lv in levels)
     assert all(0 < lv["latency_us"] < 1e6 for lv in levels)  # per-step latency of each level
+    # a per-flow limit only where one flow leaves each unit below and reaches clearly less than
+    # the whole uplink (two ranks per node: 2 x the per-rank figure); never on the innermost level
+    node, cluster = levels
+    assert node["flow_gbps"] is None
+    assert cluster["flow_gbps"] is None or 0 < cluster["flow_gbps"] < 0.85 * 2 * cluster["bandwidth_gbps"]
     for lv in levels:  # one figure per op a plan issues, the level's own being all_gather's
         ops = dict(lv["op_bandwidths_gbps"])
         assert set(ops) == {"all_gather", "reduce_scatter", "all_reduce"}

@@ -126,3 +126,20 @@ def test_per_op_figures_survive_json_and_drop_when_the_link_changes():
     ring = [[0, 1, 2, 3]]
     assert concurrent_busbw_gbps(t, [(ring, "ring", "all_reduce"), (ring, "ring", "all_gather")]) == [
         pytest.approx(0.07), pytest.approx(0.05)]
+
+
+def test_a_per_flow_limit_caps_a_ring_across_nodes_but_not_the_pairs_that_load_the_link_at_once():
+    """Level.flow_gbps (measured by the probe): one flow leaving a node carries at most that,
+    whatever the node's uplink could carry; groups whose flows share the uplink below the
+    limit are unchanged, and an all-to-all's flows each carry a 1/(n-1) share."""
+    from tierzero.parallel.topology import with_flow_limits
+
+    topo = emulated_topology([2, 2], bandwidths_gbps=[1.0, 0.06])
+    world, pairs = [[0, 1, 2, 3]], topo.groups_across("node")
+    assert peak_busbw_gbps(topo, world) == pytest.approx(0.12)  # one flow per node: the whole uplink
+    capped = with_flow_limits(topo, [None, 0.08])
+    assert peak_busbw_gbps(capped, world) == pytest.approx(0.08)
+    assert peak_busbw_gbps(capped, pairs) == peak_busbw_gbps(topo, pairs) == pytest.approx(0.06)
+    # all-to-all over all four: the uplink's load decides, each flow (1/3 of the bytes) under the cap
+    assert peak_busbw_gbps(capped, world, "all_to_all") == peak_busbw_gbps(topo, world, "all_to_all")
+    assert "one flow <= 0.08" in capped.describe()
