@@ -19,7 +19,7 @@ class CheckpointConfig:
     fsync: bool = True
     """fsync a save's files and folders before COMMITTED counts (local and shared filesystems); false skips it."""
     resume: str = "auto"
-    """auto (the newest committed checkpoint in checkpoint.dir, else start fresh), none, or a checkpoint path."""
+    """auto (the newest committed checkpoint in checkpoint.dir, else start fresh), none, or a path: a step folder, or a checkpoints folder (its newest committed step)."""
     keep: int = 3
     """Committed checkpoints kept (the newest ones); older ones are deleted after each commit."""
     keep_every: int = 0
@@ -27,7 +27,7 @@ class CheckpointConfig:
     on_error: str = "continue"
     """A save that fails (disk full, permission denied): continue training (an error event) or stop."""
     init_from: Optional[str] = None
-    """Start from the weights of a consolidated .safetensors file (`tierzero ckpt export`); fresh optimizer."""
+    """Start from the weights of a .safetensors file or a Hugging Face folder (`tierzero ckpt export`, save_pretrained; fp32/bf16/fp16, sharded or not); fresh optimizer."""
 
     def errors(self) -> List[str]:
         errs = []
@@ -43,6 +43,8 @@ class CheckpointConfig:
             errs.append(f"checkpoint.on_error={self.on_error!r} is not one of {list(ON_ERROR)}")
         if not str(self.resume).strip():
             errs.append("checkpoint.resume='' is empty; use auto, none or a checkpoint path")
-        if self.init_from is not None and not str(self.init_from).endswith(".safetensors"):
-            errs.append(f"checkpoint.init_from={self.init_from!r} must be a .safetensors file (tierzero ckpt export)")
+        if self.init_from is not None and str(self.init_from).endswith((".pt", ".pth", ".bin", ".ckpt", ".pkl")):
+            errs.append(f"checkpoint.init_from={self.init_from!r} looks like a pickled PyTorch file, which tierzero "
+                        "never loads (loading runs code); give a .safetensors file or a Hugging Face folder "
+                        "(`tierzero ckpt export`, save_pretrained)")
         return errs

@@ -203,6 +203,26 @@ def state_problems(state, *, step: Optional[int] = None, required: Sequence[str]
     return problems
 
 
+def layout_problems(tensors: Dict[str, "TensorEntry"], expected: Dict[str, Tuple[Tuple[int, ...], str]]) -> List[str]:
+    """What a manifest's tensors lack against what a model needs ({name: (global shape, dtype)}):
+    a missing tensor, another shape, another element type. A larger saved tensor would otherwise
+    be read as a prefix, and a bfloat16 one as raw bit patterns."""
+    problems = []
+    for name, (shape, dtype) in sorted(expected.items()):
+        entry = tensors.get(name)
+        if entry is None:
+            problems.append(f"tensor {name} is not in the checkpoint")
+        elif tuple(entry.shape) != tuple(shape):
+            problems.append(f"tensor {name} is {list(entry.shape)} in the checkpoint, {list(shape)} in this run's model")
+        elif entry.dtype != dtype:
+            problems.append(f"tensor {name} is {entry.dtype} in the checkpoint, {dtype} in this run")
+    if problems:
+        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+        return ["; ".join(problems[:4]) + more + ": the run's model.* / moe.* must match the run that saved it "
+                "(`tierzero ckpt inspect` shows the saved config)"]
+    return []
+
+
 def _shape_problems(name: str, shape) -> List[str]:
     if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= MAX_NUMEL for d in shape):
         return [f"tensor {name}: shape {_short(shape)} is not a list of integers 0..{MAX_NUMEL}"]

@@ -17,8 +17,8 @@ from typing import Callable, List, Optional
 import torch.distributed as dist
 
 from tierzero.checkpoint.config import CheckpointConfig
-from tierzero.checkpoint.manifest import state_problems
-from tierzero.checkpoint.store import CheckpointError, CheckpointStore, ResumeError, Slice, open_step
+from tierzero.checkpoint.manifest import layout_problems, state_problems
+from tierzero.checkpoint.store import CheckpointError, CheckpointStore, ResumeError, Slice, locate_step
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +189,15 @@ class Checkpointer:
             candidates = [(self.store, self.store.step_path(s), self.store.url(s))
                           for s in reversed(self.store.committed())]
         else:
-            candidates = [(*open_step(mode), mode)]
+            candidates = [locate_step(mode, key="checkpoint.resume")]  # a checkpoints folder: its newest
+        # what this rank's model needs, taken before the loop: DeepSpeed's is a collective every rank must join
+        expected = {s.name: (tuple(s.shape), s.dtype) for s in engine.checkpoint_slices()} if candidates else {}
         for store, path, url in candidates:
             problem = None
             try:
                 manifest = store.manifest(path)  # validated whole: a problem of any kind is a CheckpointError
                 missing = state_problems(manifest.state, step=manifest.step, required=RESUME_STATE)
+                missing += layout_problems(manifest.tensors, expected)
                 if missing:
                     raise CheckpointError(f"{path}/manifest.json: {'; '.join(missing)}")
                 engine.load_checkpoint(store.reader(path, manifest), int(manifest.state.get("optimizer_steps",

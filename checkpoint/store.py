@@ -51,6 +51,8 @@ _OURS = re.compile(r"^(shard-\d{5,}\.bin|rank-\d{5,}(\.[A-Za-z0-9]+)?\.(json|err
                    r"\.tierzero|\.tz-.+\.tmp|\.rank-.+\.tmp)$")
 """Every name tierzero writes into a step folder (temp names included)."""
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+DCP_METADATA = ".metadata"
+"""The file torch.distributed.checkpoint (DCP) writes last into a checkpoint folder."""
 
 
 class CheckpointError(RuntimeError):
@@ -156,7 +158,7 @@ def _pread_local(path: str, start: int, nbytes: int) -> bytes:
         os.close(fd)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path) -> None:
     """Make the names in a folder durable (a renamed file is only durable once its folder is)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -345,7 +347,7 @@ class CheckpointStore:
             if self.local:
                 self._put(f"{base}/{report_name(rank, token, 'json')}", [report])
                 if self.fsync:
-                    _fsync_dir(base)  # the shard's and the report's names
+                    fsync_dir(base)  # the shard's and the report's names
             else:
                 tmp = f"{base}/.{report_name(rank, token, 'json')}.tmp"
                 with self.fs.open(tmp, "wb") as f:
@@ -408,12 +410,12 @@ class CheckpointStore:
             raise CheckpointError(f"checkpoint step {step} not committed: {summary(problems)}")
         self._put(f"{base}/{MANIFEST}", [text.encode()])
         if self.fsync:
-            _fsync_dir(base)  # manifest.json's name
-            _fsync_dir(self.path)  # the step folder's own name
+            fsync_dir(base)  # manifest.json's name
+            fsync_dir(self.path)  # the step folder's own name
         self._put(f"{base}/{COMMITTED}",
                   [json.dumps({"step": step, "manifest_crc32": crc32(text.encode()), "save": token}).encode()])
         if self.fsync:
-            _fsync_dir(base)
+            fsync_dir(base)
         self._proven.add(step)
         for name in present:  # reports of earlier, torn attempts at this step
             if name.startswith("rank-") and name not in {report_name(r, token, "json") for r in range(world_size)}:
@@ -696,6 +698,53 @@ class CheckpointStore:
                 except CheckpointError as e:
                     problems.append(str(e))
         return manifest, problems
+
+
+def folder_kind(listing: Dict[str, str]) -> str:
+    """What a folder holds, from its listing (name -> 'file' or what else it is; pure):
+    'step' (a tierzero step folder: its stamp, manifest or marker), 'steps' (a checkpoints
+    folder: step-<8 digits> folders inside), 'dcp' (torch.distributed.checkpoint: .metadata),
+    'hf' (a Hugging Face model folder: config.json and safetensors), 'empty' or 'other'."""
+    if not listing:
+        return "empty"
+    if listing.keys() & {STAMP, MANIFEST, COMMITTED}:
+        return "step"
+    if listing.get(DCP_METADATA) == "file":
+        return "dcp"
+    if listing.get("config.json") == "file" and any(n.endswith((".safetensors", ".safetensors.index.json"))
+                                                    for n in listing):
+        return "hf"
+    if any(_STEP_DIR.match(n) and kind == "a folder" for n, kind in listing.items()):
+        return "steps"
+    return "other"
+
+
+def locate_step(url: str, *, key: Optional[str] = None) -> Tuple["CheckpointStore", str, str]:
+    """(store, step folder path, its URL) for a checkpoint path or URL: a step folder is itself;
+    a checkpoints folder means its newest committed step. A folder in another format (DCP, a
+    Hugging Face model) raises ResumeError (`key`: the config key that named it, e.g.
+    checkpoint.resume) or CheckpointError, naming the format and the command that reads it."""
+    store, path = open_step(url)
+    kind = folder_kind(store._listing(path))
+    named = f"{key}={url}" if key else url
+    error = ResumeError if key else CheckpointError
+    if kind == "steps":
+        inner = CheckpointStore(url.rstrip("/"), fsync=store.fsync)
+        done = inner.committed()
+        if not done:
+            raise error(f"{named} is a checkpoints folder without a committed checkpoint (`tierzero ckpt list "
+                        f"{url}` shows its step folders, torn ones included)")
+        return inner, inner.step_path(done[-1]), inner.url(done[-1])
+    if kind == "dcp":
+        raise error(f"{named} is a torch.distributed.checkpoint (DCP) folder (it holds {DCP_METADATA}), not a "
+                    f"tierzero checkpoint: convert it with `tierzero ckpt convert {url} DST --to tierzero`, then "
+                    f"use checkpoint.resume=DST")
+    if kind == "hf":
+        raise error(f"{named} is a Hugging Face model folder (config.json + safetensors): weights only, no optimizer "
+                    f"state or data position, so there is nothing to resume; start a run from it with "
+                    f"model.from_hf={url} (its shape and weights, a fresh optimizer), or checkpoint.init_from={url} "
+                    "for a model.* config that already has its shape")
+    return store, path, url
 
 
 def open_step(url: str) -> Tuple["CheckpointStore", str]:

@@ -78,6 +78,10 @@ def _ckpt(args) -> int:
     from tierzero.checkpoint.inspect import inspect_lines, list_lines
     from tierzero.checkpoint.store import CheckpointError, CheckpointStore, open_step
 
+    if args.action == "convert":
+        return _convert(args)
+    if args.to is not None:
+        raise UsageError(f"tierzero ckpt {args.action}: --to is for convert, e.g. `tierzero ckpt convert SRC DST --to dcp`")
     if args.action == "list":
         store = CheckpointStore(args.path)
         steps = store.steps()
@@ -109,21 +113,80 @@ def _ckpt(args) -> int:
     if args.action == "inspect":
         print("\n".join(inspect_lines(args.path, manifest)))
         return Exit.OK
-    from tierzero.checkpoint.export import ExportError, consolidated, write_safetensors
+    return _export(args, store, path, manifest)
 
-    if not args.out or not args.out.endswith(".safetensors"):
-        raise UsageError("tierzero ckpt export PATH OUT.safetensors: give the output file, ending in .safetensors")
+
+def _export(args, store, path: str, manifest) -> int:
+    """tierzero ckpt export STEP_DIR OUT_DIR|OUT.safetensors: the output or a checkpoint without its
+    run config is the user's to fix (exit 2); an unreadable checkpoint is a failure (exit 1)."""
+    from tierzero.checkpoint.export import ExportError, export_step
+    from tierzero.checkpoint.store import CheckpointError
+
+    if not args.out:
+        raise UsageError("tierzero ckpt export STEP_DIR OUT_DIR [--dtype bf16|fp32]: give the folder to write "
+                         "(config.json + model.safetensors), or a file ending in .safetensors for the weights alone")
     try:
-        tensors = consolidated(manifest, store.reader(path, manifest))
+        done = export_step(manifest, store.reader(path, manifest), args.out, dtype=args.dtype,
+                           max_shard_bytes=int(args.max_shard_gb * 1e9))
     except CheckpointError as e:
         print(f"tierzero ckpt export: {e}", file=sys.stderr)
         return Exit.FAILURE
-    try:
-        nbytes = write_safetensors(args.out, tensors, {"format": "pt", "tierzero_step": manifest.step})
-    except ExportError as e:  # the output the user named cannot be written safely: theirs to fix
+    except ExportError as e:  # the input or the output the user named cannot be used safely: theirs to fix
         print(f"tierzero ckpt export: {e}", file=sys.stderr)
         return Exit.USAGE
-    print(f"wrote {args.out}: {len(tensors)} tensors, {nbytes / 1e6:.2f} MB (Hugging Face-style names, fp32)")
+    target = done.target
+    if not target.hf_class:
+        what = "tierzero's documented names, no transformers class"
+    elif args.out.endswith(".safetensors"):
+        what = (f"{target.hf_class} names, no config.json: `tierzero ckpt export STEP_DIR OUT_DIR` writes the "
+                "folder transformers loads")
+    else:
+        what = f"{target.hf_class}"
+    files = f" {', '.join(done.files)};" if len(done.files) > 2 else ""  # sharded: name the files
+    print(f"wrote {args.out}:{files} {done.num_tensors} tensors, {done.nbytes / 1e6:.2f} MB, {args.dtype} ({what})")
+    for note in target.notes:
+        print(f"note: {note}")
+    if target.unrepresented:
+        print("tierzero ckpt export: no transformers class computes this model exactly, so config.json names no "
+              "class (model_type tierzero_moe) and the tensors keep tierzero's documented names (docs/checkpoint.md, "
+              "\"Hugging Face\"); what no class represents: " + "; ".join(target.unrepresented), file=sys.stderr)
+    return Exit.OK
+
+
+def _convert(args) -> int:
+    """tierzero ckpt convert SRC DST --to dcp|tierzero: DcpError/CheckpointError -> exit 2 (the
+    source or destination is the user's to fix), the message naming path and entry."""
+    from tierzero.checkpoint.dcp import DcpError, source_kind, write_dcp, write_tierzero
+    from tierzero.checkpoint.store import CheckpointError
+
+    if args.to is None or not args.out:
+        raise UsageError("tierzero ckpt convert SRC DST --to dcp|tierzero: give the source, the destination (a new "
+                         "or empty folder) and the format to write")
+    try:
+        if args.to == "dcp":
+            src, manifest, nbytes = write_dcp(args.path, args.out)
+            print(f"wrote {args.out}: DCP checkpoint of {src}: step {manifest.step}, {len(manifest.tensors)} tensors, "
+                  f"{nbytes / 1e6:.2f} MB (model.*, optimizer.state.*, train_state.*)")
+            return Exit.OK
+        kind = source_kind(args.path)
+        if kind in ("step", "steps"):
+            raise DcpError(f"{args.path} is already a tierzero checkpoint; `--to dcp` converts it to DCP")
+        if kind != "dcp":
+            raise DcpError(f"{args.path} is not a DCP checkpoint folder (no .metadata in it)")
+        loaded, step, written = write_tierzero(args.path, args.out)
+    except (DcpError, CheckpointError) as e:
+        print(f"tierzero ckpt convert: {e}", file=sys.stderr)
+        return Exit.USAGE
+    except OSError as e:  # disk full, permissions: nothing was left at DST
+        print(f"tierzero ckpt convert: {args.path} -> {args.out} failed, nothing written there: "
+              f"{type(e).__name__}: {e}", file=sys.stderr)
+        return Exit.FAILURE
+    nbytes = sum(t.numel() * t.element_size() for t in loaded.tensors.values())
+    skipped = f"; not read: {', '.join(loaded.ignored[:4])}{' ...' if len(loaded.ignored) > 4 else ''}" \
+        if loaded.ignored else ""
+    print(f"wrote {written}: tierzero checkpoint of {args.path}: step {step}, next sample "
+          f"{loaded.state['next_sample']}, {len(loaded.tensors)} tensors, {nbytes / 1e6:.2f} MB{skipped}\n"
+          f"resume with checkpoint.resume={args.out}")
     return Exit.OK
 
 
@@ -365,6 +428,63 @@ def cmd_slurm(args) -> int:
     return Exit.OK
 
 
+class _PathsParser(_Parser):
+    """`tierzero data prepare IN... --tokenizer T OUT`: argparse fills a positional list only up to
+    the first option, so the paths after it come back as extras; put them back, in order."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        unknown = [e for e in extras if e.startswith("-")]
+        if unknown:
+            self.error(f"unknown option {unknown[0]!r}; the options are listed by `{self.prog} --help`")
+        ns.paths = list(ns.paths or []) + extras
+        return ns, []
+
+
+def cmd_data(args) -> int:
+    """tierzero data prepare: a bad input, tokenizer or OUT_DIR -> exit 2 naming it; a disk or
+    worker failure -> exit 1. Either way OUT_DIR is not created (docs/data.md)."""
+    from tierzero.recipes.prepare import PrepareError, write_prepared
+
+    usage = "tierzero data prepare INPUT... --tokenizer PATH OUT_DIR"
+    if getattr(args, "data_action", None) != "prepare":
+        raise UsageError(f"tierzero data: give the action, e.g. `{usage}`; see `tierzero data prepare --help`")
+    if len(args.paths) < 2:
+        raise UsageError(f"{usage}: give the input files (or folders) and, last, the folder to write")
+    *inputs, out_dir = args.paths
+    # no ranks here: progress (INFO) and warnings as plain lines on stderr
+    logging.basicConfig(level=logging.INFO, format="tierzero data prepare: %(message)s", stream=sys.stderr,
+                        force=True)
+
+    def _terminated(signum, frame):  # SIGTERM unwinds like Ctrl-C, so the temp folder is removed
+        raise SystemExit(killed_by(signum))
+
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        done = write_prepared(inputs, args.tokenizer, out_dir, field=args.field, column=args.column,
+                              num_workers=args.workers, eos_token=args.eos_token)
+    except PrepareError as e:
+        lines = e.problems if len(e.problems) == 1 else ["cannot prepare:"] + [f"  - {p}" for p in e.problems]
+        print("tierzero data prepare: " + "\n".join(lines), file=sys.stderr)
+        return Exit.USAGE
+    except OSError as e:  # disk full, permissions: the temp folder is gone, OUT_DIR never appeared
+        print(f"tierzero data prepare: writing {out_dir} failed, nothing was written there: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return Exit.FAILURE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    tok = done.tokenizer
+    empty = f", {done.num_empty:,} empty skipped" if done.num_empty else ""
+    print(f"wrote {out_dir}: tokens.bin ({done.num_tokens:,} tokens, {tok.dtype}) + tokens.json; "
+          f"{done.num_documents:,} documents{empty} from {done.num_sources} input(s), {done.input_bytes / 1e6:.2f} MB, "
+          f"in {done.elapsed_s:.1f} s ({done.input_bytes / 1e6 / max(done.elapsed_s, 1e-9):.2f} MB/s, "
+          f"{done.num_tokens / max(done.elapsed_s, 1e-9):,.0f} tokens/s, {done.num_workers} worker(s)); "
+          f"EOS {tok.eos_token!r} (id {tok.eos_id}) after each document")
+    print(f"train on it: tierzero run dense_tiny_cpu data.kind=tokens data.path={done.tokens_path} "
+          f"data.token_dtype={tok.dtype} data.vocab_size={tok.num_ids}")
+    return Exit.OK
+
+
 # ---- parser --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:  # long: a declarative table, one block per subcommand
@@ -449,20 +569,39 @@ def build_parser() -> argparse.ArgumentParser:  # long: a declarative table, one
     bench.set_defaults(func=cmd_bench)
 
     ckpt = sub.add_parser(
-        "ckpt", help="list, inspect, verify or export checkpoints",
+        "ckpt", help="list, inspect, verify, export or convert checkpoints",
         description="Work with tierzero checkpoints (global tensors + shard files + commit marker). "
                     "list DIR: every step folder, committed or torn. inspect PATH: tensors, shapes, layout, bytes, "
                     "and the saved state. verify PATH: read every piece back and check its crc32 (exit 1 naming "
-                    "file and tensor on a mismatch). export PATH OUT.safetensors: one consolidated file with "
-                    "Hugging Face-style names (start a run from it with checkpoint.init_from=OUT.safetensors).",
+                    "file and tensor on a mismatch). export PATH OUT_DIR: a folder "
+                    "transformers' AutoModelForCausalLM.from_pretrained loads, config.json included (dense -> Llama, "
+                    "softmax top-k MoE -> Mixtral, sigmoid MoE with shared experts -> GLM-4.5); start a run from it "
+                    "with checkpoint.init_from=OUT_DIR, or from a published Llama/Mixtral with model.from_hf=DIR. "
+                    "convert SRC DST --to dcp|tierzero: a torch.distributed.checkpoint (DCP) folder of the same "
+                    "global tensors, training state and optimizer state, and back, bit-exact (DST: a new or empty "
+                    "folder; docs/checkpoint.md has the DCP key layout).",
         epilog="examples:\n  tierzero ckpt list runs/moe-tiny-cpu/checkpoints\n"
                "  tierzero ckpt inspect runs/moe-tiny-cpu/checkpoints/step-00000100\n"
                "  tierzero ckpt verify s3://bucket/run/checkpoints/step-00000100\n"
-               "  tierzero ckpt export runs/moe-tiny-cpu/checkpoints/step-00000100 model.safetensors",
+               "  tierzero ckpt export runs/moe-tiny-cpu/checkpoints/step-00000100 hf/moe-tiny   # a Mixtral folder\n"
+               "  tierzero ckpt export runs/dense-tiny-cpu/checkpoints/step-00000200 hf/dense --dtype bf16\n"
+               "  tierzero ckpt export runs/moe-tiny-cpu/checkpoints/step-00000100 weights.safetensors  # one file\n"
+               "  tierzero ckpt convert runs/moe-tiny-cpu/checkpoints/step-00000100 dcp-100 --to dcp\n"
+               "  tierzero ckpt convert dcp-100 converted --to tierzero   # then checkpoint.resume=converted",
         formatter_class=fmt)
-    ckpt.add_argument("action", choices=("list", "inspect", "verify", "export"))
+    ckpt.add_argument("action", choices=("list", "inspect", "verify", "export", "convert"))
     ckpt.add_argument("path", metavar="PATH", help="a checkpoint folder (step-...) or, for list, the folder above")
-    ckpt.add_argument("out", nargs="?", metavar="OUT.safetensors", help="export: the file to write")
+    ckpt.add_argument("out", nargs="?", metavar="OUT",
+                      help="export: the folder to write (config.json + model.safetensors, or shards and "
+                           "model.safetensors.index.json); a path ending in .safetensors writes that one file, "
+                           "the weights alone (what earlier versions wrote). convert: DST")
+    ckpt.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                      help="export: fp32 (the saved masters, exact; default) or bf16 (rounded to nearest even)")
+    ckpt.add_argument("--max-shard-gb", type=float, default=5.0, metavar="GB",
+                      help="export: the largest weights file before the folder is sharded with an index "
+                           "(default 5, transformers' own)")
+    ckpt.add_argument("--to", choices=("dcp", "tierzero"), default=None,
+                      help="convert: the format to write (dcp: torch.distributed.checkpoint; tierzero: back)")
     ckpt.set_defaults(func=cmd_ckpt)
 
     report = sub.add_parser(
@@ -513,6 +652,44 @@ def build_parser() -> argparse.ArgumentParser:  # long: a declarative table, one
                        help="up: slurmctld's port; node i's slurmd listens on PORT + i (default 16817)")
     slurm.add_argument("--purge", action="store_true", help="down: also delete the base folder")
     slurm.set_defaults(func=cmd_slurm)
+
+    data = sub.add_parser(
+        "data", help="prepare your own text as a token file (tierzero data prepare)",
+        description="Work with training data. prepare: tokenize text, JSONL or Parquet into the token file "
+                    "data.kind=tokens reads (see `tierzero data prepare --help`).",
+        epilog="example:\n  tierzero data prepare corpus/*.jsonl --tokenizer tokenizer.json data/corpus",
+        formatter_class=fmt)
+    data.set_defaults(func=cmd_data)
+    data_sub = data.add_subparsers(dest="data_action", metavar="ACTION", parser_class=_PathsParser)
+    prepare = data_sub.add_parser(
+        "prepare", help="tokenize text, JSONL or Parquet into a token file + JSON sidecar",
+        description="Tokenize INPUT... with a Hugging Face tokenizer.json (the `tokenizers` library) in --workers "
+                    "processes and write OUT_DIR/tokens.bin (uint16 when the ids fit, else uint32; what "
+                    "data.kind=tokens reads) and OUT_DIR/tokens.json (tokenizer sha256, vocab size, dtype, documents, "
+                    "tokens, every input with its size, mtime and sha256). A .txt file is one document; a JSONL line "
+                    "(--field) or a Parquet row (--column) is one; a folder stands for its .txt/.jsonl/.parquet "
+                    "files, sorted. The tokenizer's EOS follows every document; the bytes are the same whatever "
+                    "--workers. OUT_DIR must be new or empty; it appears only when complete (written in a hidden "
+                    "temp folder beside it, then renamed), so a killed or failed prepare leaves no OUT_DIR and a "
+                    "rerun starts over. Bad input (a line without --field, a file without --column, an empty file, "
+                    "no EOS token) -> exit 2 naming it. docs/data.md, \"Preparing your own text\".",
+        epilog="examples:\n  tierzero data prepare books/*.txt --tokenizer hf/llama/tokenizer.json data/books\n"
+               "  tierzero data prepare crawl.jsonl --field content --tokenizer hf/llama data/crawl --workers 16\n"
+               "  tierzero data prepare shards/ --column text --tokenizer tokenizer.json data/shards\n"
+               "  tierzero run dense_tiny_cpu data.kind=tokens data.path=data/books/tokens.bin "
+               "data.token_dtype=uint16 data.vocab_size=32000   # the line prepare prints",
+        formatter_class=fmt)
+    prepare.add_argument("paths", nargs="*", metavar="INPUT... OUT_DIR",
+                         help="input files or folders (.txt, .jsonl, .parquet), then the folder to write (new or empty)")
+    prepare.add_argument("--tokenizer", required=True, metavar="PATH",
+                         help="a Hugging Face tokenizer.json, or the folder holding it")
+    prepare.add_argument("--field", default="text", help="JSONL: the field holding each document (default text)")
+    prepare.add_argument("--column", default="text", help="Parquet: the column holding each document (default text)")
+    prepare.add_argument("--workers", type=int, default=None, metavar="N",
+                         help="tokenizing processes (default: the CPUs this process may use)")
+    prepare.add_argument("--eos-token", default=None, metavar="TOKEN",
+                         help="the token written after each document (default: tokenizer_config.json's eos_token, "
+                              "else <|endoftext|>, <|end_of_text|>, </s>, <eos>, ... whichever the vocabulary has)")
     return p
 
 

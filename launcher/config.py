@@ -33,7 +33,8 @@ from tierzero.parallel.engines import engine_errors
 from tierzero.parallel.moe_config import MoEConfig
 from tierzero.parallel.config import ParallelConfig
 from tierzero.parallel.topology import TopologyConfig
-from tierzero.recipes.config import DataConfig, ModelConfig, TrainConfig, data_errors, model_errors, train_errors
+from tierzero.recipes.config import (DataConfig, ModelConfig, TrainConfig, apply_from_hf, data_errors, eval_errors,
+                                      model_errors, train_errors)
 from tierzero.slurm.config import SlurmConfig
 from tierzero.telemetry.config import TelemetryConfig
 
@@ -413,7 +414,8 @@ def load_config(
     if problems:
         raise ConfigError(problems)
     cfg: RunConfig = OmegaConf.to_object(merged)
-    problems = validate(cfg)
+    # model.from_hf: the shape comes from a Hugging Face config.json (recipes/config.py)
+    problems = apply_from_hf(cfg.model, cfg.data, cfg.moe, cfg.checkpoint) or validate(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -682,6 +684,7 @@ def validate(cfg: RunConfig) -> List[str]:
     errs += moe_parallel_errors(cfg)
     errs += engine_errors(parallel=cfg.parallel, moe=cfg.moe, checkpoint=cfg.checkpoint, train=cfg.train)
     errs += data_errors(cfg.data)
+    errs += eval_errors(cfg.train, cfg.data)
     named = tuple(f"{key}=" for key in numbers)
     errs = [e for e in errs if e in numbers.values() or not e.startswith(named)] if named else errs
     errs += [problem for key, problem in location_errors(cfg).items() if not any(e.startswith(f"{key}=") for e in errs)]

@@ -89,12 +89,28 @@ def _input_checks(cfg: RunConfig) -> List[str]:
     problems = []
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none") and "://" not in resume and not Path(resume).is_dir():
+        hint = (f"; to start from a weights file use checkpoint.init_from={resume}"
+                if resume.endswith(".safetensors") and Path(resume).is_file() else "")
         problems.append(f"checkpoint.resume={resume} is not a folder; give a committed checkpoint folder "
-                        "(`tierzero ckpt list DIR` lists them), or checkpoint.resume=auto")
+                        f"(`tierzero ckpt list DIR` lists them), or checkpoint.resume=auto{hint}")
+    elif resume not in ("auto", "none") and "://" not in resume:
+        from tierzero.checkpoint.store import CheckpointError, locate_step
+
+        try:  # another format, or a checkpoints folder with nothing committed: said before anything is written
+            locate_step(resume, key="checkpoint.resume")
+        except CheckpointError as e:
+            problems.append(str(e))
     init = cfg.checkpoint.init_from
-    if init and "://" not in init and not Path(init).is_file():
-        problems.append(f"checkpoint.init_from={init} is not a file; give a .safetensors file "
-                        "(`tierzero ckpt export` writes one)")
+    if init and "://" not in init:
+        folder = Path(init)
+        if folder.is_dir() and not any((folder / n).is_file() for n in ("model.safetensors",
+                                                                          "model.safetensors.index.json")):
+            problems.append(f"checkpoint.init_from={init} is a folder without model.safetensors or "
+                            "model.safetensors.index.json; give a folder `tierzero ckpt export` or transformers' "
+                            "save_pretrained wrote, or a .safetensors file")
+        elif not folder.is_dir() and not folder.is_file():
+            problems.append(f"checkpoint.init_from={init} is neither a file nor a folder; give a .safetensors file "
+                            "or a Hugging Face folder (`tierzero ckpt export STEP_DIR OUT_DIR` writes one)")
     return problems
 
 

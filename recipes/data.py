@@ -7,9 +7,11 @@ stream, and a resumed run continues it exactly. See docs/data.md.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
-from typing import Optional, Protocol
+from typing import List, NamedTuple, Optional, Protocol
 
 import numpy as np
 import torch
@@ -193,21 +195,25 @@ class TokenFileDataset:
     consecutive samples overlap by one token and every token is a target exactly once per epoch.
     """
 
-    def __init__(self, path: str, seq_len: int, token_dtype: str = "uint16", vocab_size: int = 0):
+    def __init__(self, path: str, seq_len: int, token_dtype: str = "uint16", vocab_size: int = 0, *,
+                 key: str = "data.path"):
         self.path = path
         self.seq_len = seq_len
+        sidecar_problem = check_sidecar(path, token_dtype, vocab_size, key=key)
+        if sidecar_problem:
+            raise ValueError(sidecar_problem)
         dtype = np.dtype(token_dtype)
         size_bytes = os.path.getsize(path)
         if size_bytes % dtype.itemsize:
             raise ValueError(
-                f"data.path={path!r} holds {size_bytes} bytes, not a whole number of "
+                f"{key}={path!r} holds {size_bytes} bytes, not a whole number of "
                 f"data.token_dtype={token_dtype} tokens ({dtype.itemsize} bytes each); "
                 f"check data.token_dtype matches how the file was written."
             )
         num_tokens = size_bytes // dtype.itemsize
         if num_tokens < seq_len + 1:
             raise ValueError(
-                f"data.path={path!r} holds {num_tokens} tokens, fewer than data.seq_len + 1 = {seq_len + 1}; "
+                f"{key}={path!r} holds {num_tokens} tokens, fewer than data.seq_len + 1 = {seq_len + 1}; "
                 f"lower data.seq_len or use a larger file."
             )
         self.tokens = np.memmap(path, dtype=dtype, mode="r")
@@ -222,9 +228,117 @@ class TokenFileDataset:
 
     def samples(self, indices) -> torch.Tensor:
         """LongTensor [n, seq_len + 1] of the samples at `indices` (int64, >= 0)."""
-        starts = (_check_indices(indices) % self.num_samples) * self.seq_len  # [n]
-        offsets = starts[:, None] + np.arange(self.seq_len + 1)  # [n, seq_len + 1]
-        return torch.from_numpy(self.tokens[offsets].astype(np.int64))
+        return torch.from_numpy(self.windows(_check_indices(indices) % self.num_samples))
+
+    def windows(self, positions: np.ndarray) -> np.ndarray:
+        """int64 [n, seq_len + 1]: the windows at sample positions 0 <= j < num_samples."""
+        offsets = positions[:, None] * self.seq_len + np.arange(self.seq_len + 1)  # [n, seq_len + 1]
+        return self.tokens[offsets].astype(np.int64)
+
+
+SIDECAR_FILE = "tokens.json"
+"""What `tierzero data prepare` writes beside its tokens.bin (recipes/prepare.py): how it was made."""
+_MAX_SIDECAR_BYTES = 1 << 20
+
+
+def check_sidecar(path: str, token_dtype: str, vocab_size: int, *, key: str = "data.path") -> Optional[str]:
+    """A problem with data.token_dtype / data.vocab_size against the sidecar `tierzero data prepare`
+    wrote beside `path`, or None (also when there is no sidecar, or it describes another file).
+    The file's size alone cannot tell uint32 tokens read as uint16: both divide evenly."""
+    sidecar = os.path.join(os.path.dirname(path) or ".", SIDECAR_FILE)
+    try:
+        if os.path.getsize(sidecar) > _MAX_SIDECAR_BYTES:
+            return None
+        with open(sidecar, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None  # no sidecar (a user's own token file), or not one we can read: the size checks still apply
+    if not isinstance(info, dict) or info.get("tokens_file") != os.path.basename(path):
+        return None
+    made_dtype = info.get("dtype")
+    made_vocab = (info.get("tokenizer") or {}).get("num_ids") if isinstance(info.get("tokenizer"), dict) else None
+    if made_dtype in TOKEN_DTYPES and made_dtype != token_dtype:
+        return (f"{key}={path!r} was written by `tierzero data prepare` as {made_dtype} tokens ({sidecar}), but "
+                f"data.token_dtype={token_dtype}; set data.token_dtype={made_dtype}.")
+    if isinstance(made_vocab, int) and 0 < vocab_size < made_vocab:
+        return (f"{key}={path!r} holds ids of a {made_vocab}-token vocabulary ({sidecar}), but "
+                f"data.vocab_size={vocab_size}; set data.vocab_size={made_vocab} (or 0 to scan the file).")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixtures of token files, and what they hold out
+
+
+_MIXTURE_TAG = np.uint64(0x5EED_DA7A_0000_0002)
+_EVAL_TAG = np.uint64(0x5EED_DA7A_0000_0003)
+
+
+def mixture_sources(indices, *, seed: int, weights, tag=_MIXTURE_TAG) -> np.ndarray:
+    """int64 [n]: the source of each sample, a pure function of (seed, index): the uniform
+    splitmix64(key(seed) + i x mix) against the cumulative normalised weights (inverse CDF), so
+    sample i's source needs nothing but i -- no RNG state advanced per sample."""
+    indices = _check_indices(indices)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.size == 1:
+        return np.zeros(indices.size, dtype=np.int64)
+    cdf = np.cumsum(w) / w.sum()
+    key = splitmix64(np.uint64(seed % (1 << 64)) ^ tag)
+    with np.errstate(over="ignore"):
+        u = _to_unit(splitmix64(key + indices.astype(np.uint64) * _MIX1))
+    return np.minimum(np.searchsorted(cdf, u, side="right"), w.size - 1)
+
+
+def mixture_positions(indices, *, seed: int, weights, first, count, tag=_MIXTURE_TAG):
+    """(source [n], position [n]) of each sample: its source by `mixture_sources`, and within
+    it position first[s] + i mod count[s] -- the single file's rule (no window repeats within
+    count[s] consecutive indices), restricted to the range [first[s], first[s] + count[s])."""
+    indices = _check_indices(indices)
+    src = mixture_sources(indices, seed=seed, weights=weights, tag=tag)
+    first, count = np.asarray(first, dtype=np.int64), np.asarray(count, dtype=np.int64)
+    return src, first[src] + indices % count[src]
+
+
+class MixtureDataset:
+    """Token files mixed by weight; each sample is a window of one file.
+
+    Sample i comes from source `mixture_sources(i)` at position first[s] + i mod count[s]
+    (mixture_positions): a pure function of (data.seed, i), so any rank layout reads the same
+    stream and a resharded resume continues it. One file with the whole range is exactly
+    TokenFileDataset (data.path).
+    """
+
+    def __init__(self, sources: List[TokenFileDataset], weights, *, seed: int, vocab_size: int,
+                 first, count, tag=_MIXTURE_TAG):
+        self.sources, self.weights, self.seed, self.tag = sources, list(weights), seed, tag
+        self.first, self.count = list(first), list(count)
+        self.seq_len = sources[0].seq_len
+        self.vocab_size = vocab_size
+        self.entropy_floor_nats = None
+
+    @property
+    def num_samples(self) -> int:
+        """Distinct windows this dataset can read (over every source)."""
+        return sum(self.count)
+
+    def positions(self, indices):
+        """(source [n], position [n]) of the samples at `indices`."""
+        return mixture_positions(indices, seed=self.seed, weights=self.weights, first=self.first,
+                                 count=self.count, tag=self.tag)
+
+    def samples(self, indices) -> torch.Tensor:
+        """LongTensor [n, seq_len + 1] of the samples at `indices` (int64, >= 0)."""
+        src, pos = self.positions(indices)
+        out = np.empty((src.size, self.seq_len + 1), dtype=np.int64)
+        for s in np.unique(src):
+            rows = src == s
+            out[rows] = self.sources[s].windows(pos[rows])
+        return torch.from_numpy(out)
+
+
+def held_out_counts(num_samples: int, eval_fraction: float) -> int:
+    """Samples held out at the end of a file of `num_samples` for data.eval_fraction (at least one)."""
+    return math.ceil(num_samples * eval_fraction) if eval_fraction > 0 else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,12 +389,46 @@ class Prefetcher:
 # Config checking and construction
 
 
+class Datasets(NamedTuple):
+    train: Dataset
+    eval: Optional[Dataset]
+    """The held-out data (data.eval_path or data.eval_fraction), or None."""
+
+
 def build_dataset(cfg: DataConfig) -> Dataset:
-    """The dataset `cfg` describes; raises ValueError listing every problem with `data.*`."""
+    """The training dataset `cfg` describes; raises ValueError listing every problem with `data.*`."""
+    return build_datasets(cfg).train
+
+
+def build_datasets(cfg: DataConfig) -> Datasets:
+    """The training and held-out datasets `cfg` describes; ValueError listing every problem with `data.*`."""
     errors = data_errors(cfg)
     if errors:
         raise ValueError("\n".join(errors))
     if cfg.kind == "markov":
         chain = MarkovChain(cfg.vocab_size, cfg.successors, cfg.concentration, cfg.seed)
-        return MarkovDataset(chain, cfg.seq_len, cfg.seed)
-    return TokenFileDataset(cfg.path, cfg.seq_len, cfg.token_dtype, cfg.vocab_size)
+        return Datasets(MarkovDataset(chain, cfg.seq_len, cfg.seed), None)
+    keyed = [(f"data.paths[{k}]", p) for k, p in enumerate(cfg.paths)] if cfg.paths else [("data.path", cfg.path)]
+    sources = [TokenFileDataset(p, cfg.seq_len, cfg.token_dtype, cfg.vocab_size, key=k) for k, p in keyed]
+    held = TokenFileDataset(cfg.eval_path, cfg.seq_len, cfg.token_dtype, cfg.vocab_size,
+                            key="data.eval_path") if cfg.eval_path else None
+    # vocab_size=0: each file was scanned; the held-out one counts too (the model must embed its tokens)
+    vocab = max(f.vocab_size for f in sources + ([held] if held else []))
+    weights = list(cfg.weights) or [1.0] * len(sources)
+    n = [f.num_samples for f in sources]
+    n_eval = [held_out_counts(k, cfg.eval_fraction) for k in n]
+    short = [f"{key} ({k} samples of data.seq_len={cfg.seq_len})" for (key, _), k, e in zip(keyed, n, n_eval) if k - e < 1]
+    if short:
+        raise ValueError(f"data.eval_fraction={cfg.eval_fraction} leaves no training sample in {', '.join(short)}; "
+                         "lower data.eval_fraction or use larger files.")
+    train = MixtureDataset(sources, weights, seed=cfg.seed, vocab_size=vocab, first=[0] * len(n),
+                           count=[k - e for k, e in zip(n, n_eval)])
+    if held is not None:
+        evaluation = MixtureDataset([held], [1.0], seed=cfg.seed, vocab_size=vocab, first=[0],
+                                    count=[held.num_samples], tag=_EVAL_TAG)
+    elif cfg.eval_fraction:
+        evaluation = MixtureDataset(sources, weights, seed=cfg.seed, vocab_size=vocab,
+                                    first=[k - e for k, e in zip(n, n_eval)], count=n_eval, tag=_EVAL_TAG)
+    else:
+        evaluation = None
+    return Datasets(train, evaluation)

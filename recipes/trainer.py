@@ -28,7 +28,7 @@ from tierzero.parallel.engines.base import checkpoint_blocks
 from tierzero.parallel.host import to_host
 from tierzero.parallel.moe import MoEConfig, moe_layers
 from tierzero.recipes.config import DataConfig, ModelConfig, TrainConfig
-from tierzero.recipes.data import Prefetcher, build_dataset
+from tierzero.recipes.data import Prefetcher, build_datasets
 from tierzero.recipes.model import build_model, count_params, flops_per_token, loss_fn
 from tierzero.recipes.planning import planning_inputs
 from tierzero.recipes.progress import Progress
@@ -100,6 +100,10 @@ class TrainResult:
     """MoE: per step, tokens routed to each expert [layer, expert], over every rank."""
     dropped_fraction: List[List[float]] = field(default_factory=list)
     """MoE: per step and layer, the share of assignments dropped for capacity."""
+    eval_losses: List[Tuple[int, float]] = field(default_factory=list)
+    """(step, global mean held-out loss) per evaluation (train.eval_every)."""
+    cross_node: List[List[List[int]]] = field(default_factory=list)
+    """MoE: per step and layer, [kept assignments to experts on other nodes, rows sent across for them], every rank."""
 
     @property
     def final_loss(self) -> float:
@@ -110,8 +114,10 @@ class TrainResult:
     def truncate(self, last_step: int) -> None:
         """Forget the steps after `last_step` (a rollback replays them)."""
         keep = max(0, last_step - self.first_step + 1)
-        for series in (self.losses, self.grad_norms, self.step_times_s, self.expert_tokens, self.dropped_fraction):
+        for series in (self.losses, self.grad_norms, self.step_times_s, self.expert_tokens, self.dropped_fraction,
+                       self.cross_node):
             del series[keep:]
+        self.eval_losses[:] = [(step, loss) for step, loss in self.eval_losses if step <= last_step]
 
 
 class NonFiniteError(RuntimeError):
@@ -173,7 +179,7 @@ class Trainer:
         self.recipe, self.ctx, self.telemetry, self.hooks = recipe, ctx, telemetry, hooks or Hooks()
         self.run_state = run_state or {}
         self.accum = grad_accum_steps(t, ctx.world_size)
-        self.dataset = build_dataset(recipe.data)
+        self.dataset, self.eval_data = build_datasets(recipe.data)
         self.feed = Prefetcher(self.dataset, pin=ctx.device.startswith("cuda"))
         self.model = self.build_model()
         self.engine, self.plan_line = self.build_engine(self.model, memory_budget_bytes)
@@ -211,7 +217,8 @@ class Trainer:
         if init_from:
             from tierzero.checkpoint.export import load_into
 
-            loaded = load_into(model, r.checkpoint.init_from)
+            key = "model.from_hf" if r.model.from_hf else "checkpoint.init_from"
+            loaded = load_into(model, r.checkpoint.init_from, key=key)
             self.telemetry.event("init", detail=f"{loaded} tensors from {r.checkpoint.init_from}", step=0)
         # float32 on the device: each engine casts the parameters to train.dtype itself and keeps
         # float32 masters from these exact values; buffers (rotary tables, expert bias) stay float32
@@ -281,6 +288,7 @@ class Trainer:
                 loss, signame = self.agree(loss, last=step == steps)
                 state = TrainState(step, state.start_step, state.next_sample + self.recipe.train.global_batch_size)
                 self.record(step, loss, lr, stats.grad_norm, time.perf_counter() - t0, routing)
+                self.evaluate(step)
                 if self.ckpt is not None and (self.ckpt.due(step, steps) or signame):
                     self.save(state, loss=loss, lr=lr)
                 if signame:
@@ -380,6 +388,7 @@ class Trainer:
         if routing is not None:
             res.expert_tokens.append(routing["tokens"])
             res.dropped_fraction.append(routing["dropped_fraction"])
+            res.cross_node.append(routing["cross_node"])
         tflops = self.flops_per_token * tokens / step_time_s / 1e12
         cuda = self.ctx.device.startswith("cuda")
         self.telemetry.record(
@@ -388,6 +397,36 @@ class Trainer:
             mem_rss_bytes=self._process.memory_info().rss,
             gpu_mem_bytes=torch.cuda.max_memory_allocated() if cuda else None)
         self.progress.update(step, loss=loss, tokens_per_s=tokens * self.ctx.world_size / step_time_s)
+
+    def evaluate(self, step: int) -> None:
+        """train.eval_every: the held-out loss after `step`, the global mean over train.eval_steps
+        batches of train.global_batch_size (the same held-out samples every time, split across the
+        ranks as a training step's are): forward only (engine.eval_loss), the sum kept on the
+        device, one all-reduce and one read per evaluation. Rank 0 records the `eval` row."""
+        t, ctx = self.recipe.train, self.ctx
+        if self.eval_data is None or not t.eval_every or step % t.eval_every:
+            return
+        t0 = time.perf_counter()
+        total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        for batch in range(t.eval_steps):
+            self.hooks.heartbeat(step, f"eval {batch}")
+            for micro in range(self.accum):
+                indices = micro_batch_indices(batch, micro, dp_rank=ctx.rank, dp_size=ctx.world_size,
+                                              micro_batch=t.micro_batch_size, global_batch=t.global_batch_size)
+                tokens = self.eval_data.samples(indices).to(ctx.device, non_blocking=True)  # [mb, seq_len + 1]
+                total += self.engine.eval_loss(tokens[:, :-1], tokens[:, 1:])
+        if ctx.world_size > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        loss = to_host(total, "eval loss") / (ctx.world_size * self.accum * t.eval_steps)
+        for layer in moe_layers(self.model):
+            layer.take_stats()  # held-out routing is not training's: no bias update, no `experts` rows
+        for row in self.engine.take_comm():
+            self.telemetry.record("comm", step=step, **row)  # the held-out forward's gathers (phase eval)
+        self.result.eval_losses.append((step, loss))
+        if ctx.rank == 0:
+            self.telemetry.record("eval", step=step, loss=loss, tokens=t.eval_steps * t.global_batch_size *
+                                  self.dataset.seq_len, eval_time_s=time.perf_counter() - t0)
+            log.info("step %d: eval loss %.4f", step, loss)
 
     def save(self, state: TrainState, *, loss: float, lr: float) -> None:
         self.hooks.heartbeat(state.step, "checkpoint")
@@ -474,22 +513,27 @@ def expert_step(model, *, world_size: int, step: int, telemetry, is_rank0: bool)
         return None
     stats = [layer.take_stats() for layer in layers]
     E = layers[0].num_experts
-    # [layer, E + 5]: tokens per expert, dropped, assignments, aux sum, z sum, micro-batches
+    # [layer, E + 7]: tokens per expert, dropped, assignments, aux sum, z sum, micro-batches, and
+    # the kept assignments to other nodes and the rows sent across for them
     packed = torch.stack([torch.cat([s["tokens"].double().cpu(), torch.tensor(
-        [s["dropped"], s["assignments"], s["aux"], s["z"], s["calls"]], dtype=torch.float64)]) for s in stats])
+        [s["dropped"], s["assignments"], s["aux"], s["z"], s["calls"]], dtype=torch.float64),
+        s["cross"].double().cpu()]) for s in stats])
     if world_size > 1:
         packed = packed.to(layers[0].router.weight.device)
         dist.all_reduce(packed)
         packed = packed.cpu()
-    summary = {"tokens": packed[:, :E].long(), "dropped_fraction": (packed[:, E] / packed[:, E + 1]).tolist()}
+    summary = {"tokens": packed[:, :E].long(), "dropped_fraction": (packed[:, E] / packed[:, E + 1]).tolist(),
+               "cross_node": packed[:, E + 5:E + 7].long().tolist()}
     for li, layer in enumerate(layers):
         row = packed[li]
         if layer.cfg.bias_update_rate:
             layer.update_bias(row[:E].to(layer.expert_bias.device))
         if is_rank0:
-            calls = float(row[E + 4])
+            calls, kept = float(row[E + 4]), float(row[E + 1] - row[E])
             for e in range(E):
                 telemetry.record("experts", step=step, layer=li, expert=e, tokens=int(row[e]),
                                  dropped_fraction=float(row[E] / row[E + 1]), aux_loss=float(row[E + 2]) / calls,
-                                 z_loss=float(row[E + 3]) / calls, bias=float(layer.expert_bias[e]))
+                                 z_loss=float(row[E + 3]) / calls, bias=float(layer.expert_bias[e]),
+                                 cross_node_fraction=float(row[E + 5]) / kept if kept else 0.0,
+                                 cross_node_rows=int(row[E + 6]))
     return summary

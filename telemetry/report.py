@@ -153,8 +153,10 @@ def write_report(run_dir: Union[str, os.PathLike]) -> str:
         fs.makedirs(report_path, exist_ok=True)
         loss_png = f"{report_dir}/loss.png"
         throughput_png = f"{report_dir}/throughput.png"
-        _plot_loss(steps, summary.loss_rank, loss_png)
+        held_out = _latest_attempt_rows(load_table(summary.telemetry_root, "eval"))
+        _plot_loss(steps, summary.loss_rank, loss_png, held_out)
         _plot_throughput(steps, throughput_png)
+        lines[1:1] = eval_lines(held_out)
         lines += ["plots:", f"  {loss_png}", f"  {throughput_png}"]
         experts = _latest_attempt_rows(load_table(summary.telemetry_root, "experts"))
         if experts.num_rows:
@@ -346,6 +348,20 @@ def _expert_load(experts: pa.Table) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def _cross_node(experts: pa.Table, layer: int) -> str:
+    """", cross-node X% of assignments, N rows/step across" for a layer whose EP group spans nodes
+    (mean over the run's steps); "" when the table has no such figure."""
+    if "cross_node_fraction" not in experts.column_names:
+        return ""
+    rows = experts.filter(pc.equal(experts.column("layer"), layer))
+    rows = rows.filter(pc.equal(rows.column("expert"), 0))  # the figure repeats on every expert's row
+    frac = [v for v in rows.column("cross_node_fraction").to_pylist() if v is not None]
+    sent = [v for v in rows.column("cross_node_rows").to_pylist() if v is not None]
+    if not frac or not any(frac):
+        return ""
+    return f", cross-node {np.mean(frac):.1%} of assignments, {np.mean(sent):.0f} rows/step across"
+
+
 def _expert_lines(experts: pa.Table) -> list[str]:
     """Per MoE layer: how uneven the last step's load was, and what was dropped."""
     lines = []
@@ -359,6 +375,7 @@ def _expert_lines(experts: pa.Table) -> list[str]:
         lines.append(
             f"experts layer {li}: step {last} load max/mean {share.max() * share.size:.2f}x, min/mean "
             f"{share.min() * share.size:.2f}x, dropped {dropped:.1%}, bias {bias.min():+.3g}..{bias.max():+.3g}"
+            + _cross_node(experts, li)
         )
     return lines
 
@@ -373,7 +390,8 @@ def _plot_expert_load(experts: pa.Table, url: str) -> None:
     for ax, (li, (steps, load)) in zip(axes, loads.items()):
         image = ax.imshow(load.T * load.shape[1], aspect="auto", origin="lower", cmap="viridis",
                           extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, load.shape[1] - 0.5))
-        ax.set_title(f"MoE layer {li}: tokens per expert / mean (1 = balanced)")
+        ax.set_title(f"MoE layer {li}: tokens per expert / mean (1 = balanced){_cross_node(experts, li)}",
+                     fontsize="medium")
         ax.set_ylabel("expert")
         fig.colorbar(image, ax=ax)
     axes[-1].set_xlabel("step")
@@ -382,10 +400,23 @@ def _plot_expert_load(experts: pa.Table, url: str) -> None:
         fig.savefig(f, format="png")
 
 
-def _plot_loss(steps: pa.Table, loss_rank: Optional[int], url: str) -> None:
+def eval_lines(held_out: pa.Table) -> list[str]:
+    """The held-out loss's first and last evaluation (train.eval_every), or nothing without any."""
+    if not held_out.num_rows:
+        return []
+    rows = held_out.sort_by([("run", "ascending"), ("step", "ascending")]).to_pylist()
+    first, last = rows[0], rows[-1]
+    return [f"eval loss: first {first['loss']:.4f} (step {first['step']}) -> last {last['loss']:.4f} "
+            f"(step {last['step']}), {len(rows)} evaluation(s)"]
+
+
+def _plot_loss(steps: pa.Table, loss_rank: Optional[int], url: str, held_out: Optional[pa.Table] = None) -> None:
+    """Training loss per step, and the held-out loss per evaluation beside it (marked, from `eval`)."""
     rows = steps.filter(pc.equal(steps.column("rank"), loss_rank)) if loss_rank is not None else steps
     rows = rows.filter(pc.is_valid(rows.column("loss")))
     series = _series(rows, "loss")
+    if held_out is not None and held_out.num_rows:
+        series.update({f"eval {label}": (x, y, "o") for label, (x, y) in _series(held_out, "loss").items()})
     _save_plot(series, f"loss (rank {loss_rank})", "loss", url)
 
 
@@ -414,8 +445,9 @@ def _save_plot(series: dict, title: str, ylabel: str, url: str) -> None:
 
     fig = Figure(figsize=(8, 4.5), dpi=100)
     ax = fig.subplots()
-    for label, (x, y) in series.items():
-        ax.plot(x, y, label=label, linewidth=1.2)
+    for label, (x, y, *marker) in series.items():  # a third item: a marked, dashed series (held-out loss)
+        ax.plot(x, y, label=label, linewidth=1.2, marker=marker[0] if marker else None,
+                linestyle="--" if marker else "-")
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)

@@ -117,12 +117,28 @@ EXPERTS = pa.schema(
         pa.field("aux_loss", pa.float64(), nullable=False),  # the layer's weighted aux + z loss, mean per micro-batch
         pa.field("z_loss", pa.float64(), nullable=False),  # the layer's unweighted router z-loss, mean
         pa.field("bias", pa.float64(), nullable=False),  # auxiliary-loss-free selection bias after the step
+        # the layer's kept assignments whose expert is on another node than the rank routing them
+        pa.field("cross_node_fraction", pa.float64(), nullable=True),
+        # rows dispatch sent across nodes for them, every rank (flat: one per assignment;
+        # moe.dispatch=hierarchical: one per token and destination node)
+        pa.field("cross_node_rows", pa.int64(), nullable=True),
     ]
 )
 """One row per (step, MoE layer, expert), written by rank 0 from routing summed over every rank."""
 
+EVAL = pa.schema(
+    [
+        pa.field("time", TIME, nullable=False),
+        pa.field("step", pa.int64(), nullable=False),  # the optimizer step evaluated after
+        pa.field("loss", pa.float64(), nullable=False),  # mean held-out cross-entropy over every rank, nats
+        pa.field("tokens", pa.int64(), nullable=False),  # held-out target tokens evaluated, all ranks together
+        pa.field("eval_time_s", pa.float64()),  # wall time of the evaluation on the recording rank
+    ]
+)
+"""One row per evaluation (train.eval_every), written by rank 0 from the loss averaged over every rank."""
+
 TABLES: dict[str, pa.Schema] = {"steps": STEPS, "events": EVENTS, "nodes": NODES, "comm": COMM,
-                                "collectives": COLLECTIVES, "experts": EXPERTS}
+                                "collectives": COLLECTIVES, "experts": EXPERTS, "eval": EVAL}
 
 
 class RowContext(Protocol):

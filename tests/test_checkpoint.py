@@ -317,10 +317,11 @@ def test_ckpt_cli_and_init_from(saved, tmp_path):
     text = _cli(["ckpt", "inspect", str(ckpt_dir / "step-00000020")], tmp_path).stdout
     assert "step 20 | next sample 320 | saved by 4 ranks" in text
     assert "model/blocks.0.mlp.experts.w_gate" in text and "[8, 32," in text  # all 8 experts, global shape
-    out = tmp_path / "model.safetensors"
+    out = tmp_path / "model.safetensors"  # the one-file form (tests/test_hf.py checks the folder form)
     _cli(["ckpt", "export", str(ckpt_dir / "step-00000020"), str(out)], tmp_path)
-    hf = read_safetensors(str(out))
-    assert "model.layers.1.mlp.experts.7.down_proj.weight" in hf and "model.embed_tokens.weight" in hf
+    hf = read_safetensors(str(out))  # the default recipe routes like Mixtral: Mixtral's names, no unused bias
+    assert "model.layers.1.block_sparse_moe.experts.7.w2.weight" in hf and "model.embed_tokens.weight" in hf
+    assert not [n for n in hf if "e_score_correction_bias" in n]
     manifest = json.loads((ckpt_dir / "step-00000020" / "manifest.json").read_text())
     assert manifest["state"]["next_sample"] == 320
 

@@ -30,6 +30,7 @@ from tierzero.checkpoint.export import ExportError, InitFromError, load_into, wr
 from tierzero.checkpoint.manifest import Manifest, TensorEntry, validate
 from tierzero.checkpoint.saver import Checkpointer
 from tierzero.checkpoint.store import CheckpointError, CheckpointStore, ResumeError, Slice
+from tierzero.parallel.engines.base import CheckpointSlice
 
 ROOT = Path(__file__).resolve().parent.parent
 CUTS = (0, 17, 42)
@@ -96,8 +97,13 @@ def _cli(args, cwd, timeout=120):
 class FakeEngine:
     """What Checkpointer.resume needs of an engine: local reads, then the collective part."""
 
-    def __init__(self):
+    def __init__(self, shape=(6, 7), dtype="float32"):
         self.loaded, self.step_count, self.after_loads = {}, None, 0
+        self.shape, self.dtype = shape, dtype
+
+    def checkpoint_slices(self):  # the global shapes the resume checks the manifest against
+        return [CheckpointSlice("model/w", self.shape, self.dtype, 0, np.zeros(0, np.float32)),
+                CheckpointSlice("optim.exp_avg/w", (42,), "float32", 0, np.zeros(0, np.float32))]
 
     def load_checkpoint(self, read, step_count):
         self.loaded = {name: read(name, 0, 42) for name in ("model/w", "optim.exp_avg/w")}
@@ -275,6 +281,22 @@ def test_a_resume_needs_next_sample(tmp_path):
     _, path, _ = _save(tmp_path, 20, state={"step": 20})  # a committed folder without next_sample
     with pytest.raises(ResumeError, match="state has no next_sample"):
         _checkpointer(tmp_path, resume=path).resume(FakeEngine())
+
+
+@pytest.mark.parametrize("engine, words", [
+    (lambda: FakeEngine(shape=(7, 6)), r"model/w is \[6, 7\] in the checkpoint, \[7, 6\] in this run's model"),
+    (lambda: FakeEngine(shape=(3, 7)), r"model/w is \[6, 7\] in the checkpoint, \[3, 7\]"),  # was read as a prefix
+    (lambda: FakeEngine(dtype="bfloat16"), r"model/w is float32 in the checkpoint, bfloat16 in this run"),
+])
+def test_a_checkpoint_of_another_model_shape_is_refused_before_a_read(tmp_path, engine, words):
+    _, path, _ = _save(tmp_path, 10)
+    fake = engine()
+    with pytest.raises(ResumeError, match=words + r".*model\.\* / moe\.\* must match"):
+        _checkpointer(tmp_path, resume=path).resume(fake)
+    assert fake.loaded == {} and fake.after_loads == 0
+    events = []  # auto: the same problem is a warning, and the run starts fresh
+    assert _checkpointer(tmp_path, events).resume(engine()) is None
+    assert [kind for kind, *_ in events] == ["warning"]
 
 
 def test_state_a_reader_would_refuse_is_never_committed(tmp_path):
@@ -575,7 +597,8 @@ MALFORMED = {
     "header a list": _safetensors([1, 2], b""),  # type: ignore[arg-type]
     "deep header": struct.pack("<Q", 100_000) + b"[" * 100_000,
     "entry not an object": _safetensors({**GOOD, "model.norm.weight": "nope"}, bytes(96)),
-    "unknown dtype": _with("model.norm.weight", dtype="BF16"),
+    "unknown dtype": _with("model.norm.weight", dtype="F8_E4M3"),
+    "bf16 of the wrong size": _with("model.norm.weight", dtype="BF16"),  # 16 bytes for 4 bf16 values
     "unhashable dtype": _with("model.norm.weight", dtype={"F32": 1}),
     "integer dtype": _with("model.norm.weight", dtype="I64", shape=[2]),
     "negative shape": _with("model.norm.weight", shape=[-4]),

@@ -81,7 +81,7 @@ SAMPLE_ROWS = {
     "comm": {
         "time": datetime.datetime(2024, 6, 1, 12, 0, 3, tzinfo=UTC),
         "step": 3, "phase": "bwd", "level": "cluster", "op": "reduce_scatter", "bytes": 1.5e6, "time_s": 0.01,
-        "calls": 4,
+        "calls": 4, "wait_s": 0.002,
     },
     "collectives": {
         "time": datetime.datetime(2024, 6, 1, 12, 0, 4, tzinfo=UTC),
@@ -93,7 +93,11 @@ SAMPLE_ROWS = {
     "experts": {
         "time": datetime.datetime(2024, 6, 1, 12, 0, 5, tzinfo=UTC),
         "step": 7, "layer": 1, "expert": 5, "tokens": 130, "dropped_fraction": 0.0625, "aux_loss": 0.0101,
-        "z_loss": 1.7, "bias": -0.002,
+        "z_loss": 1.7, "bias": -0.002, "cross_node_fraction": 0.5, "cross_node_rows": 96,
+    },
+    "eval": {
+        "time": datetime.datetime(2024, 6, 1, 12, 0, 6, tzinfo=UTC),
+        "step": 50, "loss": 2.75, "tokens": 16384, "eval_time_s": 0.4,
     },
 }
 

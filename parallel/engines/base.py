@@ -1,7 +1,8 @@
 """The contract between the training loop and an engine, and the pieces every engine shares.
 
 The loop (recipes/trainer.py) calls `micro_step(inputs, targets, scale=...)` per micro-batch,
-`step(lr)` once per optimizer step and `take_comm()` for the byte ledger's rows; checkpoints
+`step(lr)` once per optimizer step, `eval_loss(inputs, targets)` per held-out micro-batch
+(train.eval_every) and `take_comm()` for the byte ledger's rows; checkpoints
 (checkpoint/saver.py) use the Checkpointable methods. Nothing else of an engine is reached.
 """
 
@@ -40,6 +41,10 @@ class Engine(Protocol):
         """Forward and backward of one micro-batch, gradients of loss x scale accumulated; the
         (unscaled) loss, a 0-dim tensor left on the device (or a float): the loop sums the
         micro-steps' losses on the device and reads the step's once (parallel/host.py)."""
+
+    def eval_loss(self, inputs, targets):
+        """The loss of one held-out micro-batch under torch.no_grad: the micro-step's forward, no
+        backward, no state changed; a 0-dim tensor left on the device (train.eval_every)."""
 
     def step(self, lr: float) -> StepStats:
         """One optimizer step at learning rate `lr` over everything accumulated since the last."""

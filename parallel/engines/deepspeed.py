@@ -182,6 +182,12 @@ class DeepSpeedEngine:
             self.engine.step()  # not an optimizer step: DeepSpeed counts micro-steps in step()
         return loss.detach()
 
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The micro-step's forward and loss under torch.no_grad (ZeRO-3 gathers in the forward
+        as in training); no backward, so DeepSpeed's micro-step count is not advanced."""
+        with torch.no_grad():
+            return self.loss_fn(self.engine(inputs), targets)
+
     # ---- optimizer step --------------------------------------------------------------------
     def step(self, lr: float) -> StepStats:
         if not self.engine.is_gradient_accumulation_boundary():

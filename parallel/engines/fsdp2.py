@@ -57,6 +57,12 @@ class FSDP2Engine:
         (loss * scale).backward()
         return loss.detach()
 
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The micro-step's forward and loss under torch.no_grad (FSDP2 gathers and reshards as in
+        training); no gradient, so nothing is reduced. On the device."""
+        with torch.no_grad():
+            return self.loss_fn(self.module(inputs), targets)
+
     def step(self, lr: float) -> StepStats:
         from torch.distributed.tensor import DTensor
 

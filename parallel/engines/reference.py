@@ -52,6 +52,13 @@ class ReferenceEngine:
         (loss * scale).backward()
         return loss.detach()
 
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The micro-step's forward and loss under torch.no_grad (on the device)."""
+        with torch.no_grad():
+            with torch.autocast(**self.autocast):
+                logits = self.module(inputs)
+            return self.loss_fn(logits, targets)
+
     def take_comm(self) -> list:
         return []
 
