@@ -139,10 +139,10 @@ def parse_measured(text: str) -> dict:
 
 
 def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int, update_rate=None, codec_rate=None,
-              latency_us=None, flow_gbps=None):
+              latency_us=None, flow_gbps=None, serial: bool = False):
     """The cost model's plan and cluster-level collective time (issue to completion, summed as the
     ledger sums it) on the bandwidths (and optimizer-update rate, which auto weighs) this run
-    measured."""
+    measured. serial: each collective alone on the wire (what aligned timing measures)."""
     import dataclasses
 
     from tierzero.launcher.config import load_config
@@ -165,7 +165,13 @@ def predicted(plan: str, extra, measured_gbps: dict, accum: int, d_model: int, u
     assert inputs.grad_accum == accum, (inputs.grad_accum, accum)
     budget = memory_budget_bytes(cfg.parallel, topo, device="cpu", local_world_size=2)
     choice = resolve_plan(cfg.parallel, topo, inputs, memory_budget_bytes=budget)
-    return choice.plan.describe(topo), choice.cost.time_by_level().get("cluster", 0.0)
+    cost = choice.cost
+    if serial:
+        from tierzero.parallel.cost import predict
+
+        cost = predict(choice.plan, topo, inputs.units, dtype_bytes=inputs.dtype_bytes, grad_accum=inputs.grad_accum,
+                       reduce_bytes=inputs.reduce_bytes, ep=cfg.parallel.ep, moe=inputs.moe, serial=True)
+    return choice.plan.describe(topo), cost.time_by_level().get("cluster", 0.0)
 
 
 def main() -> None:
@@ -196,7 +202,8 @@ def main() -> None:
                 if engine == "native" and "step_s" in row and row["measured_gbps"]:
                     row["predicted_plan"], row["predicted_comm_s"] = predicted(
                         plan, extra, row["measured_gbps"], args.accum, args.d_model, row["update_gelems_per_s"],
-                        row["codec_gelems_per_s"], row["latency_us"], row["flow_gbps"])
+                        row["codec_gelems_per_s"], row["latency_us"], row["flow_gbps"],
+                        serial=args.comm_timing == "aligned")
                     if not row["plan_line"].startswith(row["predicted_plan"]):
                         print(f"warning: {name} ran {row['plan_line']!r}, the prediction is for "
                               f"{row['predicted_plan']}", flush=True)

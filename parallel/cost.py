@@ -125,6 +125,57 @@ class MoETraffic:
     d_model: int
     top_k: int
     num_layers: int
+    num_experts: int = 0
+    """Routed experts per layer (0: unknown, read as top_k x ep -- only hierarchical dispatch needs it)."""
+    max_nodes_per_token: int = 0
+    dispatch: str = "flat"
+    """moe.dispatch: flat, hierarchical or auto (hierarchical when the EP group spans nodes)."""
+
+
+def expected_nodes_per_token(num_experts: int, top_k: int, num_nodes: int, max_nodes: int = 0) -> float:
+    """Distinct nodes a token's top_k experts lie on, in expectation, with uniform routing over
+    num_experts spread evenly on num_nodes: num_nodes x P(a node holds one of them) =
+    num_nodes x (1 - C(E - E/N, k) / C(E, k)). Node-limited routing picks max_nodes nodes, then
+    the top_k among their experts: the same formula over those nodes alone."""
+    if max_nodes and max_nodes < num_nodes:
+        num_experts, num_nodes = num_experts // num_nodes * max_nodes, max_nodes
+    if num_nodes <= 1:
+        return 1.0
+    others = num_experts - num_experts // num_nodes
+    return num_nodes * (1 - math.comb(others, top_k) / math.comb(num_experts, top_k))
+
+
+def a2a_bytes_per_level(topo: Topology, ep: int, moe: "MoETraffic", dtype_bytes: int) -> Dict[str, float]:
+    """Bytes one rank sends per MoE layer and micro-step for dispatch + combine (their gradients
+    in the backward send the same again), by the level they cross, with uniform routing: what the
+    byte ledger books (each member's rows at the level between the two ranks).
+
+    flat: each assignment (token x top_k) to its expert's rank, 1/ep of them to each member.
+    hierarchical: one row of d + 2 top_k (the token, its weights and expert ids) per (token,
+    destination node) to this rank's peer there, one row of d back; then, inside the node, each
+    assignment to its expert's rank and its output back (docs/moe.md, "Hierarchical dispatch")."""
+    per_node = min(ep, topo.ranks_per_node)
+    num_nodes = ep // per_node
+    level = lambda j: topo.levels[level_of_group(topo, (0, j))].name  # noqa: E731
+    d, k, t = moe.d_model, moe.top_k, moe.tokens_per_micro_step
+    out: Dict[str, float] = {}
+
+    def add(lv: str, rows: float, width: int) -> None:
+        out[lv] = out.get(lv, 0.0) + rows * width * dtype_bytes
+
+    hierarchical = num_nodes > 1 and moe.dispatch != "flat"
+    if not hierarchical:
+        for j in range(1, ep):
+            add(level(j), 2 * t * k / ep, d)  # dispatch and combine
+        return out
+    experts = moe.num_experts or k * ep
+    per_pair = t * expected_nodes_per_token(experts, k, num_nodes, moe.max_nodes_per_token) / num_nodes
+    for n in range(1, num_nodes):  # stage 1: to the peer on each other node, and back
+        add(level(n * per_node), per_pair, d + 2 * k)
+        add(level(n * per_node), per_pair, d)
+    for j in range(1, per_node):  # stage 2: the t x k assignments a peer receives (symmetry), 1/per_node to each
+        add(level(j), 2 * t * k / per_node, d)
+    return out
 
 
 @dataclass(frozen=True)
@@ -166,6 +217,7 @@ def predict(
     moe: Optional[MoETraffic] = None,
     reduce_bytes: Optional[int] = None,
     activation_bytes: float = 0.0,
+    serial: bool = False,
 ) -> Cost:
     """Bytes per level per optimizer step, memory per rank and predicted communication time.
 
@@ -177,18 +229,19 @@ def predict(
 
     Time (see "Link contention" in the module docstring): each collective moves its bytes at
     the bus bandwidth the link-load model (parallel.topology.concurrent_busbw_gbps) gives all
-    of its groups at once, beside what the engine has in flight with it."""
+    of its groups at once, beside what the engine has in flight with it. serial=True: nothing in
+    flight beside it (what parallel.comm_timing=aligned measures: each collective waited at once)."""
     cost = Cost(plan)
     reduce_bytes = dtype_bytes if reduce_bytes is None else reduce_bytes
     links = _link_topology(topo)
     add = _Charger(cost)
     dense = [u for u in units if not u.expert]
     memory, largest = _domain_traffic(add, plan, topo, dense, links, stride=1, dtype_bytes=dtype_bytes,
-                                      grad_accum=grad_accum, reduce_bytes=reduce_bytes)
+                                      grad_accum=grad_accum, reduce_bytes=reduce_bytes, serial=serial)
     experts = [Unit(u.name, u.numel // ep, u.fwd_gathers, u.bwd_gathers, expert=True) for u in units if u.expert]
     if experts:
         mem_e, largest_e = _expert_traffic(add, plan, topo, experts, links, ep=ep, moe=moe, dtype_bytes=dtype_bytes,
-                                           grad_accum=grad_accum, reduce_bytes=reduce_bytes)
+                                           grad_accum=grad_accum, reduce_bytes=reduce_bytes, serial=serial)
         memory = {k: memory[k] + mem_e[k] for k in memory}
         cost.expert_memory = sum(mem_e.values())
         largest += largest_e  # a block's dense and expert buffers are gathered together
@@ -251,13 +304,14 @@ def _alone_bps(links: Topology, outer: int, inner: int, op: str, pattern: str = 
 
 
 def _expert_traffic(add, plan: PartitionPlan, topo: Topology, experts: Sequence[Unit], links: Topology, *, ep: int,
-                    moe: Optional[MoETraffic], dtype_bytes: int, grad_accum: int, reduce_bytes: int):
+                    moe: Optional[MoETraffic], dtype_bytes: int, grad_accum: int, reduce_bytes: int,
+                    serial: bool = False):
     """The routed experts (each unit already cut to one expert-parallel rank's share): the plan
     over the expert-data-parallel topology, the expert part of the grad norm across the ep
     group, and the dispatch/combine all-to-all. Returns their memory per rank and largest unit."""
     sub = expert_data_topology(topo, ep)
     memory, largest = _domain_traffic(add, plan, sub, experts, links, stride=ep, dtype_bytes=dtype_bytes,
-                                      reduce_bytes=reduce_bytes,
+                                      reduce_bytes=reduce_bytes, serial=serial,
                                       grad_accum=grad_accum)
     if ep > 1:
         ep_level = topo.levels[level_of_group(topo, range(0, ep))].name
@@ -265,12 +319,15 @@ def _expert_traffic(add, plan: PartitionPlan, topo: Topology, experts: Sequence[
         add("step", ep_level, "all_reduce", nbytes,
             nbytes / _alone_bps(links, ep, 1, "all_reduce") + 2 * _step_latency_s(links, ep, 1))
         if moe is not None:
-            per_call = moe.tokens_per_micro_step * moe.top_k * moe.d_model * dtype_bytes * _ring(ep)
-            a2a = 2 * grad_accum * moe.num_layers * per_call  # dispatch + combine; their gradients in bwd
-            rate = _alone_bps(links, ep, 1, "all_to_all", "all_to_all")
-            lat = 2 * grad_accum * moe.num_layers * _step_latency_s(links, ep, 1)
-            add("fwd", ep_level, "all_to_all", a2a, a2a / rate + lat)
-            add("bwd", ep_level, "all_to_all", a2a, a2a / rate + lat)
+            calls = grad_accum * moe.num_layers
+            inside = min(ep, topo.ranks_per_node)  # the part that stays in a node runs at its groups' rate
+            for lv, per_call in a2a_bytes_per_level(topo, ep, moe, dtype_bytes).items():
+                a2a = calls * per_call
+                outer = lv == ep_level
+                rate = _alone_bps(links, ep if outer else inside, 1, "all_to_all", "all_to_all")
+                lat = 2 * calls * _step_latency_s(links, ep, 1) if outer else 0.0
+                for phase in ("fwd", "bwd"):  # dispatch + combine, and their gradients
+                    add(phase, lv, "all_to_all", a2a, a2a / rate + lat)
     return memory, largest
 
 
@@ -307,7 +364,7 @@ KIND_OP = dict(p="all_gather", b="all_gather", down="all_gather", g="reduce_scat
 
 
 def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Unit], links: Topology, *,
-                    stride: int, dtype_bytes: int, grad_accum: int, reduce_bytes: int):
+                    stride: int, dtype_bytes: int, grad_accum: int, reduce_bytes: int, serial: bool = False):
     """Charge one domain's units (the world's dense units, or the expert units over the
     expert-data-parallel topology, whose rank q is world rank q * stride + e for each of the
     `stride` expert positions e); returns its memory per rank and its largest unit."""
@@ -324,7 +381,7 @@ def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Un
     shape = {k: (o * stride, i * stride) for k, (o, i) in dict(
         p=(s_p, 1), b=(s_b, 1), g=(s_g, 1), up=(s_o, s_g), rep=(w, s_o), down=(s_o, s_p), o=(s_o, 1)).items()}
 
-    rate = _rate_table(links, shape)
+    rate = _rate_table(links, shape, serial)
     quant = plan.quant
     q_p, q_b = quant.weight_bits_at(lv_p), quant.weight_bits_at(lv_b)
     hops = reduce_hops(topo, plan.grad_level)
@@ -367,9 +424,10 @@ def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Un
     return memory, largest
 
 
-def _rate_table(links: Topology, shape: Dict[str, Tuple[int, int]]):
+def _rate_table(links: Topology, shape: Dict[str, Tuple[int, int]], serial: bool = False):
     """rate(*kinds): bytes/s of each kind of collective (its (outer, inner) shape) with all the
-    named ones in flight at once; kind "a2a:<k>" is kind k's groups running an all-to-all."""
+    named ones in flight at once (serial: each alone); kind "a2a:<k>" is kind k's groups running
+    an all-to-all."""
     rates: Dict[Tuple[str, ...], Tuple[float, ...]] = {}
 
     def collective(kind: str):
@@ -378,6 +436,8 @@ def _rate_table(links: Topology, shape: Dict[str, Tuple[int, int]]):
         return (*shape[kind], "ring", KIND_OP[kind])
 
     def rate(*kinds: str) -> Tuple[float, ...]:
+        if serial and len(kinds) > 1:
+            return tuple(rate(k)[0] for k in kinds)
         if kinds not in rates:
             rates[kinds] = tuple(r * 1e9 for r in _busbw(links, tuple(collective(k) for k in kinds)))
         return rates[kinds]
