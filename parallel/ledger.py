@@ -266,19 +266,35 @@ class ByteLedger:
                            lambda: dist.all_reduce(tensor, group=group.pg, async_op=True), async_op, group=group)
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: Sequence[int],
-                   input_splits: Sequence[int], group, phase: str, op: str = "all_to_all") -> None:
+                   input_splits: Sequence[int], group, phase: str, op: str = "all_to_all",
+                   member_levels: Optional[Sequence[str]] = None) -> None:
         """Uneven all_to_all_single (MoE dispatch / combine); bytes = rows sent to the other members.
-        `op` names what it implements in the ledger (a quantized reduce-scatter is "reduce_scatter")."""
+        `op` names what it implements in the ledger (a quantized reduce-scatter is "reduce_scatter").
+        `member_levels[j]`: the level between this rank and member j; the bytes to each member are
+        then booked at that level (an MoE exchange's same-node part at the node level), and the
+        call's time at the slowest level that carried bytes."""
         row_bytes = math.prod(input.shape[1:]) * input.element_size()
         me = group.ranks.index(dist.get_rank())
         nbytes = (sum(input_splits) - input_splits[me]) * row_bytes
+        level = group.level
+        if member_levels is not None:
+            per_level: Dict[str, float] = {}
+            for j, rows in enumerate(input_splits):
+                if j != me and rows:
+                    per_level[member_levels[j]] = per_level.get(member_levels[j], 0.0) + rows * row_bytes
+            if per_level:  # the timed key: the group's outermost level if it carried bytes
+                level = group.level if group.level in per_level else next(iter(per_level))
+                for lv, b in per_level.items():
+                    if lv != level:
+                        self._add((phase, lv, op), b)
+                nbytes = per_level[level]
         if getattr(group, "pg_back", None) is not None and input.device.type == "cpu":
             # two members on gloo: one exchange, each direction on its own pair (CommGroup.pg_back)
             call = lambda: _PairExchange(output, input, output_splits, input_splits, group)  # noqa: E731
         else:
             call = lambda: dist.all_to_all_single(output, input, list(output_splits), list(input_splits),  # noqa: E731
                                                   group=group.pg, async_op=True)
-        self._issue((phase, group.level, op), nbytes, call, False, group=group)
+        self._issue((phase, level, op), nbytes, call, False, group=group)
 
     def _issue(self, key, nbytes: float, call, async_op: bool, after=None, group: Optional[CommGroup] = None):
         self._add(key, nbytes)

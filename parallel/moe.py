@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tierzero.parallel.host import to_host
-from tierzero.parallel.moe_config import MoEConfig  # noqa: F401 (re-exported: the layer's config, torch-free)
+from tierzero.parallel.moe_config import MoEConfig  # the layer's config, torch-free (re-exported)
 
 
 # ---- routing (pure tensor functions) ---------------------------------------------------------
@@ -140,20 +140,73 @@ class ExpertParallel:
     level: str
     """Topology level the EP group spans (for the byte ledger)."""
     nodes: tuple
-    """Node of each EP member, for node-limited routing."""
+    """Node of each EP member, for node-limited routing and hierarchical dispatch."""
     ledger: Optional[object] = None
+    member_levels: tuple = ()
+    """The topology level between this rank and each EP member (the ledger books what is sent to
+    a member at that level); empty = everything at `level`."""
+    hierarchical: bool = False
+    """moe.dispatch: each token crosses to a node once (to this rank's peer there), then is
+    forwarded inside the node to its experts (MoEFeedForward._dispatch_hierarchical)."""
 
     @property
     def size(self) -> int:
         return len(self.ranks)
 
+    @property
+    def num_nodes(self) -> int:
+        return node_layout(self.nodes)[0]
+
+    @property
+    def ranks_per_node(self) -> int:
+        return node_layout(self.nodes)[1]
+
     def all_to_all(self, x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], phase: str):
         out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
         if self.ledger is not None:
-            self.ledger.all_to_all(out, x, list(recv_splits), list(send_splits), self, phase)
+            self.ledger.all_to_all(out, x, list(recv_splits), list(send_splits), self, phase,
+                                   member_levels=self.member_levels or None)
         else:
             dist.all_to_all_single(out, x, list(recv_splits), list(send_splits), group=self.pg)
         return out
+
+
+def node_layout(nodes: Sequence[int]) -> tuple:
+    """(nodes spanned, EP members per node) of an EP group whose member i is on node nodes[i];
+    the members must come node by node, the same number on each (EP groups are consecutive
+    ranks, and nodes hold equal consecutive rank ranges)."""
+    distinct = list(dict.fromkeys(nodes))
+    per = len(nodes) // len(distinct)
+    if list(nodes) != [n for n in distinct for _ in range(per)]:
+        raise ValueError(f"EP members' nodes {list(nodes)} are not grouped node by node, the same number on each")
+    return len(distinct), per
+
+
+def expert_parallel_errors(cfg: MoEConfig, nodes: Sequence[int], *, ep_key: str = "parallel.ep") -> List[str]:
+    """moe.dispatch and moe.max_nodes_per_token against the nodes the EP group spans (nodes[i]:
+    EP member i's node); the fix named for each."""
+    if not cfg.num_experts or len(nodes) < 2:
+        return []
+    num_nodes, per_node = node_layout(nodes)
+    errs = []
+    if cfg.dispatch == "hierarchical" and num_nodes == 1:
+        errs.append(f"moe.dispatch=hierarchical needs an EP group that spans nodes, but {ep_key}={len(nodes)} "
+                    f"keeps it inside one node; use moe.dispatch=flat (or auto), or a {ep_key} larger than the "
+                    "ranks per node")
+    if cfg.max_nodes_per_token > num_nodes:
+        errs.append(f"moe.max_nodes_per_token={cfg.max_nodes_per_token} is more than the {num_nodes} node(s) the "
+                    f"EP group spans ({ep_key}={len(nodes)}), so it limits nothing; use 0 (no limit) or at most "
+                    f"{num_nodes}")
+    per_node_experts = cfg.num_experts // num_nodes
+    if cfg.max_nodes_per_token and cfg.max_nodes_per_token * per_node_experts < cfg.top_k:
+        errs.append(f"moe.max_nodes_per_token={cfg.max_nodes_per_token} node(s) hold "
+                    f"{cfg.max_nodes_per_token * per_node_experts} experts, fewer than moe.top_k={cfg.top_k}; raise "
+                    f"moe.max_nodes_per_token to at least {-(-cfg.top_k // per_node_experts)} or lower moe.top_k")
+    if cfg.dispatch != "flat" and num_nodes > 1 and per_node_experts > 256:
+        errs.append(f"moe.dispatch={cfg.dispatch} sends each token's experts inside a node as bf16-exact integers: "
+                    f"at most 256 experts per node, here {per_node_experts} (moe.num_experts={cfg.num_experts} over "
+                    f"{num_nodes} nodes); use moe.dispatch=flat or a larger {ep_key}")
+    return errs
 
 
 # ---- the layer -------------------------------------------------------------------------------
@@ -262,9 +315,19 @@ class MoEFeedForward(nn.Module):
         w = weight.reshape(-1)[keep.reshape(-1)]
         order = torch.argsort(expert, stable=True)
         token, expert, w = token[order], expert[order], w[order]
-        counts = torch.bincount(expert, minlength=E)  # [E] kept assignments per expert
-        y = self._dispatch(xf[token], counts)  # [A, d], one row per kept assignment
-        out = torch.zeros_like(xf).index_add(0, token, y * w[:, None].to(y.dtype))
+        cross = None  # [2]: kept assignments to experts on other nodes, rows sent across for them
+        if self.ep is not None and self.ep.num_nodes > 1:
+            per_node_experts = E // self.ep.num_nodes
+            off = (expert // per_node_experts) != self.ep.index // self.ep.ranks_per_node
+            rows = torch.unique((expert // per_node_experts)[off] * T + token[off]).numel() if self.ep.hierarchical \
+                else off.sum()
+            cross = torch.stack([off.sum(), torch.as_tensor(rows, device=off.device)])
+        if self.ep is not None and self.ep.hierarchical:
+            out = self._dispatch_hierarchical(xf, token, expert, w)
+        else:
+            counts = torch.bincount(expert, minlength=E)  # [E] kept assignments per expert
+            y = self._dispatch(xf[token], counts)  # [A, d], one row per kept assignment
+            out = torch.zeros_like(xf).index_add(0, token, y * w[:, None].to(y.dtype))
         if self.shared is not None:
             out = out + self.shared(xf)
 
@@ -277,7 +340,7 @@ class MoEFeedForward(nn.Module):
             aux = aux + cfg.z_loss_coef * zl
         if self.training and aux.requires_grad:
             out = _AttachLoss.apply(out, aux, self.aux_grad_scale)
-        self._record(routed, keep.numel() - keep.sum(), keep.numel(), aux.detach(), zl.detach())
+        self._record(routed, keep.numel() - keep.sum(), keep.numel(), aux.detach(), zl.detach(), cross)
         return out.view(shape)
 
     def _dispatch(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -309,12 +372,66 @@ class MoEFeedForward(nn.Module):
             out = _AllToAll.apply(out, recv, send, self.ep)
         return out
 
+    def _dispatch_hierarchical(self, xf: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
+                               w: torch.Tensor) -> torch.Tensor:
+        """moe.dispatch=hierarchical: the weighted expert outputs [T, d] of the kept assignments
+        (token, expert, w), sorted by expert, with each token crossing to a node at most once.
+
+        Stage 1 sends one row per (token, destination node) to this rank's peer on that node
+        (the member at the same position inside it): the token, and its weights and expert ids
+        on that node (k columns each, id -1 = none). Stage 2 is the flat exchange inside the
+        node (`_dispatch`, splits to other nodes zero). The peer sums its node's weighted
+        outputs per row, and stage 1 in reverse brings one row per (token, node) back: the
+        combine is reduced inside the node before the cross-node hop (DeepSeek-V3, section 3.2)."""
+        ep, k = self.ep, self.cfg.top_k
+        T, d = xf.shape
+        num_nodes, per_node = ep.num_nodes, ep.ranks_per_node
+        per_node_experts = self.num_experts // num_nodes
+        node = expert // per_node_experts  # [A] destination node of each assignment
+        pair, inv = torch.unique(node * T + token, return_inverse=True)  # (node, token) pairs, node-major
+        order = torch.argsort(inv, stable=True)  # assignments grouped by pair, experts ascending inside
+        inv, local, w = inv[order], (expert - node * per_node_experts)[order], w[order]
+        per_pair = torch.bincount(inv, minlength=pair.numel())
+        slot = torch.arange(inv.numel(), device=xf.device) - (torch.cumsum(per_pair, 0) - per_pair)[inv]
+        weights = xf.new_zeros(pair.numel(), k).index_put((inv, slot), w.to(xf.dtype))  # [R, k]
+        ids = xf.new_full((pair.numel(), k), -1.0).index_put((inv, slot), local.to(xf.dtype))  # [R, k]
+        pair_token = pair % T
+        payload = torch.cat([xf[pair_token], weights, ids], dim=1)  # [R, d + 2k]
+
+        # stage 1: the rows for node n go to member n * per_node + (my position inside my node)
+        send = torch.zeros(ep.size, dtype=torch.long, device=xf.device)
+        send[torch.arange(num_nodes, device=xf.device) * per_node + ep.index % per_node] = torch.bincount(
+            pair // T, minlength=num_nodes)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=ep.pg)
+        sizes = to_host(torch.cat([send, recv]), "moe")  # one host read: the split sizes
+        send_splits, recv_splits = sizes[:ep.size], sizes[ep.size:]
+        got = _AllToAll.apply(payload, send_splits, recv_splits, ep)  # [R_in, d + 2k]
+
+        # stage 2, at the peer: one row per assignment on this node, sorted by expert, exchanged inside it
+        rows_in = got.shape[0]
+        rid = got[:, d + k:].detach().round().long()  # [R_in, k]
+        valid = (rid >= 0).reshape(-1)
+        row = torch.arange(rows_in, device=xf.device).repeat_interleave(k)[valid]
+        g = (ep.index // per_node) * per_node_experts + rid.reshape(-1)[valid]  # global expert ids
+        aw = got[:, d:d + k].reshape(-1)[valid]
+        by_expert = torch.argsort(g, stable=True)
+        row, g, aw = row[by_expert], g[by_expert], aw[by_expert]
+        y = self._dispatch(got[:, :d][row], torch.bincount(g, minlength=self.num_experts))  # [A_in, d]
+        node_sum = got.new_zeros(rows_in, d).index_add(0, row, y * aw[:, None].to(y.dtype))  # [R_in, d]
+
+        back = _AllToAll.apply(node_sum, recv_splits, send_splits, ep)  # [R, d]: one per (token, node)
+        return torch.zeros_like(xf).index_add(0, pair_token, back.to(xf.dtype))
+
     # ---- statistics and balancing ----------------------------------------------------------
-    def _record(self, routed, dropped: int, assignments: int, aux, zl) -> None:
+    def _record(self, routed, dropped: int, assignments: int, aux, zl, cross=None) -> None:
         s = self._stats
         if s is None:
             s = self._stats = {"tokens": torch.zeros_like(routed), "dropped": 0, "assignments": 0,
-                               "aux": torch.zeros_like(aux), "z": torch.zeros_like(zl), "calls": 0}
+                               "aux": torch.zeros_like(aux), "z": torch.zeros_like(zl), "calls": 0,
+                               "cross": torch.zeros(2, dtype=torch.long, device=routed.device)}
+        if cross is not None:
+            s["cross"] += cross  # on the device: no host sync per layer
         s["tokens"] += routed
         s["dropped"] += dropped
         s["assignments"] += assignments
@@ -324,7 +441,9 @@ class MoEFeedForward(nn.Module):
 
     def take_stats(self) -> Optional[dict]:
         """This rank's routing since the last call: tokens routed per expert, dropped and total
-        assignments, summed aux and z losses and the number of micro-batches."""
+        assignments, summed aux and z losses, the number of micro-batches, and `cross`: kept
+        assignments to experts on another node and the rows dispatch sent across for them (flat:
+        one per assignment; hierarchical: one per token and node)."""
         s, self._stats = self._stats, None
         if s is not None:
             s["aux"], s["z"], s["dropped"] = float(s["aux"]), float(s["z"]), int(s["dropped"])

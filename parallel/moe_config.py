@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 GATES = ("softmax", "sigmoid")
+DISPATCHES = ("flat", "hierarchical", "auto")
 
 
 @dataclass
@@ -33,6 +34,8 @@ class MoEConfig:
     """Hidden size of one expert's SwiGLU; default the dense model's ffn hidden size."""
     max_nodes_per_token: int = 0
     """Node-limited routing: each token's experts on at most this many nodes; 0 = no limit."""
+    dispatch: str = "auto"
+    """Expert all-to-all: flat (one exchange over the EP group), hierarchical (each token crosses to a node once, then is forwarded inside it), auto (hierarchical when the EP group spans nodes)."""
 
     def errors(self) -> List[str]:
         errs = []
@@ -52,6 +55,8 @@ class MoEConfig:
                 errs.append(f"moe.shared_experts={self.shared_experts} must be >= 0")
             if self.expert_hidden is not None and self.expert_hidden < 1:
                 errs.append(f"moe.expert_hidden={self.expert_hidden} must be >= 1 or null")
+            if self.dispatch not in DISPATCHES:
+                errs.append(f"moe.dispatch={self.dispatch!r} is not one of {list(DISPATCHES)}")
             if self.max_nodes_per_token < 0:
                 errs.append(f"moe.max_nodes_per_token={self.max_nodes_per_token} must be >= 0 (0 = no limit)")
         return errs

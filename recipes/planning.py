@@ -107,7 +107,8 @@ def moe_traffic(train_cfg: TrainConfig, model_cfg: ModelConfig, moe_cfg: Optiona
     if moe_cfg is None or not moe_cfg.num_experts:
         return None
     return MoETraffic(tokens_per_micro_step=train_cfg.micro_batch_size * seq_len, d_model=model_cfg.d_model,
-                      top_k=moe_cfg.top_k, num_layers=model_cfg.n_layers)
+                      top_k=moe_cfg.top_k, num_layers=model_cfg.n_layers, num_experts=moe_cfg.num_experts,
+                      max_nodes_per_token=moe_cfg.max_nodes_per_token, dispatch=moe_cfg.dispatch)
 
 
 def _grad_accum(train_cfg: TrainConfig, world_size: int) -> Tuple[int, Tuple[str, ...]]:

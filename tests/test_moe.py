@@ -184,31 +184,36 @@ LAYOUTS = [
     ("ep1 tiered", ["parallel.ep=1", "parallel.plan=tiered"]),
     ("ep2 zero3", ["parallel.ep=2", "parallel.plan=zero3"]),
     ("ep2 hsdp", ["parallel.ep=2", "parallel.plan=hsdp"]),
-    ("ep4 zero2", ["parallel.ep=4", "parallel.plan=zero2"]),
+    ("ep4 zero2", ["parallel.ep=4", "parallel.plan=zero2", "moe.dispatch=flat"]),
+    ("ep4 zero2 hierarchical", ["parallel.ep=4", "parallel.plan=zero2", "moe.dispatch=hierarchical"]),
 ]
+NODE_LIMITED = [layout for layout in LAYOUTS if layout[0].startswith("ep4")]
+"""moe.max_nodes_per_token=1: flat and hierarchical dispatch, compared with each other (a single
+process has no nodes to limit the routing to)."""
 
 
-def _worker(rank: int, world: int, rdzv: str, out: str, extra):
+def _worker(rank: int, world: int, rdzv: str, out: str, extra, layouts):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
     topo = emulated_topology([2, 2])
     ctx = DistContext(rank=rank, world_size=world, local_rank=rank, local_world_size=world, device="cpu",
                       backend="gloo", topology=topo, host="test")
     results = {}
-    for label, overrides in LAYOUTS:
+    for label, overrides in layouts:
         cfg = load_config([], [*BASE, *extra, *overrides])
         rec = Recorder()
         res = train(Recipe.of(cfg), ctx, rec, peak_tflops=1.0, show_progress=False)
         measured = rec.ledger_bytes()
         results[label] = {"losses": res.losses, "dropped": res.dropped_fraction, "measured": measured,
+                          "cross_node": res.cross_node,
                           "tokens": [t.tolist() for t in res.expert_tokens], "expert_rows": len(rec.expert_rows)}
     Path(f"{out}.{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
 
-def _run(tmp_path, extra):
+def _run(tmp_path, extra, layouts=LAYOUTS):
     out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(4, str(tmp_path / "rdzv"), out, list(extra)), nprocs=4, join=True)
+    mp.spawn(_worker, args=(4, str(tmp_path / "rdzv"), out, list(extra), layouts), nprocs=4, join=True)
     return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(4)]
 
 
@@ -253,10 +258,10 @@ def test_expert_parallel_matches_single_process(tmp_path, extra):
             m = got["measured"]
             a2a = {k: v for k, v in m.items() if k.endswith("|all_to_all")}
             ep = int(overrides[0].split("=")[1])
-            if ep > 1:
-                level = "node" if ep == 2 else "cluster"
-                if set(a2a) != {f"fwd|{level}|all_to_all", f"bwd|{level}|all_to_all"}:
-                    failures.append(f"{label}: all-to-all rows {sorted(a2a)} not at level {level}")
+            if ep > 1:  # each member's bytes at the level between the two ranks: ep 4 spans both
+                levels = ["node"] if ep == 2 else ["node", "cluster"]
+                if set(a2a) != {f"{p}|{lv}|all_to_all" for p in ("fwd", "bwd") for lv in levels}:
+                    failures.append(f"{label}: all-to-all rows {sorted(a2a)} not at levels {levels}")
             elif a2a:
                 failures.append(f"{label}: ep=1 sent all-to-all traffic {a2a}")
             rest = {k: v for k, v in m.items() if k not in a2a}
@@ -265,6 +270,53 @@ def test_expert_parallel_matches_single_process(tmp_path, extra):
         assert per_rank[0][label]["expert_rows"] == STEPS * 2 * 8  # steps x layers x experts, rank 0
         assert per_rank[1][label]["expert_rows"] == 0
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.multiprocess
+def test_node_limited_hierarchical_dispatch_halves_the_cross_node_bytes(tmp_path):
+    """ep 4 over 2 nodes, top-2, moe.max_nodes_per_token=1: both of a token's experts are on one
+    node, so flat dispatch sends it across twice (and brings two rows back), hierarchical once
+    with its 2k weights and ids (and one row back, reduced inside the node). Summed over the
+    ranks, forward and backward: flat 4 A d, hierarchical 2 T (2d + 2k) with A = 2T assignments
+    for T crossing tokens, so hierarchical / flat = (d + k) / (2d) exactly when the routing is
+    the same -- and the same losses and tokens per expert say it is."""
+    per_rank = _run(tmp_path, ["moe.max_nodes_per_token=1"], NODE_LIMITED)
+    (flat, _), (hier, _) = NODE_LIMITED
+    for rank, results in enumerate(per_rank):
+        f, h = results[flat], results[hier]
+        assert f["tokens"] == h["tokens"], f"rank {rank}: the two dispatches routed differently"
+        for step, (a, b) in enumerate(zip(f["losses"], h["losses"]), start=1):
+            assert abs(a - b) <= 1e-5 * abs(a), f"rank {rank} step {step}: hierarchical {b!r} vs flat {a!r}"
+    cross = {label: sum(r[label]["measured"].get(f"{p}|cluster|all_to_all", 0) for r in per_rank for p in ("fwd", "bwd"))
+             for label in (flat, hier)}
+    d, k = 32, 2  # model.d_model, moe.top_k in BASE
+    assert cross[flat] > 0
+    assert cross[hier] / cross[flat] == pytest.approx((d + k) / (2 * d), rel=1e-12)
+    # the forwarding inside the nodes is what pays for it: hierarchical sends more at the node level
+    inner = {label: sum(r[label]["measured"].get(f"{p}|node|all_to_all", 0) for r in per_rank for p in ("fwd", "bwd"))
+             for label in (flat, hier)}
+    assert inner[hier] > inner[flat]
+    # the layer's own count (the `experts` table's cross_node_* columns): flat sends one row per
+    # assignment that leaves the node, hierarchical one per token, and each such token has 2
+    for label, rows_per_assignment in ((flat, 1.0), (hier, 0.5)):
+        per_step = per_rank[0][label]["cross_node"]  # summed over every rank
+        assert len(per_step) == STEPS and all(a > 0 and r == a * rows_per_assignment
+                                              for layers in per_step for a, r in layers), (label, per_step[:2])
+
+
+def test_expert_parallel_config_errors_name_the_keys():
+    from tierzero.parallel.moe import expert_parallel_errors
+
+    cfg = MoEConfig(num_experts=8, top_k=2)
+    assert expert_parallel_errors(cfg, (0, 0, 1, 1)) == []
+    [e] = expert_parallel_errors(MoEConfig(num_experts=8, dispatch="hierarchical"), (0, 0))
+    assert "moe.dispatch=hierarchical" in e and "parallel.ep=2" in e and "moe.dispatch=flat" in e
+    [e] = expert_parallel_errors(MoEConfig(num_experts=8, max_nodes_per_token=3), (0, 0, 1, 1))
+    assert "moe.max_nodes_per_token=3" in e and "2 node(s)" in e and "at most 2" in e
+    [e] = expert_parallel_errors(MoEConfig(num_experts=4, top_k=3, max_nodes_per_token=1), (0, 0, 1, 1))
+    assert "hold 2 experts, fewer than moe.top_k=3" in e and "at least 2" in e
+    with pytest.raises(ConfigError, match="moe.dispatch='ring'"):
+        load_config([], ["moe.num_experts=4", "moe.dispatch=ring"])
 
 
 def test_report_draws_the_expert_load_heatmap(tmp_path):
@@ -278,9 +330,11 @@ def test_report_draws_the_expert_load_heatmap(tmp_path):
         tel.record("steps", step=step, loss=1.0, tokens=10, step_time_s=0.1)
         for e, tokens in enumerate([30, 10, 10, 10]):  # expert 0 takes half the tokens: 2x the mean
             tel.record("experts", step=step, layer=0, expert=e, tokens=tokens, dropped_fraction=0.25, aux_loss=0.01,
+                       cross_node_fraction=0.25 * step, cross_node_rows=10 * step,
                        z_loss=1.0, bias=0.001 * e)
     tel.close()
     text = write_report(tmp_path)
     assert "experts layer 0: step 2 load max/mean 2.00x, min/mean 0.67x, dropped 25.0%" in text
+    assert "cross-node 37.5% of assignments, 15 rows/step across" in text  # means over steps 1 and 2
     png = tmp_path / "report" / "expert_load.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -398,7 +398,8 @@ def test_planning_inputs_of_an_moe_recipe_carry_the_experts_all_to_all():
     assert planned == planning_inputs(**recipe, ep=2, world_size=4, model=model)
     assert planned.units == tuple(model_units(model))
     assert [u.name for u in planned.units if u.expert] == ["blocks.0.experts", "blocks.1.experts"]
-    assert planned.moe == MoETraffic(tokens_per_micro_step=8 * 64, d_model=64, top_k=2, num_layers=2)
+    assert planned.moe == MoETraffic(tokens_per_micro_step=8 * 64, d_model=64, top_k=2, num_layers=2, num_experts=8,
+                                     max_nodes_per_token=0, dispatch="auto")
     assert planned.grad_accum == 1 and planned.dtype_bytes == 4
     active = count_params(recipe["model_cfg"], 64, recipe["moe_cfg"], active=True)
     assert planned.model_summary.endswith(f"; MoE 8 experts, top-2, {active:,} active, parallel.ep=2")
@@ -515,3 +516,51 @@ def test_each_collective_pays_its_ring_steps_latency_at_the_level_each_step_cros
 
     assert _step_latency_s(frontier, 384, 1) == pytest.approx((336 * 3.4 + 47 * 9.6) * 1e-6, rel=1e-12)
     assert _step_latency_s(frontier, 384, 8) == pytest.approx(47 * 9.6e-6, rel=1e-12)  # one rank per node
+
+
+@pytest.mark.parametrize("ep, dispatch, max_nodes", [(4, "flat", 0), (4, "hierarchical", 0), (4, "hierarchical", 1),
+                                                     (8, "flat", 0), (8, "hierarchical", 0), (8, "hierarchical", 1),
+                                                     (8, "hierarchical", 2), (2, "auto", 0)])
+def test_all_to_all_bytes_per_level_match_a_simulated_uniform_routing(ep, dispatch, max_nodes):
+    """parallel.cost.a2a_bytes_per_level against counting rows for 40,000 tokens routed uniformly
+    (node-limited: the nodes drawn first, then the experts among theirs), as the layer sends
+    them from EP rank 0 on [node x2, cluster x4] (2 ranks per node)."""
+    import numpy as np
+
+    from tierzero.parallel.cost import MoETraffic, a2a_bytes_per_level
+    from tierzero.parallel.topology import emulated_topology
+
+    topo = emulated_topology([2, 4])
+    E, k, d, T = 16, 2, 64, 40_000
+    per_node, num_nodes = 2, ep // 2
+    per_rank, per_node_experts = E // ep, E // num_nodes
+    rng = np.random.default_rng(0)
+    if max_nodes:
+        nodes = np.stack([rng.choice(num_nodes, max_nodes, replace=False) for _ in range(T)])
+        pool = (nodes[:, :, None] * per_node_experts + np.arange(per_node_experts)).reshape(T, -1)
+        experts = np.stack([rng.choice(row, k, replace=False) for row in pool])
+    else:
+        experts = np.stack([rng.choice(E, k, replace=False) for _ in range(T)])
+    level = {j: ("node" if j < 2 else "cluster") for j in range(ep)}  # rank 0's level to EP member j
+    want = {}
+    hierarchical = dispatch != "flat" and num_nodes > 1
+    if not hierarchical:
+        dest = experts // per_rank
+        for j in range(1, ep):
+            want[level[j]] = want.get(level[j], 0) + 2 * (dest == j).sum() * d * 4
+    else:
+        node = experts // per_node_experts
+        for n in range(1, num_nodes):  # one row out (d + 2k) and one back (d) per token and node
+            rows = (node == n).any(axis=1).sum()
+            want["cluster"] = want.get("cluster", 0) + rows * (2 * d + 2 * k) * 4
+        # inside the node, rank 0 forwards what the rank at its position on each of the
+        # num_nodes nodes sent it (rank 0 itself included): iid routing, so num_nodes x what one
+        # source's tokens bring to node 0 for experts rank 0 does not hold, out and back
+        local = (node == 0) & (experts // per_rank % per_node != 0)
+        want["node"] = 2 * num_nodes * local.sum() * d * 4
+    moe = MoETraffic(tokens_per_micro_step=T, d_model=d, top_k=k, num_layers=1, num_experts=E,
+                     max_nodes_per_token=max_nodes, dispatch=dispatch)
+    got = a2a_bytes_per_level(topo, ep, moe, 4)
+    assert set(got) == set(want)
+    for lv in want:
+        assert got[lv] == pytest.approx(want[lv], rel=0.02), lv

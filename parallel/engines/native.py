@@ -332,15 +332,24 @@ class NativeEngine:
     def _bind_experts(self, ep: int) -> None:
         """EP groups of ep consecutive ranks; each MoE layer keeps its EP rank's experts; expert
         units are sharded by the same plan over the ranks that hold the same experts."""
-        from tierzero.parallel.moe import ExpertParallel
+        from tierzero.parallel.moe import ExpertParallel, expert_parallel_errors, node_layout
 
         topo = self.topo
         sub = expert_data_topology(topo, ep)
         partition = [list(range(start, start + ep)) for start in range(0, self.world_size, ep)]
         level = topo.levels[level_of_group(topo, range(0, ep))].name
+        ranks = partition[self.rank // ep]
+        nodes = tuple(topo.node_of(r) for r in ranks)
+        cfg = self.moe[0].cfg
+        problems = expert_parallel_errors(cfg, nodes)
+        if problems:
+            raise ValueError("\n".join(problems))
         self.ep_group = build_partition(partition, self.rank, level)
-        binding = ExpertParallel(self.ep_group.pg, self.ep_group.ranks, self.rank % ep, level,
-                                 tuple(topo.node_of(r) for r in self.ep_group.ranks), ledger=self.ledger)
+        member_levels = tuple("" if r == self.rank else topo.levels[level_of_group(topo, (self.rank, r))].name
+                              for r in ranks)
+        hierarchical = ep > 1 and cfg.dispatch != "flat" and node_layout(nodes)[0] > 1
+        binding = ExpertParallel(self.ep_group.pg, self.ep_group.ranks, self.rank % ep, level, nodes,
+                                 ledger=self.ledger, member_levels=member_levels, hierarchical=hierarchical)
         for layer in self.moe:
             layer.bind_expert_parallel(binding)
         self.experts = Domain(self.plan, sub, self.rank // ep, copies=ep)
@@ -356,7 +365,7 @@ class NativeEngine:
         d = unit.domain
         unit._alloc()
         unit.gathered = True
-        if phase == "fwd" or self.plan.secondary_level is None:
+        if phase != "bwd" or self.plan.secondary_level is None:  # fwd, eval: the param group
             role, level, shard, c = "param", self.plan.param_level, unit.p_shard, unit.c_p
         else:
             role, level, shard, c = "bwd", self.plan.secondary_level, unit.b_shard, unit.c_b
@@ -423,6 +432,25 @@ class NativeEngine:
         self._reduce_grads(self.outer)
         self._finish_reduce()
         return loss.detach()  # stays on the device: the loop reads the step's loss once
+
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward only, under torch.no_grad: each unit gathered from the parameter shards for its
+        part of the forward (ledger phase "eval") and freed after it; no gradient, no secondary
+        (hpZ) shard touched. The loss stays on the device."""
+        model, blocks = self.model, self.blocks
+        with torch.no_grad():
+            self._gather(self.outer, "eval", async_op=False)
+            pending = self._gather_all(blocks[0], "eval", async_op=True) if blocks else []
+            x = model.embed(inputs)
+            for i, units in enumerate(blocks):
+                self._wait(pending)
+                pending = self._gather_all(blocks[i + 1], "eval", async_op=True) if i + 1 < len(blocks) else []
+                x = model.blocks[i](x)
+                for u in units:
+                    u.free()
+            loss = self.loss_fn(model.head(x), targets)
+            self.outer.free()
+        return loss
 
     def _reduce_grads(self, unit: FlatUnit) -> None:
         d = unit.domain
