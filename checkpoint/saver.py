@@ -190,8 +190,9 @@ class Checkpointer:
                           for s in reversed(self.store.committed())]
         else:
             candidates = [locate_step(mode, key="checkpoint.resume")]  # a checkpoints folder: its newest
-        # what this rank's model needs, taken before the loop: DeepSpeed's is a collective every rank must join
-        expected = {s.name: (tuple(s.shape), s.dtype) for s in engine.checkpoint_slices()} if candidates else {}
+        # what this rank's model needs (engines that can say so without copying their state)
+        layout = getattr(engine, "checkpoint_layout", None)
+        expected = layout() if layout is not None and candidates else {}
         for store, path, url in candidates:
             problem = None
             try:

@@ -30,7 +30,6 @@ from tierzero.checkpoint.export import ExportError, InitFromError, load_into, wr
 from tierzero.checkpoint.manifest import Manifest, TensorEntry, validate
 from tierzero.checkpoint.saver import Checkpointer
 from tierzero.checkpoint.store import CheckpointError, CheckpointStore, ResumeError, Slice
-from tierzero.parallel.engines.base import CheckpointSlice
 
 ROOT = Path(__file__).resolve().parent.parent
 CUTS = (0, 17, 42)
@@ -101,9 +100,8 @@ class FakeEngine:
         self.loaded, self.step_count, self.after_loads = {}, None, 0
         self.shape, self.dtype = shape, dtype
 
-    def checkpoint_slices(self):  # the global shapes the resume checks the manifest against
-        return [CheckpointSlice("model/w", self.shape, self.dtype, 0, np.zeros(0, np.float32)),
-                CheckpointSlice("optim.exp_avg/w", (42,), "float32", 0, np.zeros(0, np.float32))]
+    def checkpoint_layout(self):  # the global shapes the resume checks the manifest against
+        return {"model/w": (self.shape, self.dtype), "optim.exp_avg/w": ((42,), "float32")}
 
     def load_checkpoint(self, read, step_count):
         self.loaded = {name: read(name, 0, 42) for name in ("model/w", "optim.exp_avg/w")}

@@ -640,6 +640,21 @@ class NativeEngine:
                                            buf.detach().float().cpu().numpy().reshape(-1).copy()))
         return out
 
+    def checkpoint_layout(self) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+        """{name: (global shape, dtype)} of what checkpoint_slices saves from this rank, without
+        copying a byte (a resume checks a manifest against it before reading)."""
+        out = {}
+        for u in self.units:
+            if u.domain.groups["replicas"].index(self.rank) != 0:
+                continue
+            for ent, _at, _n, shape, _start in self._owned(u):
+                for _key, prefix in STATE_KEYS:
+                    out[f"{prefix}/{ent.name}"] = (tuple(shape), "float32")
+        if self.rank == 0:
+            for name, buf in persistent_buffers(self.model):
+                out[f"buffer/{name}"] = (tuple(buf.shape), "float32")
+        return out
+
     def _to_pinned(self, i: int, src: torch.Tensor):
         """Slice i's pinned host buffer (reused while its size holds), its copy issued on the side stream."""
         while len(self._pinned) <= i:
