@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -274,6 +275,14 @@ def test_auto_resume_falls_back_past_a_corrupted_checkpoint(saved, tmp_path):
     r = _cli(["run", *SMALL, "launcher.nproc=4", f"checkpoint.resume={ckpt / 'step-00000020'}",
               f"run.dir={tmp_path / 'explicit'}"], tmp_path, expect=2)
     assert "shard-00001.bin: checksum mismatch" in r.stderr and "checkpoint.resume=" in r.stderr
+
+    # a checkpoint of another model shape is refused before a byte is read (a narrower model
+    # would otherwise read the prefix of each wider tensor): exit 2, naming a tensor and both shapes
+    r = _cli(["run", *SMALL, "launcher.nproc=4", "model.d_model=48", f"checkpoint.resume={ckpt / 'step-00000010'}",
+              f"run.dir={tmp_path / 'narrower'}"], tmp_path, expect=2)
+    assert re.search(r"tensor \S+ is \[[0-9, ]+\] in the checkpoint, \[[0-9, ]+\] in this run's model", r.stderr), \
+        r.stderr[-1500:]
+    assert "model.* / moe.* must match the run that saved it" in r.stderr
 
 
 @pytest.mark.multiprocess

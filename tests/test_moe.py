@@ -192,10 +192,10 @@ NODE_LIMITED = [layout for layout in LAYOUTS if layout[0].startswith("ep4")]
 process has no nodes to limit the routing to)."""
 
 
-def _worker(rank: int, world: int, rdzv: str, out: str, extra, layouts):
+def _worker(rank: int, world: int, rdzv: str, out: str, extra, layouts, fan_outs=(2, 2)):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
-    topo = emulated_topology([2, 2])
+    topo = emulated_topology(list(fan_outs))
     ctx = DistContext(rank=rank, world_size=world, local_rank=rank, local_world_size=world, device="cpu",
                       backend="gloo", topology=topo, host="test")
     results = {}
@@ -211,10 +211,11 @@ def _worker(rank: int, world: int, rdzv: str, out: str, extra, layouts):
     dist.destroy_process_group()
 
 
-def _run(tmp_path, extra, layouts=LAYOUTS):
-    out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(4, str(tmp_path / "rdzv"), out, list(extra), layouts), nprocs=4, join=True)
-    return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(4)]
+def _run(tmp_path, extra, layouts=LAYOUTS, fan_outs=(2, 2)):
+    out, world = str(tmp_path / "result"), math.prod(fan_outs)
+    mp.spawn(_worker, args=(world, str(tmp_path / "rdzv"), out, list(extra), layouts, fan_outs), nprocs=world,
+             join=True)
+    return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(world)]
 
 
 def _predicted(overrides, extra):
@@ -302,6 +303,30 @@ def test_node_limited_hierarchical_dispatch_halves_the_cross_node_bytes(tmp_path
         per_step = per_rank[0][label]["cross_node"]  # summed over every rank
         assert len(per_step) == STEPS and all(a > 0 and r == a * rows_per_assignment
                                               for layers in per_step for a, r in layers), (label, per_step[:2])
+
+
+@pytest.mark.multiprocess
+def test_hierarchical_dispatch_over_three_levels_matches_single_process(tmp_path):
+    """8 ranks as [package x2, node x2, cluster x2], parallel.ep=8 (one expert per rank, 4 per
+    node): stage 1 crosses the cluster level, stage 2 the package and node levels inside each
+    node. Flat and hierarchical dispatch both reproduce the single process."""
+    steps = 8
+    extra = [f"train.steps={steps}", "train.global_batch_size=16", "train.micro_batch_size=2"]
+    layouts = [("ep8 flat", ["parallel.ep=8", "parallel.plan=zero2", "moe.dispatch=flat"]),
+               ("ep8 hierarchical", ["parallel.ep=8", "parallel.plan=zero2", "moe.dispatch=hierarchical"])]
+    per_rank = _run(tmp_path, extra, layouts, fan_outs=(2, 2, 2))
+    ref = single_process_run([*BASE, *extra])
+    for label, _ in layouts:
+        for rank, results in enumerate(per_rank):
+            got = results[label]
+            for step, (g, w) in enumerate(zip(got["losses"], ref.losses), start=1):
+                assert abs(g - w) <= 1e-5 * abs(w), f"{label} rank {rank} step {step}: {g!r} vs reference {w!r}"
+            assert got["tokens"] == [t.tolist() for t in ref.expert_tokens], f"{label} rank {rank}: tokens differ"
+        levels = {k.split("|")[1] for k in per_rank[0][label]["measured"] if k.endswith("|all_to_all")}
+        assert levels == {"package", "node", "cluster"}, (label, levels)
+    cross = {label: sum(r[label]["measured"].get(f"{p}|cluster|all_to_all", 0) for r in per_rank for p in ("fwd", "bwd"))
+             for label, _ in layouts}
+    assert cross["ep8 hierarchical"] < cross["ep8 flat"]  # a token with both experts on the far node crosses once
 
 
 def test_expert_parallel_config_errors_name_the_keys():
