@@ -303,6 +303,11 @@ def test_node_limited_hierarchical_dispatch_halves_the_cross_node_bytes(tmp_path
         per_step = per_rank[0][label]["cross_node"]  # summed over every rank
         assert len(per_step) == STEPS and all(a > 0 and r == a * rows_per_assignment
                                               for layers in per_step for a, r in layers), (label, per_step[:2])
+    # the ledger from the measured routing, exactly: each row that crossed goes out (d, or d + 2k
+    # with its weights and ids) and one of d comes back, and the backward sends the same again
+    for label, width in ((flat, 2 * d), (hier, 2 * d + 2 * k)):
+        rows = sum(r for layers in per_rank[0][label]["cross_node"] for _, r in layers)
+        assert cross[label] == 2 * rows * width * 4, (label, cross[label], rows)
 
 
 @pytest.mark.multiprocess
