@@ -74,12 +74,12 @@ def training_checks(cfg: RunConfig) -> List[str]:
     """The world and the topology of launcher.nproc local ranks, a named plan the engine
     cannot run on it (what the engine cannot do regardless of the topology is already a config
     error: parallel.engines.engine_errors), and the local files the run would read first."""
-    from tierzero.parallel.engines import plan_errors
+    from tierzero.parallel.engines import expert_errors, plan_errors
 
     problems = check_world(cfg, cfg.launcher.nproc)
     topo = _local_topology(cfg, problems)
     if topo is not None:
-        problems += plan_errors(cfg.parallel, topo)
+        problems += plan_errors(cfg.parallel, topo) + expert_errors(cfg.parallel, cfg.moe, topo)
     return problems + _input_checks(cfg) + storage_problems(cfg) + _network_checks(cfg) + _device_checks(cfg)
 
 

@@ -81,10 +81,10 @@ def _start_watchdog(cfg: RunConfig, paths: RunPaths, launch: Launch, heartbeat: 
 def _join(cfg: RunConfig, launch: Launch):
     """Join the job, refuse a plan the engine cannot run on its topology (a scheduler's job was
     not checked before it started), measure the links when asked, and agree on the run's files."""
-    from tierzero.parallel.engines import plan_errors
+    from tierzero.parallel.engines import expert_errors, plan_errors
 
     joined = join(cfg, launch)
-    problems = plan_errors(cfg.parallel, joined.topology)
+    problems = plan_errors(cfg.parallel, joined.topology) + expert_errors(cfg.parallel, cfg.moe, joined.topology)
     if problems:
         raise ConfigError(problems)
     topology = _measured(cfg, joined)

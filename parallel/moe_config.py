@@ -4,7 +4,7 @@ can compose and check a config without importing torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 GATES = ("softmax", "sigmoid")
 DISPATCHES = ("flat", "hierarchical", "auto")
@@ -60,3 +60,41 @@ class MoEConfig:
             if self.max_nodes_per_token < 0:
                 errs.append(f"moe.max_nodes_per_token={self.max_nodes_per_token} must be >= 0 (0 = no limit)")
         return errs
+
+
+def node_layout(nodes: Sequence[int]) -> tuple:
+    """(nodes spanned, EP members per node) of an EP group whose member i is on node nodes[i];
+    the members must come node by node, the same number on each (EP groups are consecutive
+    ranks, and nodes hold equal consecutive rank ranges)."""
+    distinct = list(dict.fromkeys(nodes))
+    per = len(nodes) // len(distinct)
+    if list(nodes) != [n for n in distinct for _ in range(per)]:
+        raise ValueError(f"EP members' nodes {list(nodes)} are not grouped node by node, the same number on each")
+    return len(distinct), per
+
+
+def expert_parallel_errors(cfg: MoEConfig, nodes: Sequence[int], *, ep_key: str = "parallel.ep") -> List[str]:
+    """moe.dispatch and moe.max_nodes_per_token against the nodes the EP group spans (nodes[i]:
+    EP member i's node); the fix named for each."""
+    if not cfg.num_experts or len(nodes) < 2:
+        return []
+    num_nodes, per_node = node_layout(nodes)
+    errs = []
+    if cfg.dispatch == "hierarchical" and num_nodes == 1:
+        errs.append(f"moe.dispatch=hierarchical needs an EP group that spans nodes, but {ep_key}={len(nodes)} "
+                    f"keeps it inside one node; use moe.dispatch=flat (or auto), or a {ep_key} larger than the "
+                    "ranks per node")
+    if cfg.max_nodes_per_token > num_nodes:
+        errs.append(f"moe.max_nodes_per_token={cfg.max_nodes_per_token} is more than the {num_nodes} node(s) the "
+                    f"EP group spans ({ep_key}={len(nodes)}), so it limits nothing; use 0 (no limit) or at most "
+                    f"{num_nodes}")
+    per_node_experts = cfg.num_experts // num_nodes
+    if cfg.max_nodes_per_token and cfg.max_nodes_per_token * per_node_experts < cfg.top_k:
+        errs.append(f"moe.max_nodes_per_token={cfg.max_nodes_per_token} node(s) hold "
+                    f"{cfg.max_nodes_per_token * per_node_experts} experts, fewer than moe.top_k={cfg.top_k}; raise "
+                    f"moe.max_nodes_per_token to at least {-(-cfg.top_k // per_node_experts)} or lower moe.top_k")
+    if cfg.dispatch != "flat" and num_nodes > 1 and per_node_experts > 256:
+        errs.append(f"moe.dispatch={cfg.dispatch} sends each token's experts inside a node as bf16-exact integers: "
+                    f"at most 256 experts per node, here {per_node_experts} (moe.num_experts={cfg.num_experts} over "
+                    f"{num_nodes} nodes); use moe.dispatch=flat or a larger {ep_key}")
+    return errs

@@ -335,7 +335,7 @@ def test_hierarchical_dispatch_over_three_levels_matches_single_process(tmp_path
 
 
 def test_expert_parallel_config_errors_name_the_keys():
-    from tierzero.parallel.moe import expert_parallel_errors
+    from tierzero.parallel.moe_config import expert_parallel_errors
 
     cfg = MoEConfig(num_experts=8, top_k=2)
     assert expert_parallel_errors(cfg, (0, 0, 1, 1)) == []
@@ -347,6 +347,13 @@ def test_expert_parallel_config_errors_name_the_keys():
     assert "hold 2 experts, fewer than moe.top_k=3" in e and "at least 2" in e
     with pytest.raises(ConfigError, match="moe.dispatch='ring'"):
         load_config([], ["moe.num_experts=4", "moe.dispatch=ring"])
+    # before any rank starts, on the launch's topology (and again in the ranks, for a scheduler's job)
+    from tierzero.launcher.program import training_checks
+
+    cfg = load_config([], ["topology.emulate=[2,2]", "parallel.ep=2", "moe.dispatch=hierarchical"])
+    assert any("moe.dispatch=hierarchical needs an EP group that spans nodes" in p for p in training_checks(cfg))
+    cfg = load_config([], ["topology.emulate=[2,2]", "parallel.ep=4", "moe.dispatch=hierarchical"])
+    assert not [p for p in training_checks(cfg) if "moe." in p]
 
 
 def test_report_draws_the_expert_load_heatmap(tmp_path):

@@ -232,6 +232,19 @@ def _checkpoints_wanted(checkpoint) -> Optional[str]:
     return " and ".join(asked) + (" asks" if len(asked) == 1 else " ask") + " for them" if asked else None
 
 
+def expert_errors(parallel, moe, topo: Topology) -> List[str]:
+    """moe.dispatch and moe.max_nodes_per_token against the nodes the first EP group spans on
+    this topology (every group spans the same number: they are consecutive ranks)."""
+    from tierzero.parallel.moe_config import expert_parallel_errors
+
+    if parallel.ep < 2 or not moe.num_experts or topo.world_size % parallel.ep:
+        return []  # no EP group, or check_world already refused the size
+    try:
+        return expert_parallel_errors(moe, [topo.node_of(r) for r in range(parallel.ep)])
+    except ValueError as e:  # members not node by node: the engine's placement rules say why
+        return [f"parallel.ep={parallel.ep}: {e}"]
+
+
 def plan_errors(parallel, topo: Topology) -> List[str]:
     """A named plan the topology or the engine refuses (auto is narrowed to what the engine runs
     when the plan is chosen); [] when it can run."""

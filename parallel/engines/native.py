@@ -332,7 +332,8 @@ class NativeEngine:
     def _bind_experts(self, ep: int) -> None:
         """EP groups of ep consecutive ranks; each MoE layer keeps its EP rank's experts; expert
         units are sharded by the same plan over the ranks that hold the same experts."""
-        from tierzero.parallel.moe import ExpertParallel, expert_parallel_errors, node_layout
+        from tierzero.parallel.moe import ExpertParallel
+        from tierzero.parallel.moe_config import expert_parallel_errors, node_layout
 
         topo = self.topo
         sub = expert_data_topology(topo, ep)
