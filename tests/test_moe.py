@@ -274,23 +274,35 @@ def test_expert_parallel_matches_single_process(tmp_path, extra):
 
 
 @pytest.mark.multiprocess
-def test_node_limited_hierarchical_dispatch_halves_the_cross_node_bytes(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["moe.capacity_factor=1.0"]], ids=["dropless", "capacity"])
+def test_node_limited_hierarchical_dispatch_halves_the_cross_node_bytes(tmp_path, extra):
     """ep 4 over 2 nodes, top-2, moe.max_nodes_per_token=1: both of a token's experts are on one
     node, so flat dispatch sends it across twice (and brings two rows back), hierarchical once
     with its 2k weights and ids (and one row back, reduced inside the node). Summed over the
     ranks, forward and backward: flat 4 A d, hierarchical 2 T (2d + 2k) with A = 2T assignments
     for T crossing tokens, so hierarchical / flat = (d + k) / (2d) exactly when the routing is
-    the same -- and the same losses and tokens per expert say it is."""
-    per_rank = _run(tmp_path, ["moe.max_nodes_per_token=1"], NODE_LIMITED)
+    the same -- and the same losses and tokens per expert say it is. With capacity, some tokens
+    keep one expert of two: the same losses and drops, and the ledger still equals the rows sent."""
+    per_rank = _run(tmp_path, ["moe.max_nodes_per_token=1", *extra], NODE_LIMITED)
     (flat, _), (hier, _) = NODE_LIMITED
+    d, k = 32, 2  # model.d_model, moe.top_k in BASE
     for rank, results in enumerate(per_rank):
         f, h = results[flat], results[hier]
         assert f["tokens"] == h["tokens"], f"rank {rank}: the two dispatches routed differently"
+        assert f["dropped"] == h["dropped"], f"rank {rank}: the two dispatches dropped differently"
         for step, (a, b) in enumerate(zip(f["losses"], h["losses"]), start=1):
             assert abs(a - b) <= 1e-5 * abs(a), f"rank {rank} step {step}: hierarchical {b!r} vs flat {a!r}"
     cross = {label: sum(r[label]["measured"].get(f"{p}|cluster|all_to_all", 0) for r in per_rank for p in ("fwd", "bwd"))
              for label in (flat, hier)}
-    d, k = 32, 2  # model.d_model, moe.top_k in BASE
+    # the ledger from the measured routing, exactly: each row that crossed goes out (d, or d + 2k
+    # with its weights and ids) and one of d comes back, and the backward sends the same again
+    for label, width in ((flat, 2 * d), (hier, 2 * d + 2 * k)):
+        rows = sum(r for layers in per_rank[0][label]["cross_node"] for _, r in layers)
+        assert cross[label] == 2 * rows * width * 4, (label, cross[label], rows)
+    if extra:
+        assert any(f > 0 for step in per_rank[0][flat]["dropped"] for f in step), "capacity 1.0 dropped nothing"
+        assert cross[hier] < cross[flat]
+        return
     assert cross[flat] > 0
     assert cross[hier] / cross[flat] == pytest.approx((d + k) / (2 * d), rel=1e-12)
     # the forwarding inside the nodes is what pays for it: hierarchical sends more at the node level
@@ -303,11 +315,6 @@ def test_node_limited_hierarchical_dispatch_halves_the_cross_node_bytes(tmp_path
         per_step = per_rank[0][label]["cross_node"]  # summed over every rank
         assert len(per_step) == STEPS and all(a > 0 and r == a * rows_per_assignment
                                               for layers in per_step for a, r in layers), (label, per_step[:2])
-    # the ledger from the measured routing, exactly: each row that crossed goes out (d, or d + 2k
-    # with its weights and ids) and one of d comes back, and the backward sends the same again
-    for label, width in ((flat, 2 * d), (hier, 2 * d + 2 * k)):
-        rows = sum(r for layers in per_rank[0][label]["cross_node"] for _, r in layers)
-        assert cross[label] == 2 * rows * width * 4, (label, cross[label], rows)
 
 
 @pytest.mark.multiprocess
