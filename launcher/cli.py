@@ -347,7 +347,8 @@ def _plan_table(cfg, topo, inputs, budget: float, chosen) -> List[str]:
                    f"{update}  {'yes' if r.fits else 'NO'}{' <- auto' if r.plan == chosen.plan else ''}")
     if moe:
         out.append("# experts GB = the routed experts' share of mem/rank; a2a GB = the experts' all-to-all per step "
-                   "(uniform routing), included in the level columns")
+                   f"(uniform routing, moe.dispatch={cfg.moe.dispatch}), included in the level columns at the "
+                   "level each row crosses")
     unknown = [lv.name for lv in topo.levels if not lv.bandwidth_gbps]
     if unknown:
         out.append(f"# bandwidth of {', '.join(unknown)} unknown: {DEFAULT_BANDWIDTH_GBPS:g} GB/s assumed "
