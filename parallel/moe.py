@@ -277,16 +277,16 @@ class MoEFeedForward(nn.Module):
         w = weight.reshape(-1)[keep.reshape(-1)]
         order = torch.argsort(expert, stable=True)
         token, expert, w = token[order], expert[order], w[order]
-        cross = None  # [2]: kept assignments to experts on other nodes, rows sent across for them
+        off = None  # kept assignments to experts on other nodes (statistics; stays on the device)
         if self.ep is not None and self.ep.num_nodes > 1:
-            per_node_experts = E // self.ep.num_nodes
-            off = (expert // per_node_experts) != self.ep.index // self.ep.ranks_per_node
-            rows = torch.unique((expert // per_node_experts)[off] * T + token[off]).numel() if self.ep.hierarchical \
-                else off.sum()
-            cross = torch.stack([off.sum(), torch.as_tensor(rows, device=off.device)])
+            off = ((expert // (E // self.ep.num_nodes)) != self.ep.index // self.ep.ranks_per_node).sum()
+        cross = None  # [2]: those assignments, and the rows dispatch sent across for them
         if self.ep is not None and self.ep.hierarchical:
-            out = self._dispatch_hierarchical(xf, token, expert, w)
+            out, rows = self._dispatch_hierarchical(xf, token, expert, w)
+            cross = torch.stack([off, rows])
         else:
+            if off is not None:
+                cross = torch.stack([off, off])  # flat: one row per assignment
             counts = torch.bincount(expert, minlength=E)  # [E] kept assignments per expert
             y = self._dispatch(xf[token], counts)  # [A, d], one row per kept assignment
             out = torch.zeros_like(xf).index_add(0, token, y * w[:, None].to(y.dtype))
@@ -335,9 +335,10 @@ class MoEFeedForward(nn.Module):
         return out
 
     def _dispatch_hierarchical(self, xf: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
-                               w: torch.Tensor) -> torch.Tensor:
-        """moe.dispatch=hierarchical: the weighted expert outputs [T, d] of the kept assignments
-        (token, expert, w), sorted by expert, with each token crossing to a node at most once.
+                               w: torch.Tensor):
+        """moe.dispatch=hierarchical: (the weighted expert outputs [T, d] of the kept assignments
+        (token, expert, w), sorted by expert, with each token crossing to a node at most once;
+        the rows stage 1 sent to other nodes, a device scalar).
 
         Stage 1 sends one row per (token, destination node) to this rank's peer on that node
         (the member at the same position inside it): the token, and its weights and expert ids
@@ -383,7 +384,8 @@ class MoEFeedForward(nn.Module):
         node_sum = got.new_zeros(rows_in, d).index_add(0, row, y * aw[:, None].to(y.dtype))  # [R_in, d]
 
         back = _AllToAll.apply(node_sum, recv_splits, send_splits, ep)  # [R, d]: one per (token, node)
-        return torch.zeros_like(xf).index_add(0, pair_token, back.to(xf.dtype))
+        across = send.sum() - send[ep.index]  # the peer on my own node is me
+        return torch.zeros_like(xf).index_add(0, pair_token, back.to(xf.dtype)), across
 
     # ---- statistics and balancing ----------------------------------------------------------
     def _record(self, routed, dropped: int, assignments: int, aux, zl, cross=None) -> None:
