@@ -42,6 +42,12 @@ RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 DEFAULT_RECIPE = RECIPE_DIR / "moe_tiny_cpu.yaml"
 BACKENDS = ("auto", "gloo", "nccl")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")  # \Z: `$` would also match before a trailing newline
+NAME_MAX = 255
+"""Bytes in one file or folder name: Linux's NAME_MAX (limits.h), what ext4, xfs, btrfs, tmpfs and NFS
+take (os.pathconf(folder, "PC_NAME_MAX")); a longer name fails with "File name too long"."""
+MAX_RUN_NAME_BYTES = 200
+"""run.name names the folder runs/<run.name>, its lock file .tierzero-<run.name>.lock (15 bytes more)
+and a sweep's tasks <run.name>-nodes<N>: 200 keeps every one of them within NAME_MAX."""
 
 
 @dataclass
@@ -213,6 +219,16 @@ def _shown(value, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def _path_shown(path: str) -> str:
+    """A path as typed when it is printable and of a length a real path has, else its cut repr."""
+    return path if path.isprintable() and len(path) <= 2 * NAME_MAX else _shown(path)
+
+
+def _long_name(path: str) -> Optional[str]:
+    """The first file or folder name of `path` longer than NAME_MAX bytes, else None."""
+    return next((part for part in path.split("/") if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX), None)
+
+
 def _key_shown(key: str) -> str:
     """A key as typed when it is plain and short, else its cut repr."""
     return key if key.isprintable() and len(key) <= 80 else _shown(key)
@@ -223,12 +239,19 @@ def _known_keys() -> frozenset:
     return frozenset(_all_keys())
 
 
+KEY_SHOWN_CHARS = 40
+"""An unknown key is shown cut to this many characters (the longest real key has 30)."""
+_KEY_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*\Z")
+"""What a top-level key of a config file looks like: a section or a dotted key, or a typo of one."""
+
+
 def _unknown_key_message(key: str, where: str) -> str:
     if key in {f.name for f in dataclasses.fields(RunConfig)}:
         return (f"{key} ({where}) is a section: give it a mapping of its keys (e.g. {key}: {{...}} in a file) or "
                 f"set one key, {key}.<name>=...; `tierzero config --describe` lists them.")
+    shown = _shown(key, KEY_SHOWN_CHARS)  # a file's key may be a line of another file, not the user's typing
     if len(key) > 200:  # no close match is worth the comparison
-        return f"Unknown config key {_shown(key)} ({where}). `tierzero config --describe` lists every key."
+        return f"Unknown config key {shown} ({where}). `tierzero config --describe` lists every key."
     guesses = difflib.get_close_matches(key, _all_keys(), n=3, cutoff=0.6)
     if not guesses:
         # a typo in the leaf, right section: compare with that section's keys
@@ -236,10 +259,7 @@ def _unknown_key_message(key: str, where: str) -> str:
         leafs = [k for k in _all_keys() if k.startswith(section + ".")]
         guesses = difflib.get_close_matches(key, leafs, n=3, cutoff=0.4)
     hint = f" Did you mean {' or '.join(guesses)}?" if guesses else ""
-    return (
-        f"Unknown config key {_shown(key)} ({where}).{hint} "
-        f"`tierzero config --describe` lists every key."
-    )
+    return f"Unknown config key {shown} ({where}).{hint} `tierzero config --describe` lists every key."
 
 
 def _type_message(key: str, value, where: str) -> str:
@@ -384,11 +404,14 @@ def read_config_file(path: Path) -> Tuple[Optional[str], Optional[str]]:
 def resolve_config_path(arg: str) -> Path:
     """A path as given, else a recipe name from recipes/configs (with or without .yaml)."""
     p = Path(arg)
-    if p.exists():
-        return p
-    for cand in (RECIPE_DIR / arg, RECIPE_DIR / f"{arg}.yaml"):
-        if cand.is_file() and "/" not in arg:
-            return cand
+    try:
+        if p.exists():
+            return p
+        for cand in (RECIPE_DIR / arg, RECIPE_DIR / f"{arg}.yaml"):
+            if cand.is_file() and "/" not in arg:
+                return cand
+    except (OSError, ValueError):  # a name too long, a NUL byte: read_config_file says so, naming the file
+        pass
     return p
 
 
@@ -452,14 +475,25 @@ def _file_items(path: Path, problems: List[str]):
                         "the values out plainly: sections of keys holding numbers, words or short lists.")
         return []
     except yaml.YAMLError as e:
-        problems.append(f"Config file {name} is not valid YAML{_yaml_where(e)}: {getattr(e, 'problem', None) or e}. "
+        why = str(getattr(e, "problem", None) or e)  # PyYAML's words, which may quote a tag or a value: cut
+        why = why if len(why) <= 80 else why[:80] + "..."
+        problems.append(f"Config file {name} is not valid YAML{_yaml_where(e)}: {why}. "
                         "Fix the file (indentation, a missing ':' or an unclosed bracket are the usual causes).")
         return []
     if data is None:
         return []
-    if not isinstance(data, dict):
-        problems.append(f"Config file {name} must hold a mapping of sections (run:, train:, ...), "
-                        f"not a {type(data).__name__}.")
+    # A file that is not a mapping of names is not shown at all: it may be another file given by
+    # mistake or through a link (/etc/shadow's lines read as keys), and errors go to logs others read.
+    names = [k for k in data if isinstance(k, str) and len(k) <= 2 * KEY_SHOWN_CHARS and _KEY_NAME_RE.match(k)] \
+        if isinstance(data, dict) else []
+    if not isinstance(data, dict) or len(names) < len(data):
+        what = (f"{len(data) - len(names)} of its {len(data)} top-level keys are not names of sections or keys"
+                if isinstance(data, dict) else f"it holds a {type(data).__name__}")
+        sections = ", ".join(f.name for f in dataclasses.fields(RunConfig))
+        problems.append(f"Config file {name} is not a tierzero config: its top level must be a mapping of sections "
+                        f"({sections}), and {what}; nothing of it is shown here or used. Check that the path (or the "
+                        f"file a link points to) is a config: a recipe such as {DEFAULT_RECIPE.stem}, or a run "
+                        "folder's config.yaml.")
         return []
     return list(_flatten(data))
 
@@ -467,7 +501,8 @@ def _file_items(path: Path, problems: List[str]):
 def _override(item: str, problems: List[str]):
     """`key=value` from the command line -> (key, value), or None (the problem goes to `problems`)."""
     if "=" not in item or item.startswith("="):
-        problems.append(f"Override {item!r} is not key=value; write e.g. train.steps=100 (no spaces around '=').")
+        problems.append(f"Override {_shown(item)} is not key=value; write e.g. train.steps=100 (no spaces around "
+                        "'=').")
         return None
     key, raw = item.split("=", 1)
     key = key.strip()
@@ -664,13 +699,7 @@ def validate(cfg: RunConfig) -> List[str]:
     named once: the section's message about the same key (e.g. "must be > 0" for nan) is dropped."""
     numbers = number_errors(cfg)
     errs: List[str] = list(numbers.values())
-    name = cfg.run.name
-    if not _NAME_RE.match(name) or ".." in name:
-        errs.append(
-            f"run.name={name!r} must be a plain folder name (letters, digits, '.', '_', '-'; "
-            "no '/', no '..', not absolute) so the run stays inside its parent folder; "
-            "e.g. run.name=tiny-1. Use run.dir to choose another location."
-        )
+    errs += run_errors(cfg.run)
     errs += cfg.launcher.errors()
     errs += cfg.topology.errors()
     errs += cfg.parallel.errors()
@@ -698,6 +727,33 @@ def validate(cfg: RunConfig) -> List[str]:
                 f"launcher.nproc={cfg.launcher.nproc}; make them agree, e.g. "
                 f"launcher.nproc={math.prod(emulate)}"
             )
+    return errs
+
+
+def run_errors(run: RunSection) -> List[str]:
+    """run.name is one folder name, run.dir a path of names a filesystem takes: found here, before
+    `tierzero run` creates runs/ or any other folder on the way."""
+    errs = []
+    name = run.name
+    if not _NAME_RE.match(name) or ".." in name:
+        errs.append(
+            f"run.name={_shown(name)} must be a plain folder name (letters, digits, '.', '_', '-'; "
+            "no '/', no '..', not absolute) so the run stays inside its parent folder; "
+            "e.g. run.name=tiny-1. Use run.dir to choose another location."
+        )
+    elif len(name.encode("utf-8")) > MAX_RUN_NAME_BYTES:
+        errs.append(
+            f"run.name={_shown(name, 40)} is {len(name.encode('utf-8'))} bytes long, over the {MAX_RUN_NAME_BYTES} "
+            f"a run name may have: it names the folder runs/<run.name> and its lock file, and a filesystem takes "
+            f"at most {NAME_MAX} bytes in a name (File name too long); give a shorter name, e.g. run.name=tiny-1."
+        )
+    long_name = _long_name(run.dir) if run.dir is not None else None
+    if long_name is not None:
+        errs.append(
+            f"run.dir={_path_shown(run.dir)} holds a name of {len(long_name.encode('utf-8', 'surrogatepass'))} "
+            f"bytes, over the {NAME_MAX} a filesystem takes in one file or folder name (File name too long); "
+            "give a path of shorter folder names, e.g. run.dir=runs/tiny-1."
+        )
     return errs
 
 

@@ -12,6 +12,7 @@ run is hung, and which attempt a launch is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -311,15 +312,13 @@ def claim_run_dir(cfg, paths: RunPaths, *, program: str, hold_lock: bool = True)
     run_dir = paths.run_dir
     created = None
     if not _check_existing(run_dir, cfg, program):
-        created = next(p for p in reversed([run_dir, *run_dir.parents]) if not p.exists())
         try:
-            run_dir.mkdir(parents=True)
-        except FileExistsError:
-            created = None
-            _check_existing(run_dir, cfg, program)  # another process made it just now
+            created = _create_folders(run_dir)
         except OSError as e:
             raise RunDirError(f"run.dir={run_dir} cannot be created: {e.strerror or e}; give a folder you can "
                               "write (run.dir=...), with a shorter path if the name is too long") from e
+        if created is None:
+            _check_existing(run_dir, cfg, program)  # another process made it just now
     claim = Claim(paths, created=created, lock_fd=None)
     try:
         claim._fd = _lock(run_dir, cfg.run.name, program)
@@ -334,6 +333,33 @@ def claim_run_dir(cfg, paths: RunPaths, *, program: str, hold_lock: bool = True)
     if not hold_lock:
         claim.release()
     return claim
+
+
+def _create_folders(run_dir: Path) -> Optional[Path]:
+    """Create `run_dir` and its missing parents, one at a time so that it is known which ones this
+    call made; the outermost of them, or None when another process made `run_dir` first (then
+    nothing here is this call's to remove). When one cannot be made (a name too long, no
+    permission, a full disk), the folders made here go again -- empty, so rmdir -- and the error
+    is raised: a refused launch leaves nothing on disk, not even runs/."""
+    missing = []
+    for folder in [run_dir, *run_dir.parents]:
+        if os.path.lexists(folder):
+            break
+        missing.append(folder)
+    made = []
+    try:
+        for folder in reversed(missing):  # outermost first
+            try:
+                os.mkdir(folder)
+            except FileExistsError:  # made by another process between the look and here: not ours
+                continue
+            made.append(folder)
+    except OSError:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+    return made[0] if made and made[-1] == run_dir else None
 
 
 def _check_existing(run_dir: Path, cfg, program: str) -> bool:

@@ -343,3 +343,68 @@ def test_a_config_whose_config_yaml_would_break_the_budget_is_refused():
     assert "config.yaml" in str(e.value) and "5000 values" in str(e.value)
     with pytest.raises(ConfigError, match="256 KiB"):
         load_config(["dense_tiny_cpu"], ["slurm.setup=[" + ",".join(["x" * 60_000] * 5) + "]"])
+
+
+# ---- 9. a file that is not a config is not echoed (issue 24, item 3) ---------------------------
+
+# /etc/shadow's lines end in ':', so YAML reads each one as a key: every line came back as
+# "Unknown config key 'root:*:...'", into logs others may read (Slurm output files).
+SHADOW = ("root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"
+          "alice:$6$rounds=5000$Zx9s0mEsalt$8fJ2kq0hash.of.a.password/xyz:19000:0:99999:7:::\n")
+NOT_CONFIGS = {
+    "shadow lines": SHADOW,
+    "passwd lines": "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000:Alice Liddell:/home/alice:/bin/sh\n",
+    "a list": "- hunter2-the-password\n- s3cr3t-token-abcdef\n",
+    "a scalar": "AKIAIOSFODNN7EXAMPLE/wJalrXUtnFEMIK7MDENG\n",
+    "a mapping with a key that is no name": "train: {steps: 3}\ndb password: hunter2-the-password\n",
+}
+
+
+def _secret_text(case: str) -> str:
+    if case == "the real /etc/shadow":
+        try:
+            return Path("/etc/shadow").read_text()
+        except OSError:
+            pytest.skip("/etc/shadow is not readable here")
+    return NOT_CONFIGS[case]
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["file", "link"])
+@pytest.mark.parametrize("case", [*sorted(NOT_CONFIGS), "the real /etc/shadow"])
+def test_a_file_that_is_not_a_config_is_named_never_echoed(case, link, tmp_path, monkeypatch, capfd):
+    text = _secret_text(case)
+    secret = tmp_path / "secret"
+    secret.write_text(text)
+    if link:  # ln -s /etc/shadow shadow.yaml; tierzero config shadow.yaml
+        (tmp_path / "shadow.yaml").symlink_to(secret)
+    else:
+        secret.rename(tmp_path / "shadow.yaml")
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    code = main(["config", "shadow.yaml"])
+    out, err = capfd.readouterr()
+    assert code == 2, (out[-2000:], err[-2000:])
+    assert "'shadow.yaml' is not a tierzero config" in err and "mapping of sections (run, " in err, err
+    shown = out + err
+    for line in filter(None, (line.strip() for line in text.splitlines())):
+        for part in (line, line.rstrip(":"), line[:12]):
+            assert part not in shown, (part, shown[-2000:])
+    assert "hunter2" not in shown and "Traceback" not in shown
+    assert _tree(tmp_path) == before
+
+
+def test_a_typo_in_a_real_config_file_is_still_named_with_suggestions(tmp_path, monkeypatch, capfd):
+    (tmp_path / "cfg.yaml").write_text("train:\n  stepz: 3\n")
+    _refused(tmp_path, monkeypatch, capfd, ["config", "cfg.yaml"], "'train.stepz' (in cfg.yaml)", "train.steps")
+    # a key no name inside a real section: named, cut short (it may still be a line of another file)
+    (tmp_path / "cfg.yaml").write_text("train:\n  " + SHADOW.splitlines()[2] + "\n")
+    err = _refused(tmp_path, monkeypatch, capfd, ["config", "cfg.yaml"], "Unknown config key 'train.alice:$6$",
+                   "characters)")
+    assert "password" not in err and len(err) < 1000
+
+
+def test_a_long_override_is_echoed_cut(tmp_path, monkeypatch, capfd):
+    err = _refused(tmp_path, monkeypatch, capfd, ["config", "train." + "z" * 300 + "=3"], "Unknown config key 'train.z")
+    assert "z" * 60 not in err
+    err = _refused(tmp_path, monkeypatch, capfd, ["config", "q" * 5000], "cannot be opened", "File name too long")
+    assert "q" * 200 not in err

@@ -18,7 +18,7 @@ import pytest
 
 from tierzero.launcher.cli import main
 from tierzero.launcher.config import load_config
-from tierzero.launcher.rundir import IDENTITY, RunPaths, claim_run_dir, write_atomic
+from tierzero.launcher.rundir import IDENTITY, RunDirError, RunPaths, claim_run_dir, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 DENSE = ["dense_tiny_cpu", "launcher.nproc=2", "train.global_batch_size=8", "train.micro_batch_size=2",
@@ -96,6 +96,37 @@ def test_a_run_dir_that_cannot_be_ours_is_exit_2(what, tmp_path, monkeypatch, ca
     code, err = _run([*DENSE, f"run.dir={target}"], tmp_path, monkeypatch, capsys)
     assert code == 2 and f"run.dir={target}" in err and words in err, err
     assert "Traceback" not in err and _snapshot(tmp_path) == before
+
+
+def test_a_run_name_too_long_for_a_folder_is_refused_before_runs_is_made(tmp_path, monkeypatch, capsys, no_ranks):
+    """Issue 24, item 6b: exit 2 with "File name too long", but an empty runs/ was left behind."""
+    code, err = _run([*DENSE, "run.name=" + "a" * 300], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "run.name='aaaa" in err and "File name too long" in err and "shorter name" in err, err
+    assert "a" * 100 not in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["here", "in a new folder"])
+def test_a_run_dir_name_too_long_is_refused_before_any_folder_is_made(where, tmp_path, monkeypatch, capsys,
+                                                                        no_ranks):
+    target = (tmp_path if where == "here" else tmp_path / "new" / "deeper") / ("x" * 300)
+    code, err = _run([*DENSE, f"run.dir={target}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and f"run.dir={target}" in err and "File name too long" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_claim_that_fails_removes_the_folders_it_made_and_only_those(tmp_path):
+    """claim_run_dir on its own (the config rule above catches long names first): a folder it
+    cannot create leaves none of the parents it made; a parent that was there stays, with its files."""
+    cfg = load_config(["dense_tiny_cpu"], [])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept")
+    run_dir = mine / "new" / "deeper" / ("x" * 300)
+    paths = RunPaths(run_dir=run_dir, telemetry=str(run_dir / "telemetry"), checkpoints=str(run_dir / "checkpoints"))
+    with pytest.raises(RunDirError, match="File name too long"):
+        claim_run_dir(cfg, paths, program="run")
+    assert _snapshot(tmp_path) == {"mine": None, "mine/notes.txt": b"kept"}
 
 
 def test_a_second_run_into_a_folder_in_use_exits_2_naming_the_holder(tmp_path, monkeypatch, capsys, no_ranks):
