@@ -12,8 +12,11 @@ Every config value that reaches the shell body is quoted with shlex.quote; value
 an `#SBATCH` line (which sbatch, not bash, parses) must be one line and are double-quoted when
 they hold blanks. sbatch's own parser (src/sbatch/opt.c, _get_argument) ends an option at an
 unquoted `#` and drops every backslash (taking the next character as is), so a value with
-either is refused, naming its key, rather than cut. `slurm.setup` lines are shell code by
-design and are used verbatim.
+either is refused, naming its key, rather than cut. A value the user did not set but that
+derives from one they did is refused naming that key: the log path inside run.dir (slurm.output
+unset or relative) names run.dir, the job name while slurm.job_name is unset names run.name.
+`slurm.setup` lines are shell code by design and are used verbatim (`tierzero sbatch` checks the
+script with bash -n before writing it: slurm/submit.py, script_syntax_problems).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ _BAD_CHARS = re.compile(r"[\n\r\x00]")
 _SIGNAL = re.compile(r"^(?:SIG)?([A-Z][A-Z0-9]*)\Z")
 _CUT = "'#', where sbatch's #SBATCH parser ends the option (the rest of the line is a comment)"
 _MANGLED = "a backslash, which sbatch's #SBATCH parser drops (taking the next character as it is)"
+_LOG_IN_RUN_DIR = "Slurm's log file goes inside it (#SBATCH --output; or give an absolute slurm.output elsewhere)"
 
 
 def signal_name(sig: str) -> str:
@@ -100,19 +104,24 @@ def _extra_sbatch_problem(item: str) -> Optional[str]:
     return f"an unmatched {quote}, on which sbatch stops ('Unmatched {quote}'); balance the quotes" if quote else None
 
 
+def _sbatch_ok(key: str, value: str, problems: List[str], where: str = "") -> bool:
+    """False (and a problem naming `key`) when `value` cannot go on an #SBATCH line as written."""
+    if not _one_line(key, value, problems) or not _sbatch_chars(key, value, problems, where):
+        return False
+    if '"' in value and "'" in value:
+        problems.append(f"{key}={value!r} holds both kinds of quotes; {where + ', and ' if where else ''}sbatch "
+                        f"cannot read that on an #SBATCH line. Drop one kind of quote from {key}.")
+        return False
+    return True
+
+
 def _sbatch_value(key: str, value: str, problems: List[str]) -> str:
     """A value as sbatch's own #SBATCH parser reads it: one line, quoted when it has blanks."""
-    if not _one_line(key, value, problems) or not _sbatch_chars(key, value, problems):
+    if not _sbatch_ok(key, value, problems):
         return ""
     if not re.search(r"[\s\"']", value):
         return value
-    if '"' not in value:
-        return f'"{value}"'
-    if "'" not in value:
-        return f"'{value}'"
-    problems.append(f"{key}={value!r} holds both kinds of quotes; sbatch cannot read that on an #SBATCH line. "
-                    f"Drop one kind of quote from {key}.")
-    return ""
+    return f'"{value}"' if '"' not in value else f"'{value}'"
 
 
 def _slurm_filename(path: str) -> str:
@@ -180,14 +189,28 @@ def script_problems(slurm: SlurmConfig, spec: ScriptSpec) -> List[str]:
         signal_name(spec.requeue_signal)
     except SbatchError as e:
         problems += e.problems
-    output_in_run_dir = not (slurm.output or "").startswith("/")
-    run_dir_ok = not output_in_run_dir or _sbatch_chars(
-        "run.dir", spec.run_dir, problems,
-        where="Slurm's log file goes inside it (#SBATCH --output; or give an absolute slurm.output elsewhere)")
     for key, value in sbatch_options(slurm, spec, []):
-        if value is not None and (key != "output" or run_dir_ok):
+        if value is None:
+            continue
+        if key == "output" and not (slurm.output or "").startswith("/"):
+            _log_path_problems(slurm, spec, value, problems)
+        elif key == "job-name" and not slurm.job_name:
+            _sbatch_ok("run.name", spec.run_name, problems,
+                       where="it is the job's name (#SBATCH --job-name) while slurm.job_name is unset")
+        else:
             _sbatch_value(f"slurm.{key.replace('-', '_')}", value, problems)
     return list(dict.fromkeys(problems))
+
+
+def _log_path_problems(slurm: SlurmConfig, spec: ScriptSpec, log_path: str, problems: List[str]) -> None:
+    """#SBATCH --output inside run.dir is run.dir + slurm.output (or its default): what is wrong in
+    the run.dir part is run.dir's, the key the user set, not slurm.output's (issue 24, item 6a)."""
+    run_dir_ok = _sbatch_ok("run.dir", spec.run_dir, problems, where=_LOG_IN_RUN_DIR)
+    output_ok = not slurm.output or _sbatch_ok("slurm.output", slurm.output, problems)
+    if run_dir_ok and output_ok and not _sbatch_ok("slurm.output", log_path, []):  # one quote kind in each
+        problems.append(f"slurm.output={slurm.output!r} goes inside run.dir={spec.run_dir!r}, and the path they "
+                        "make holds both kinds of quotes, which sbatch cannot read on an #SBATCH line. Drop one "
+                        "kind of quote from slurm.output or run.dir, or give an absolute slurm.output elsewhere.")
 
 
 def render_sbatch(slurm: SlurmConfig, spec: ScriptSpec) -> str:  # long: the script template, top to bottom

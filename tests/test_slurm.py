@@ -368,6 +368,67 @@ def test_cli_sbatch_user_errors_write_nothing(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
+# ---- hostile input, issue 24: refused at `tierzero sbatch` (exit 2, nothing written), not after queueing ----
+
+# --submit writes the same script before it submits it: the same check, before anything is written
+@pytest.mark.parametrize("flags", [[], ["--submit"]], ids=["write", "submit"])
+def test_cli_sbatch_refuses_a_setup_line_bash_cannot_parse(flags, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["sbatch", *flags, "slurm.ntasks_per_node=4", "run.dir=X", """slurm.setup=["a'b\\"c"]"""])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "slurm.setup[0]=" + repr("a'b\"c") + " is not valid shell (bash -n: " in err, err
+    assert not (tmp_path / "X").exists()
+
+
+def test_setup_lines_bash_rejects_are_named_one_by_one_and_cut():
+    from tierzero.slurm.submit import script_syntax_problems
+
+    setup = ["module load x", "echo " + "x" * 200 + " 'open", "if true; then", "  source venv/bin/activate", "fi"]
+    problems = script_syntax_problems(render_sbatch(SlurmConfig(setup=setup), SPEC), setup)
+    assert len(problems) == 1 and problems[0].startswith("slurm.setup[1]='echo xxx"), problems
+    assert "x" * 100 not in problems[0] and "...'" in problems[0]
+    good = render_sbatch(SlurmConfig(setup=setup[:1] + setup[2:]), SPEC)  # a split if/fi parses as a whole
+    assert script_syntax_problems(good, setup[:1] + setup[2:]) == []
+
+
+def test_setup_check_is_skipped_without_bash(monkeypatch, caplog):
+    from tierzero.slurm import submit
+
+    monkeypatch.setattr(submit.shutil, "which", lambda name: None)
+    with caplog.at_level("DEBUG", logger=submit.__name__):
+        assert submit.script_syntax_problems("if (\n", ["if ("]) == []
+    assert "bash is not on PATH" in caplog.text
+
+
+@pytest.mark.parametrize("run_dir", ["/tmp/a'b\"c", "a'b\"c"])  # the review's input; the same inside tmp_path
+def test_cli_sbatch_blames_run_dir_not_the_log_path_derived_from_it(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    existed = os.path.lexists(run_dir)
+    code = main(["sbatch", "slurm.ntasks_per_node=4", f"run.dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"run.dir={str(Path(run_dir).resolve())!r} holds both kinds of quotes" in err, err
+    assert "Drop one kind of quote from run.dir" in err and "slurm.output=" not in err, err
+    assert os.path.lexists(run_dir) == existed and not (tmp_path / "a'b\"c").exists()
+
+
+@pytest.mark.parametrize("slurm,run_dir,run_name,blamed,not_blamed", [
+    (SlurmConfig(), "/tmp/a'b\"c", "r", ["run.dir="], ["slurm.output="]),
+    (SlurmConfig(output="logs/%j.out"), "/tmp/a'b\"c", "r", ["run.dir="], ["slurm.output="]),
+    (SlurmConfig(), "/tmp/a\nb", "r", ["run.dir="], ["slurm.output="]),
+    (SlurmConfig(output="say\"hi\".out"), "/tmp/it's", "r", ["slurm.output=", "run.dir="], []),
+    (SlurmConfig(output="/logs/a'b\"c.out"), "/tmp/r", "r", ["slurm.output="], ["run.dir="]),
+    (SlurmConfig(), "/tmp/r", "it's \"x\"", ["run.name="], ["slurm.job_name="]),
+], ids=["log-in-run-dir", "relative-output", "run-dir-newline", "quotes-split-over-both", "absolute-output",
+        "job-name-from-run-name"])
+def test_a_derived_sbatch_value_is_refused_naming_the_key_it_came_from(slurm, run_dir, run_name, blamed,
+                                                                       not_blamed):
+    with pytest.raises(SbatchError) as e:
+        render_sbatch(slurm, ScriptSpec(run_name=run_name, run_dir=run_dir, config_path=run_dir + "/config.yaml"))
+    assert all(key in str(e.value) for key in blamed) and not any(key in str(e.value) for key in not_blamed), e.value
+
+
 def test_cli_help_has_examples(capsys):
     for cmd in ("sbatch", "slurm"):
         with pytest.raises(SystemExit):
