@@ -77,11 +77,17 @@ def cmd_ckpt(args) -> int:
 def _ckpt(args) -> int:
     from tierzero.checkpoint.inspect import inspect_lines, list_lines
     from tierzero.checkpoint.store import CheckpointError, CheckpointStore, open_step
+    from tierzero.launcher.locations import CHECKPOINTS, STEP, folder_problem, location_problem
 
     if args.action == "convert":
         return _convert(args)
     if args.to is not None:
         raise UsageError(f"tierzero ckpt {args.action}: --to is for convert, e.g. `tierzero ckpt convert SRC DST --to dcp`")
+    # the URL before any I/O (ftp://host/... would look the host up), then what is there
+    problem = location_problem(args.path) or folder_problem(args.path, CHECKPOINTS if args.action == "list" else STEP)
+    if problem:
+        print(f"tierzero ckpt {args.action}: {problem}", file=sys.stderr)
+        return Exit.USAGE
     if args.action == "list":
         store = CheckpointStore(args.path)
         steps = store.steps()
@@ -89,12 +95,8 @@ def _ckpt(args) -> int:
         print("\n".join(list_lines(args.path, steps, sizes)))
         return Exit.OK
     store, path = open_step(args.path)
-    if not store.fs.exists(path):
-        print(f"tierzero ckpt {args.action}: {args.path} does not exist; `tierzero ckpt list DIR` shows the "
-              "checkpoints of a folder", file=sys.stderr)
-        return Exit.USAGE
     if args.action == "verify":
-        manifest, problems = store.verify(path)
+        manifest, problems = store.verify(path, resumable=True)  # what a resume needs, too
         if problems:
             for p in problems:
                 print(f"FAILED: {p}")
@@ -103,7 +105,7 @@ def _ckpt(args) -> int:
         pieces = sum(len(t.pieces) for t in manifest.tensors.values())
         nbytes = sum(t.nbytes for t in manifest.tensors.values())
         print(f"OK: {args.path}: step {manifest.step}, {len(manifest.tensors)} tensors, {pieces} pieces, "
-              f"{nbytes / 1e6:.2f} MB, every checksum matches")
+              f"{nbytes / 1e6:.2f} MB, every checksum matches, and a resume has the state and tensors it needs")
         return Exit.OK
     try:
         manifest = store.manifest(path)
@@ -156,13 +158,22 @@ def _export(args, store, path: str, manifest) -> int:
 def _convert(args) -> int:
     """tierzero ckpt convert SRC DST --to dcp|tierzero: DcpError/CheckpointError -> exit 2 (the
     source or destination is the user's to fix), the message naming path and entry."""
-    from tierzero.checkpoint.dcp import DcpError, source_kind, write_dcp, write_tierzero
+    from tierzero.checkpoint.dcp import DcpError, check_destination, source_kind, write_dcp, write_tierzero
     from tierzero.checkpoint.store import CheckpointError
+    from tierzero.launcher.locations import DCP, STEP_OR_CHECKPOINTS, folder_problem, location_problem
 
     if args.to is None or not args.out:
         raise UsageError("tierzero ckpt convert SRC DST --to dcp|tierzero: give the source, the destination (a new "
                          "or empty folder) and the format to write")
     try:
+        # SRC's URL and DST (local only; checked again where it is written) before any I/O on SRC
+        problem = location_problem(args.path)
+        if problem:
+            raise DcpError(problem)
+        check_destination(args.out)
+        problem = folder_problem(args.path, STEP_OR_CHECKPOINTS if args.to == "dcp" else DCP)
+        if problem:
+            raise DcpError(problem)
         if args.to == "dcp":
             src, manifest, nbytes = write_dcp(args.path, args.out)
             print(f"wrote {args.out}: DCP checkpoint of {src}: step {manifest.step}, {len(manifest.tensors)} tensors, "
@@ -358,11 +369,16 @@ def _plan_table(cfg, topo, inputs, budget: float, chosen) -> List[str]:
 
 
 def cmd_report(args) -> int:
+    from tierzero.launcher.locations import location_problem
     from tierzero.telemetry.report import write_report
 
-    try:
-        text = write_report(Path(args.run_dir))
-    except ValueError as e:  # missing run dir or telemetry: the user's to fix
+    problem = location_problem(args.run_dir)  # before any I/O: ftp://host/... would look the host up
+    if problem:
+        print(f"tierzero report: {problem}", file=sys.stderr)
+        return Exit.USAGE
+    try:  # the argument as typed: Path() would fold a URL's // (s3://b/run -> s3:/b/run, a local name)
+        text = write_report(args.run_dir, check_location=location_problem)
+    except ValueError as e:  # not a run folder, or no telemetry: the user's to fix
         print(f"tierzero report: {e}", file=sys.stderr)
         return Exit.USAGE
     print(text, end="" if text.endswith("\n") else "\n")
@@ -372,7 +388,7 @@ def cmd_report(args) -> int:
 def cmd_sbatch(args) -> int:
     from tierzero.launcher.rundir import RunPaths, claim_run_dir, resolved, write_atomic
     from tierzero.slurm.sbatch import ScriptSpec, SbatchError, render_sbatch
-    from tierzero.slurm.submit import SubmitError, submit
+    from tierzero.slurm.submit import SubmitError, script_syntax_problems, submit
 
     files, overrides = _split_args(args.items)
     cfg = load_config(files, overrides)
@@ -389,7 +405,9 @@ def cmd_sbatch(args) -> int:
         text = render_sbatch(slurm, spec)
     except SbatchError as e:
         problems += e.problems
-    if problems:  # all of them at once, before anything is written
+    else:  # a script bash cannot parse (a slurm.setup line) would fail only once the job starts
+        problems += script_syntax_problems(text, slurm.setup)
+    if problems:  # all of them at once, before anything is written (or submitted)
         raise ConfigError(problems)
     # this run's folder (not another run's, not one in use), not held: the job takes the lock when it runs
     claim_run_dir(cfg, paths, program=slurm.command, hold_lock=False)

@@ -1,7 +1,7 @@
 """Read a run's telemetry back and summarise it: numbers as text, loss and throughput PNGs.
 
 `tierzero report RUN_DIR` prints write_report(RUN_DIR); a ValueError means the user gave
-a folder without telemetry (exit 2).
+something other than a folder with telemetry (exit 2).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import fsspec
 import numpy as np
@@ -67,11 +67,17 @@ def load_table(telemetry_root: str, table: str) -> pa.Table:
     return dataset.to_table()
 
 
-def resolve_telemetry_root(run_dir: str) -> str:
-    """telemetry.dir from `<run_dir>/config.yaml` when set, else `<run_dir>/telemetry`; ValueError if absent."""
+def resolve_telemetry_root(run_dir: str, *, check_location: Optional[Callable[[str], Optional[str]]] = None) -> str:
+    """telemetry.dir from `<run_dir>/config.yaml` when set, else `<run_dir>/telemetry`; ValueError if
+    absent, or if run_dir is not a folder. `check_location(url)` is the caller's rule for a URL
+    (a problem, or None), applied to that telemetry.dir before it is opened: config.yaml is a file
+    anyone can edit, and a URL such as ftp://host/... would make fsspec look the host up."""
     import yaml
 
     fs, path = fsspec.core.url_to_fs(run_dir)
+    if fs.isfile(path):
+        raise ValueError(f"run dir {run_dir} is a file, not a run folder; pass the folder a run wrote (it holds "
+                         "config.yaml), such as runs/NAME")
     if not fs.isdir(path):
         raise ValueError(f"run dir {run_dir} does not exist; pass the folder a run wrote (it holds config.yaml)")
     configured = None
@@ -81,6 +87,12 @@ def resolve_telemetry_root(run_dir: str) -> str:
             config = yaml.safe_load(f) or {}
         section = config.get("telemetry") if isinstance(config, dict) else None
         configured = section.get("dir") if isinstance(section, dict) else None
+    if configured is not None and not isinstance(configured, str):
+        raise ValueError(f"telemetry.dir in {run_dir}/config.yaml is {str(configured)[:80]!r}, not a path; give it the "
+                         "folder or URL the run wrote its telemetry to, or remove it for <run_dir>/telemetry")
+    problem = check_location(configured) if configured and check_location else None
+    if problem:
+        raise ValueError(f"telemetry.dir in {run_dir}/config.yaml: {problem}")
     root = telemetry_root(run_dir, configured)
     root_fs, root_path = fsspec.core.url_to_fs(root)
     if not root_fs.isdir(root_path):
@@ -89,10 +101,12 @@ def resolve_telemetry_root(run_dir: str) -> str:
     return root
 
 
-def summarize(run_dir: Union[str, os.PathLike]) -> RunSummary:
-    """The run's numbers; a step replayed after a restart counts once, from its latest attempt."""
+def summarize(run_dir: Union[str, os.PathLike], *,
+              check_location: Optional[Callable[[str], Optional[str]]] = None) -> RunSummary:
+    """The run's numbers; a step replayed after a restart counts once, from its latest attempt.
+    check_location: as for resolve_telemetry_root."""
     run_dir = os.fspath(run_dir)
-    root = resolve_telemetry_root(run_dir)
+    root = resolve_telemetry_root(run_dir, check_location=check_location)
     steps = load_table(root, "steps")
     events = load_table(root, "events")
     nodes = load_table(root, "nodes")
@@ -138,10 +152,12 @@ def summarize(run_dir: Union[str, os.PathLike]) -> RunSummary:
     )
 
 
-def write_report(run_dir: Union[str, os.PathLike]) -> str:
-    """Write `<run_dir>/report/loss.png` and `throughput.png`; return the text to print."""
+def write_report(run_dir: Union[str, os.PathLike], *,
+                 check_location: Optional[Callable[[str], Optional[str]]] = None) -> str:
+    """Write `<run_dir>/report/loss.png` and `throughput.png`; return the text to print.
+    check_location: as for resolve_telemetry_root."""
     run_dir = os.fspath(run_dir)
-    summary = summarize(run_dir)
+    summary = summarize(run_dir, check_location=check_location)
     lines = [_format_summary(summary)]
     events = load_table(summary.telemetry_root, "events")
     lines += restart_lines(load_table(summary.telemetry_root, "steps"), events)

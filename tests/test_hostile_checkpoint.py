@@ -661,3 +661,110 @@ def test_ckpt_verify_prints_one_failed_line_per_violation(tmp_path, edit, words)
     assert r.returncode == 1 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
     assert len(failed) == len(words) and all(any(w in line for line in failed) for w in words), r.stdout
     assert f"{len(words)} problem(s) in {path}" in r.stderr
+
+
+# ---- 8. path arguments that are not checkpoint folders (issue 24, finding 5) -------------------------
+
+SUPPORTED = "give a local path, or a file://, memory:// (one process only) or s3:// URL"
+
+
+@pytest.fixture
+def offline(monkeypatch, no_lookups):
+    """Every name lookup and every fsspec filesystem recorded and refused: a test that reaches
+    for the network fails here instead of leaving loopback. Returns the calls."""
+    import fsspec
+
+    from conftest import refuse
+
+    refuse(monkeypatch, no_lookups, fsspec.core, "url_to_fs", "fsspec.core.url_to_fs")
+    refuse(monkeypatch, no_lookups, fsspec, "filesystem", "fsspec.filesystem")
+    return no_lookups
+
+
+@pytest.mark.parametrize("argv", [
+    ["list", "ftp://x/ck"],
+    ["inspect", "ftp://x/ck/step-00000010"],
+    ["verify", "ftp://x/ck/step-00000010"],
+    ["export", "ftp://x/ck/step-00000010", "OUT"],
+    ["convert", "ftp://x/ck/step-00000010", "OUT", "--to", "dcp"],
+    ["convert", "ftp://x/dcp-10", "OUT", "--to", "tierzero"],
+    ["list", "ftp://x/ck::memory://y"],
+], ids=["list", "inspect", "verify", "export", "convert-to-dcp", "convert-to-tierzero", "chained"])
+def test_an_unsupported_url_exits_2_before_any_lookup(tmp_path, capsys, offline, argv):
+    from tierzero.launcher.cli import main
+
+    out = tmp_path / "out"
+    argv = [str(out) if a == "OUT" else a for a in argv]
+    code = main(["ckpt", *argv])
+    err = capsys.readouterr().err
+    assert offline == [] and code == 2, (offline, err)
+    assert f"tierzero ckpt {argv[0]}: {argv[1]!r} " in err and SUPPORTED in err and "Traceback" not in err, err
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("to", ["dcp", "tierzero"])
+def test_convert_to_a_url_exits_2_before_reading_the_source(tmp_path, capsys, offline, to):
+    from tierzero.launcher.cli import main
+
+    (tmp_path / "src").mkdir()  # never read: the destination is refused first
+    assert main(["ckpt", "convert", str(tmp_path / "src"), "ftp://x/out", "--to", to]) == 2
+    err = capsys.readouterr().err
+    assert offline == [] and "ftp://x/out: convert writes to a local path only" in err, (offline, err)
+
+
+ACTIONS = {  # action -> (argv after `ckpt`, what the path should have been)
+    "list": (["list", "PATH"], "not a checkpoints folder; give a folder such as runs/NAME/checkpoints"),
+    "inspect": (["inspect", "PATH"], "not a checkpoint step folder; give a folder such as runs/NAME/checkpoints/step-"),
+    "verify": (["verify", "PATH"], "not a checkpoint step folder; give a folder such as runs/NAME/checkpoints/step-"),
+    "export": (["export", "PATH", "OUT"], "not a checkpoint step folder; give a folder such as runs/NAME/checkpoints/"),
+    "convert-to-dcp": (["convert", "PATH", "OUT", "--to", "dcp"], "not a checkpoint folder; give a folder such as "),
+    "convert-to-tierzero": (["convert", "PATH", "OUT", "--to", "tierzero"], "not a DCP checkpoint folder; give a "),
+}
+
+
+def _ckpt_main(argv, path, out):
+    from tierzero.launcher.cli import main
+
+    return main(["ckpt", *[{"PATH": str(path), "OUT": str(out)}.get(a, a) for a in argv]])
+
+
+@pytest.mark.parametrize("action", list(ACTIONS))
+def test_a_file_where_a_checkpoint_folder_is_expected_exits_2_and_says_so(tmp_path, capsys, action):
+    argv, words = ACTIONS[action]
+    file = tmp_path / "passwd"
+    file.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    assert _ckpt_main(argv, file, tmp_path / "out") == 2
+    captured = capsys.readouterr()
+    assert f"{file} is a file, {words}" in captured.err and "Traceback" not in captured.err, captured.err
+    assert "no checkpoints under" not in captured.out and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("action", list(ACTIONS))
+def test_a_path_that_does_not_exist_exits_2_and_says_so(tmp_path, capsys, action):
+    argv, _ = ACTIONS[action]
+    missing = tmp_path / "no-such-folder"
+    assert _ckpt_main(argv, missing, tmp_path / "out") == 2
+    captured = capsys.readouterr()
+    assert f"{missing} does not exist; give a " in captured.err and "Traceback" not in captured.err, captured.err
+    assert "no checkpoints under" not in captured.out and sorted(os.listdir(tmp_path)) == []
+
+
+def test_folders_and_memory_urls_are_still_read(tmp_path, capsys):
+    from tierzero.launcher.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["ckpt", "list", str(tmp_path / "empty")]) == 0  # a folder with no checkpoints yet is no error
+    assert f"no checkpoints under {tmp_path / 'empty'}" in capsys.readouterr().out
+    root = f"memory://hostile-{uuid.uuid4().hex}/ckpt"
+    try:
+        store = CheckpointStore(root)  # a resumable one: a master and both moments, the data position
+        store.write_rank(10, 0, [Slice(f"{prefix}/w", (6, 7), "float32", 0, np.ones(42, np.float32))
+                                 for prefix in ("model", "optim.exp_avg", "optim.exp_avg_sq")])
+        store.commit(10, 1, {"step": 10, "next_sample": 160}, timeout_s=5)
+        assert main(["ckpt", "list", root]) == 0 and "committed" in capsys.readouterr().out
+        assert main(["ckpt", "verify", f"{root}/step-00000010"]) == 0
+        assert "every checksum matches" in capsys.readouterr().out
+    finally:
+        import fsspec
+
+        fsspec.filesystem("memory").rm(root.split("://", 1)[1].split("/", 1)[0], recursive=True)

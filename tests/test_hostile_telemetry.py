@@ -250,3 +250,70 @@ def test_an_unknown_protocol_in_telemetry_dir_is_a_config_error(tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "telemetry.dir='s4://bucket/telemetry' uses the protocol 's4', which tierzero does not support" in r.stderr
     assert "Traceback" not in r.stderr and not run_dir.exists()
+
+
+# ---- `tierzero report` given what is not a run folder (issue 24, finding 5) ----------------------
+
+
+def test_report_of_an_unsupported_url_exits_2_before_any_lookup(capsys, monkeypatch, no_lookups):
+    import fsspec
+
+    from tierzero.launcher.cli import main
+
+    def no_filesystem(*args, **kwargs):
+        raise AssertionError(f"fsspec.core.url_to_fs{args} called: the URL was not refused before any I/O")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", no_filesystem)
+    assert main(["report", "ftp://x/run"]) == 2
+    err = capsys.readouterr().err
+    assert no_lookups == [] and "tierzero report: 'ftp://x/run' uses the protocol 'ftp', which tierzero does not " \
+        "support; give a local path, or a file://, memory:// (one process only) or s3:// URL" in err, err
+
+
+@pytest.mark.parametrize("configured, words", [
+    ("ftp://x/telemetry", "'ftp://x/telemetry' uses the protocol 'ftp', which tierzero does not support; give a "
+                          "local path, or a file://"),
+    ("[1, 2]", "is '[1, 2]', not a path"),
+], ids=["ftp", "a-list"])
+def test_report_refuses_a_telemetry_dir_in_config_yaml_it_cannot_use(tmp_path, capsys, no_lookups, configured, words):
+    """config.yaml is a file anyone can edit: its telemetry.dir meets the rule the run's own did."""
+    from tierzero.launcher.cli import main
+
+    run_dir = tmp_path / "run"
+    (run_dir / "telemetry").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(f"telemetry:\n  dir: {configured}\n")
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert no_lookups == [] and f"tierzero report: telemetry.dir in {run_dir}/config.yaml" in err and words in err, err
+    assert "Traceback" not in err and sorted(os.listdir(run_dir)) == ["config.yaml", "telemetry"]
+
+
+def test_report_of_a_file_says_it_is_a_file(tmp_path, capsys):
+    from tierzero.launcher.cli import main
+
+    file = tmp_path / "passwd"
+    file.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    assert main(["report", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert f"tierzero report: run dir {file} is a file, not a run folder; pass the folder a run wrote" in err, err
+    assert "does not exist" not in err and os.listdir(tmp_path) == ["passwd"]
+
+
+def test_report_reads_a_run_under_a_url_as_typed(capsys):
+    """The argument reaches fsspec as typed: Path() would fold memory://x/run into a local memory:/x/run."""
+    import uuid
+
+    import fsspec
+
+    from tierzero.launcher.cli import main
+
+    bucket = f"report-{uuid.uuid4().hex}"
+    run_dir = f"memory://{bucket}/run"
+    try:
+        with Telemetry(fast_cfg(), f"{run_dir}/telemetry", "r1", 0, 0, "h") as tel:
+            tel.record("steps", step=3, loss=1.5)
+        assert main(["report", run_dir]) == 0, capsys.readouterr().err
+        assert "last step 3" in capsys.readouterr().out
+        assert fsspec.filesystem("memory").isfile(f"/{bucket}/run/report/loss.png")
+    finally:
+        fsspec.filesystem("memory").rm(f"/{bucket}", recursive=True)
