@@ -186,6 +186,14 @@ def marker_problems(data) -> List[str]:
     return problems
 
 
+RESUME_STATE = ("next_sample",)
+"""State a resume cannot do without (recipes/trainer.py continues the data stream there)."""
+MASTER = "model"
+MOMENTS = ("optim.exp_avg", "optim.exp_avg_sq")
+"""Tensor name prefixes (<prefix>/<parameter name>): every engine saves each parameter's fp32
+master weight and AdamW's two moments, all of the parameter's shape."""
+
+
 def state_problems(state, *, step: Optional[int] = None, required: Sequence[str] = ()) -> List[str]:
     """The training state a resume reads (recipes/trainer.py, checkpoint/saver.py, ckpt inspect):
     typed where present, and the `required` keys present."""
@@ -200,6 +208,29 @@ def state_problems(state, *, step: Optional[int] = None, required: Sequence[str]
         problems.append(f"state.step {state['step']} disagrees with the manifest's step {step}")
     if "versions" in state and not isinstance(state["versions"], dict):
         problems.append(f"state.versions {_short(state['versions'])} is not an object")
+    return problems
+
+
+def resume_problems(manifest: "Manifest") -> List[str]:
+    """What a resume would refuse that the manifest alone can tell (`tierzero ckpt verify`): the
+    training state it reads, and for every parameter its master weight and both moments, of one
+    shape. The model a resume builds can only need more (its config), never less."""
+    problems = state_problems(manifest.state, step=manifest.step, required=RESUME_STATE)
+    kinds: Dict[str, Dict[str, Tuple[int, ...]]] = {}  # parameter -> {prefix: shape}
+    for name, entry in manifest.tensors.items():
+        prefix, sep, param = name.partition("/")
+        if sep and prefix in (MASTER, *MOMENTS):
+            kinds.setdefault(param, {})[prefix] = tuple(entry.shape)
+    if not any(MASTER in k for k in kinds.values()):
+        problems.append(f"no {MASTER}/<parameter> tensor: there are no weights to resume")
+    for param, have in sorted(kinds.items()):
+        for prefix in (MASTER, *MOMENTS):
+            if prefix not in have:
+                problems.append(f"tensor {prefix}/{param} is not in the checkpoint: a resume needs every "
+                                "parameter's master weight and both AdamW moments")
+        if len(set(have.values())) > 1:
+            problems.append(f"parameter {param}: " + ", ".join(f"{p}/ is {list(shape)}" for p, shape in have.items())
+                            + ": a master and its moments have one shape")
     return problems
 
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
 
 import torch.distributed as dist
 
 from tierzero.checkpoint.config import CheckpointConfig
-from tierzero.checkpoint.manifest import layout_problems, state_problems
-from tierzero.checkpoint.store import CheckpointError, CheckpointStore, ResumeError, Slice, locate_step
+from tierzero.checkpoint.manifest import RESUME_STATE, layout_problems, state_problems
+from tierzero.checkpoint.store import CheckpointError, CheckpointStore, ReportTimeout, ResumeError, Slice, locate_step
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,44 @@ class Snapshot:
             self.waited_s += time.perf_counter() - t0
 
 
-RESUME_STATE = ("next_sample",)
-"""State a resume cannot do without (recipes/trainer.py continues the data stream there)."""
-
-
 @dataclass
 class Resumed:
     step: int
     state: dict
     path: str
+
+
+@dataclass(frozen=True)
+class SaveOutcome:
+    """How a run's saves ended, the same on every rank (rank 0 commits, so it sees every failure)."""
+    failed: Dict[int, str] = field(default_factory=dict)
+    """Step -> why its save failed (a later successful save of the same step removes it)."""
+    last_asked: Optional[int] = None
+    """The last step that asked for a save."""
+    newest_step: Optional[int] = None
+    """The newest committed checkpoint in checkpoint.dir that passes a reader's checks, and its URL."""
+    newest_url: Optional[str] = None
+    kept: Dict[int, str] = field(default_factory=dict)
+    """Step -> why the folder of a failed save could not be removed (else it is gone)."""
+
+    @property
+    def lost(self) -> bool:
+        """The newest usable checkpoint is older than the last step that asked for one."""
+        return self.last_asked is not None and (self.newest_step is None or self.newest_step < self.last_asked)
+
+    def words(self) -> str:
+        """One line: which saves failed, why (the first), and what a rerun resumes from."""
+        steps = sorted(self.failed)
+        why = self.failed[steps[0]] if steps else ""
+        newest = (f"the newest usable checkpoint is {self.newest_url} (step {self.newest_step})"
+                  if self.newest_step is not None else "no usable checkpoint was committed")
+        kept = f"; not removed: {'; '.join(self.kept.values())}" if self.kept else ""
+        return (f"checkpoint save(s) at step(s) {', '.join(map(str, steps))} failed ({_cut(why)}); {newest}{kept}")
+
+
+def _cut(text: str, n: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 class Checkpointer:
@@ -70,6 +99,11 @@ class Checkpointer:
         self._error: Optional[BaseException] = None
         self.last_save_s = 0.0
         """Seconds the training loop spent in the last save() call (its stall)."""
+        self.failed: Dict[int, str] = {}
+        """Step -> why this rank's save of it failed (rank 0: any rank's, through the commit)."""
+        self.kept: Dict[int, str] = {}
+        """Rank 0: step -> why a failed save's folder could not be removed."""
+        self.last_asked: Optional[int] = None
 
     # ---- saving --------------------------------------------------------------------------
     def due(self, step: int, last_step: int) -> bool:
@@ -81,6 +115,7 @@ class Checkpointer:
         the background with checkpoint.async_save, else before returning."""
         t0 = time.perf_counter()
         self.wait()  # the previous save first: one in flight at a time
+        self.last_asked = step
         views = engine.checkpoint_slices()
         # a GPU engine's slices are its own pinned host buffers, filled by device-to-host copies
         # on a side stream it has only issued: this waits for them (None: the data is there)
@@ -157,10 +192,27 @@ class Checkpointer:
                                            on_spared=lambda s, why: self.event("warning", why, step))
                 detail = f"committed {self.store.url(step)}" + (f"; deleted steps {deleted}" if deleted else "")
                 self.event("checkpoint", detail, step)
+            self.failed.pop(step, None)
         except Exception as e:  # an event, never a commit; the loop decides by checkpoint.on_error
             self._error = e
+            self.failed[step] = str(e)
             self.event("error", f"checkpoint step {step} failed: {e}", step)
             log.error("checkpoint step %d failed: %s", step, e)
+            if self.rank == 0:
+                self._discard(step, token, waited=isinstance(e, ReportTimeout))
+
+    def _discard(self, step: int, token: str, *, waited: bool) -> None:
+        """Rank 0: remove the folder of a failed save (half-written files help nobody and fill the
+        disk further); `waited`: the commit already waited its timeout for the other ranks."""
+        try:
+            kept = self.store.discard(step, self.world_size, token, 0.0 if waited else self.commit_timeout_s)
+        except Exception as e:  # best effort: the failure itself is already recorded
+            kept = f"{self.store.url(step)} left in place ({type(e).__name__}: {e})"
+        if kept is None:
+            self.kept.pop(step, None)
+        else:
+            self.kept[step] = kept
+            log.warning("%s", kept)
 
     def wait(self) -> None:
         """Block until the background save (if any) is done; raise if it failed and
@@ -169,6 +221,29 @@ class Checkpointer:
             self._thread.join()
             self._thread = None
         self._raise_if_stopping()
+
+    def outcome(self) -> SaveOutcome:
+        """How this run's saves ended, after wait(): rank 0's view (it commits, so it sees every
+        rank's failure) with the newest committed checkpoint a reader accepts, on every rank.
+        A collective when several ranks run and any save was asked for (every rank saves at the
+        same steps, so every rank knows whether one was)."""
+        if self.last_asked is None:
+            return SaveOutcome()
+        out = None
+        if self.rank == 0:
+            newest_step = newest_url = None
+            for step in reversed(self.store.committed()):
+                _, problems = self.store.checked(self.store.step_path(step))  # metadata only
+                if not problems:
+                    newest_step, newest_url = step, self.store.url(step)
+                    break
+            out = SaveOutcome(dict(sorted(self.failed.items())), self.last_asked, newest_step, newest_url,
+                              dict(sorted(self.kept.items())))
+        if self.world_size > 1 and dist.is_initialized():
+            box = [out]
+            dist.broadcast_object_list(box, src=0)
+            out = box[0]
+        return out
 
     def _raise_if_stopping(self) -> None:
         if self._error is not None:

@@ -38,7 +38,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from tierzero.checkpoint.manifest import (FORMAT, ITEMSIZE, MAX_MANIFEST_BYTES, MAX_MARKER_BYTES, STAMP, Manifest,
-                                          ManifestError, Piece, TensorEntry, coverage_problems, crc32,
+                                          ManifestError, Piece, TensorEntry, coverage_problems, crc32, resume_problems,
                                           file_name_problem, load_json, marker_problems, merge, reads_for, retained,
                                           step_dirname, summary, validate)
 
@@ -50,6 +50,9 @@ _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _OURS = re.compile(r"^(shard-\d{5,}\.bin|rank-\d{5,}(\.[A-Za-z0-9]+)?\.(json|error)|manifest\.json|COMMITTED|"
                    r"\.tierzero|\.tz-.+\.tmp|\.rank-.+\.tmp)$")
 """Every name tierzero writes into a step folder (temp names included)."""
+FAILED_GRACE_S = 60.0
+"""Once a rank reported that a save failed, how long rank 0 still waits for the other reports (a
+rank on a full disk may not manage to write even its error report)."""
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 DCP_METADATA = ".metadata"
 """The file torch.distributed.checkpoint (DCP) writes last into a checkpoint folder."""
@@ -61,6 +64,10 @@ class CheckpointError(RuntimeError):
 
 class ResumeError(CheckpointError):
     """checkpoint.resume names a checkpoint that cannot be loaded: the user's to fix."""
+
+
+class ReportTimeout(CheckpointError):
+    """Some rank did not report on a save in time: it may still be writing into the step folder."""
 
 
 class NotOurs(CheckpointError):
@@ -362,35 +369,42 @@ class CheckpointStore:
             raise CheckpointError(f"rank {rank} could not write checkpoint step {step} to {self.url(step)}: "
                                   f"{type(e).__name__}: {e}") from e
 
-    def _reports(self, step: int, world_size: int, token: str, timeout_s: float,
-                 poll_s: float) -> Tuple[Dict[int, dict], Set[str]]:
-        """Rank 0: every rank's report of this save attempt (raises on an .error or the timeout)."""
-        base = self.step_path(step)
+    def _reports(self, step: int, world_size: int, token: str, timeout_s: float, poll_s: float,
+                 skip: Iterable[int] = ()) -> Tuple[Dict[int, dict], Dict[int, str], Set[str]]:
+        """Rank 0: every rank's report of this save attempt, once each has written its part or
+        its error: ({rank: part}, {rank: why it failed}, the names in the folder). Waiting for
+        all of them, not only the first error, means no rank still writes into the folder
+        afterwards (so a failed save can be removed whole). ReportTimeout when some rank has
+        not reported within `timeout_s`. Ranks in `skip` need no report (rank 0 knows its own)."""
+        base, skip = self.step_path(step), tuple(skip)
         deadline = time.monotonic() + timeout_s
         parts: Dict[int, dict] = {}
+        failed: Dict[int, str] = {r: "" for r in skip}
         wait_s = poll_s
         while True:
             # one listing per poll (on S3 each exists() of a missing key costs requests)
             present = set(self._listing(base))
             for r in range(world_size):
-                if r in parts:
+                if r in parts or r in failed:
                     continue
                 if report_name(r, token, "error") in present:
                     why = self._read_small(f"{base}/{report_name(r, token, 'error')}", 1 << 16)
-                    raise CheckpointError(f"checkpoint step {step} not committed: rank {r} failed: "
-                                          f"{why.decode(errors='replace')}")
-                if report_name(r, token, "json") in present:
+                    failed[r] = why.decode(errors="replace")
+                elif report_name(r, token, "json") in present:
                     try:
                         parts[r] = load_json(self._read_small(f"{base}/{report_name(r, token, 'json')}",
                                                               MAX_MANIFEST_BYTES))
                     except ManifestError:  # not there yet (a store without atomic rename)
                         continue
-            if len(parts) == world_size:
-                return parts, present
+            if len(parts) + len(failed) == world_size:
+                return parts, failed, present
+            if len(failed) > len(skip):  # the save failed: the others get a grace, not the whole timeout
+                deadline = min(deadline, time.monotonic() + FAILED_GRACE_S)
             if time.monotonic() > deadline:
-                missing = sorted(set(range(world_size)) - set(parts))
-                raise CheckpointError(f"checkpoint step {step} not committed: no report from rank(s) {missing} "
-                                      f"within {timeout_s:.0f} s")
+                missing = sorted(set(range(world_size)) - set(parts) - set(failed))
+                also = "".join(f"; rank {r} failed: {why}" for r, why in sorted(failed.items()))
+                raise ReportTimeout(f"checkpoint step {step} not committed: no report from rank(s) {missing} "
+                                    f"within {timeout_s:.0f} s{also}")
             time.sleep(wait_s)
             wait_s = min(1.0, wait_s * 1.5)  # quick for small saves, cheap for long ones
 
@@ -399,7 +413,10 @@ class CheckpointStore:
         """Rank 0: wait for every rank's json, merge, check the manifest as a reader would,
         write it, then COMMITTED (with checkpoint.fsync, each durable before the next)."""
         base = self.step_path(step)
-        parts, present = self._reports(step, world_size, token, timeout_s, poll_s)
+        parts, failed, present = self._reports(step, world_size, token, timeout_s, poll_s)
+        if failed:
+            raise CheckpointError(f"checkpoint step {step} not committed: " + "; ".join(
+                f"rank {r} failed: {why}" for r, why in sorted(failed.items())))
         try:
             manifest = merge(step, [parts[r] for r in range(world_size)], state)
             text = manifest.to_json()
@@ -510,6 +527,41 @@ class CheckpointStore:
         except OSError as e:
             log.warning("%s not removed: %s (something other than tierzero wrote into it)", base, e.strerror)
         return True
+
+    def discard(self, step: int, world_size: int, token: str, timeout_s: float, poll_s: float = 0.05) -> Optional[str]:
+        """Rank 0, after its save of `step` failed: once every other rank has reported on this
+        attempt (its part or its error, so none still writes there), remove the step folder if
+        tierzero can prove it wrote it and no commit marker is in it. None when it is gone (or was
+        never made); else why it stays."""
+        base = self.step_path(step)
+        if self.local and not os.path.isdir(base):
+            return None  # never made (or not a folder): nothing to remove, nobody writes there
+        try:
+            self._reports(step, world_size, token, min(timeout_s, FAILED_GRACE_S), poll_s, skip=(0,))
+        except CheckpointError as e:  # a rank that never reported may still be writing there
+            return f"{base} left in place ({e})"
+        listing = self._listing(base)
+        if COMMITTED in listing:
+            return f"{base} left in place: it holds a {COMMITTED} marker"
+        if self.local and not listing:
+            try:  # only an empty folder goes, whoever made it: nothing in it can be lost
+                os.rmdir(base)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                return f"{base} left in place: {e.strerror}"
+            return None
+        if not listing:  # an object store: nothing under the prefix (memory:// may keep a pseudo-folder)
+            try:
+                self.fs.rmdir(base)
+            except OSError:
+                pass
+            return None
+        why, _ = self._examine(step)
+        if why is not None:
+            return f"{base} left in place: it {why}"
+        self._delete(step, None)
+        return None
 
     def prune(self, keep: int, keep_every: int,
               on_spared: Optional[Callable[[int, str], None]] = None) -> List[int]:
@@ -685,12 +737,15 @@ class CheckpointStore:
 
         return read
 
-    def verify(self, step_path: str) -> Tuple[Optional[Manifest], List[str]]:
-        """Every check of the manifest, then every piece of every tensor read back and checked;
+    def verify(self, step_path: str, *, resumable: bool = False) -> Tuple[Optional[Manifest], List[str]]:
+        """Every check of the manifest (with `resumable`, also what a resume needs that it alone can
+        tell: manifest.resume_problems), then every piece of every tensor read back and checked;
         the problems, one line each."""
         manifest, problems = self.checked(step_path)
         if problems:
             return None, problems
+        if resumable:
+            problems = [f"{step_path}/{MANIFEST}: {p}" for p in resume_problems(manifest)]
         for entry in manifest.tensors.values():
             for piece in entry.pieces:
                 try:

@@ -30,6 +30,10 @@ a time limit) does not depend on how fast the machine trains."""
 FAULT_SLOW_SAVE = "TIERZERO_FAULT_SLOW_SAVE"
 """`<step>:<seconds>`: every rank pauses that long after writing its checkpoint data of that step
 and before reporting it, so a kill -9 in the pause leaves a torn checkpoint."""
+FAULT_SAVE_ENOSPC = "TIERZERO_FAULT_SAVE_ENOSPC"
+"""`<rank>:<step>[,<rank>:<step> ...]`: that rank's save of that step fails with ENOSPC (disk full)
+after writing its data and before reporting it, as a full disk would (where no small tmpfs can be
+mounted)."""
 FAULT_BENCH = "TIERZERO_BENCH_FAULT"
 """`<op>`: `tierzero bench` adds 1 to one output element of that collective on the first rank of
 every group after the checked call (the checker must count it)."""
@@ -62,6 +66,8 @@ class FaultSpec:
     slow_save: Optional[Tuple[int, float]] = None
     """(step, seconds)"""
     bench_corrupt_op: Optional[str] = None
+    save_enospc: FrozenSet[Tuple[int, int]] = frozenset()
+    """(rank, step) pairs"""
 
     @property
     def any(self) -> bool:
@@ -110,6 +116,8 @@ def read_faults(env: Mapping[str, str]) -> FaultSpec:
     except ValueError:
         raise ValueError(f"environment variable {FAULT_SLOW_STEP_S}={env[FAULT_SLOW_STEP_S]!r} is not a number "
                          "of seconds") from None
+    enospc = frozenset(_pair({FAULT_SAVE_ENOSPC: part}, FAULT_SAVE_ENOSPC, "a list of <rank>:<step> such as 1:6,0:9")
+                       for part in env.get(FAULT_SAVE_ENOSPC, "").split(",") if part.strip())
     return FaultSpec(nan_steps=nan, hang=_pair(env, FAULT_HANG, "<rank>:<step>"), slow_step_s=slow,
                      slow_save=_pair(env, FAULT_SLOW_SAVE, "<step>:<seconds>", float),
-                     bench_corrupt_op=env.get(FAULT_BENCH) or None)
+                     bench_corrupt_op=env.get(FAULT_BENCH) or None, save_enospc=enospc)

@@ -8,6 +8,8 @@ hooks and none of this runs.
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 
 from tierzero.launcher.envvars import FaultSpec
@@ -36,3 +38,5 @@ class FaultHooks(Hooks):
     def checkpoint_written(self, step: int) -> None:
         if self.spec.slow_save is not None and self.spec.slow_save[0] == step:
             time.sleep(self.spec.slow_save[1])
+        if (self.rank, step) in self.spec.save_enospc:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

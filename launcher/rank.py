@@ -149,10 +149,9 @@ def train_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
     finally:
         tel.close()
     stops.ignore_from_now()  # a signal after the last step is ignored, not fatal (nor a reason to requeue)
-    if launch.rank == 0:
-        _say_done(result, paths)
+    code = _conclude(result, paths) if launch.rank == 0 else _verdict(result)
     leave(joined)
-    return Exit.OK
+    return code
 
 
 def _without_secrets(cfg: RunConfig) -> RunConfig:
@@ -165,10 +164,30 @@ def _without_secrets(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, slurm=dataclasses.replace(cfg.slurm, setup=redacted))
 
 
-def _say_done(result, paths: RunPaths) -> None:
+def _verdict(result) -> Exit:
+    """Exit.CHECKPOINT_LOST when the run's newest usable checkpoint is older than its last save
+    asked for (every rank knows the same SaveOutcome), else OK."""
+    return Exit.CHECKPOINT_LOST if result.saves is not None and result.saves.lost else Exit.OK
+
+
+def _conclude(result, paths: RunPaths) -> Exit:
+    """Rank 0's last words: the summary, then which saves failed and what a rerun resumes from."""
+    code, saves = _verdict(result), result.saves
+    _say_done(result, paths, verb="trained" if code == Exit.CHECKPOINT_LOST else "done")
+    if saves is not None and saves.failed:
+        # the last line a person (or a Slurm output file) sees: what was lost, what a rerun resumes
+        rerun = (f"; fix the storage (checkpoint.dir) and run again with the same run.dir to resume from step "
+                 f"{saves.newest_step}" if saves.newest_step is not None else
+                 "; fix the storage (checkpoint.dir): a rerun would start over")
+        lost = f"{rerun}; exit {Exit.CHECKPOINT_LOST:d}" if code == Exit.CHECKPOINT_LOST else ""
+        print(f"tierzero: {saves.words()}{lost}", file=sys.stderr, flush=True)
+    return code
+
+
+def _say_done(result, paths: RunPaths, verb: str = "done") -> None:
     floor = result.entropy_floor_nats
     gap = f" | gap {result.final_loss - floor:+.4f} nats" if floor is not None else ""
     floor_s = f"{floor:.4f} nats" if floor is not None else "unknown (real data)"
-    print(f"done: {len(result.losses)} steps in {result.wall_s:.1f} s | final loss {result.final_loss:.4f} "
+    print(f"{verb}: {len(result.losses)} steps in {result.wall_s:.1f} s | final loss {result.final_loss:.4f} "
           f"(mean of last {min(10, len(result.losses))} steps) | entropy floor {floor_s}{gap}", flush=True)
     print(f"run dir: {paths.run_dir}  (tierzero report {paths.run_dir})", flush=True)

@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from tierzero.launcher.config import ConfigError, RunConfig
 from tierzero.launcher.envvars import SupervisedRank
-from tierzero.launcher.exitcodes import VERDICTS, Exit, killed_by
+from tierzero.launcher.exitcodes import VERDICT_WORDS, VERDICTS, Exit, killed_by
 from tierzero.launcher.rundir import RunPaths, clear_heartbeats, find_hang, next_attempt, read_heartbeats
 from tierzero.launcher.signals import signal_number
 
@@ -315,8 +315,7 @@ class _Attempt:
             return self.stopped(codes), None
         verdict = next((c for c in VERDICTS if c in codes), None)
         if verdict is not None:
-            self.events.event("error", detail=f"ranks exited with {verdict:d}: " + (
-                "wrong results" if verdict == Exit.WRONG_RESULTS else "a user error (see the message above)"))
+            self.events.event("error", detail=f"ranks exited with {verdict:d}: {VERDICT_WORDS[verdict]}")
             return verdict, None
         self.events.event("end", detail=f"all {self.nproc} ranks finished in {time.monotonic() - self.t0:.1f} s")
         print(f"tierzero: {self.nproc} ranks finished in {time.monotonic() - self.t0:.1f} s", flush=True)

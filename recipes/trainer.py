@@ -104,6 +104,8 @@ class TrainResult:
     """(step, global mean held-out loss) per evaluation (train.eval_every)."""
     cross_node: List[List[List[int]]] = field(default_factory=list)
     """MoE: per step and layer, [kept assignments to experts on other nodes, rows sent across for them], every rank."""
+    saves: Optional[object] = None
+    """How the run's checkpoint saves ended (checkpoint.saver.SaveOutcome); None when it saves none."""
 
     @property
     def final_loss(self) -> float:
@@ -128,10 +130,14 @@ class StopRequested(Exception):
     """A stop signal (SIGTERM, SIGINT, launcher.requeue_signal) reached a rank: every rank
     finished step `step` and committed a checkpoint of it; the run is to be started again."""
 
-    def __init__(self, signame: str, step: int, checkpoint: Optional[str]):
+    def __init__(self, signame: str, step: int, checkpoint: Optional[str], failed: Optional[str] = None):
         self.signame, self.step, self.checkpoint = signame, step, checkpoint
-        saved = f"checkpoint of step {step} committed ({checkpoint})" if checkpoint else \
-            "no checkpoint (this run saves none: its engine cannot): a new run starts over"
+        if failed:  # checkpoint.on_error=continue: the stop's own save failed
+            saved = f"but {failed}"
+        elif checkpoint:
+            saved = f"checkpoint of step {step} committed ({checkpoint})"
+        else:
+            saved = "no checkpoint (this run saves none: its engine cannot): a new run starts over"
         super().__init__(f"{signame}: stopped after step {step}; {saved}")
 
 
@@ -295,6 +301,7 @@ class Trainer:
                     self.stop(state, signame)
         if self.ckpt is not None:
             self.ckpt.wait()
+            self.result.saves = self.ckpt.outcome()  # every rank the same: which saves failed, what is usable
         self.result.wall_s = time.perf_counter() - t_start
         self.telemetry.event("end", detail=f"final_loss={self.result.final_loss:.6f}", step=steps)
         return self.result
@@ -435,15 +442,17 @@ class Trainer:
 
     def stop(self, state: TrainState, signame: str) -> None:
         """Every rank stops after `state.step`, once its checkpoint is committed."""
-        path = None
+        path = failed = None
         if self.ckpt is not None:
             self.ckpt.wait()
+            # rank 0 commits inside its wait, and this is a collective: no rank exits before the
+            # commit (under srun --kill-on-bad-exit the first rank out makes Slurm stop the others)
+            saves = self.ckpt.outcome()
             path = self.ckpt.store.step_path(state.step)
-        if self.ctx.world_size > 1:
-            # rank 0 commits inside its wait: no rank may exit before that (under srun
-            # --kill-on-bad-exit the first rank out makes Slurm stop the others at once)
+            failed = saves.words() if state.step in saves.failed else None
+        elif self.ctx.world_size > 1:
             dist.barrier()
-        raise StopRequested(signame, state.step, path)
+        raise StopRequested(signame, state.step, path, failed)
 
     # ---- resume, state, words ------------------------------------------------------------------
     def resume(self) -> TrainState:

@@ -292,7 +292,9 @@ def test_a_save_that_cannot_be_written_is_an_event_not_a_commit(tmp_path):
     common = [*SMALL, "train.steps=4", "launcher.nproc=2", "checkpoint.every_steps=2",
               f"checkpoint.dir={blocker}/ckpt"]
     run_dir = tmp_path / "continue"
-    _cli(["run", *common, f"run.dir={run_dir}"], tmp_path)  # on_error=continue: training finishes
+    # on_error=continue: training finishes, but no save of it is usable: exit 4 (Exit.CHECKPOINT_LOST)
+    r = _cli(["run", *common, f"run.dir={run_dir}"], tmp_path, expect=4)
+    assert "step(s) 2, 4 failed" in r.stderr and "no usable checkpoint" in r.stderr
     errors = [e for e in _events(run_dir, "error") if "checkpoint step" in e["detail"]]
     assert errors and sorted(_losses(run_dir)) == [1, 2, 3, 4]
     r = _cli(["run", *common, "checkpoint.on_error=stop", f"run.dir={tmp_path / 'stop'}"], tmp_path, expect=1)
@@ -310,10 +312,11 @@ def test_disk_full_during_a_save_commits_nothing(tmp_path):
     try:
         run_dir = tmp_path / "full"
         _cli(["run", *SMALL, "train.steps=4", "launcher.nproc=2", "checkpoint.every_steps=2",
-              f"checkpoint.dir={mnt}/ckpt", f"run.dir={run_dir}"], tmp_path)
+              f"checkpoint.dir={mnt}/ckpt", f"run.dir={run_dir}"], tmp_path, expect=4)  # Exit.CHECKPOINT_LOST
         errors = [e for e in _events(run_dir, "error") if "checkpoint step" in e["detail"]]
         assert errors and any("No space left" in e["detail"] for e in errors), errors
         assert not list(mnt.glob("ckpt/*/COMMITTED"))
+        assert not list(mnt.glob("ckpt/step-*"))  # nor a half-written step folder
     finally:
         subprocess.run(["umount", str(mnt)])
 

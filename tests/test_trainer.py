@@ -15,7 +15,7 @@ import pytest
 from reference import Recorder
 
 from tierzero.checkpoint.config import CheckpointConfig
-from tierzero.checkpoint.saver import Resumed
+from tierzero.checkpoint.saver import Resumed, SaveOutcome
 from tierzero.parallel.context import DistContext
 from tierzero.parallel.engines.base import StepStats
 from tierzero.parallel.topology import emulated_topology
@@ -67,6 +67,11 @@ class FakeCheckpointer:
 
     def wait(self) -> None:
         return None  # saves are synchronous here
+
+    def outcome(self) -> SaveOutcome:
+        """Every save here succeeds."""
+        newest = max(self.saves, default=None)
+        return SaveOutcome({}, newest, newest, None if newest is None else self.store.step_path(newest))
 
     def resume(self, engine, mode=None):
         if not self.saves:
