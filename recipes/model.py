@@ -22,6 +22,7 @@ from torch import nn
 
 from tierzero.parallel.moe import MoEConfig, MoEFeedForward, SwiGLU  # noqa: F401 (SwiGLU re-exported)
 from tierzero.recipes.config import ModelConfig, default_ffn_hidden, model_errors  # noqa: F401 (re-exported)
+from tierzero.recipes.planning import loss_chunk_tokens
 
 INIT_STD = 0.02
 INIT_CHUNK = 1 << 18
@@ -211,6 +212,14 @@ class Transformer(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(x))  # [b, t, d_model] -> [b, t, vocab_size]
 
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean next-token loss from the last block's output, x [b, t, d_model] in the compute
+        dtype and targets [b, t] (int64) -> a float32 scalar: loss_fn(self.head(x), targets) within
+        float32 rounding, gradients included, but the logits are never held for the whole batch
+        (linear_cross_entropy: chunk by chunk). Under torch.no_grad it builds no autograd state."""
+        h = self.norm(x)  # plain autograd: the norm's weight gets its gradient through h
+        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output.weight, targets.reshape(-1))
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, t] (int64) -> logits [b, t, vocab_size] in the parameters' dtype."""
         x = self.embed(tokens)
@@ -239,6 +248,96 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, moe: Optional[M
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in nats; logits [b, t, V], targets [b, t]. Computed in float32."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+IGNORE_INDEX = -100
+"""A target that counts for nothing: F.cross_entropy's default ignore_index, which loss_fn keeps."""
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_tokens: Optional[int] = None) -> torch.Tensor:
+    """loss_fn(F.linear(h, weight), targets) for h [N, d] and weight [V, d] in one dtype and
+    targets [N] (int64), without the [N, V] logits: `chunk_tokens` tokens at a time
+    (recipes.planning.loss_chunk_tokens: one chunk's float32 logits within 256 MiB).
+
+    The gradients are made in the forward, chunk by chunk, while the chunk's softmax is at hand
+    (_LinearCrossEntropy), as Liger-Kernel's fused linear cross-entropy does (Hsu et al. 2024,
+    "Liger Kernel", arXiv:2410.10989): no recomputation, so the FLOPs are the plain loss's, and
+    the backward needs neither the logits nor the weight. The norm before it stays plain autograd
+    (Transformer.head_loss)."""
+    chunk = chunk_tokens or loss_chunk_tokens(weight.shape[0])
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, targets, chunk)
+    with torch.no_grad():
+        return _chunk_loss(h, weight, targets, chunk, None, None)
+
+
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                grad_h: Optional[torch.Tensor], grad_w: Optional[torch.Tensor]) -> torch.Tensor:
+    """The mean cross-entropy of F.linear(h, weight) against targets, `chunk` rows at a time,
+    with autograd off; where given, writes d loss / d h into grad_h [N, d] (in the compute
+    dtype, as the plain loss's backward makes it) and adds d loss / d weight into grad_w [V, d]
+    (float32, zeroed by the caller: a sum over chunks, rounded to the compute dtype once, by the
+    caller, as the plain backward's one matmul rounds it once).
+
+    Per chunk, in float32 and in place: z = logits, lse = max + log sum exp(z - max) (what
+    log_softmax computes), loss = lse - z[target]; d loss / d z = (softmax(z) - onehot) / N."""
+    valid = targets != IGNORE_INDEX
+    count = valid.sum()  # the mean's N, kept on the device (no host read)
+    safe = targets.masked_fill(~valid, 0)  # an ignored row reads column 0 and weighs 0
+    weigh = valid.float() / count if grad_h is not None or grad_w is not None else None
+    total = h.new_zeros((), dtype=torch.float32)
+    for lo in range(0, h.shape[0], chunk):
+        hi = min(lo + chunk, h.shape[0])
+        t = safe[lo:hi, None]  # [n, 1]
+        z = F.linear(h[lo:hi], weight).float()  # [n, V] float32; the compute-dtype copy is gone
+        target_logit = z.gather(1, t)
+        zmax = z.amax(1, keepdim=True)
+        sum_exp = z.sub_(zmax).exp_().sum(1, keepdim=True)
+        row_loss = (zmax + sum_exp.log() - target_logit).squeeze(1)  # [n]
+        total += row_loss.masked_fill(~valid[lo:hi], 0).sum()
+        if weigh is None:
+            del z
+            continue
+        z.div_(sum_exp).scatter_add_(1, t, torch.full_like(target_logit, -1.0))  # softmax - onehot
+        dz = z.mul_(weigh[lo:hi, None]).to(h.dtype)  # [n, V]: d loss / d logits, as autograd casts it
+        if grad_h is not None:
+            torch.mm(dz, weight, out=grad_h[lo:hi])
+        if grad_w is not None and dz.dtype == grad_w.dtype:
+            grad_w.addmm_(dz.t(), h[lo:hi])
+        elif grad_w is not None:  # a 16-bit chunk's [V, d] rounded once, summed in float32
+            grad_w.add_(dz.t() @ h[lo:hi])  # (addmm_ takes no mixed dtypes)
+        del z, dz  # before the next chunk's logits exist: one chunk at a time
+    return total / count
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """linear_cross_entropy with its gradients computed in the forward (_chunk_loss) and kept
+    for the backward, which only scales them by the loss's incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h, memory_format=torch.contiguous_format) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        loss = _chunk_loss(h, weight, targets, chunk, grad_h, grad_w)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        # saved, not ctx attributes: autograd frees them as soon as this backward has run, and a
+        # second backward through a retained graph fails (they are scaled in place) instead of
+        # silently scaling twice
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad_loss)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_loss)
+        return grad_h, grad_w, None, None
 
 
 def num_params(model: nn.Module) -> int:

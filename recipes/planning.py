@@ -74,9 +74,10 @@ def activation_bytes(train_cfg: TrainConfig, model_cfg: ModelConfig, moe_cfg: Op
     token visits (top_k + shared experts, each expert_hidden wide), plus the dispatch's copies of
     each routed token (4 top_k s b h: gathered, regrouped, expert output, weighted) and the
     router's float32 logits and scores (12 E s b bytes). Scaled by the compute dtype; plus the
-    logits, s b V in the compute dtype and twice in float32 (the cross-entropy's copy
-    and its gradient). With train.activation_checkpointing=blocks: every block's input (L s b h)
-    and one block's whole set, the one being recomputed."""
+    loss's one chunk of logits (loss_chunk_bytes: the chunked linear + cross-entropy of
+    recipes.model.head_loss never holds the whole micro-batch's). With
+    train.activation_checkpointing=blocks: every block's input (L s b h) and one block's whole
+    set, the one being recomputed."""
     s, b, h, L = seq_len, train_cfg.micro_batch_size, model_cfg.d_model, model_cfg.n_layers
     if not h:
         return 0.0
@@ -88,11 +89,40 @@ def activation_bytes(train_cfg: TrainConfig, model_cfg: ModelConfig, moe_cfg: Op
         m = (moe_cfg.expert_hidden or hidden) / (4 * h) * (moe_cfg.top_k + moe_cfg.shared_experts)
         dispatch, router = 4 * moe_cfg.top_k, 12 * moe_cfg.num_experts * s * b
     per_layer = s * b * h * (11 + 19 * m + 4 + dispatch) * dtype_bytes(train_cfg) / 2 + router
-    logits = s * b * vocab_size * (dtype_bytes(train_cfg) + 8)
+    logits = loss_chunk_bytes(s * b, vocab_size, h, dtype_bytes(train_cfg))
     if getattr(train_cfg, "activation_checkpointing", "none") == "blocks":
         # each block keeps its input; the one being recomputed holds its whole set again
         return L * s * b * h * dtype_bytes(train_cfg) + per_layer + logits
     return L * per_layer + logits
+
+
+LOSS_CHUNK_BYTES = 256 * 2**20
+"""The most bytes one chunk of the chunked loss's float32 logits may take (recipes.model.head_loss):
+at vocab 50,304 that is 1,280 tokens a chunk, 7 chunks for micro-batch 2 x seq 4096, whose
+logits in float32 would take 1.5 GiB at once. Big enough that a chunk's matmuls stay efficient
+(1,280 x d_model x 50,304), small beside the activations."""
+
+
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk of the chunked linear + cross-entropy (recipes.model.head_loss): as many
+    as keep one chunk's float32 logits within LOSS_CHUNK_BYTES, rounded down to a multiple of 128
+    where there are that many, so the chunk's matmuls keep tensor-core-friendly shapes."""
+    n = max(1, LOSS_CHUNK_BYTES // (4 * max(1, vocab_size)))
+    return n - n % 128 if n >= 128 else n
+
+
+def loss_chunk_bytes(num_tokens: int, vocab_size: int, d_model: int, dtype_bytes: int) -> int:
+    """The loss's peak above the activations for `num_tokens` tokens (recipes.model._chunk_loss):
+    one chunk's logits in float32 (their softmax, then their gradient, in place); for a 16-bit
+    compute dtype also the chunk's logits as the matmul writes them, then their gradient cast
+    back for the matmuls, and the output weight's gradient summed over the chunks in float32
+    beside one chunk's share of it (4 + 2 bytes per weight). Its gradients w.r.t. the hidden
+    states and the weight, in the compute dtype, are what the plain loss's backward makes too
+    (the plan's buffers count the weight's)."""
+    tokens = min(num_tokens, loss_chunk_tokens(vocab_size))
+    if dtype_bytes == 4:
+        return tokens * vocab_size * 4
+    return tokens * vocab_size * (4 + dtype_bytes) + vocab_size * d_model * (4 + dtype_bytes)
 
 
 def dtype_bytes(train_cfg: TrainConfig) -> int:
