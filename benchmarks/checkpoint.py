@@ -9,10 +9,13 @@ weights + exp_avg + exp_avg_sq, 12 bytes per parameter over the 4 ranks (~613 MB
 Everything goes to the local filesystem under one temp dir (--dir; its `df -T` line is
 printed). Each timed region is barrier .. barrier on every rank; the figure is the slowest
 rank's (MAX all-reduce). Contenders alternate --repeats times (order rotated), medians shown.
+Between trials every rank touches and frees 1.25x its bytes, so no contender writes into free
+pages the VM's balloon has handed back to the host (refault_free_memory).
 
 1. save vs a plain write: `Checkpointer.save(step, engine, state)` (checkpoint.async_save=
-   false: engine.checkpoint_slices() host copy, crc32, shard + rank json, rank 0 waits for
-   every rank, merges and writes manifest + COMMITTED) against each rank writing the same
+   false: engine.checkpoint_slices() host copy, piece checksums (xxh3_64, each chunk just
+   before it is written), shard + rank json, rank 0 waits for every rank, merges and writes
+   manifest + COMMITTED) against each rank writing the same
    bytes (its slices concatenated beforehand, untimed) with open(path, 'wb').write().
    Ratio = plain / tierzero (throughput ratio). Twice: into the page cache (no fsync in
    either; tierzero with checkpoint.fsync=false), and with fsync in both (the plain file
@@ -69,12 +72,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from tierzero.checkpoint.config import CheckpointConfig  # noqa: E402
 from tierzero.checkpoint.saver import Checkpointer  # noqa: E402
+from tierzero.checkpoint import store as store_module  # noqa: E402
 from tierzero.checkpoint.store import CheckpointStore, Slice, _raw  # noqa: E402
 from tierzero.parallel.plans import named_plan  # noqa: E402
 from tierzero.parallel.topology import emulated_topology  # noqa: E402
@@ -149,6 +154,15 @@ def evict(folder: str) -> None:
             os.close(fd)
 
 
+def refault_free_memory(nbytes: int) -> None:
+    """Touch and free `nbytes` of memory, so the next trial's page-cache writes land in pages the
+    host backs. A VM whose balloon reports free pages (virtio-balloon free page reporting, on the
+    dev VM) has the host unmap them ~2 s after they are freed -- the page cache a trial's cleanup
+    dropped included -- and a write into them then faults every page on the host: 153 MB took
+    0.51 s instead of 0.035 s after 30 s idle, whichever contender came first after a pause."""
+    np.ones(nbytes // 8)
+
+
 def state_sums(engine: NativeEngine) -> list:
     """float64 sums of the optimizer state over every rank (padding is zero in every layout)."""
     v = torch.zeros(4, dtype=torch.float64)
@@ -219,6 +233,7 @@ def save_rank(rank: int, world: int, rdzv: str, work: str, out: str, repeats: in
                 variant_files["tz_bytes"] = dir_bytes(path)
             shutil.rmtree(path, ignore_errors=True)
             os.sync()
+        refault_free_memory(int(1.25 * len(blob)))
         dist.barrier()
 
     variant_files: dict = {}
@@ -428,6 +443,16 @@ def med(rows, metric, contender, variant):
     return statistics.median(vals) if vals else float("nan")
 
 
+def context_line() -> str:
+    """What else shaped the figures: the checksum saves use, and how busy the machine was."""
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    checksum = getattr(store_module, "WRITE_CHECKSUM", "crc32")  # an older tree (bisecting): crc32 in a thread
+    chunk = getattr(store_module, "CHUNK_BYTES", None)
+    how = f"in {chunk >> 10} KiB chunks" if chunk else "whole pieces"
+    return (f"# piece checksum {checksum}, {how}; free memory refaulted before each trial; load average "
+            f"(1, 5, 15 min) at the end: {load} on {os.cpu_count()} CPUs")
+
+
 def fsync_report(rows, info, fs_line: str, args, elapsed: float) -> int:
     """--fsync-only: what checkpoint.fsync costs a synchronous save, beside the plain write's own fsync cost."""
     def reps(contender, variant):
@@ -439,6 +464,7 @@ def fsync_report(rows, info, fs_line: str, args, elapsed: float) -> int:
     print(f"# saved per rank: {', '.join(f'{b / 1e6:.1f}' for b in info['bytes_per_rank'])} MB; "
           f"{SAVE_WORLD} gloo ranks x 1 thread; synchronous Checkpointer.save, barrier to barrier, slowest rank")
     print(f"# seconds = median of {args.repeats} alternating repeats; runtime {elapsed:.0f} s")
+    print(context_line())
     print(f"{'contender':<12}{'fsync off':>11}{'fsync on':>10}{'on/off':>8}  per-repeat on/off")
     for name in ("tierzero", "plain"):
         off, on = reps(name, "cache"), reps(name, "fsync")
@@ -467,7 +493,8 @@ def main(argv=None) -> int:
         fs_line = f"{df[1]} on {df[0]} mounted at {df[-1]}"
         work = f"{tmp}/work"
         os.makedirs(work)
-        print(f"# working dir {tmp}: {fs_line}", flush=True)
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"# working dir {tmp}: {fs_line}; load average (1, 5, 15 min) at the start: {load}", flush=True)
         t0 = time.perf_counter()
         mp.spawn(save_rank, args=(SAVE_WORLD, f"{tmp}/rdzv-save", work, tmp, args.repeats, args.train_steps,
                                   args.fsync_only), nprocs=SAVE_WORLD, join=True)
@@ -584,6 +611,7 @@ def main(argv=None) -> int:
           "(fsync); reshard/same "
           f"{per_rep('load', 'reshard', 'same', 'cold')} (cold), {per_rep('load', 'reshard', 'same', 'warm')} (warm)")
     print(f"# seconds = slowest rank, barrier to barrier; median of {args.repeats} alternating repeats")
+    print(context_line())
     print(f"{'metric':<58}{'tierzero':>10}{'reference':>11}{'ratio':>8}  {'target':<22}{'met':>4}")
     for r in table:
         print(f"{r['metric']:<58}{r['tierzero']:>10.3f}{r['reference']:>11.3f}{r['ratio']:>8.3f}  {r['target']:<22}"

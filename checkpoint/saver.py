@@ -2,8 +2,11 @@
 
 The engine is duck-typed: `checkpoint_slices()` -> [(name, global shape, dtype, first
 element, host array)], `load_checkpoint(read, step_count)` (local reads only) and
-`after_load()` (collectives, once every rank has read). Events go to a callback
-`event(kind, detail, step)` (the run's telemetry).
+`after_load()` (collectives, once every rank has read). A GPU engine may also have
+`checkpoint_copy` (set by checkpoint_slices: waits for its device-to-host copies and returns the
+slices' data), `snapshot_guard` (what its next optimizer step waits on) and
+`stage_checkpoints()` (allocate the host staging in the background; run after the first
+optimizer step). Events go to a callback `event(kind, detail, step)` (the run's telemetry).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch.distributed as dist
 
@@ -21,6 +24,16 @@ from tierzero.checkpoint.manifest import RESUME_STATE, layout_problems, state_pr
 from tierzero.checkpoint.store import CheckpointError, CheckpointStore, ReportTimeout, ResumeError, Slice, locate_step
 
 log = logging.getLogger(__name__)
+
+LOCAL_POLL_S = 0.005
+"""Rank 0's first wait between looks for the other ranks' reports on a local filesystem (it grows
+1.5x per look): with the store's default 0.05 s a 0.2 s save could wait a quarter of its time
+after the last report landed. Object stores keep the default (each look is a request)."""
+
+
+def _slices(views) -> List[Slice]:
+    return [Slice(n, tuple(shape), dtype, start, data) for n, shape, dtype, start, data in views]
+
 
 class Snapshot:
     """Set once a background save has copied the engine's state; the engine's next optimizer
@@ -104,9 +117,16 @@ class Checkpointer:
         self.kept: Dict[int, str] = {}
         """Rank 0: step -> why a failed save's folder could not be removed."""
         self.last_asked: Optional[int] = None
+        self._stage: Optional[Callable[[], None]] = None
+        """The engine's stage_checkpoints (learnt at resume), run once, after the first optimizer step."""
 
     # ---- saving --------------------------------------------------------------------------
     def due(self, step: int, last_step: int) -> bool:
+        """Whether `step` saves. Asked after every optimizer step: after the first, it also has
+        a GPU engine start staging its host buffer in the background, so no save allocates it."""
+        if self._stage is not None:
+            stage, self._stage = self._stage, None
+            stage()
         every = self.cfg.every_steps
         return bool(every) and (step % every == 0 or step == last_step)
 
@@ -117,15 +137,19 @@ class Checkpointer:
         self.wait()  # the previous save first: one in flight at a time
         self.last_asked = step
         views = engine.checkpoint_slices()
-        # a GPU engine's slices are its own pinned host buffers, filled by device-to-host copies
-        # on a side stream it has only issued: this waits for them (None: the data is there)
+        # a GPU engine's slices live in its own pinned host staging, filled by device-to-host
+        # copies on a side stream it has only issued: this waits for them and returns the
+        # slices' data (None: the data is there)
         copied = getattr(engine, "checkpoint_copy", None)
         self._saves += 1  # every rank saves at the same steps: the same token everywhere
         token = f"a{self.attempt}s{self._saves}"
         self.snapshot = None
         if self.cfg.async_save and copied is not None:
-            # the pinned buffers are the snapshot (the engine orders its next update after the
-            # copies on the device): the loop was blocked only for issuing them
+            # the staging is the snapshot (the engine orders its next update after the copies on
+            # the device): the loop was blocked only for issuing them. Staging not ready yet: the
+            # engine's next update waits on its handoff (snapshot_guard) until this thread has
+            # issued them, and that wait counts in this save's stall
+            self.snapshot = getattr(engine, "snapshot_guard", None)
             snapshot = Snapshot()
             snapshot.set()
             self._thread = threading.Thread(target=self._write_async, args=(step, views, state, token, snapshot, copied),
@@ -144,10 +168,7 @@ class Checkpointer:
                                             daemon=True, name=f"checkpoint-{step}")
             self._thread.start()
         else:
-            if copied is not None:
-                copied()
-            self._write(step, [Slice(n, tuple(shape), dtype, start, data) for n, shape, dtype, start, data in views],
-                        state, token)
+            self._write(step, lambda: _slices(self._landed(views, copied)), state, token)
             self._raise_if_stopping()
         self.last_save_s = time.perf_counter() - t0
 
@@ -161,16 +182,28 @@ class Checkpointer:
         return [(n, shape, dtype, start, self._copy(i, data)) for i, (n, shape, dtype, start, data) in enumerate(views)]
 
     def _write_async(self, step: int, views, state: dict, token: str, snapshot: Snapshot,
-                     copied: Optional[Callable[[], None]] = None) -> None:
-        try:
-            if copied is not None:
-                copied()  # the device-to-host copies have landed in the engine's pinned buffers
-            if not snapshot._done.is_set():
-                views = self._copy_all(views)
-        finally:
-            snapshot.set()
-        self._write(step, [Slice(n, tuple(shape), dtype, start, data) for n, shape, dtype, start, data in views],
-                    state, token)
+                     copied: Optional[Callable[[], Optional[list]]] = None) -> None:
+        def landed() -> List[Slice]:
+            try:
+                out = self._landed(views, copied)
+                return _slices(out if snapshot._done.is_set() else self._copy_all(out))
+            finally:
+                snapshot.set()  # copied or failed: the optimizer step must not wait forever
+        # a failure to copy is this save's failure like a write's (an .error report, the event)
+        self._write(step, landed, state, token)
+
+    @staticmethod
+    def _landed(views, copied: Optional[Callable[[], Optional[list]]]):
+        """The slices once a GPU engine's device-to-host copies have landed, with the data
+        `copied()` hands back (None: the slices' own data)."""
+        if copied is None:
+            return views
+        data = copied()
+        if data is None:
+            return views
+        if len(data) != len(views):
+            raise CheckpointError(f"the engine's checkpoint_copy returned {len(data)} arrays for {len(views)} slices")
+        return [(n, shape, dtype, start, a) for (n, shape, dtype, start, _), a in zip(views, data)]
 
     def _copy(self, i: int, data):
         import numpy as np
@@ -183,11 +216,14 @@ class Checkpointer:
         np.copyto(buf, data)
         return buf
 
-    def _write(self, step: int, slices: List[Slice], state: dict, token: str) -> None:
+    def _write(self, step: int, slices: Union[List[Slice], Callable[[], List[Slice]]], state: dict,
+               token: str) -> None:
         try:
             self.store.write_rank(step, self.rank, slices, token=token, before_report=lambda: self.before_report(step))
             if self.rank == 0:
-                self.store.commit(step, self.world_size, state, timeout_s=self.commit_timeout_s, token=token)
+                # locally a poll costs a listing: quick polls keep the commit close behind the last report
+                poll = {"poll_s": LOCAL_POLL_S} if self.store.local else {}
+                self.store.commit(step, self.world_size, state, timeout_s=self.commit_timeout_s, token=token, **poll)
                 deleted = self.store.prune(self.cfg.keep, self.cfg.keep_every,
                                            on_spared=lambda s, why: self.event("warning", why, step))
                 detail = f"committed {self.store.url(step)}" + (f"; deleted steps {deleted}" if deleted else "")
@@ -229,8 +265,14 @@ class Checkpointer:
         same steps, so every rank knows whether one was)."""
         if self.last_asked is None:
             return SaveOutcome()
+        together = self.world_size > 1 and dist.is_initialized()
+        if together:  # every rank's writes are over once all are here (wait() joined each one's thread)
+            dist.barrier()
         out = None
         if self.rank == 0:
+            for step in list(self.kept):  # e.g. a rank on a full disk could not even write its error report
+                if self.store.discard(step, self.world_size, "", 0.0, settled=True) is None:
+                    del self.kept[step]
             newest_step = newest_url = None
             for step in reversed(self.store.committed()):
                 _, problems = self.store.checked(self.store.step_path(step))  # metadata only
@@ -239,7 +281,7 @@ class Checkpointer:
                     break
             out = SaveOutcome(dict(sorted(self.failed.items())), self.last_asked, newest_step, newest_url,
                               dict(sorted(self.kept.items())))
-        if self.world_size > 1 and dist.is_initialized():
+        if together:
             box = [out]
             dist.broadcast_object_list(box, src=0)
             out = box[0]
@@ -258,6 +300,7 @@ class Checkpointer:
         back to older ones with a warning event; a path: that one or an error; none: fresh.
         `mode` overrides checkpoint.resume (a rollback always uses auto)."""
         mode = mode or self.cfg.resume
+        self._stage = getattr(engine, "stage_checkpoints", None) if self.cfg.every_steps else None
         if mode == "none":
             return None
         if mode == "auto":

@@ -4,7 +4,7 @@ Every rank writes its own shard and then its `rank-<r>.json`; rank 0 waits for a
 merges the manifest, and writes `COMMITTED` last. Readers validate the whole manifest
 before reading a byte of tensor data (`manifest.validate`: nothing in a folder is trusted,
 whoever wrote it), fetch only the pieces that overlap the slices they need, and check each
-piece's crc32.
+piece's checksum (the one it names: xxh3_64, or crc32 in older checkpoints).
 
 On a local (or POSIX-mounted shared) filesystem every file is published by rename from a
 mkstemp name in its own folder, so a link planted at the final name is replaced, never
@@ -21,25 +21,27 @@ Retention deletes a step folder only when it can prove tierzero wrote it: tierze
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import logging
 import os
 import re
 import stat
+import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from tierzero.checkpoint.manifest import (FORMAT, ITEMSIZE, MAX_MANIFEST_BYTES, MAX_MARKER_BYTES, STAMP, Manifest,
-                                          ManifestError, Piece, TensorEntry, coverage_problems, crc32, resume_problems,
-                                          file_name_problem, load_json, marker_problems, merge, reads_for, retained,
+from tierzero.checkpoint.manifest import (FORMAT, ITEMSIZE, MAX_MANIFEST_BYTES, MAX_MARKER_BYTES, STAMP,
+                                          WRITE_CHECKSUM, ChecksumUnavailable, Manifest, ManifestError, Piece,
+                                          TensorEntry, checksum, coverage_problems, crc32, file_name_problem, hasher,
+                                          load_json, marker_problems, merge, reads_for, resume_problems, retained,
                                           step_dirname, summary, validate)
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,23 @@ def _raw(a: np.ndarray) -> memoryview:
     """The array's bytes, little-endian, without a copy when they already are (the usual case)."""
     a = np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False)
     return memoryview(a).cast("B")
+
+
+CHUNK_BYTES = 1 << 20
+"""A shard is written, and each piece checksummed, in chunks of this many bytes: a chunk is
+checksummed just before it is written, so the checksum reads it from memory and the write
+copies it from the core's cache (1 MiB sits in a server core's L2; one pass over memory instead
+of two). On the 2-core dev VM, 4 ranks saving 153 MB each, a plain write took 0.77x the CPU time
+of a save with 1 MiB chunks and 0.73x with 256 KiB (medians of 21 alternating repeats)."""
+
+
+def _checksummed(raws: Sequence[memoryview], sums: Sequence) -> Iterable[memoryview]:
+    """Every raw's bytes in chunks, each fed to its piece's checksum before it is handed on."""
+    for raw, h in zip(raws, sums):
+        for i in range(0, raw.nbytes, CHUNK_BYTES):
+            chunk = raw[i:i + CHUNK_BYTES]
+            h.update(chunk)
+            yield chunk
 
 
 # ---- local files: never through a link, never blocking, never half-written ----------------------
@@ -163,6 +182,35 @@ def _pread_local(path: str, start: int, nbytes: int) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _libc_fallocate():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], ctypes.c_int
+    return fn
+
+
+_FALLOCATE = _libc_fallocate()
+
+
+def _allocate(fd: int, nbytes: int) -> None:
+    """The file's blocks reserved before a byte is written (Linux fallocate(2), mode 0): a full
+    disk fails at once instead of gigabytes later, and the page-cache write skips ext4's block
+    reservation page by page (~5 % of a synchronous save here). A filesystem or platform without
+    it: nothing (glibc's posix_fallocate would instead write the whole file once more)."""
+    if _FALLOCATE is None or nbytes <= 0:
+        return
+    if _FALLOCATE(fd, 0, 0, nbytes) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(err, os.strerror(err))
+        # EOPNOTSUPP, ENOSYS, EINVAL, ...: the write allocates as it goes
 
 
 def fsync_dir(path) -> None:
@@ -232,10 +280,10 @@ class CheckpointStore:
         return [s for s, ok in self.steps() if ok]
 
     # ---- files ---------------------------------------------------------------------------
-    def _put(self, path: str, chunks: Iterable) -> None:
-        """Publish a whole file: locally from a mkstemp name in its folder, fsynced
-        (checkpoint.fsync), renamed over `path` (a link there is replaced, never followed);
-        on an object store, one upload."""
+    def _put(self, path: str, chunks: Iterable, nbytes: int = 0) -> None:
+        """Publish a whole file: locally from a mkstemp name in its folder, its `nbytes` (when
+        known) allocated first, fsynced (checkpoint.fsync), renamed over `path` (a link there is
+        replaced, never followed); on an object store, one upload."""
         if not self.local:
             with self.fs.open(path, "wb") as f:
                 for c in chunks:
@@ -246,6 +294,7 @@ class CheckpointStore:
         try:
             with os.fdopen(fd, "wb") as f:
                 os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+                _allocate(f.fileno(), nbytes)
                 for c in chunks:
                     f.write(c)
                 f.flush()
@@ -325,29 +374,37 @@ class CheckpointStore:
             self._put(f"{base}/{STAMP}", [json.dumps({"format": FORMAT, "step": step}).encode()])
 
     # ---- writing -------------------------------------------------------------------------
-    def write_rank(self, step: int, rank: int, slices: Sequence[Slice], token: str = "",
-                   before_report: Optional[Callable[[], None]] = None) -> None:
+    def write_rank(self, step: int, rank: int, slices: Union[Sequence[Slice], Callable[[], Sequence[Slice]]],
+                   token: str = "", before_report: Optional[Callable[[], None]] = None) -> None:
         """This rank's shard, then its report json (the signal rank 0 waits for), renamed into
         place so it is never seen half-written. On failure an .error report says why (best
-        effort) and the error is raised. `before_report` runs between the two (fault injection:
+        effort) and the error is raised. `slices` may be a function that returns them (a save
+        whose data is still being copied): it runs first, and its failure is the save's, reported
+        like a write's. `before_report` runs between the shard and the report (fault injection:
         a kill there leaves a torn step)."""
         base = self.step_path(step)
         try:
+            if callable(slices):  # the data first: the training loop may be waiting for the copy
+                try:
+                    slices = slices()
+                except Exception:
+                    self._claim(step)  # the folder the .error report goes to
+                    raise
             self._claim(step)
             if rank == 0:  # re-saving a step: the old commit no longer describes these files
                 for name in (COMMITTED, MANIFEST):
                     self._remove(f"{base}/{name}")
             records, offset = [], 0
             raws = [_raw(s.data) for s in slices]
-            # crc32 (zlib releases the GIL) runs beside the writes: on a core the write leaves idle
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                crcs = pool.map(crc32, raws)
-                self._put(f"{base}/{shard_name(rank)}", raws)
-                for s_, raw, crc in zip(slices, raws, crcs):
-                    records.append({"name": s_.name, "shape": list(s_.shape), "dtype": s_.dtype, "piece": {
-                        "file": shard_name(rank), "offset": offset, "start": int(s_.start),
-                        "numel": int(s_.data.size), "crc32": crc}})
-                    offset += raw.nbytes
+            # one pass over the bytes: the checksum (xxh3 at memory speed; it and the write
+            # release the GIL) and the write share each chunk while it is in the cache
+            sums = [hasher(WRITE_CHECKSUM) for _ in raws]
+            self._put(f"{base}/{shard_name(rank)}", _checksummed(raws, sums), nbytes=sum(r.nbytes for r in raws))
+            for s_, raw, h in zip(slices, raws, sums):
+                records.append({"name": s_.name, "shape": list(s_.shape), "dtype": s_.dtype, "piece": {
+                    "file": shard_name(rank), "offset": offset, "start": int(s_.start),
+                    "numel": int(s_.data.size), WRITE_CHECKSUM: h.intdigest()}})
+                offset += raw.nbytes
             if before_report is not None:
                 before_report()
             report = json.dumps({"rank": rank, "tensors": records}).encode()
@@ -528,16 +585,18 @@ class CheckpointStore:
             log.warning("%s not removed: %s (something other than tierzero wrote into it)", base, e.strerror)
         return True
 
-    def discard(self, step: int, world_size: int, token: str, timeout_s: float, poll_s: float = 0.05) -> Optional[str]:
+    def discard(self, step: int, world_size: int, token: str, timeout_s: float, poll_s: float = 0.05, *,
+                settled: bool = False) -> Optional[str]:
         """Rank 0, after its save of `step` failed: once every other rank has reported on this
-        attempt (its part or its error, so none still writes there), remove the step folder if
-        tierzero can prove it wrote it and no commit marker is in it. None when it is gone (or was
-        never made); else why it stays."""
+        attempt (its part or its error, so none still writes there; `settled`: every rank is known
+        to be done with it), remove the step folder if tierzero can prove it wrote it and no commit
+        marker is in it. None when it is gone (or was never made); else why it stays."""
         base = self.step_path(step)
         if self.local and not os.path.isdir(base):
             return None  # never made (or not a folder): nothing to remove, nobody writes there
         try:
-            self._reports(step, world_size, token, min(timeout_s, FAILED_GRACE_S), poll_s, skip=(0,))
+            if not settled:
+                self._reports(step, world_size, token, min(timeout_s, FAILED_GRACE_S), poll_s, skip=(0,))
         except CheckpointError as e:  # a rank that never reported may still be writing there
             return f"{base} left in place ({e})"
         listing = self._listing(base)
@@ -699,9 +758,13 @@ class CheckpointStore:
         if len(raw) != piece.numel * size:
             raise CheckpointError(f"{path} is truncated: tensor {entry.name} elements {piece.start}..{piece.stop} "
                                   f"need bytes {piece.offset}..{piece.offset + piece.numel * size}")
-        if crc32(raw) != piece.crc32:
+        try:
+            good = checksum(raw, piece.algorithm) == piece.checksum
+        except ChecksumUnavailable as e:
+            raise CheckpointError(f"{path}: tensor {entry.name} cannot be checked: {e}") from e
+        if not good:
             raise CheckpointError(f"{path}: checksum mismatch in tensor {entry.name} "
-                                  f"(elements {piece.start}..{piece.stop}, bytes {piece.offset}..)")
+                                  f"(elements {piece.start}..{piece.stop}, bytes {piece.offset}.., {piece.algorithm})")
         return np.frombuffer(raw, dtype=_np_dtype(entry.dtype))
 
     def reader(self, step_path: str, manifest: Manifest) -> Callable[[str, int, int], np.ndarray]:

@@ -45,6 +45,10 @@ EVENTS = pa.schema(
         pa.field("kind", pa.string(), nullable=False),  # start, end, error, restart, checkpoint, signal, ...
         pa.field("detail", pa.string(), nullable=False),
         pa.field("host", pa.string(), nullable=False),
+        # kind=save, one row per checkpoint save on every rank: seconds its training loop spent in
+        # the save() call (synchronous: the whole save; asynchronous: issuing or taking the copy).
+        # An optimizer step that then waits for a background copy books that wait in its step_time_s.
+        pa.field("stall_s", pa.float64(), nullable=True),
     ]
 )
 

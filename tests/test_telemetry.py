@@ -70,7 +70,7 @@ SAMPLE_ROWS = {
     },
     "events": {
         "time": datetime.datetime(2024, 6, 1, 12, 0, 1, tzinfo=UTC),
-        "step": None, "kind": "restart", "detail": "rank 3 exited with -9", "host": "node-a",
+        "step": None, "kind": "restart", "detail": "rank 3 exited with -9", "host": "node-a", "stall_s": None,
     },
     "nodes": {
         "time": datetime.datetime(2024, 6, 1, 12, 0, 2, tzinfo=UTC),
