@@ -197,27 +197,30 @@ time and short enough for start-up (measured: docs/benchmarks.md, Figures behind
 
 
 def measure_update_rate(backend, iters: int = 3) -> Optional[float]:
-    """10^9 parameters/s of the native engine's per-parameter optimizer work (the gradient's
-    squared norm, parallel.engines.native.adamw_update_, zeroing the gradient, the cast down), every
-    rank at once so that ranks sharing cores or memory bandwidth slow each other as in
-    training; the slowest rank's rate (the step waits for it). None with MPI (no engine)."""
+    """10^9 parameters/s of the native engine's per-parameter optimizer work as its step does it
+    (the gradient's fp32 norm, parallel.engines.adamw.adamw_update_ -- the fused kernel with
+    the 1/world and clipping scale -- and the cast down into a bfloat16 parameter shard; the
+    gradient is released, not zeroed), every rank at once so that ranks sharing cores or memory
+    bandwidth slow each other as in training; the slowest rank's rate (the step waits for it).
+    None with MPI (no engine)."""
     if not isinstance(backend, TorchBackend):
         return None
     import torch
 
-    from tierzero.parallel.engines.native import adamw_update_
+    from tierzero.parallel.engines.adamw import adamw_update_
 
     n, device = UPDATE_NUMEL, backend.device
     master, grad = torch.zeros(n, device=device), torch.full((n,), 1e-3, device=device)
     exp_avg, exp_avg_sq = torch.zeros(n, device=device), torch.zeros(n, device=device)
-    decay = torch.ones(n, dtype=torch.bool, device=device)
+    param = torch.empty(n, dtype=torch.bfloat16, device=device)
+    step_t, scale = torch.zeros((), device=device), torch.ones((), device=device)  # scale 1: grad stays
 
     def update(step: int) -> None:
-        grad.double().pow(2).sum()
-        adamw_update_(master, exp_avg, exp_avg_sq, grad, decay, lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
-                      weight_decay=0.1, step=step)
-        master.to(torch.bfloat16)
-        grad.mul_(1.0)  # stands in for zero_(), which would leave the next update nothing to do
+        torch._foreach_norm([grad])
+        step_t.fill_(step)
+        adamw_update_([master], [exp_avg], [exp_avg_sq], [grad], lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
+                      weight_decay=0.1, step=step, step_tensor=step_t, grad_scale=scale)
+        param.copy_(master)
 
     update(1)  # warm-up
     t = _time_calls(backend, lambda: update(2), iters)

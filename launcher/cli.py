@@ -315,13 +315,11 @@ def cmd_plan(args) -> int:
 
 def _plan_table(cfg, topo, inputs, budget: float, chosen) -> List[str]:
     """`tierzero plan`'s lines: a header, one row per named plan (and auto's pick), the choice."""
-    from tierzero.parallel.cost import DEFAULT_BANDWIDTH_GBPS, predict
-    from tierzero.parallel.plans import named_plans
+    from tierzero.parallel.choose import named_costs
+    from tierzero.parallel.cost import DEFAULT_BANDWIDTH_GBPS
 
-    rows = [predict(plan, topo, inputs.units, dtype_bytes=inputs.dtype_bytes, grad_accum=inputs.grad_accum,
-                    reduce_bytes=inputs.reduce_bytes, activation_bytes=inputs.activation_bytes,
-                    memory_budget_bytes=budget, ep=cfg.parallel.ep, moe=inputs.moe)
-            for plan in named_plans(topo, cfg.parallel)]
+    # each named plan as configured (parallel.grad_sync=auto: its pick, ",sync=step" in its label)
+    rows = named_costs(cfg.parallel, topo, inputs, memory_budget_bytes=budget)
     if all(r.plan != chosen.plan for r in rows):
         rows.append(chosen.cost)
     moe, with_update = inputs.moe is not None, bool(topo.update_gelems_per_s)

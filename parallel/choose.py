@@ -15,7 +15,8 @@ from typing import List, Optional, Sequence
 
 from tierzero.parallel.config import ParallelConfig
 from tierzero.parallel.cost import Cost, MoETraffic, PlanInputs, Unit, predict
-from tierzero.parallel.plans import PartitionPlan, PlanError, candidate_plans, named_plan, named_plans, quant_options
+from tierzero.parallel.plans import (PartitionPlan, PlanError, candidate_plans, grad_sync_options, named_plan,
+                                     named_plans, quant_options)
 from tierzero.parallel.topology import Topology, expert_data_topology
 
 
@@ -62,12 +63,12 @@ def choose_plan(
 ) -> Choice:
     """auto: the least predicted communication time (plus the optimizer update, where its rate
     was measured) that fits memory; ties (within 0.1 %) go to the plan that needs less memory."""
-    ep = cfg.ep if cfg is not None else 1
+    cfg = cfg or ParallelConfig()
     costs = [
         predict(p, topo, units, dtype_bytes=dtype_bytes, grad_accum=grad_accum,
-                memory_budget_bytes=memory_budget_bytes, ep=ep, moe=moe, reduce_bytes=reduce_bytes,
+                memory_budget_bytes=memory_budget_bytes, ep=cfg.ep, moe=moe, reduce_bytes=reduce_bytes,
                 activation_bytes=activation_bytes)
-        for p in candidate_plans(topo, cfg)
+        for p in with_grad_syncs(candidate_plans(topo, cfg), topo, cfg, grad_accum)
     ]
     fitting = [c for c in costs if c.fits]
     if not fitting:
@@ -88,6 +89,25 @@ def choose_plan(
         + f"; needs {_gb(best.memory_total)} GB/rank"
     )
     return Choice(best.plan, best, reason, costs)
+
+
+def with_grad_syncs(plans: Sequence[PartitionPlan], topo: Topology, cfg: ParallelConfig,
+                    grad_accum: int) -> List[PartitionPlan]:
+    """Each plan with each gradient sync parallel.grad_sync allows it (parallel.plans.grad_sync_options)."""
+    return [dataclasses.replace(p, grad_sync=s) for p in plans for s in grad_sync_options(p, topo, cfg, grad_accum)]
+
+
+def named_costs(cfg: ParallelConfig, topo: Topology, inputs: PlanInputs, *,
+                memory_budget_bytes: Optional[float]) -> List[Cost]:
+    """One Cost per named plan (what `tierzero plan` lists): with parallel.grad_sync=auto the
+    plan's fastest gradient sync that fits (the first where none fits)."""
+    out = []
+    for plan in named_plans(topo, cfg):
+        costs = [_predict_named(p, cfg, topo, inputs, memory_budget_bytes)
+                 for p in with_grad_syncs([plan], topo, cfg, inputs.grad_accum)]
+        fitting = [c for c in costs if c.fits]
+        out.append(_fastest(fitting) if fitting else costs[0])
+    return out
 
 
 def _gb(nbytes: Optional[float]) -> str:
@@ -127,16 +147,19 @@ def resolve_plan(cfg: ParallelConfig, topo: Topology, inputs: PlanInputs, *,
                            reduce_bytes=inputs.reduce_bytes, activation_bytes=inputs.activation_bytes,
                            memory_budget_bytes=memory_budget_bytes, cfg=cfg, moe=inputs.moe)
     plan = named_plan("tiered" if cfg.levels else cfg.plan, topo, cfg)
-    options = quant_options(topo, cfg) if plan.name != "zeropp" else [plan.quant]
-    if len(options) > 1:  # parallel.quant_*=auto on a named plan: its fastest quantization that fits
-        costs = [_predict_named(dataclasses.replace(plan, quant=q), cfg, topo, inputs, memory_budget_bytes)
-                 for q in options]
+    quants = quant_options(topo, cfg) if plan.name != "zeropp" else [plan.quant]
+    options = with_grad_syncs([dataclasses.replace(plan, quant=q) for q in quants], topo, cfg, inputs.grad_accum)
+    if len(options) > 1:  # parallel.quant_*=auto or grad_sync=auto on a named plan: its fastest choice that fits
+        costs = [_predict_named(p, cfg, topo, inputs, memory_budget_bytes) for p in options]
         fitting = [c for c in costs if c.fits]
         if fitting:
             best = _fastest(fitting)
-            return Choice(best.plan, best, f"parallel.plan={cfg.plan} as configured, its quantization chosen by "
-                          f"parallel.quant_*=auto: {_time_words(best)} among {len(options)} choices", costs)
-        plan = dataclasses.replace(plan, quant=options[0])
+            chosen = [what for what, n in (("quantization (parallel.quant_*=auto)", len(quants)),
+                                           ("gradient sync (parallel.grad_sync=auto)", len(options) // len(quants)))
+                      if n > 1]
+            return Choice(best.plan, best, f"parallel.plan={cfg.plan} as configured, its {' and '.join(chosen)} "
+                          f"chosen: {_time_words(best)} among {len(options)} choices", costs)
+    plan = options[0]
     cost = _predict_named(plan, cfg, topo, inputs, memory_budget_bytes)
     if not cost.fits:
         fitting = []
@@ -149,6 +172,8 @@ def resolve_plan(cfg: ParallelConfig, topo: Topology, inputs: PlanInputs, *,
             f"optimizer states, more than parallel.memory_budget_gb={_gb(memory_budget_bytes)}. Plans that fit: "
             + (", ".join(fitting) if fitting else "none -- add ranks or raise the budget")
             + ". parallel.plan=auto picks the fastest of them."
+            + (f" parallel.grad_sync=step holds {_gb(cost.memory['unreduced_grads'])} GB of it (unreduced gradients); "
+               "parallel.grad_sync=micro does not." if cost.memory.get("unreduced_grads") else "")
         )
     return Choice(plan, cost, f"parallel.plan={cfg.plan} as configured", [cost])
 

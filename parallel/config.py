@@ -12,8 +12,10 @@ from typing import List, Optional
 from tierzero.parallel.quant import CHOICES, SCALE_BYTES
 
 REDUCE_DTYPES = ("float32", "bfloat16")
-COMM_TIMINGS = ("issue", "aligned")
 """The values parallel.reduce_dtype takes."""
+COMM_TIMINGS = ("issue", "aligned")
+GRAD_SYNCS = ("micro", "step", "auto")
+"""The values parallel.grad_sync takes."""
 
 MAX_QUANT_BLOCK = 1 << 16
 """Largest parallel.quant_block_size: each unit is padded to world size x block, so a huge block
@@ -55,6 +57,8 @@ class ParallelConfig:
     """Round quantized gradients stochastically (unbiased) instead of to nearest."""
     quant_error_feedback: bool = False
     """Carry each rank's gradient quantization error into its next micro-step (costs one fp32 copy of the quantized hops' inputs)."""
+    grad_sync: str = "micro"
+    """With gradient accumulation, reduce-scatter gradients every micro-step (micro), once per optimizer step from full-size local sums (step: fewer bytes, one unsharded gradient per rank more memory; native engine), or auto (the planner picks per plan: least predicted time that fits)."""
     comm_timing: str = "issue"
     """How the comm table times a collective: issue (issue to completion: what the step waits, including a late peer) or aligned (CPU: members meet at a barrier first, booked as wait_s, and the collective is waited at once: the transfer alone, to compare with the cost model; costs a small-message round per collective and any overlap)."""
 
@@ -76,6 +80,13 @@ class ParallelConfig:
         if self.reduce_dtype not in REDUCE_DTYPES:
             errs.append(f"parallel.reduce_dtype={self.reduce_dtype!r} is not one of {list(REDUCE_DTYPES)}; "
                         "e.g. parallel.reduce_dtype=float32.")
+        if self.grad_sync not in GRAD_SYNCS:
+            errs.append(f"parallel.grad_sync={self.grad_sync!r} is not one of {list(GRAD_SYNCS)}; "
+                        "e.g. parallel.grad_sync=step to reduce gradients once per optimizer step.")
+        elif self.grad_sync == "step" and self.engine != "native":
+            errs.append(f"parallel.grad_sync=step keeps unreduced gradients across micro-steps, which only "
+                        f"parallel.engine=native does, not parallel.engine={self.engine}; use parallel.grad_sync=micro "
+                        "(or auto) with that engine.")
         if self.comm_timing not in COMM_TIMINGS:
             errs.append(f"parallel.comm_timing={self.comm_timing!r} is not one of {list(COMM_TIMINGS)}; "
                         "e.g. parallel.comm_timing=aligned to time transfers alone.")

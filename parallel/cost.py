@@ -70,7 +70,8 @@ class Cost:
     bytes: Dict[Tuple[str, str, str], float] = field(default_factory=dict)
     """(phase, level name, op) -> bytes this rank sends per optimizer step."""
     memory: Dict[str, float] = field(default_factory=dict)
-    """params, secondary, grads, optimizer, buffers (the engine's in flight), activations -> bytes per rank."""
+    """params, secondary, grads, optimizer, error_feedback, unreduced_grads (parallel.grad_sync=step),
+    buffers (the engine's in flight), activations -> bytes per rank."""
     time_s: Dict[Tuple[str, str, str], float] = field(default_factory=dict)
     """(phase, level, op) -> predicted seconds per optimizer step from issue to completion of
     those collectives (what the byte ledger's time_s measures: two collectives in flight at
@@ -386,15 +387,20 @@ def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Un
     q_p, q_b = quant.weight_bits_at(lv_p), quant.weight_bits_at(lv_b)
     hops = reduce_hops(topo, plan.grad_level)
     hierarchical = quant.hierarchical_grads(tuple(names[h.level] for h in hops))
+    # gradient reduce-scatters per optimizer step: every micro-step, or once (grad_sync=step: each
+    # rank keeps its units' full-size gradients, summed over the micro-steps, until the last)
+    once = plan.grad_sync == "step" and s_g > 1 and grad_accum > 1
+    reduce_calls = 1 if once else grad_accum
 
     def gathered(n: int, s: int, bits: int) -> float:
         return _gathered_bytes(quant, n, s, bits, dtype_bytes)
 
-    total = largest = feedback = 0  # feedback: elements of error-feedback residual (quantized hops' inputs)
+    total = largest = feedback = secondary = 0  # elements: all, error-feedback residuals, bwd-gathered units
     blocks = []  # (bwd gather bytes, reduce-scatter bytes) per micro-step of each unit, in order
     for u in units:
         n = padded_numel(u.numel, w, quant.pad_block)
         total += n
+        secondary += n if u.bwd_gathers else 0
         largest = max(largest, n)
         if s_p > 1:
             if q_p:  # each call encodes this rank's chunk and decodes every member's
@@ -407,21 +413,33 @@ def _domain_traffic(add, plan: PartitionPlan, topo: Topology, units: Sequence[Un
         blocks.append((u.bwd_gathers * gathered(n, s_b, q_b) if s_b > 1 else 0.0,
                        n * reduce_bytes * _ring(s_g) if s_g > 1 and not hierarchical else 0.0))
         if hierarchical:
-            feedback += _hop_traffic(add, quant, topo, hops, links, n, stride=stride, grad_accum=grad_accum,
+            feedback += _hop_traffic(add, quant, topo, hops, links, n, stride=stride, grad_accum=reduce_calls,
                                      reduce_bytes=reduce_bytes)
         _step_traffic(add, quant, n, s_p, s_g, s_o, n_rep, (lv_up, lv_rep, lv_down), rate, dtype_bytes=dtype_bytes)
-    _backward(add, blocks, lv_b, lv_g, rate, grad_accum)
+    _backward(add, blocks, lv_b, lv_g, rate, grad_accum, reduce_calls)
     if units and s_o > 1:  # the squared grad norm, one fp32 scalar per unit, summed in one all-reduce
         nbytes = 2 * GRAD_ACC_BYTES * _ring(s_o)
         add("step", lv_o, "all_reduce", nbytes, nbytes / rate("o")[0] + 2 * rate.latency("o"))
-    memory = {
+    memory = _memory(plan, (s_p, s_b, s_g, s_o), (total, secondary, feedback), dtype_bytes=dtype_bytes,
+                     reduce_bytes=reduce_bytes if once else 0)
+    return memory, largest
+
+
+def _memory(plan: PartitionPlan, spans: Tuple[int, int, int, int], elements: Tuple[int, int, int], *,
+            dtype_bytes: int, reduce_bytes: int) -> Dict[str, float]:
+    """One domain's states, bytes per rank, from the spans of its param / bwd / grad / optimizer
+    levels and its elements: all units', those gathered for their backward (hpZ keeps their
+    secondary shard), the error-feedback residuals'. reduce_bytes 0: no unreduced gradients
+    (parallel.grad_sync=micro, or nothing to accumulate)."""
+    (s_p, s_b, s_g, s_o), (total, secondary, feedback) = spans, elements
+    return {
         "params": total * dtype_bytes / s_p,
-        "secondary": total * dtype_bytes / s_b if plan.secondary_level is not None else 0.0,
+        "secondary": secondary * dtype_bytes / s_b if plan.secondary_level is not None else 0.0,
         "grads": total * GRAD_ACC_BYTES / s_g,
         "optimizer": total * OPTIM_BYTES_PER_PARAM / s_o,
-        "error_feedback": feedback * GRAD_ACC_BYTES if quant.error_feedback else 0.0,
+        "error_feedback": feedback * GRAD_ACC_BYTES if plan.quant.error_feedback else 0.0,
+        "unreduced_grads": total * reduce_bytes,
     }
-    return memory, largest
 
 
 def _rate_table(links: Topology, shape: Dict[str, Tuple[int, int]], serial: bool = False):
@@ -503,16 +521,19 @@ def _hop_traffic(add, quant, topo: Topology, hops, links: Topology, n: int, *, s
     return quantized_inputs
 
 
-def _backward(add, blocks: Sequence[Tuple[float, float]], lv_b: str, lv_g: str, rate, grad_accum: int) -> None:
+def _backward(add, blocks: Sequence[Tuple[float, float]], lv_b: str, lv_g: str, rate, grad_accum: int,
+              reduce_calls: int) -> None:
     """The backward schedule of parallel.engines.native.NativeEngine.micro_step: blocks in reverse; while
     block i computes and reduce-scatters its gradient, block i-1's gather is already in flight
-    (prefetch), so the two share whatever links both cross. Units without a backward gather
-    (the outer unit) reduce-scatter last, alone."""
+    (prefetch), so the two share whatever links both cross. Units without a backward gather keep
+    their forward's: the outer unit (it reduce-scatters last, alone) and the last block (no
+    gather before its backward; its reduce-scatter runs beside the gather of the block before).
+    Gathers run every micro-step, reduce-scatters `reduce_calls` times (parallel.grad_sync): the
+    micro-steps without one have their gathers alone."""
     gathers = [i for i, (ag, _) in enumerate(blocks) if ag]
-    paired = {}  # reduce-scatter of block i -> the gather in flight beside it
-    for prev, cur in zip(gathers, gathers[1:]):
-        if blocks[cur][1]:
-            paired[cur] = prev
+    # reduce-scatter of block i -> the gather in flight beside it: block i-1's, prefetched before
+    # block i's backward whether or not block i was gathered for it (the last block is not)
+    paired = {i: i - 1 for i in range(1, len(blocks)) if blocks[i][1] and blocks[i - 1][0]}
     pair_rates = rate("b", "g") if paired else None
     rs_alone = rate("g")[0] if any(rs for _, rs in blocks) else None
     ag_alone = rate("b")[0] if gathers else None
@@ -520,17 +541,19 @@ def _backward(add, blocks: Sequence[Tuple[float, float]], lv_b: str, lv_g: str, 
     lat_b = rate.latency("b") if gathers else 0.0
     lat_g = rate.latency("g") if any(rs for _, rs in blocks) else 0.0
     for i, (ag, rs) in enumerate(blocks):
-        if ag and i not in overlapped:
-            add("bwd", lv_b, "all_gather", grad_accum * ag, grad_accum * (ag / ag_alone + lat_b))
+        alone = grad_accum - (reduce_calls if i in overlapped else 0)
+        if ag and alone:
+            add("bwd", lv_b, "all_gather", alone * ag, alone * (ag / ag_alone + lat_b))
         if rs and i not in paired:
-            add("bwd", lv_g, "reduce_scatter", grad_accum * rs, grad_accum * (rs / rs_alone + lat_g))
+            add("bwd", lv_g, "reduce_scatter", reduce_calls * rs, reduce_calls * (rs / rs_alone + lat_g))
+    k = reduce_calls
     for cur, prev in paired.items():
         ag, rs = blocks[prev][0], blocks[cur][1]
         t_ag, t_rs = _side_by_side(ag, ag_alone, pair_rates[0], rs, rs_alone, pair_rates[1])
         t_ag, t_rs = t_ag + lat_b, t_rs + lat_g
         # side by side on the wire: the rank waits for the longer of the two, once
-        add("bwd", lv_b, "all_gather", grad_accum * ag, grad_accum * t_ag, wall_s=0.0)
-        add("bwd", lv_g, "reduce_scatter", grad_accum * rs, grad_accum * t_rs, wall_s=grad_accum * max(t_ag, t_rs))
+        add("bwd", lv_b, "all_gather", k * ag, k * t_ag, wall_s=0.0)
+        add("bwd", lv_g, "reduce_scatter", k * rs, k * t_rs, wall_s=k * max(t_ag, t_rs))
 
 
 def uniform_units(num_params: float, num_blocks: int) -> List[Unit]:

@@ -6,7 +6,8 @@ A plan names, for each training state, the topology level it is sharded over:
                      (and, without a secondary level, backward) all-gathers inside it
     secondary_level  ZeRO++ hpZ: the backward all-gather comes from a secondary shard at
                      this (faster) level, cut from the forward gather at no extra traffic
-    grad_level       gradients are reduce-scattered inside it every micro-step
+    grad_level       gradients are reduce-scattered inside it every micro-step (or, with
+                     grad_sync=step, once per optimizer step)
     optim_level      fp32 master weights and AdamW moments are sharded inside it
 
 Levels are indices into Topology.levels (0 = innermost); REPLICATED (-1) means "a group of
@@ -41,6 +42,9 @@ class PartitionPlan:
     secondary_level: Optional[int] = None
     quant: Quant = NO_QUANT
     """Which collectives go block-quantized, on which levels (parallel.quant)."""
+    grad_sync: str = "micro"
+    """When gradients are reduce-scattered inside grad_level (parallel.grad_sync): every micro-step,
+    or once per optimizer step ("step": each rank sums its micro-steps' full-size gradients first)."""
 
     def describe(self, topo: Topology) -> str:
         def nm(level):
@@ -52,6 +56,8 @@ class PartitionPlan:
         parts += [f"G={nm(self.grad_level)}", f"O={nm(self.optim_level)}"]
         if self.quant.active:
             parts.append(self.quant.describe())
+        if self.grad_sync != "micro":
+            parts.append(f"sync={self.grad_sync}")
         return f"{self.name}({','.join(parts)})"
 
     @property
@@ -104,12 +110,33 @@ def quant_of(topo: Topology, cfg: ParallelConfig) -> Quant:
 
 
 def named_plan(name: str, topo: Topology, cfg: Optional[ParallelConfig] = None) -> PartitionPlan:
+    """The plan `name` on this topology, as parallel.* configures it (parallel.quant_*=auto read
+    as none, parallel.grad_sync=auto as micro: parallel.choose tries the choices)."""
     cfg = cfg or ParallelConfig()
     if name == "zeropp":
-        return _zeropp(topo, cfg)
-    plan = _named_levels(name, topo, cfg)
-    quant = quant_of(topo, cfg)
-    return dataclasses.replace(plan, quant=quant) if quant.active else plan
+        plan = _zeropp(topo, cfg)
+    else:
+        plan, quant = _named_levels(name, topo, cfg), quant_of(topo, cfg)
+        plan = dataclasses.replace(plan, quant=quant) if quant.active else plan
+    return dataclasses.replace(plan, grad_sync="step") if cfg.grad_sync == "step" and _grads_sharded(plan, topo) \
+        else plan
+
+
+def _grads_sharded(plan: PartitionPlan, topo: Topology) -> bool:
+    """Gradients are reduce-scattered in backward (over more than one rank): what grad_sync times."""
+    return plan.grad_level != REPLICATED and topo.span(topo.levels[plan.grad_level].name) > 1
+
+
+def grad_sync_options(plan: PartitionPlan, topo: Topology, cfg: ParallelConfig, grad_accum: int) -> List[str]:
+    """The gradient syncs parallel.grad_sync allows for this plan where they differ (gradients
+    sharded and accumulated; else micro, what both then do): the one configured, or with auto
+    both, micro first so that a tie keeps the smaller memory (step only on the native engine,
+    the one that runs it)."""
+    if grad_accum == 1 or not _grads_sharded(plan, topo):
+        return ["micro"]
+    if cfg.grad_sync != "auto":
+        return [cfg.grad_sync]
+    return ["micro", "step"] if cfg.engine == "native" else ["micro"]
 
 
 def _zeropp(topo: Topology, cfg: ParallelConfig) -> PartitionPlan:

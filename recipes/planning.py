@@ -39,13 +39,14 @@ def planning_inputs(
     meta device. `ep` (parallel.ep) only enters the model summary; `reduce_dtype`
     (parallel.reduce_dtype) sizes the gradient reduce-scatter of a bfloat16 run."""
     grad_accum, notes = _grad_accum(train_cfg, world_size)
-    reduce_bytes = min(dtype_bytes(train_cfg), 2 if reduce_dtype == "bfloat16" else 4)
+    # as the native engine reduces: in bfloat16 only when the compute dtype is bfloat16 too, else in float32
+    reduce_bytes = 2 if reduce_dtype == "bfloat16" and train_cfg.dtype == "bfloat16" else 4
     if model is None and model_cfg.params:
         summary = f"{model_cfg.params:.4g} params (model.params, {model_cfg.n_layers} equal blocks)"
         return PlanInputs(tuple(uniform_units(model_cfg.params, model_cfg.n_layers)), dtype_bytes(train_cfg),
                           grad_accum, None, summary, notes, reduce_bytes,
                           activation_bytes(train_cfg, model_cfg, moe_cfg, data_cfg.seq_len, data_cfg.vocab_size))
-    from tierzero.parallel.engines.native import model_units
+    from tierzero.parallel.engines.units import model_units
 
     if model is None:
         model = _meta_model(model_cfg, data_cfg, moe_cfg)

@@ -85,7 +85,7 @@ def _reference(world: int, micro: int):
 def _predicted(name, kwargs, sizes, world, micro, dtype_bytes=4, reduce_bytes=None):
     from tierzero.recipes.data import build_dataset
     from tierzero.recipes.model import build_model
-    from tierzero.parallel.engines.native import model_units
+    from tierzero.parallel.engines.units import model_units
 
     cfg = load_config([], _overrides(world, micro))
     topo = emulated_topology(sizes)

@@ -116,6 +116,7 @@ RANGES = [
     ("telemetry.flush_every_s=1e300", "telemetry.flush_every_s=", "31 years"),
     ("parallel.reduce_dtype=fp8", "parallel.reduce_dtype='fp8'", "float32"),
     ("parallel.comm_timing=synced", "parallel.comm_timing='synced'", "parallel.comm_timing=aligned"),
+    ("parallel.grad_sync=always", "parallel.grad_sync='always'", "parallel.grad_sync=step"),
     ("train.activation_checkpointing=layers", "train.activation_checkpointing='layers'", "blocks"),
     ("telemetry.peak_tflops=-1", "telemetry.peak_tflops=-1", "datasheet"),
     ("topology.latencies_us=[3.4,-1]", "topology.latencies_us=[3.4, -1.0]", "between 0 and 1e6"),

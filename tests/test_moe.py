@@ -219,7 +219,7 @@ def _run(tmp_path, extra, layouts=LAYOUTS, fan_outs=(2, 2)):
 
 
 def _predicted(overrides, extra):
-    from tierzero.parallel.engines.native import model_units
+    from tierzero.parallel.engines.units import model_units
     from tierzero.recipes.data import build_dataset
     from tierzero.recipes.model import build_model
 

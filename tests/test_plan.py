@@ -55,7 +55,7 @@ def test_named_plans_have_the_design_table_shape():
     topo = emulated_topology([2, 4, 3])
     c = 2
     assert named_plan("ddp", topo) .__dict__ == dict(name="ddp", param_level=-1, grad_level=-1, optim_level=-1, secondary_level=None,
-                                                   quant=NO_QUANT)
+                                                   quant=NO_QUANT, grad_sync="micro")
     assert (named_plan("zero1", topo).param_level, named_plan("zero1", topo).optim_level) == (REPLICATED, c)
     assert named_plan("zero2", topo).grad_level == c
     hpz = named_plan("hpz", topo)
@@ -370,7 +370,7 @@ def _trainers_model(train_cfg, model_cfg, data_cfg, moe_cfg):
 def test_planning_inputs_of_a_dense_recipe_are_the_trainers(dtype, nbytes):
     import torch
 
-    from tierzero.parallel.engines.native import model_units
+    from tierzero.parallel.engines.units import model_units
     from tierzero.recipes.planning import planning_inputs
 
     recipe = _recipe(dtype=dtype)
@@ -388,7 +388,7 @@ def test_planning_inputs_of_a_dense_recipe_are_the_trainers(dtype, nbytes):
 
 def test_planning_inputs_of_an_moe_recipe_carry_the_experts_all_to_all():
     from tierzero.parallel.cost import MoETraffic
-    from tierzero.parallel.engines.native import model_units
+    from tierzero.parallel.engines.units import model_units
     from tierzero.recipes.model import count_params
     from tierzero.recipes.planning import planning_inputs
 

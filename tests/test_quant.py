@@ -297,7 +297,7 @@ def _worker(rank: int, world: int, rdzv: str, out: str):
 
 
 def _predicted(base, overrides):
-    from tierzero.parallel.engines.native import model_units
+    from tierzero.parallel.engines.units import model_units
     from tierzero.recipes.data import build_dataset
     from tierzero.recipes.model import build_model
 

@@ -7,29 +7,37 @@ the unit is gathered (FSDP's flat-parameter technique: the autograd graph keeps 
 the bytes come and go).
 
 One micro-step, driven here block by block:
-  forward   gather outer; for each block: wait for its gather, start the next block's
-            (prefetch), run it, free it (hpz: keep the secondary shard first)
+  forward   gather outer (or wait for its prefetch); for each block: wait for its gather,
+            start the next block's (prefetch), run it, free it (hpz: keep the secondary shard
+            first) -- but the last block, whose backward comes next, stays gathered
   backward  head + loss backward (outer still gathered), free outer; for each block in
             reverse: wait for its gather from the backward group (secondary level for hpz,
-            the param level otherwise), prefetch the previous one, backward through it,
-            reduce-scatter its gradient inside the grad level into the fp32 accumulator,
-            free it; the embedding's backward needs no weights, then outer's gradient.
+            the param level otherwise; none for the last block), prefetch the previous one
+            (before block 0: the next micro-step's outer gather, when one follows in this
+            optimizer step), backward through it, reduce-scatter its gradient inside the grad
+            level into the fp32 accumulator (allocated by the first gradient), free it and the
+            block's saved input and output; the embedding's backward needs no weights, then
+            outer's gradient. With parallel.grad_sync=step a unit's gradient is only added to its
+            full-size local sum until the optimizer step's last micro-step reduce-scatters it.
   step      gradient shards up to the optimizer level (reduce-scatter), across replicas
-            (all-reduce), global norm and clipping, AdamW on the fp32 master shard, new
-            parameters back down to the param level (all-gather).
+            (all-reduce), the global norm (fp32, read once), AdamW on the fp32 master shards
+            in torch's fused kernel (`adamw_update_`: weight decay by layout, the 1/world
+            average and clipping as its grad_scale), the accumulators released, new
+            parameters back down to the param level (all-gather; in float32, a plan that shards
+            parameters like the optimizer has one buffer for both).
 
 A plan that quantizes (parallel.quant) changes only how collectives on its listed levels move
 their bytes: the parameter gathers send block-quantized chunks (qwZ), and the gradient
 reduce-scatter runs hop by hop with quantized hops as all-to-alls (qgZ; `_reduce_by_hops`),
 both through parallel.codec and the byte ledger.
 
-Model contract: `model.embed(tokens)`, `model.blocks` (a ModuleList), `model.head(h)`.
+Model contract: `model.embed(tokens)`, `model.blocks` (a ModuleList), `model.head(h)`, and
+optionally `model.head_loss(h, targets)` (head and loss in one call; else loss_fn(head(h))).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -38,201 +46,19 @@ from torch import nn
 
 from tierzero.parallel.cost import Unit
 from tierzero.parallel.engines import EngineSetup
-from tierzero.parallel.engines.base import CheckpointSlice, StepStats
+from tierzero.parallel.engines.base import StepStats
 from tierzero.parallel.codec import Codec, quantized_all_gather, quantized_reduce_scatter
 from tierzero.parallel.groups import build_groups, build_hop_groups, build_partition
 from tierzero.parallel.host import to_host
-from tierzero.parallel.layout import chunk_index, level_of_group, padded_numel, span
+from tierzero.parallel.layout import chunk_index, level_of_group, span
 from tierzero.parallel.ledger import ByteLedger, CommGroup
 from tierzero.parallel.moe import moe_layers, set_aux_grad_scale
 from tierzero.parallel.plans import PartitionPlan
 from tierzero.parallel.topology import Topology, expert_data_topology
-
-
-def adamw_update_(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
-                  decay: torch.Tensor, *, lr: float, betas: Tuple[float, float], eps: float, weight_decay: float,
-                  step: int) -> None:
-    """AdamW exactly as torch.optim.AdamW (single-tensor path), in place on an fp32 shard;
-    `decay` marks the elements that take weight decay. The probe times it too
-    (collectives_bench/probe.py: the planner's update term)."""
-    b1, b2 = betas
-    bc1 = 1 - b1 ** step
-    bc2_sqrt = math.sqrt(1 - b2 ** step)
-    master.mul_(torch.where(decay, 1 - lr * weight_decay, 1.0))
-    exp_avg.lerp_(grad, 1 - b1)
-    exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-    denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
-    master.addcdiv_(exp_avg, denom, value=-lr / bc1)
-
-
-@dataclass
-class _Param:
-    name: str
-    param: nn.Parameter
-    shape: torch.Size
-    offset: int
-    numel: int
-
-
-InitSlice = Callable[[str, int, int], torch.Tensor]
-"""(parameter name, first element, elements) -> that slice of its flattened global initial value."""
-
-
-def rebind(model: nn.Module, old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
-    """Replace parameter `old` (e.g. on the meta device, whose .data cannot be swapped for real
-    storage) by a new Parameter over `data` everywhere the model holds it (tied weights too)."""
-    new = nn.Parameter(torch.empty(0, dtype=data.dtype, device=data.device), requires_grad=old.requires_grad)
-    # .data, not Parameter(data): a Parameter made from a view would share the flat buffer's
-    # version counter, and every re-gather into the buffer would look like an in-place change
-    # of the weights autograd saved
-    new.data = data
-    for module in model.modules():
-        for key, p in module._parameters.items():
-            if p is old:
-                module._parameters[key] = new
-    return new
-
-
-class FlatUnit:
-    """One unit's flat buffer and its shards at every level of the plan.
-
-    From a materialised model the values are copied from its parameters; from a model on the
-    meta device (`init`: the model's init_slice) only this rank's shards are generated -- the
-    parameter shard and the optimizer shard -- and the full buffer never holds values until it
-    is gathered, so no rank ever holds the whole model."""
-
-    def __init__(self, name: str, params: List[Tuple[str, nn.Parameter]], *, domain: "Domain",
-                 dtype: torch.dtype, device: str, fwd_gathers: int, bwd_gathers: int,
-                 model: Optional[nn.Module] = None, init: Optional[InitSlice] = None, expert_index: int = 0):
-        self.name = name
-        self.fwd_gathers, self.bwd_gathers = fwd_gathers, bwd_gathers
-        self.domain = e = domain
-        offset, entries = 0, []
-        for pname, p in params:
-            entries.append(_Param(pname, p, p.shape, offset, p.numel()))
-            offset += p.numel()
-        self.params = entries
-        self.numel = offset
-        self.N = padded_numel(offset, e.world_size, e.plan.quant.pad_block)
-        self.dtype = dtype
-
-        self.c_p, self.c_b, self.c_g, self.c_o = (self.N // s for s in (e.s_p, e.s_b, e.s_g, e.s_o))
-        self.persistent = e.s_p == 1  # replicated params: the full buffer is the param shard
-        # the parameters' initial values (float32) over a range of the flat buffer: the masters
-        # start from these exact values, the working copy is them in the compute dtype
-        if init is None:
-            built = torch.zeros(self.N, dtype=torch.float32, device=device)
-            with torch.no_grad():
-                for ent in entries:
-                    built[ent.offset: ent.offset + ent.numel].copy_(ent.param.detach().reshape(-1))
-
-            def values(a: int, b: int) -> torch.Tensor:
-                return built[a:b].clone()
-        else:
-            def values(a: int, b: int) -> torch.Tensor:
-                return self._generate(init, a, b, expert_index).to(device)
-
-        full = torch.empty(self.N, dtype=self.dtype, device=device)
-        if self.persistent:
-            full.copy_(values(0, self.N))
-        self.full = full
-        for ent in entries:
-            view = full[ent.offset: ent.offset + ent.numel].view(ent.shape)
-            if ent.param.is_meta:
-                ent.param = rebind(model, ent.param, view)
-            else:
-                ent.param.data = view
-        if self.persistent:
-            self.p_shard = full
-        else:
-            self.p_shard = values(e.idx_p * self.c_p, (e.idx_p + 1) * self.c_p).to(self.dtype)
-        self.b_shard = (torch.empty(self.c_b, dtype=self.dtype, device=device)
-                        if e.plan.secondary_level is not None else None)
-        self.grad_acc = torch.zeros(self.c_g, dtype=torch.float32, device=device)
-        o = slice(e.idx_o * self.c_o, (e.idx_o + 1) * self.c_o)
-        self.master = values(o.start, o.stop)
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
-        self.decay = self._decay_mask(o, device)
-        self.residuals: Dict[int, torch.Tensor] = {}
-        """Error feedback (parallel.quant_error_feedback): hop index -> what quantization dropped
-        from this rank's hop input last micro-step, float32 (allocated on first use)."""
-        self.gathered = True
-        if not self.persistent:
-            self.free()
-
-    def _decay_mask(self, shard: slice, device: str) -> torch.Tensor:
-        """Which elements of the optimizer shard take weight decay: matrices, not norms
-        (parallel.engines.base.param_groups)."""
-        decay = torch.zeros(self.N, dtype=torch.bool, device=device)
-        for ent in self.params:
-            if len(ent.shape) >= 2:
-                decay[ent.offset: ent.offset + ent.numel] = True
-        return decay[shard].clone()
-
-    def _generate(self, init: InitSlice, a: int, b: int, expert_index: int) -> torch.Tensor:
-        """Elements [a, b) of the flat buffer's initial values, float32 on the CPU (padding 0).
-        An expert unit holds this EP rank's experts: rows expert_index x E_local .. of each
-        global [E, ...] tensor."""
-        out = torch.zeros(b - a, dtype=torch.float32)
-        for ent in self.params:
-            lo, hi = max(a, ent.offset), min(b, ent.offset + ent.numel)
-            if lo < hi:
-                out[lo - a:hi - a] = init(ent.name, expert_index * ent.numel + lo - ent.offset, hi - lo)
-        return out
-
-    # storage management -------------------------------------------------------------
-    def _alloc(self) -> None:
-        st = self.full.untyped_storage()
-        want = self.N * self.full.element_size()
-        if st.size() != want:
-            st.resize_(want)
-
-    def free(self) -> None:
-        if not self.persistent:
-            self.full.untyped_storage().resize_(0)
-        self.gathered = False
-
-
-STATE_KEYS = (("master", "model"), ("exp_avg", "optim.exp_avg"), ("exp_avg_sq", "optim.exp_avg_sq"))
-"""FlatUnit attribute -> checkpoint tensor prefix: fp32 master weights and the AdamW moments."""
-
-
-def persistent_buffers(model: nn.Module) -> List[Tuple[str, torch.Tensor]]:
-    """Buffers that belong in a checkpoint (the MoE selection bias; not the rotary tables)."""
-    keys = set(model.state_dict().keys())
-    return [(n, b) for n, b in model.named_buffers() if n in keys]
-
-
-def _is_expert(name: str) -> bool:
-    """Routed-expert weights (parallel.moe.Experts): sharded over the expert-data-parallel ranks."""
-    return ".experts." in f".{name}"
-
-
-def _block_params(model: nn.Module, i: int, experts: bool) -> List[Tuple[str, nn.Parameter]]:
-    return [(f"blocks.{i}.{n}", p) for n, p in model.blocks[i].named_parameters() if _is_expert(n) == experts]
-
-
-def _outer_params(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
-    block_ids = {id(p) for p in model.blocks.parameters()}
-    outer, seen = [], set()
-    for name, p in model.named_parameters():
-        if id(p) not in block_ids and id(p) not in seen:
-            seen.add(id(p))
-            outer.append((name, p))
-    return outer
-
-
-def model_units(model: nn.Module) -> List[Unit]:
-    """The engine's units as the cost model sees them (works on a meta-device model)."""
-    outer = Unit("outer", sum(p.numel() for _, p in _outer_params(model)), fwd_gathers=1, bwd_gathers=0)
-    units = [outer]
-    for i in range(len(model.blocks)):
-        units.append(Unit(f"blocks.{i}", sum(p.numel() for _, p in _block_params(model, i, experts=False))))
-        experts = sum(p.numel() for _, p in _block_params(model, i, experts=True))
-        if experts:
-            units.append(Unit(f"blocks.{i}.experts", experts, expert=True))
-    return units
+from tierzero.parallel.engines.adamw import adamw_update_
+from tierzero.parallel.engines.flat import FlatUnit
+from tierzero.parallel.engines.native_checkpoint import NativeCheckpoints
+from tierzero.parallel.engines.units import _block_params, _outer_params, block_bwd_gathers, model_units
 
 
 class Domain:
@@ -277,7 +103,7 @@ class Domain:
         return self._position_cache[key]
 
 
-class NativeEngine:
+class NativeEngine(NativeCheckpoints):
     """Executes a PartitionPlan; see the module docstring for the schedule."""
 
     name = "native"
@@ -300,10 +126,18 @@ class NativeEngine:
         """Stochastic rounding's uniforms (parallel.quant_stochastic): a stream of its own per rank."""
         self._pending_rs: Optional[tuple] = None
         """The last unit's gradient reduce-scatter, in flight while the next block's backward runs."""
+        self.grad_accum = setup.grad_accum
+        self._micro = 0
+        """Micro-steps since the last optimizer step (of grad_accum)."""
+        self._next_outer: List = []
+        """The next micro-step's outer gather, in flight since block 0's backward (_prefetch_outer)."""
         self.step_count = 0
-        self._copy_stream, self._copy_event, self._pinned = None, None, []
-        self.checkpoint_copy: Optional[Callable[[], None]] = None
-        """After checkpoint_slices on a GPU: waits until the slices' copies have landed (else None)."""
+        self._step_t = torch.zeros((), dtype=torch.float32, device=device)
+        """step_count on the device, for the fused AdamW kernel (filled each step, never read back)."""
+        self._copy_stream, self._copy_event, self._staging = None, None, None
+        self.checkpoint_copy: Optional[Callable[[], list]] = None
+        """After checkpoint_slices on a GPU: waits until the slices' copies have landed and
+        returns the slices' data, in order (else None: the slices hold it)."""
         self.world_group_size = dist.get_world_size() if dist.is_initialized() else 1
         assert self.world_group_size == self.world_size, "topology and process group disagree"
         self.dense = Domain(plan, topology, rank)
@@ -320,12 +154,13 @@ class NativeEngine:
         self.outer = FlatUnit("outer", _outer_params(model), domain=self.dense, fwd_gathers=1, bwd_gathers=0, **unit)
         self.blocks: List[List[FlatUnit]] = []
         for i in range(len(model.blocks)):
+            bwd = block_bwd_gathers(i, len(model.blocks))
             units = [FlatUnit(f"blocks.{i}", _block_params(model, i, experts=False), domain=self.dense,
-                              fwd_gathers=1, bwd_gathers=1, **unit)]
+                              fwd_gathers=1, bwd_gathers=bwd, **unit)]
             expert_params = _block_params(model, i, experts=True)
             if expert_params:
                 units.append(FlatUnit(f"blocks.{i}.experts", expert_params, domain=self.experts,
-                                      fwd_gathers=1, bwd_gathers=1, expert_index=rank % ep, **unit))
+                                      fwd_gathers=1, bwd_gathers=bwd, expert_index=rank % ep, **unit))
             self.blocks.append(units)
         self.units = [self.outer] + [u for units in self.blocks for u in units]
 
@@ -360,8 +195,13 @@ class NativeEngine:
 
     # ---- gathers ---------------------------------------------------------------------------
     def _gather(self, unit: FlatUnit, phase: str, async_op: bool):
-        """All-gather the unit's full buffer from the forward (param) or backward group."""
+        """All-gather the unit's full buffer from the forward (param) or backward group; nothing
+        for a backward without gathers (bwd_gathers 0: the forward's gather is still there --
+        for hpZ the same values the secondary shard would give, being cut from it)."""
         if unit.persistent:
+            return None
+        if phase == "bwd" and not unit.bwd_gathers:
+            assert unit.gathered, f"{unit.name}: its backward needs its forward's gather"
             return None
         d = unit.domain
         unit._alloc()
@@ -385,6 +225,22 @@ class NativeEngine:
         if unit.b_shard is not None:  # hpZ: keep the secondary shard cut from this gather
             unit.b_shard.copy_(unit.full[d.idx_b * unit.c_b:(d.idx_b + 1) * unit.c_b])
 
+    def _prefetch_outer(self) -> List:
+        """The next micro-step's outer gather, issued asynchronously (as a block's prefetch) when
+        another micro-step of this optimizer step follows -- the parameters stay as they are
+        until the step; [] before the step, whose update changes them."""
+        if self._micro >= self.grad_accum or self.outer.persistent:
+            return []
+        return [self._gather(self.outer, "fwd", async_op=True)]
+
+    def _drop_prefetch(self) -> None:
+        """An outer gather prefetched for a micro-step that did not come (a caller that ran fewer
+        than grad_accum before the step, or evaluates between micro-steps): waited for, freed."""
+        if self._next_outer:
+            self._wait(self._next_outer)
+            self._next_outer = []
+            self.outer.free()
+
     @staticmethod
     def _wait(pending: List) -> None:
         for p in pending:
@@ -396,7 +252,9 @@ class NativeEngine:
         """Forward and backward of one micro-batch; returns its (unscaled) loss."""
         model, blocks = self.model, self.blocks
         set_aux_grad_scale(model, scale)
-        self._gather(self.outer, "fwd", async_op=False)
+        self._micro += 1
+        self._wait(self._next_outer or [self._gather(self.outer, "fwd", async_op=False)])
+        self._next_outer = []
         self._after_fwd_gather(self.outer)
         pending = self._gather_all(blocks[0], "fwd", async_op=True) if blocks else []
 
@@ -409,23 +267,27 @@ class NativeEngine:
                 self._after_fwd_gather(u)
             pending = self._gather_all(blocks[i + 1], "fwd", async_op=True) if i + 1 < len(blocks) else []
             leaves.append(x)
-            y = model.blocks[i](x)
-            outs.append(y)
+            outs.append(model.blocks[i](x))
             for u in units:
-                u.free()
-            x = y.detach().requires_grad_()
-        logits = model.head(x)
-        loss = self.loss_fn(logits, targets)
+                if u.bwd_gathers:  # else kept for its backward, next after the head's (block_bwd_gathers)
+                    u.free()
+            x = outs[-1].detach().requires_grad_()
+        loss = self._head_loss(x, targets)  # no logits held here: they go with the head's backward
         (loss * scale).backward()
         self.outer.free()
-        grad = x.grad
+        grad, x = x.grad, None
 
         pending = self._gather_all(blocks[-1], "bwd", async_op=True) if blocks else []
         for i in range(len(blocks) - 1, -1, -1):
             self._wait(pending)
+            # in flight beside block i's backward: block i-1's gather, or beside block 0's the next
+            # micro-step's outer gather (the embedding's backward needs no weights)
             pending = self._gather_all(blocks[i - 1], "bwd", async_op=True) if i > 0 else []
+            if i == 0:
+                self._next_outer = self._prefetch_outer()
             torch.autograd.backward(outs[i], grad)
             grad = leaves[i].grad
+            outs[i] = leaves[i] = None  # the residual stream around block i: its backward is done
             for u in blocks[i]:
                 self._reduce_grads(u)
                 u.free()
@@ -439,6 +301,7 @@ class NativeEngine:
         part of the forward (ledger phase "eval") and freed after it; no gradient, no secondary
         (hpZ) shard touched. The loss stays on the device."""
         model, blocks = self.model, self.blocks
+        self._drop_prefetch()
         with torch.no_grad():
             self._gather(self.outer, "eval", async_op=False)
             pending = self._gather_all(blocks[0], "eval", async_op=True) if blocks else []
@@ -449,24 +312,42 @@ class NativeEngine:
                 x = model.blocks[i](x)
                 for u in units:
                     u.free()
-            loss = self.loss_fn(model.head(x), targets)
+            loss = self._head_loss(x, targets)
             self.outer.free()
         return loss
 
-    def _reduce_grads(self, unit: FlatUnit) -> None:
+    def _head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean loss from the last block's output: the model's `head_loss` where it has one
+        (recipes.model.Transformer: head and loss in one call, compiled together under
+        train.compile), else loss_fn(head(x))."""
+        head_loss = getattr(self.model, "head_loss", None)
+        return head_loss(x, targets) if head_loss is not None else self.loss_fn(self.model.head(x), targets)
+
+    def _reduce_grads(self, unit: FlatUnit, now: bool = False) -> None:
+        """The unit's gradients (autograd's, on its parameters) into one flat buffer in the reduce
+        dtype, reduce-scattered inside the grad level into its fp32 accumulator -- or, with
+        parallel.grad_sync=step before the optimizer step's last micro-step (and not `now`), added
+        up in that buffer, kept unreduced (FlatUnit.unreduced) until then."""
         d = unit.domain
-        flat = torch.zeros(unit.N, dtype=self.reduce_dtype, device=self.device)
+        flat, fresh = unit.unreduced, unit.unreduced is None
+        if fresh:
+            flat = torch.zeros(unit.N, dtype=self.reduce_dtype, device=self.device)
+        unit.unreduced = None
         for ent in unit.params:
             if ent.param.grad is not None:
-                flat[ent.offset: ent.offset + ent.numel].copy_(ent.param.grad.reshape(-1))
+                piece = flat[ent.offset: ent.offset + ent.numel]
+                (piece.copy_ if fresh else piece.add_)(ent.param.grad.reshape(-1))
                 ent.param.grad = None
+        group, c = d.groups["grad"], unit.c_g
+        if group.size == 1 and not d.hops:
+            unit.accumulate(flat[d.idx_g * c:(d.idx_g + 1) * c], owned=c == unit.N)
+            return
+        if not now and self.plan.grad_sync == "step" and self._micro < self.grad_accum:
+            unit.unreduced = flat
+            return
         if d.hops:
             self._finish_reduce()
             self._reduce_by_hops(unit, flat)
-            return
-        group, c = d.groups["grad"], unit.c_g
-        if group.size == 1:
-            unit.grad_acc.add_(flat[d.idx_g * c:(d.idx_g + 1) * c])
             return
         out = torch.empty(c, dtype=self.reduce_dtype, device=self.device)
         ins = [flat[j * c:(j + 1) * c] for j in d.positions(group, self.plan.grad_level)]
@@ -499,7 +380,7 @@ class NativeEngine:
                 quantized_reduce_scatter(self.ledger, out, ins, group, "bwd", codec, residual=residual,
                                          generator=self._noise, stochastic=q.stochastic)
             buf = out
-        unit.grad_acc.add_(buf)
+        unit.accumulate(buf, owned=True)
 
     def _finish_reduce(self) -> None:
         """Wait for the reduce-scatter in flight and add it to its unit's fp32 accumulator (on
@@ -508,17 +389,18 @@ class NativeEngine:
             work, unit, out, _ = self._pending_rs
             self._pending_rs = None
             work.wait()
-            unit.grad_acc.add_(out)
+            unit.accumulate(out, owned=True)
 
     # ---- optimizer step --------------------------------------------------------------------
     def _optimizer_grad(self, u: FlatUnit) -> torch.Tensor:
-        """The unit's gradient on this rank's optimizer shard, summed over every rank, / world."""
+        """The unit's gradient on this rank's optimizer shard, summed over every rank (the update
+        divides it by the world size: _grad_scale)."""
         d = u.domain
         up, reps = d.groups["grad_up"], d.groups["replicas"]
+        acc = u.grad_acc if u.grad_acc is not None else torch.zeros(u.c_g, dtype=torch.float32, device=self.device)
         if up.size > 1:  # G-shard -> O-shard: the O-chunks inside my G-chunk
             base = d.idx_g * (d.s_o // d.s_g)
-            ins = [u.grad_acc[(j - base) * u.c_o:(j - base + 1) * u.c_o]
-                   for j in d.positions(up, self.plan.optim_level)]
+            ins = [acc[(j - base) * u.c_o:(j - base + 1) * u.c_o] for j in d.positions(up, self.plan.optim_level)]
             g = torch.empty(u.c_o, dtype=torch.float32, device=self.device)
             codec = d.step_codecs["grad_up"]
             if codec is None:
@@ -528,16 +410,28 @@ class NativeEngine:
                                          stochastic=self.plan.quant.stochastic)
         else:
             off = (d.idx_o - d.idx_g * (d.s_o // d.s_g)) * u.c_o
-            g = u.grad_acc[off: off + u.c_o]
+            g = acc[off: off + u.c_o]
         self.ledger.all_reduce(g, reps, "step")
-        # every rank's micro-batches reached these weights (experts through the all-to-all)
-        return g.div_(self.world_size)
+        return g
 
     def _sum_squares(self, units: List[FlatUnit], grads: List[torch.Tensor], domain: "Domain") -> torch.Tensor:
+        """The squared norm of the domain's gradients over all its ranks, float32, on the device
+        (the shards' norms in one multi-tensor kernel)."""
         mine = [g for u, g in zip(units, grads) if u.domain is domain]
-        total = torch.stack([g.double().pow(2).sum() for g in mine]).sum().float().reshape(1)
+        total = torch.stack(torch._foreach_norm(mine)).square().sum().reshape(1)
         self.ledger.all_reduce(total, domain.groups["optim"], "step")
         return total
+
+    def _grad_scale(self, norm: torch.Tensor) -> Optional[torch.Tensor]:
+        """What the update divides the summed gradients by, 0-dim on the device: the world size
+        (every rank's micro-batches reached these weights, experts through the all-to-all), over
+        the clipping coefficient where clipping acts (clip / (norm + 1e-6) when norm > clip, as
+        torch.nn.utils.clip_grad_norm_); None when that is 1."""
+        w = float(self.world_size)
+        if self.grad_clip > 0:
+            coef = self.grad_clip / (norm + 1e-6)
+            return torch.where(norm > self.grad_clip, w / coef, w).reshape(())
+        return torch.full((), w, device=self.device) if self.world_size > 1 else None
 
     def step(self, lr: float) -> StepStats:
         guard, self.snapshot_guard = getattr(self, "snapshot_guard", None), None
@@ -546,171 +440,70 @@ class NativeEngine:
         if self._copy_event is not None:  # GPU: the update waits for the checkpoint's copies, on the device
             torch.cuda.current_stream(self.device).wait_event(self._copy_event)
             self._copy_event = None
+        self._drop_prefetch()
+        for u in self.units:  # grad_sync=step, should fewer micro-steps than grad_accum have come
+            if u.unreduced is not None:
+                self._reduce_grads(u, now=True)
+        self._finish_reduce()
+        self._micro = 0
         grads = [self._optimizer_grad(u) for u in self.units]
         sumsq = self._sum_squares(self.units, grads, self.dense)
         if self.experts is not None:
             expert_sq = self._sum_squares(self.units, grads, self.experts)
             self.ledger.all_reduce(expert_sq, self.ep_group, "step")  # the other EP ranks' experts
             sumsq = sumsq + expert_sq
-        norm = math.sqrt(to_host(sumsq, "grad norm")[0])  # the step's one read: skip or clip
-        if not math.isfinite(norm):  # global, so every rank skips: drop the gradients, keep the state
-            for u in self.units:
-                u.grad_acc.zero_()
-            return StepStats(grad_norm=norm, skipped=True)
-        if self.grad_clip > 0 and norm > self.grad_clip:
-            coef = self.grad_clip / (norm + 1e-6)
-            for g in grads:
-                g.mul_(coef)
+        norm_t = sumsq.sqrt() / self.world_size  # the norm of the averaged gradient
+        grad_scale = self._grad_scale(norm_t)
+        norm = to_host(norm_t, "grad norm")[0]  # the step's one read: skip or not
+        skipped = not math.isfinite(norm)  # global, so every rank skips: the state stays, the gradients go
+        if not skipped:
+            self.step_count += 1
+            self.update_(grads, lr=lr, grad_scale=grad_scale)
+        del grads
+        for u in self.units:
+            u.grad_acc = None
+        if not skipped:
+            self._params_down()
+        return StepStats(grad_norm=norm, skipped=skipped)
 
-        self.step_count += 1
+    def update_(self, grads: List[torch.Tensor], *, lr: float, grad_scale: Optional[torch.Tensor] = None) -> None:
+        """AdamW at step_count over every unit's optimizer shard, grads[i] being units[i]'s
+        gradient on it (divided by grad_scale inside the kernel): two calls of adamw_update_,
+        the decayed runs of every shard and the others at weight decay 0 -- pieces of the flat
+        shards, no mask. benchmarks/step.py times it alone."""
+        lists = {True: ([], [], [], []), False: ([], [], [], [])}
         for u, g in zip(self.units, grads):
-            adamw_update_(u.master, u.exp_avg, u.exp_avg_sq, g, u.decay, lr=lr, betas=self.betas, eps=self.eps,
-                          weight_decay=self.weight_decay, step=self.step_count)
-            u.grad_acc.zero_()
-        self._params_down()
-        return StepStats(grad_norm=norm)
+            for a, b, decayed in u.decay_runs:
+                for out, t in zip(lists[decayed], (u.master, u.exp_avg, u.exp_avg_sq, g)):
+                    out.append(t[a:b])
+        self._step_t.fill_(self.step_count)
+        for decayed, (masters, avgs, sqs, gs) in lists.items():
+            adamw_update_(masters, avgs, sqs, gs, lr=lr, betas=self.betas, eps=self.eps,
+                          weight_decay=self.weight_decay if decayed else 0.0, step=self.step_count,
+                          step_tensor=self._step_t, grad_scale=grad_scale)
 
     def _params_down(self) -> None:
-        """New parameters from the fp32 optimizer shards down to the param level."""
+        """New parameters from the fp32 optimizer shards down to the param level, cast into the
+        parameter shard itself (no temporary but a quantized gather's)."""
         for u in self.units:
+            if u.master is u.p_shard:  # float32, sharded like the optimizer: the update wrote them
+                continue
             d = u.domain
             down = d.groups["param_down"]
-            new = u.master.to(self.dtype)
             if down.size > 1:  # O-shard -> P-shard: gather the O-chunks that make up my P-chunk
                 base = d.idx_p * (d.s_o // d.s_p)
                 outs = [u.p_shard[(j - base) * u.c_o:(j - base + 1) * u.c_o]
                         for j in d.positions(down, self.plan.optim_level)]
                 codec = d.step_codecs["param_down"]
                 if codec is None:
-                    self.ledger.all_gather(outs, new, down, "step")
+                    mine = outs[down.index(self.rank)]  # this rank's own chunk: gathered in place
+                    mine.copy_(u.master)
+                    self.ledger.all_gather(outs, mine, down, "step")
                 else:
-                    quantized_all_gather(self.ledger, outs, new, down, "step", codec)
+                    quantized_all_gather(self.ledger, outs, u.master.to(self.dtype), down, "step", codec)
             else:
                 off = (d.idx_o - d.idx_p * (d.s_o // d.s_p)) * u.c_o
-                u.p_shard[off: off + u.c_o].copy_(new)
+                u.p_shard[off: off + u.c_o].copy_(u.master)
 
     def take_comm(self) -> List[dict]:
         return self.ledger.take()
-
-    # ---- checkpoints: this rank's slices of the global tensors -----------------------------
-    def _owned(self, u: FlatUnit):
-        """(entry, first element in the O-shard, elements, global shape, first element of the
-        flattened global tensor) for every parameter piece in this rank's optimizer shard."""
-        a = u.domain.idx_o * u.c_o
-        expert = u.domain is self.experts
-        for ent in u.params:
-            lo, hi = max(a, ent.offset), min(a + u.c_o, ent.offset + ent.numel)
-            if lo >= hi:
-                continue
-            shape, base = tuple(ent.shape), 0
-            if expert:  # local experts [E_local, ...] are rows ep_index*E_local.. of [E, ...]
-                shape = (ent.shape[0] * self.ep,) + tuple(ent.shape[1:])
-                base = (self.rank % self.ep) * ent.numel
-            yield ent, lo - a, hi - lo, shape, base + lo - ent.offset
-
-    def checkpoint_slices(self) -> List[CheckpointSlice]:
-        """What this rank saves: its optimizer shard's master weights and AdamW moments (one
-        replica saves), and on rank 0 the persistent buffers (MoE selection biases).
-
-        On CPU the slices are views (the saver copies them while the next step computes). On a
-        GPU they are pinned host buffers, reused from save to save, filled by copies issued on a
-        side stream: the loop only issues them; `checkpoint_copy` (for the saver's thread)
-        waits for them, and the next optimizer step waits for them on the device."""
-        out = []
-        cuda = self.device.startswith("cuda")
-        if cuda:
-            if self._copy_stream is None:
-                self._copy_stream = torch.cuda.Stream(device=self.device)
-            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        for u in self.units:
-            if u.domain.groups["replicas"].index(self.rank) != 0:
-                continue
-            for ent, at, n, shape, start in self._owned(u):
-                for key, prefix in STATE_KEYS:
-                    src = getattr(u, key)[at:at + n].detach()
-                    data = self._to_pinned(len(out), src) if cuda else src.numpy()  # a view on CPU: the saver copies
-                    out.append(CheckpointSlice(f"{prefix}/{ent.name}", shape, "float32", start, data))
-        self.checkpoint_copy = None
-        if cuda:
-            event = torch.cuda.Event()
-            event.record(self._copy_stream)
-            self._copy_event, self.checkpoint_copy = event, event.synchronize
-        if self.rank == 0:
-            for name, buf in persistent_buffers(self.model):
-                out.append(CheckpointSlice(f"buffer/{name}", tuple(buf.shape), "float32", 0,
-                                           buf.detach().float().cpu().numpy().reshape(-1).copy()))
-        return out
-
-    def checkpoint_layout(self) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-        """{name: (global shape, dtype)} of what checkpoint_slices saves from this rank, without
-        copying a byte (a resume checks a manifest against it before reading)."""
-        out = {}
-        for u in self.units:
-            if u.domain.groups["replicas"].index(self.rank) != 0:
-                continue
-            for ent, _at, _n, shape, _start in self._owned(u):
-                for _key, prefix in STATE_KEYS:
-                    out[f"{prefix}/{ent.name}"] = (tuple(shape), "float32")
-        if self.rank == 0:
-            for name, buf in persistent_buffers(self.model):
-                out[f"buffer/{name}"] = (tuple(buf.shape), "float32")
-        return out
-
-    def _to_pinned(self, i: int, src: torch.Tensor):
-        """Slice i's pinned host buffer (reused while its size holds), its copy issued on the side stream."""
-        while len(self._pinned) <= i:
-            self._pinned.append(None)
-        buf = self._pinned[i]
-        if buf is None or buf.numel() != src.numel():
-            buf = self._pinned[i] = torch.empty(src.numel(), dtype=torch.float32, pin_memory=True)
-        with torch.cuda.stream(self._copy_stream):
-            buf.copy_(src, non_blocking=True)
-        return buf.numpy()
-
-    def load_checkpoint(self, read: Callable[[str, int, int], "object"], step_count: int) -> None:
-        """Fill this rank's shards from global tensors (`read(name, start, numel)` returns a
-        numpy array), whatever layout saved them. Local only (no collectives), so a rank that
-        fails to read cannot leave the others waiting; `after_load` then rebuilds the
-        parameters from the masters, on every rank together."""
-        for u in self.units:
-            for key, _ in STATE_KEYS:
-                getattr(u, key).zero_()
-            for ent, at, n, _, start in self._owned(u):
-                for key, prefix in STATE_KEYS:
-                    getattr(u, key)[at:at + n].copy_(torch.from_numpy(read(f"{prefix}/{ent.name}", start, n)))
-        with torch.no_grad():
-            for name, buf in persistent_buffers(self.model):
-                buf.copy_(torch.from_numpy(read(f"buffer/{name}", 0, buf.numel())).view(buf.shape))
-        self.step_count = step_count
-
-    def after_load(self) -> None:
-        self._params_down()
-
-    # ---- global tensors (checkpoints, tests) -----------------------------------------------
-    def global_tensors(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        """name -> {'param', 'exp_avg', 'exp_avg_sq'} as full fp32 tensors, on every rank.
-        Expert weights come back with all experts (global shape [E, ...])."""
-        out: Dict[str, Dict[str, torch.Tensor]] = {}
-        for u in self.units:
-            d = u.domain
-            group = d.groups["optim"]
-            fulls = {}
-            for key in ("master", "exp_avg", "exp_avg_sq"):
-                shard = getattr(u, key)
-                full = torch.empty(u.N, dtype=torch.float32, device=self.device)
-                outs = [full[j * u.c_o:(j + 1) * u.c_o] for j in d.positions(group, self.plan.optim_level)]
-                if group.size > 1:
-                    dist.all_gather(outs, shard, group=group.pg)
-                else:
-                    outs[0].copy_(shard)
-                fulls[key] = full
-            for ent in u.params:
-                tensors = {("param" if k == "master" else k): v[ent.offset: ent.offset + ent.numel].view(ent.shape).clone()
-                           for k, v in fulls.items()}
-                if d is self.experts and self.ep_group.size > 1:  # concatenate the EP ranks' experts
-                    for k, t in tensors.items():
-                        parts = [torch.empty_like(t) for _ in range(self.ep_group.size)]
-                        dist.all_gather(parts, t, group=self.ep_group.pg)
-                        tensors[k] = torch.cat(parts, 0)
-                out[ent.name] = tensors
-        return out
