@@ -127,6 +127,7 @@ def train_rank(cfg: RunConfig, launch: Launch, env: Mapping[str, str]) -> int:
         trainer = Trainer(
             Recipe.of(cfg), ctx, tel, hooks=RankHooks(heartbeat, stops, _fault_hooks(env, launch.rank)),
             checkpoint_root=paths.checkpoints, peak_tflops=cfg.telemetry.peak_tflops,
+            compile_cache_dir=str(paths.run_dir / "compile-cache"),
             memory_budget_bytes=memory_budget_bytes(cfg.parallel, topology, device=joined.device,
                                                     local_world_size=launch.local_world_size),
             run_state={"config": to_yaml(_without_secrets(cfg)), "tierzero_version": tierzero_version()})

@@ -51,6 +51,8 @@ class TrainConfig:
     """Stop after this many non-finite steps in a row (skip / rollback)."""
     activation_checkpointing: str = "none"
     """none, or blocks: keep only each transformer block's input and recompute the block in the backward (activations ~1/L of 'none', one more forward of compute). Dense models."""
+    compile: bool = False
+    """torch.compile each transformer block in place (parameter names unchanged) and the head with the loss; the cache goes to <run.dir>/compile-cache unless TORCHINDUCTOR_CACHE_DIR is set."""
     eval_every: int = 0
     """Evaluate the held-out data (data.eval_path or data.eval_fraction) after every N optimizer steps; 0 = never."""
     eval_steps: int = 4

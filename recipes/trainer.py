@@ -180,9 +180,14 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, ctx: DistContext, telemetry, *, hooks: Optional[Hooks] = None,
                  checkpoint_root: Optional[str] = None, memory_budget_bytes: Optional[float] = None,
-                 peak_tflops: Optional[float] = None, run_state: Optional[dict] = None, show_progress: bool = True):
+                 peak_tflops: Optional[float] = None, run_state: Optional[dict] = None, show_progress: bool = True,
+                 compile_cache_dir: Optional[str] = None):
         t = recipe.train
         self.recipe, self.ctx, self.telemetry, self.hooks = recipe, ctx, telemetry, hooks or Hooks()
+        if t.compile:  # first: torch._dynamo, imported while the model is built, settles inductor's folder
+            from tierzero.recipes.compiling import use_compile_cache
+
+            use_compile_cache(compile_cache_dir)
         self.run_state = run_state or {}
         self.accum = grad_accum_steps(t, ctx.world_size)
         self.dataset, self.eval_data = build_datasets(recipe.data)
@@ -241,16 +246,23 @@ class Trainer:
         choice = resolve_plan(r.parallel, ctx.topology, inputs, memory_budget_bytes=memory_budget_bytes)
         choice = spec.restrict(choice, ctx.topology)  # PlanError for a named plan it cannot run
         t = r.train
+        if t.activation_checkpointing == "blocks":
+            checkpoint_blocks(model)
+        # after checkpoint_blocks, so each block's recompute is traced with it
+        if t.compile:
+            from tierzero.recipes.compiling import compile_model
+
+            loss = compile_model(model)
+        else:
+            loss = loss_fn
         on_meta = next(model.parameters()).is_meta
         setup = EngineSetup(plan=choice.plan, topology=ctx.topology, rank=ctx.rank, local_rank=ctx.local_rank,
                             init=model.init_slice if on_meta else None,
                             device=ctx.device, ep=r.parallel.ep, micro_batch_size=t.micro_batch_size,
                             grad_accum=self.accum, dtype=t.dtype, reduce_dtype=r.parallel.reduce_dtype,
-                            comm_timing=r.parallel.comm_timing, loss_fn=loss_fn,
+                            comm_timing=r.parallel.comm_timing, loss_fn=loss,
                             optim=Optim(lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
                                         grad_clip=t.grad_clip))
-        if t.activation_checkpointing == "blocks":
-            checkpoint_blocks(model)
         engine = spec.load()(model, setup)
         return engine, f"{choice.plan.describe(ctx.topology)} on {spec.name}: {choice.reason}"
 
@@ -439,6 +451,8 @@ class Trainer:
         self.hooks.heartbeat(state.step, "checkpoint")
         self.telemetry.flush()  # a step a checkpoint covers is never recomputed: its row must outlive a kill -9
         self.ckpt.save(state.step, self.engine, self.checkpoint_state(state, loss=loss, lr=lr))
+        self.telemetry.record("events", step=state.step, kind="save", detail="the loop's seconds in save()",
+                              host=self.ctx.host, stall_s=getattr(self.ckpt, "last_save_s", None))
 
     def stop(self, state: TrainState, signame: str) -> None:
         """Every rank stops after `state.step`, once its checkpoint is committed."""

@@ -1,10 +1,10 @@
 """The engines that execute a partition plan, and what each can run (pure: no torch here).
 
-    parallel.engine  module                          class            plans               MoE  checkpoints
-    native           parallel/engines/native.py      NativeEngine     every plan          yes  yes
-    deepspeed        parallel/engines/deepspeed.py   DeepSpeedEngine  ddp, zero1-3, hpz   no   yes (resume: ZeRO-1/2)
-    fsdp2            parallel/engines/fsdp2.py       FSDP2Engine      zero2, zero3, hsdp  no   no
-    reference        parallel/engines/reference.py   ReferenceEngine  ddp                 yes  no
+    parallel.engine  module                         class            plans               MoE  compile  checkpoints
+    native           parallel/engines/native.py     NativeEngine     every plan          yes  yes      yes
+    deepspeed        parallel/engines/deepspeed.py  DeepSpeedEngine  ddp, zero1-3, hpz   no   no       yes (resume: ZeRO-1/2)
+    fsdp2            parallel/engines/fsdp2.py      FSDP2Engine      zero2, zero3, hsdp  no   yes      no
+    reference        parallel/engines/reference.py  ReferenceEngine  ddp                 yes  yes      no
 
 Every engine is built as `Engine(model, EngineSetup)` and keeps the contract of
 parallel/engines/base.py (Engine; Checkpointable where checkpoints are "yes"). The launcher asks
@@ -151,6 +151,11 @@ class EngineSpec:
     """Saves and loads tierzero checkpoints (the Checkpointable contract)."""
     shards_from_meta: bool = False
     """Takes a model on the meta device and materialises only its own shards (EngineSetup.init)."""
+    compiles: bool = False
+    """Runs train.compile=true: the model's blocks compiled in place (recipes.compiling.compile_model)
+    are called as they are, with nothing of the engine's inside them that dynamo would trace."""
+    compile_note: str = ""
+    """Why it does not run train.compile=true (the error's reason), where compiles is False."""
 
     def load(self) -> type:
         """The engine class (imports the engine's module, and with it torch or deepspeed)."""
@@ -172,12 +177,17 @@ class EngineSpec:
 
 
 ENGINES: Dict[str, EngineSpec] = {spec.name: spec for spec in (
-    EngineSpec("native", "NativeEngine", "every plan", _any_plan, moe=True, checkpoints=True, shards_from_meta=True),
+    EngineSpec("native", "NativeEngine", "every plan", _any_plan, moe=True, checkpoints=True, shards_from_meta=True,
+               compiles=True),
     EngineSpec("deepspeed", "DeepSpeedEngine", "ddp, zero1, zero2, zero3, hpz",
-               lambda plan, topo: deepspeed_stage(plan, topo), moe=False, checkpoints=True),
+               lambda plan, topo: deepspeed_stage(plan, topo), moe=False, checkpoints=True,
+               compile_note="DeepSpeed calls the model through its own engine, and at ZeRO-3 its parameter fetch and "
+                            "release hooks run on every submodule inside a block, where dynamo traces them piece by "
+                            "piece (a graph break and recompiles at each submodule) instead of compiling the block; "
+                            "DeepSpeed's own compile path is not driven by tierzero"),
     EngineSpec("fsdp2", "FSDP2Engine", "zero2, zero3, hsdp", lambda plan, topo: fsdp2_mesh_shape(plan, topo),
-               moe=False, checkpoints=False),
-    EngineSpec("reference", "ReferenceEngine", "ddp", _reference_check, moe=True, checkpoints=False),
+               moe=False, checkpoints=False, compiles=True),
+    EngineSpec("reference", "ReferenceEngine", "ddp", _reference_check, moe=True, checkpoints=False, compiles=True),
 )}
 
 
@@ -208,6 +218,10 @@ def engine_errors(*, parallel, moe, checkpoint, train) -> List[str]:
                "reference": "the reference is the full-precision baseline the others are compared against"}[spec.name]
         errs.append(f"{' and '.join(quantized)} asks for block-quantized collectives, which parallel.engine={spec.name} "
                     f"cannot run: {why}. Use parallel.engine=native, or drop {' and '.join(quantized)}")
+    if getattr(train, "compile", False) and not spec.compiles:
+        able = ", ".join(f"parallel.engine={n}" for n, s in ENGINES.items() if s.compiles)
+        errs.append(f"train.compile=true compiles each transformer block in place, which parallel.engine={spec.name} "
+                    f"cannot run: {spec.compile_note}. Use {able}, or train.compile=false")
     wanted = _checkpoints_wanted(checkpoint)
     if wanted and not spec.checkpoints:
         errs.append(f"parallel.engine={spec.name} cannot save or load tierzero checkpoints, but {wanted}; use "

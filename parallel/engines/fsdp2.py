@@ -9,7 +9,10 @@ Configured as FSDP2's experts run it (torchtitan's settings): float32 sharded pa
 masters with a MixedPrecisionPolicy that gathers them in train.dtype and reduces gradients in
 parallel.reduce_dtype; gradients reduce-scattered (and all-reduced across hsdp replicas) only
 on the last micro-step of an optimizer step (set_requires_gradient_sync); fused AdamW on a GPU,
-foreach AdamW on CPU.
+foreach AdamW on CPU. With train.compile=true each block arrives compiled in place
+(recipes.compiling.compile_model, before fully_shard, as torchtitan compiles before it shards):
+fully_shard's hooks run outside the block's graph, the head runs eagerly in the root module and
+the loss is compiled alone.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ It runs the ddp plan only, MoE with every expert on every rank, and no checkpoin
 Configured as data parallelism is run by its experts: float32 parameters (the masters) with
 the forward under autocast for train.dtype=bfloat16, gradients synchronised once per optimizer
 step (the micro-steps accumulate locally, as DDP's no_sync does), fused AdamW on a GPU and
-foreach AdamW on CPU.
+foreach AdamW on CPU. With train.compile=true its blocks arrive compiled in place
+(recipes.compiling.compile_model) and setup.loss_fn is the loss compiled alone.
 """
 
 from __future__ import annotations
