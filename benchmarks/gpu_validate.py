@@ -11,13 +11,21 @@ section still runs):
      resumed on 2
   c  NCCL at world size 1: a list all-gather / reduce-scatter against the single-tensor ones
      (peak memory, CUDA-event time), and the host's issue-to-wait time against the event time
-  d  MFU of a ~1B dense model (bf16, sequence 4096, micro-batch 2 and 4) against the datasheet
-     peak, through `tierzero run` on one rank, beside FSDP2 on the same GPU with the fair
-     settings (float32 masters, fused AdamW, one gradient sync per optimizer step)
-  e  checkpoint stall of that model: an async save against a synchronous one
+  d  an A/B of the native engine against FSDP2 with per-block compile (the fair reference) at a
+     ~1B dense model, bf16, sequence 4096, one GPU (benchmarks/gpu_ab.py: each engine in a worker
+     process of its own): both compiled at micro-batch 2 and 4, each run twice, interleaved, with
+     per-phase CUDA-event times; a profiled step of each (top 20 kernels, the SDPA backend that
+     ran); one step at accumulation 8; the native toggles (fused step, chunked loss, compile) in
+     the native process. Tokens/s, MFU (PaLM's 6N + 12 L d T, and the FLOPs executed), peak memory.
+  e  checkpoint stall of the native process's model: async saves 1, 2 and 3, and a synchronous one
+
+One run answers all of it inside --budget-s (440 s; the shell's timeout is 470): every section
+has a deadline, and what would pass it is recorded as "skipped: time" instead of run. Besides
+the JSON (--out), a markdown table goes to the same path with .md (and is printed); neither is
+written over a file this script did not write.
 
     bash benchmarks/gpu_validate.sh                 # on a machine with a CUDA (or ROCm) GPU
-    python benchmarks/gpu_validate.py --dry-run     # on CPU: every section that can run there, tiny sizes
+    python benchmarks/gpu_validate.py --dry-run     # on CPU: every path, tiny sizes, < 3 minutes
 
 Figures go to docs/benchmarks.md ("GPU validation") with the date.
 """
@@ -29,7 +37,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +47,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gpu_ab import Rows, Session  # benchmarks/ is sys.path[0]: this file runs as a script
+from gpu_report import MARK, markdown
+
 ROOT = Path(__file__).resolve().parent.parent
+BUDGET_S = {"gpu": 440.0, "dry": 170.0}
+"""The whole run's seconds (gpu_validate.sh stops it with SIGINT at 470)."""
+SHARES = {"gpu": dict(b=60.0, b_before_end=300.0, e=75.0), "dry": dict(b=90.0, b_before_end=60.0, e=25.0)}
+"""Section b's most seconds (and at least this many left after it), and what d leaves for e."""
 
 
 def section(summary: dict, key: str, fn, *args) -> None:
@@ -61,8 +75,11 @@ def section(summary: dict, key: str, fn, *args) -> None:
 def inventory(dry: bool) -> dict:
     from tierzero.telemetry.peak import datasheet_peak_tflops
 
+    import tierzero.launcher
+
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "hip": getattr(torch.version, "hip", None), "host": platform.node()}
+           "hip": getattr(torch.version, "hip", None), "host": platform.node(),
+           "tierzero_from": str(Path(tierzero.launcher.__file__).resolve().parent.parent)}
     if dry:
         out["device"] = "cpu (dry run)"
         n = 512
@@ -90,28 +107,14 @@ def inventory(dry: bool) -> dict:
     end.record()
     end.synchronize()
     out["matmul_bf16_tflops"] = 2 * n**3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
+    del a, b
+    torch.cuda.empty_cache()  # section d's worker processes share this GPU
     if out["datasheet_bf16_tflops"]:
         out["matmul_fraction_of_datasheet"] = out["matmul_bf16_tflops"] / out["datasheet_bf16_tflops"]
     return out
 
 
 # ---- b: multi-rank correctness on CUDA tensors over gloo ----------------------------------------
-
-class _Rows:
-    """Telemetry stand-in: keeps the rows the loop records."""
-
-    def __init__(self):
-        self.rows = {}
-
-    def record(self, table: str, /, **row) -> None:
-        self.rows.setdefault(table, []).append(row)
-
-    def event(self, kind, detail="", step=None, **_):
-        self.record("events", kind=kind, detail=detail, step=step)
-
-    def flush(self) -> None:
-        pass
-
 
 class _Done:
     def wait(self, *args, **kwargs):
@@ -165,7 +168,7 @@ DENSE = ["moe.num_experts=0", "parallel.ep=1", "model.d_model=64", "model.n_head
 MOE = ["model.d_model=64", "model.n_heads=4", "model.n_layers=2", "data.seq_len=32", "train.steps=6",
        "train.warmup_steps=2", "train.micro_batch_size=2", "train.global_batch_size=16", "moe.num_experts=4",
        "moe.top_k=2", "moe.expert_hidden=64", "parallel.ep=2"]
-PLANS = ["ddp", "zero1", "zero2", "zero3", "hpz", "hsdp", "tiered"]
+PLANS = ["zero3", "hpz", "hsdp", "tiered", "zero2", "zero1", "ddp"]
 
 
 def _trainer_run(overrides, ctx, plan: str, checkpoint=None):
@@ -179,11 +182,11 @@ def _trainer_run(overrides, ctx, plan: str, checkpoint=None):
     ck = checkpoint or {}
     recipe = Recipe(cfg.train, cfg.model, cfg.data, cfg.moe, pcfg,
                     CheckpointConfig(every_steps=ck.get("every", 0), resume=ck.get("resume", "auto")))
-    trainer = Trainer(recipe, ctx, _Rows(), checkpoint_root=ck.get("root"), peak_tflops=1.0, show_progress=False)
+    trainer = Trainer(recipe, ctx, Rows(), checkpoint_root=ck.get("root"), peak_tflops=1.0, show_progress=False)
     return trainer.fit().losses
 
 
-def _cuda_worker(rank: int, world: int, rdzv: str, out: str, device: str, jobs):
+def _cuda_worker(rank: int, world: int, rdzv: str, out: str, device: str, jobs, deadline: float):
     from tierzero.parallel.context import DistContext
     from tierzero.parallel.topology import emulated_topology
 
@@ -196,6 +199,11 @@ def _cuda_worker(rank: int, world: int, rdzv: str, out: str, device: str, jobs):
                       backend="gloo", topology=emulated_topology(sizes), host="validate")
     results = {}
     for name, overrides, plan, checkpoint in jobs:
+        late = torch.tensor([float(time.time() > deadline)])
+        dist.all_reduce(late, op=dist.ReduceOp.MAX)  # every rank skips the same jobs
+        if late.item():
+            results[name] = {"skipped": "time"}
+            continue
         try:
             results[name] = {"losses": _trainer_run(overrides, ctx, plan, checkpoint)}
         except Exception as e:
@@ -204,9 +212,9 @@ def _cuda_worker(rank: int, world: int, rdzv: str, out: str, device: str, jobs):
     dist.destroy_process_group()
 
 
-def _spawn(world: int, device: str, jobs, tmp: Path) -> list:
+def _spawn(world: int, device: str, jobs, tmp: Path, deadline: float) -> list:
     out, rdzv = str(tmp / f"w{world}"), str(tmp / f"rdzv{world}")
-    mp.spawn(_cuda_worker, args=(world, rdzv, out, device, jobs), nprocs=world, join=True)
+    mp.spawn(_cuda_worker, args=(world, rdzv, out, device, jobs, deadline), nprocs=world, join=True)
     return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(world)]
 
 
@@ -223,22 +231,32 @@ def _rel(a, b) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a, b)) if a and b and len(a) == len(b) else float("inf")
 
 
-def correctness(dry: bool) -> dict:
+def correctness(dry: bool, deadline: float) -> dict:
     device = "cpu" if dry else "cuda:0"
     tmp = Path(tempfile.mkdtemp(prefix="tz-validate-"))
     ck_root = str(tmp / "ckpt")
-    jobs = [(p, DENSE, p, None) for p in PLANS]
-    jobs.append(("moe ep2 zero3", MOE, "zero3", None))
-    jobs.append(("checkpointed first half", [*DENSE, "train.steps=6"], "zero3", {"every": 3, "root": ck_root}))
-    four = _spawn(4, device, jobs, tmp)
+    # in the order they matter, should the deadline leave some out: the fully sharded plans, MoE and
+    # the resharded resume first
+    jobs = [("zero3", DENSE, "zero3", None), ("moe ep2 zero3", MOE, "zero3", None),
+            ("checkpointed first half", [*DENSE, "train.steps=6"], "zero3", {"every": 3, "root": ck_root}),
+            *[(p, DENSE, p, None) for p in PLANS if p != "zero3"]]
+    four = _spawn(4, device, jobs, tmp, deadline)
     # the second half of the checkpointed run, resumed on 2 ranks (steps 4..6 from step 3's checkpoint)
-    two = _spawn(2, device, [("resumed on 2 ranks", [*DENSE, "train.steps=6"], "zero3",
-                              {"every": 0, "root": ck_root, "resume": str(Path(ck_root) / "step-00000003")})], tmp)
+    first_half = four[0]["checkpointed first half"]
+    if "losses" not in first_half or time.time() > deadline:
+        two = [{"resumed on 2 ranks": {"skipped": "time" if "losses" in first_half else "its first half did not run"}}]
+    else:
+        two = _spawn(2, device, [("resumed on 2 ranks", [*DENSE, "train.steps=6"], "zero3",
+                                  {"every": 0, "root": ck_root, "resume": str(Path(ck_root) / "step-00000003")})],
+                     tmp, deadline)
     ref_dense, ref_moe = _reference(DENSE, device), _reference([*MOE, "parallel.ep=1"], device)
     out = {"device": device, "reference_losses": ref_dense, "plans": {}}
     worst = 0.0
     for name, *_ in jobs:
         r = four[0][name]
+        if "skipped" in r:
+            out["plans"][name] = r
+            continue
         if "error" in r:
             out["plans"][name] = r
             worst = float("inf")
@@ -248,7 +266,9 @@ def correctness(dry: bool) -> dict:
         out["plans"][name] = {"max_rel_loss_diff": rel}
         worst = max(worst, rel)
     resumed = two[0]["resumed on 2 ranks"]
-    if "error" in resumed:
+    if "skipped" in resumed:
+        out["resume"] = resumed
+    elif "error" in resumed:
         out["resume"] = resumed
         worst = float("inf")
     else:
@@ -299,130 +319,93 @@ def nccl_collectives(dry: bool) -> dict:
             "reduce_scatter_list": timed(lambda: dist.reduce_scatter(full, [shard], async_op=True)),
             "reduce_scatter_tensor": timed(lambda: dist.reduce_scatter_tensor(full, shard, async_op=True)),
         }
+        shard = full = None  # freed before the empty_cache below (section d shares the GPU)
         out["note"] = ("host_issue_to_wait_ms is what a ledger timing issue-to-wait() sees: on NCCL wait() only "
                        "makes the stream wait, so it is not the collective's time; event_ms is")
         return out
     finally:
         dist.destroy_process_group()
-
-
-# ---- d, e: MFU of a ~1B dense model, beside FSDP2; checkpoint stall ------------------------------
-
-def _steps_table(run_dir: Path) -> list:
-    import pyarrow.dataset as ds
-
-    t = ds.dataset(str(run_dir / "telemetry" / "steps"), format="parquet", partitioning="hive").to_table()
-    return sorted(t.to_pylist(), key=lambda r: r["step"])
-
-
-def _run_cli(args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tierzero.launcher.cli", "run", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def _model_args(dry: bool, micro: int):
-    if dry:
-        return ["dense_tiny_cpu", "launcher.nproc=1", "train.steps=4", f"train.micro_batch_size={micro}",
-                f"train.global_batch_size={micro}"]
-    # ~1.0B parameters: 18 blocks of 12 x 2048^2 plus two 50,304 x 2048 embeddings
-    return ["dense_tiny_cpu", "launcher.nproc=1", "launcher.backend=nccl", "train.dtype=bfloat16",
-            "model.d_model=2048", "model.n_heads=16", "model.n_layers=18", "data.vocab_size=50304",
-            "data.seq_len=4096", "data.successors=8", f"train.micro_batch_size={micro}",
-            f"train.global_batch_size={micro}", "train.steps=10", "train.warmup_steps=2",
-            "telemetry.flush_every_s=5"]
-
-
-def mfu(dry: bool) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="tz-mfu-"))
-    out = {}
-    for micro in (2, 4):
-        for engine, extra in (("native", ["parallel.plan=ddp"]), ("fsdp2", ["parallel.engine=fsdp2", "parallel.plan=zero3"])):
-            name = f"{engine} micro {micro}"
-            run = f"mfu-{engine}-{micro}"
-            r = _run_cli([*_model_args(dry, micro), *extra, f"run.name={run}", f"run.dir={work / run}"])
-            if r.returncode != 0:
-                out[name] = {"error": r.stderr[-2000:]}
-                continue
-            rows = _steps_table(work / run)[2:] or _steps_table(work / run)
-            out[name] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
-                         "mfu": statistics.median(r["mfu"] for r in rows),
-                         "peak_gpu_mem_gib": max((r["gpu_mem_bytes"] or 0) for r in rows) / 2**30}
-        a, b = out.get(f"native micro {micro}", {}), out.get(f"fsdp2 micro {micro}", {})
-        if "tokens_per_s" in a and "tokens_per_s" in b:
-            out[f"native / fsdp2 tokens/s, micro {micro}"] = a["tokens_per_s"] / b["tokens_per_s"]
-    out["ok"] = not any("error" in v for v in out.values() if isinstance(v, dict))
-    return out
-
-
-def checkpoint_stall(dry: bool) -> dict:
-    """The loop's time between a step's row and the next one's is that next step plus whatever
-    ran in between: after a checkpointed step, the save. Stall = that gap minus the median gap
-    between steps without a save, for an async save and a synchronous one. On the GPU one save
-    every 30 steps: writing the ~12 GB of a 1B model's masters and moments takes 5-10 s, and an
-    async save only hides what fits before the next one (saves every 3 steps measured the disk)."""
-    work = Path(tempfile.mkdtemp(prefix="tz-ckpt-"))
-    out = {}
-    every, steps = (3, 7) if dry else (30, 33)
-    for mode in ("true", "false"):
-        run = f"stall-async-{mode}"
-        args = [*_model_args(dry, 2), f"train.steps={steps}", "parallel.plan=ddp", f"checkpoint.every_steps={every}",
-                f"checkpoint.async_save={mode}", "checkpoint.fsync=false", f"run.name={run}", f"run.dir={work / run}"]
-        r = _run_cli(args)
-        if r.returncode != 0:
-            out[f"async_save={mode}"] = {"error": r.stderr[-2000:]}
-            continue
-        rows = _steps_table(work / run)
-        at = {row["step"]: row["time"].timestamp() for row in rows}
-        gaps = {s: at[s] - at[s - 1] for s in at if s - 1 in at and s > 2}
-        plain = statistics.median(g for s, g in gaps.items() if (s - 1) % every)
-        out[f"async_save={mode}"] = {"plain_gap_s": plain, "every_steps": every,
-                                     "stall_s": [gaps[s] - plain for s in gaps if (s - 1) % every == 0]}
-    a, s = out.get("async_save=true", {}), out.get("async_save=false", {})
-    if a.get("stall_s") and s.get("stall_s"):
-        out["async_stall / sync_stall"] = statistics.median(a["stall_s"]) / max(statistics.median(s["stall_s"]), 1e-9)
-    out["ok"] = not any("error" in v for v in out.values() if isinstance(v, dict))
-    return out
+        torch.cuda.empty_cache()
 
 
 TOOL = "tierzero gpu_validate"
 
 
-def _write_summary(path: Path, summary: dict) -> None:
-    """Atomically, and never over a file this script did not write."""
-    if path.exists() or path.is_symlink():
-        try:
-            ours = path.is_file() and not path.is_symlink() and json.loads(path.read_text()).get("tool") == TOOL
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
-            print(f"gpu_validate: --out {path} exists and is not a summary this script wrote; give another "
-                  "--out (nothing was overwritten)", file=sys.stderr)
-            raise SystemExit(2)
+def _ours(path: Path, is_ours) -> bool:
+    """`path` is absent, or a plain file this script wrote (`is_ours(its text)`)."""
+    if not (path.exists() or path.is_symlink()):
+        return True
+    try:
+        return path.is_file() and not path.is_symlink() and bool(is_ours(path.read_text()))
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return False
+
+
+def _summary_is_ours(text: str) -> bool:
+    return json.loads(text).get("tool") == TOOL
+
+
+def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(summary, f, indent=1, default=str)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def _write_summary(path: Path, summary: dict) -> None:
+    """The JSON and its markdown table (.md beside it), each atomically and never over a file this
+    script did not write (checked for both before anything runs)."""
+    table = path.with_suffix(".md")
+    for p, is_ours in ((path, _summary_is_ours), (table, lambda text: text.startswith(MARK))):
+        if not _ours(p, is_ours):
+            print(f"gpu_validate: {p} exists and is not a file this script wrote; give another --out (nothing was "
+                  "overwritten)", file=sys.stderr)
+            raise SystemExit(2)
+    _write_atomic(path, json.dumps(summary, indent=1, default=str))
+    try:
+        text = markdown(summary)
+    except Exception as e:  # a table that cannot be made is reported, the JSON still stands
+        text = f"{MARK}\n\nthe table could not be made: {type(e).__name__}: {e}\n\n{traceback.format_exc()[-2000:]}"
+    _write_atomic(table, text)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "runs" / "gpu-validate" / "summary.json"))
-    ap.add_argument("--dry-run", action="store_true", help="on CPU: every section that can run there, tiny sizes")
+    ap.add_argument("--dry-run", action="store_true", help="on CPU: every section, tiny sizes")
     ap.add_argument("--only", nargs="*", default=None, help="sections to run (a b c d e)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help=f"seconds for the whole run (default {BUDGET_S['gpu']:.0f} on a GPU, {BUDGET_S['dry']:.0f} dry)")
+    ap.add_argument("--dry-backend", default="aot_eager", choices=("aot_eager", "eager", "inductor"),
+                    help="the dry run's torch.compile backend (inductor builds C++ kernels: minutes on two cores)")
     args = ap.parse_args()
     dry = args.dry_run or not torch.cuda.is_available()
-    summary = {"tool": TOOL, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "dry_run": dry}
+    kind = "dry" if dry else "gpu"
+    budget = args.budget_s or BUDGET_S[kind]
+    end, share = time.time() + budget, SHARES[kind]
+    summary = {"tool": TOOL, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "dry_run": dry,
+               "budget_s": budget, **({"dry_backend": args.dry_backend} if dry else {})}
     out = Path(args.out)
     _write_summary(out, summary)  # refuses a foreign file before anything runs
-    for key, fn in (("a inventory", inventory), ("b correctness", correctness), ("c nccl", nccl_collectives),
-                    ("d mfu", mfu), ("e checkpoint stall", checkpoint_stall)):
-        if args.only is None or key[0] in args.only:
-            section(summary, key, fn, dry)
-            _write_summary(out, summary)
-    print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "traceback"} if isinstance(v, dict) else v)
-                      for k, v in summary.items()}, indent=1, default=str))
-    print(f"summary: {args.out}")
+    session = Session(dry=dry, work_dir=str(out.parent), dry_backend=args.dry_backend)
+    sections = (("a inventory", lambda: inventory(dry)),
+                ("b correctness", lambda: correctness(dry, min(time.time() + share["b"], end - share["b_before_end"]))),
+                ("c nccl", lambda: nccl_collectives(dry)),
+                ("d a/b", lambda: session.ab(end - share["e"])),
+                ("e checkpoint stall", lambda: session.stall(end - 5)))
+    try:
+        for key, fn in sections:
+            if args.only is None or key[0] in args.only:
+                section(summary, key, fn)
+                _write_summary(out, summary)
+    except KeyboardInterrupt:  # gpu_validate.sh's timeout: keep what was measured
+        summary["interrupted"] = f"SIGINT after {budget - (end - time.time()):.0f} s"
+    finally:
+        session.close()
+    _write_summary(out, summary)
+    print(out.with_suffix(".md").read_text())
+    print(f"summary: {out} (table: {out.with_suffix('.md')})")
     return 0 if all(v.get("ok") for v in summary.values() if isinstance(v, dict)) else 1
 
 
